@@ -1,0 +1,238 @@
+//! `capsule build`: from a Python file to a manifest and a precompiled, content-addressed
+//! artifact. See ARCHITECTURE.md for where this sits.
+
+pub mod discover;
+pub mod error;
+pub mod project;
+pub mod snapshot;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use capsule_exec::Runner;
+use capsule_exec::artifact::sha256_hex;
+use capsule_exec::engine::{self, WASMTIME_VERSION};
+use manifest_schema::{Artifact, Engine, Manifest, SCHEMA_VERSION, Task};
+use python_runtime::{InitRequest, RegisteredTask};
+use sha2::{Digest, Sha256};
+
+pub use error::BuildError;
+pub use project::Project;
+
+/// Name of the manifest in the output folder.
+pub const MANIFEST_FILE: &str = "manifest.toml";
+/// The key of the build in the output folder, for cache hits.
+const KEY_FILE: &str = "build-key";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub entry: PathBuf,
+    /// Output folder; default `.capsule/build/<entry stem>/` beside the entry file.
+    pub out_dir: Option<PathBuf>,
+    /// The CPython runtime module (see [`python_runtime::runtime_path`]).
+    pub runtime: PathBuf,
+    /// Rebuild even if the key matches.
+    pub force: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOutput {
+    pub manifest_path: PathBuf,
+    pub manifest: Manifest,
+    pub cache_hit: bool,
+    pub timings: Timings,
+}
+
+/// Where a build spent its time.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub snapshot: Duration,
+    pub compile: Duration,
+    pub total: Duration,
+}
+
+/// Builds `options.entry`, or finds the identical previous build.
+pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutput, BuildError> {
+    let started = Instant::now();
+    let project = Project::load(&options.entry)?;
+    let runtime = fs::read(&options.runtime).map_err(|e| {
+        BuildError::usage(
+            format!("cannot read the CPython runtime `{}`: {e}", options.runtime.display()),
+            "build it once with `cargo xtask build-runtime`, or point `CAPSULE_RUNTIME` at a built `capsule-python.wasm`",
+        )
+    })?;
+    let key = build_key(&project, &runtime);
+    let out_dir = options
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| project.root.join(".capsule/build").join(&project.entry_module));
+    let manifest_path = out_dir.join(MANIFEST_FILE);
+
+    if !options.force {
+        if let Some(manifest) = cached(&out_dir, &key) {
+            tracing::info!(manifest = %manifest_path.display(), "build cache hit");
+            let timings = Timings { total: started.elapsed(), ..Timings::default() };
+            return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings });
+        }
+    }
+
+    let request = InitRequest { entry_module: project.entry_module.clone(), modules: project.modules.clone() };
+    let hash_seed = u32::from_le_bytes(Sha256::digest(key.as_bytes())[..4].try_into().expect("4 bytes"));
+    let init_engine = snapshot::init_engine().map_err(|e| BuildError::message(format!("{e:#}")))?;
+    let snapshot_started = Instant::now();
+    let snapshot = snapshot::snapshot(&init_engine, &runtime, &request, hash_seed).await?;
+    let snapshot_time = snapshot_started.elapsed();
+
+    let compile_started = Instant::now();
+    let compiled = runner
+        .engine()
+        .precompile_module(&snapshot)
+        .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))?;
+    let compile_time = compile_started.elapsed();
+    // SAFETY: these bytes were produced just now by this engine's own compiler.
+    let module = unsafe { wasmtime::Module::deserialize(runner.engine(), &compiled) }
+        .map_err(|e| BuildError::message(format!("loading the compiled snapshot failed: {e:#}")))?;
+    let program = runner.program(&module).map_err(|e| BuildError::message(format!("{e:#}")))?;
+    let registered = program.describe().await.map_err(|e| BuildError::message(format!("{e:#}")))?;
+    check_registered(&project, &registered)?;
+    let initial_memory_bytes = program.initial_memory_bytes();
+    check_memory(&project, initial_memory_bytes)?;
+
+    let sha256 = sha256_hex(&compiled);
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        capsule_version: env!("CARGO_PKG_VERSION").to_string(),
+        engine: Engine { wasmtime_version: WASMTIME_VERSION.to_string(), fingerprint: engine::fingerprint() },
+        artifact: Artifact {
+            file: format!("{sha256}.cwasm"),
+            sha256,
+            source: format!("{}.py", project.entry_module),
+            initial_memory_bytes,
+        },
+        tasks: manifest_tasks(&project, &registered),
+    };
+    manifest.validate().map_err(BuildError::message)?;
+    write_output(&out_dir, &manifest, &compiled, &key)?;
+    let timings = Timings { snapshot: snapshot_time, compile: compile_time, total: started.elapsed() };
+    tracing::info!(?timings, manifest = %manifest_path.display(), "built");
+    Ok(BuildOutput { manifest_path, manifest, cache_hit: false, timings })
+}
+
+/// sha256 over everything the artifact depends on.
+fn build_key(project: &Project, runtime: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(b"capsule-build/1");
+    field(env!("CARGO_PKG_VERSION").as_bytes());
+    field(&Sha256::digest(runtime));
+    field(engine::fingerprint().as_bytes());
+    field(project.entry_module.as_bytes());
+    for module in &project.modules {
+        field(module.name.as_bytes());
+        field(module.path.as_bytes());
+        field(module.source.as_bytes());
+        field(&[u8::from(module.is_package)]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn cached(out_dir: &Path, key: &str) -> Option<Manifest> {
+    let stored = fs::read_to_string(out_dir.join(KEY_FILE)).ok()?;
+    if stored.trim() != key {
+        return None;
+    }
+    let manifest = Manifest::load(&out_dir.join(MANIFEST_FILE)).ok()?;
+    // The runner verifies the hash before loading; here it is enough that the file is there.
+    out_dir.join(&manifest.artifact.file).is_file().then_some(manifest)
+}
+
+/// The tasks Python registered must be exactly those the parser found.
+fn check_registered(project: &Project, registered: &[RegisteredTask]) -> Result<(), BuildError> {
+    let parsed: BTreeSet<(&str, String)> = project
+        .tasks
+        .iter()
+        .map(|t| (t.name.as_str(), format!("{}.{}", project.entry_module, t.function)))
+        .collect();
+    let live: BTreeSet<(&str, String)> = registered.iter().map(|t| (t.name.as_str(), t.function.clone())).collect();
+    let mut problems = Vec::new();
+    for (name, function) in live.difference(&parsed) {
+        problems.push(format!("task `{name}` ({function}) was registered while importing, but is not a top-level `@task` with literal options in `{}.py`", project.entry_module));
+    }
+    for (name, function) in parsed.difference(&live) {
+        problems.push(format!("task `{name}` ({function}) is in the source but was not registered when the module was imported"));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(BuildError::usage(
+        problems.join("\n"),
+        "define tasks at the top level of the entry file with `@task` from `capsule`, not conditionally or in other modules",
+    ))
+}
+
+fn check_memory(project: &Project, initial: u64) -> Result<(), BuildError> {
+    for task in &project.tasks {
+        if task.memory_bytes < initial {
+            return Err(BuildError::usage(
+                format!(
+                    "task `{}` has `ram` of {} bytes, but the snapshot alone needs {initial} bytes ({:.1} MiB)",
+                    task.name,
+                    task.memory_bytes,
+                    initial as f64 / f64::from(1 << 20)
+                ),
+                format!("give `{}.py:{}` at least `ram=\"{}MiB\"`", project.entry_module, task.line, initial.div_ceil(1 << 20) + 16),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task> {
+    project
+        .tasks
+        .iter()
+        .map(|task| Task {
+            name: task.name.clone(),
+            function: registered
+                .iter()
+                .find(|r| r.name == task.name)
+                .map_or_else(|| format!("{}.{}", project.entry_module, task.function), |r| r.function.clone()),
+            compute: task.compute.to_string(),
+            fuel: task.compute.fuel(),
+            memory_bytes: task.memory_bytes,
+            timeout_ms: task.timeout.map(|t| t.as_millis() as u64),
+            max_retries: task.max_retries,
+            env: task.env.clone(),
+        })
+        .collect()
+}
+
+/// Writes the artifact, then the manifest, then the key, each atomically; removes artifacts
+/// of earlier builds. A reader never sees a manifest whose artifact is missing.
+fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str) -> Result<(), BuildError> {
+    let io = |what: &str, path: &Path, e: std::io::Error| BuildError::io(format!("{what} `{}`", path.display()), e);
+    fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<(), BuildError> {
+        let path = out_dir.join(name);
+        let tmp = out_dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, bytes).map_err(|e| io("cannot write", &tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))
+    };
+    write(&manifest.artifact.file, compiled)?;
+    write(MANIFEST_FILE, manifest.to_toml().as_bytes())?;
+    write(KEY_FILE, key.as_bytes())?;
+    if let Ok(entries) = fs::read_dir(out_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".cwasm") && name != manifest.artifact.file {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(())
+}

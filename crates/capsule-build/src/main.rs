@@ -1,0 +1,108 @@
+//! The `capsule` command line: `capsule build FILE`, `capsule run FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capsule_build::{BuildError, BuildOptions, build};
+use capsule_exec::Runner;
+use capsule_exec::cli::{EXIT_USAGE, TaskArgs, execute};
+use clap::{Args, Parser, Subcommand};
+
+/// Run Python `@task` functions in WebAssembly sandboxes.
+#[derive(Parser)]
+#[command(name = "capsule", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Snapshot and precompile FILE's tasks; writes a manifest and a `.cwasm` artifact.
+    Build {
+        #[command(flatten)]
+        build: BuildArgs,
+    },
+    /// Build FILE (cached) and run one of its tasks.
+    Run {
+        #[command(flatten)]
+        build: BuildArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// The Python file that defines the tasks.
+    file: PathBuf,
+    /// Output folder [default: `.capsule/build/<name>/` beside FILE].
+    #[arg(short = 'o', long = "out-dir", value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Rebuild even when nothing changed.
+    #[arg(long)]
+    force: bool,
+}
+
+impl BuildArgs {
+    fn options(&self) -> BuildOptions {
+        BuildOptions {
+            entry: self.file.clone(),
+            out_dir: self.out_dir.clone(),
+            runtime: python_runtime::runtime_path(),
+            force: self.force,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAPSULE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async {
+        let runner = match Runner::new() {
+            Ok(runner) => runner,
+            Err(error) => return fail(&format!("{error:#}")),
+        };
+        match &cli.command {
+            Command::Build { build: args } => match build(&runner, &args.options()).await {
+                Ok(output) => {
+                    let status = if output.cache_hit { "up to date" } else { "built" };
+                    println!("{status}: {}", output.manifest_path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => build_failed(&error),
+            },
+            Command::Run { build: args, task } => {
+                let output = match build(&runner, &args.options()).await {
+                    Ok(output) => output,
+                    Err(error) => return build_failed(&error),
+                };
+                let loaded = runner.load(&output.manifest_path);
+                let (artifact, program) = match loaded {
+                    Ok(loaded) => loaded,
+                    Err(error) => return fail(&error.to_string()),
+                };
+                match execute(&program, &artifact.manifest, task).await {
+                    Ok(code) => code,
+                    Err(error) => fail(&format!("{error:#}")),
+                }
+            }
+        }
+    })
+}
+
+fn build_failed(error: &BuildError) -> ExitCode {
+    for line in error.lines() {
+        eprintln!("error: {line}");
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}

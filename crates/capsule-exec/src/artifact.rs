@@ -1,0 +1,69 @@
+//! Loading a built artifact: the manifest is validated, the engine checked, and the `.cwasm`
+//! hashed before wasmtime is allowed to deserialise it (deserialising untrusted bytes is
+//! unsafe: a `.cwasm` is native code).
+
+use std::path::{Path, PathBuf};
+
+use manifest_schema::{Manifest, ManifestError};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use wasmtime::{Engine, Module};
+
+use crate::engine::{self, WASMTIME_VERSION};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "`{manifest}` was built for wasmtime {built}, this runner uses {WASMTIME_VERSION}\n  hint: rebuild it with the `capsule build` of this release"
+    )]
+    WasmtimeVersion { manifest: String, built: String },
+    #[error(
+        "`{manifest}` was compiled for another engine configuration (fingerprint {built})\n  hint: rebuild it with the `capsule build` of this release"
+    )]
+    EngineFingerprint { manifest: String, built: String },
+    #[error("cannot read artifact `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "artifact `{path}` does not match its manifest: sha256 is {actual}, the manifest says {expected}\n  hint: the file was modified or corrupted; rebuild it, and never run an artifact whose hash does not match"
+    )]
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("wasmtime refused artifact `{path}`: {message}")]
+    Deserialize { path: PathBuf, message: String },
+}
+
+/// A manifest and its verified, deserialised module.
+pub struct Artifact {
+    pub manifest: Manifest,
+    pub module: Module,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Artifact {
+    pub fn load(engine: &Engine, manifest_path: &Path) -> Result<Self, LoadError> {
+        let manifest = Manifest::load(manifest_path)?;
+        let shown = manifest_path.display().to_string();
+        if manifest.engine.wasmtime_version != WASMTIME_VERSION {
+            return Err(LoadError::WasmtimeVersion { manifest: shown, built: manifest.engine.wasmtime_version });
+        }
+        if manifest.engine.fingerprint != engine::fingerprint() {
+            return Err(LoadError::EngineFingerprint { manifest: shown, built: manifest.engine.fingerprint });
+        }
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let path = dir.join(&manifest.artifact.file);
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        let actual = sha256_hex(&bytes);
+        if actual != manifest.artifact.sha256 {
+            return Err(LoadError::HashMismatch { path, expected: manifest.artifact.sha256, actual });
+        }
+        // SAFETY: the bytes hash to the value recorded by `capsule build` when it compiled
+        // them with this engine configuration (checked above), so they are its own output.
+        let module = unsafe { Module::deserialize(engine, &bytes) }
+            .map_err(|e| LoadError::Deserialize { path, message: e.to_string() })?;
+        Ok(Self { manifest, module })
+    }
+}

@@ -1,0 +1,107 @@
+//! What `capsule-exec` and `capsule run` share: choosing the task, reading its arguments,
+//! showing the outcome and the exit code.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use manifest_schema::{Manifest, Task};
+use serde_json::Value;
+
+use crate::output::LiveSink;
+use crate::run::{Call, Outcome, run_task};
+use crate::sandbox::{Program, Streams};
+
+/// Exit code for a task that failed.
+pub const EXIT_TASK_FAILED: u8 = 1;
+/// Exit code for bad usage, a failed build or an artifact that cannot be loaded.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Clone, Args)]
+pub struct TaskArgs {
+    /// The task to run [default: `main`, or the only task].
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Print a JSON envelope (result, error, execution details) instead of the bare result.
+    #[arg(long)]
+    pub json: bool,
+    /// The task's arguments as a JSON array, for typed values: '[1, "two", {"three": 3}]'.
+    #[arg(long, value_name = "JSON", conflicts_with = "args")]
+    pub args_json: Option<String>,
+    /// Arguments passed to the task as strings.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+impl TaskArgs {
+    pub fn call(&self) -> Result<Call> {
+        let args = match &self.args_json {
+            Some(text) => match serde_json::from_str::<Value>(text).context("`--args-json` is not valid JSON")? {
+                Value::Array(values) => values,
+                _ => bail!("`--args-json` must be a JSON array, e.g. '[1, \"two\"]'"),
+            },
+            None => self.args.iter().cloned().map(Value::String).collect(),
+        };
+        Ok(Call { args, kwargs: serde_json::Map::new() })
+    }
+
+    /// The task named by `--task`, else `main`, else the only one.
+    pub fn select<'m>(&self, manifest: &'m Manifest) -> Result<&'m Task> {
+        let names = || manifest.tasks.iter().map(|t| format!("`{}`", t.name)).collect::<Vec<_>>().join(", ");
+        match &self.task {
+            Some(name) => manifest
+                .task(name)
+                .with_context(|| format!("no task named `{name}`\n  hint: the tasks are {}", names())),
+            None => match (manifest.task("main"), manifest.tasks.as_slice()) {
+                (Some(main), _) => Ok(main),
+                (None, [only]) => Ok(only),
+                _ => bail!("several tasks and none is called `main`\n  hint: choose one with `--task NAME`: {}", names()),
+            },
+        }
+    }
+
+    pub fn streams(&self) -> Streams {
+        // With `--json`, stdout carries only the envelope; task output goes to stderr.
+        let stdout = if self.json { LiveSink::Stderr } else { LiveSink::Stdout };
+        Streams { stdout, stderr: LiveSink::Stderr }
+    }
+}
+
+/// Runs the selected task and shows its outcome; returns the process exit code.
+pub async fn execute(program: &Program, manifest: &Manifest, args: &TaskArgs) -> Result<ExitCode> {
+    let task = args.select(manifest)?;
+    let call = args.call()?;
+    let outcome = run_task(program, task, call, args.streams()).await;
+    show(&outcome, args.json);
+    Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_TASK_FAILED }))
+}
+
+pub fn show(outcome: &Outcome, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcome).expect("envelopes serialise"));
+        return;
+    }
+    match (&outcome.error, &outcome.result) {
+        (None, Value::String(text)) => println!("{text}"),
+        (None, value) => println!("{value}"),
+        (Some(error), _) => {
+            let attempts = match outcome.execution.attempts {
+                1 => String::new(),
+                n => format!(" after {n} attempts"),
+            };
+            if !error.traceback.is_empty() {
+                eprint!("{}", error.traceback);
+                if !error.traceback.ends_with('\n') {
+                    eprintln!();
+                }
+            }
+            let what = if error.exc_type.is_empty() { String::new() } else { format!("{}: ", error.exc_type) };
+            eprintln!(
+                "error: task `{}` failed{attempts} ({}): {what}{}",
+                outcome.execution.task,
+                error.kind.as_str(),
+                error.message
+            );
+        }
+    }
+}

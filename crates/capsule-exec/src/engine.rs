@@ -1,0 +1,81 @@
+//! The one wasmtime configuration shared by `capsule build` (which compiles with it) and the
+//! runner (which loads what was compiled). Anything here that changes compiled code must
+//! change [`ENGINE_SETTINGS`], so old artifacts are refused with a clear message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine};
+
+/// The wasmtime release this build links; recorded in every manifest.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Wasm stack for guest code: at least the C stack the runtime was linked with, so Python's
+/// recursion limits fire before a stack-overflow trap.
+pub const MAX_WASM_STACK: usize = python_runtime::C_STACK_BYTES;
+
+/// How often the epoch advances; deadlines are checked at this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Everything about the configuration that the compiled code depends on.
+const ENGINE_SETTINGS: &str = "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB";
+
+pub fn config() -> Config {
+    let mut config = Config::new();
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(MAX_WASM_STACK);
+    // Guests run on fibers: the fiber's stack must hold the Wasm stack plus host frames.
+    config.async_stack_size(MAX_WASM_STACK + (1 << 20));
+    config
+}
+
+/// sha256 of the wasmtime version, the settings above and the target, as written in manifests.
+pub fn fingerprint() -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(WASMTIME_VERSION);
+    hasher.update([0]);
+    hasher.update(ENGINE_SETTINGS);
+    hasher.update([0]);
+    hasher.update(std::env::consts::ARCH);
+    hasher.update(std::env::consts::OS);
+    hex::encode(hasher.finalize())
+}
+
+/// An engine with its epoch ticking in the background for as long as it lives.
+pub struct TickingEngine {
+    engine: Engine,
+    stop: Arc<AtomicBool>,
+}
+
+impl TickingEngine {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let engine = Engine::new(config)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let ticker_stop = stop.clone();
+        thread::Builder::new().name("capsule-epoch".into()).spawn(move || {
+            while !ticker_stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match ticker_engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(Self { engine, stop })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Drop for TickingEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,133 @@
+//! What the host gives a sandbox: WASI (with stdio only), a memory limiter, and the
+//! `capsule.host_call` channel.
+
+use anyhow::{Context, Result, anyhow};
+use python_runtime::{HOST_MODULE, exports, imports};
+use serde_json::{Value, json};
+use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// Largest request a guest may send through `host_call`.
+const MAX_HOST_REQUEST: usize = 16 << 20;
+
+/// Per-sandbox state held in the wasmtime `Store`.
+pub struct HostState {
+    pub wasi: WasiP1Ctx,
+    pub limiter: MemoryLimiter,
+    pub phase: Phase,
+    /// The reply of the last `host_call`, waiting for `host_reply` to copy it.
+    pending_reply: Vec<u8>,
+}
+
+/// What the sandbox is doing; host calls behave accordingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Snapshotting at build time: module-level code must not reach the outside world.
+    Build,
+    /// Running a task.
+    Run,
+}
+
+impl HostState {
+    pub fn new(wasi: WasiP1Ctx, memory_limit: u64, phase: Phase) -> Self {
+        Self { wasi, limiter: MemoryLimiter::new(memory_limit), phase, pending_reply: Vec::new() }
+    }
+
+    fn handle(&self, request: &[u8]) -> Value {
+        let method = serde_json::from_slice::<Value>(request)
+            .ok()
+            .and_then(|v| v.get("method").and_then(Value::as_str).map(str::to_owned));
+        match (self.phase, method) {
+            (_, None) => json!({"ok": false, "error": "host requests are JSON objects with a `method`"}),
+            (Phase::Build, Some(method)) => json!({
+                "ok": false,
+                "error": format!("`{method}` is not available while `capsule build` imports the module; call it inside a task"),
+            }),
+            (Phase::Run, Some(method)) => json!({"ok": false, "error": format!("unknown host method `{method}`")}),
+        }
+    }
+}
+
+/// Caps a sandbox's linear memory and records its peak.
+pub struct MemoryLimiter {
+    limit: u64,
+    peak: u64,
+    exceeded: bool,
+}
+
+impl MemoryLimiter {
+    pub fn new(limit: u64) -> Self {
+        Self { limit, peak: 0, exceeded: false }
+    }
+    pub fn peak(&self) -> u64 {
+        self.peak
+    }
+    /// Whether the guest ever asked for more memory than its limit.
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.limit {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        self.peak = self.peak.max(desired as u64);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // CPython's function table is fixed at link time; growth would be a bug or an attack.
+        Ok(desired <= 1 << 16)
+    }
+}
+
+fn guest_memory(caller: &mut Caller<'_, HostState>) -> wasmtime::Result<wasmtime::Memory> {
+    match caller.get_export(exports::MEMORY) {
+        Some(Extern::Memory(memory)) => Ok(memory),
+        _ => Err(wasmtime::format_err!("the module exports no memory")),
+    }
+}
+
+/// A linker with WASI preview 1 and Capsule's host functions.
+pub fn linker(engine: &Engine) -> Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut HostState| &mut state.wasi)
+        .map_err(|e| anyhow!("{e}"))
+        .context("adding WASI to the linker")?;
+    linker
+        .func_wrap(
+            HOST_MODULE,
+            imports::HOST_CALL,
+            |mut caller: Caller<'_, HostState>, pointer: i32, len: i32| -> wasmtime::Result<i32> {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > MAX_HOST_REQUEST {
+                    return Ok(-1);
+                }
+                let memory = guest_memory(&mut caller)?;
+                let mut request = vec![0; len];
+                memory.read(&caller, pointer as u32 as usize, &mut request)?;
+                let reply = caller.data().handle(&request);
+                let bytes = serde_json::to_vec(&reply).expect("JSON values serialise");
+                let reply_len = i32::try_from(bytes.len()).unwrap_or(-1);
+                caller.data_mut().pending_reply = bytes;
+                Ok(reply_len)
+            },
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    linker
+        .func_wrap(
+            HOST_MODULE,
+            imports::HOST_REPLY,
+            |mut caller: Caller<'_, HostState>, destination: i32| -> wasmtime::Result<()> {
+                let memory = guest_memory(&mut caller)?;
+                let reply = std::mem::take(&mut caller.data_mut().pending_reply);
+                memory.write(&mut caller, destination as u32 as usize, &reply)?;
+                Ok(())
+            },
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(linker)
+}

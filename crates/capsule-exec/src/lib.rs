@@ -1,0 +1,49 @@
+//! Capsule's runner. It loads artifacts that `capsule build` compiled, after checking their
+//! hash, and runs tasks in fresh sandboxes with fuel, memory and deadline limits. It contains
+//! no compiler: everything it runs was compiled ahead of time.
+
+pub mod artifact;
+pub mod cli;
+pub mod engine;
+pub mod host;
+pub mod output;
+pub mod run;
+pub mod sandbox;
+
+use std::path::Path;
+
+use anyhow::Result;
+use wasmtime::{Engine, Module};
+
+pub use artifact::{Artifact, LoadError};
+pub use run::{Call, Outcome, run_task};
+pub use sandbox::{Limits, Program, Streams};
+
+/// The shared engine of a process, with its epoch ticker.
+pub struct Runner {
+    engine: engine::TickingEngine,
+}
+
+impl Runner {
+    pub fn new() -> Result<Self> {
+        Ok(Self { engine: engine::TickingEngine::new(&engine::config())? })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.engine.engine()
+    }
+
+    /// Loads and verifies the artifact of `manifest`.
+    pub fn load(&self, manifest: &Path) -> Result<(Artifact, Program), LoadError> {
+        let artifact = Artifact::load(self.engine(), manifest)?;
+        let program = self.program(&artifact.module).map_err(|e| LoadError::Deserialize {
+            path: manifest.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
+        Ok((artifact, program))
+    }
+
+    pub fn program(&self, module: &Module) -> Result<Program> {
+        Program::new(self.engine(), module)
+    }
+}

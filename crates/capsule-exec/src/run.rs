@@ -1,0 +1,151 @@
+//! Running a task to completion: attempts, retries with backoff, and the result envelope.
+
+use std::time::{Duration, Instant};
+
+use manifest_schema::Task;
+use python_runtime::{ErrorKind, GuestError, InvokeRequest};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::output::Captured;
+use crate::sandbox::{Attempt, Limits, Program, Streams};
+
+/// The wall-clock ceiling for a task that sets no `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Delay before the first retry; it doubles for each further retry, up to [`MAX_BACKOFF`],
+/// and a random fraction of up to half of it is added so retries of many tasks spread out.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Failures worth another attempt. Running out of fuel or memory, or bad input, would fail
+/// the same way again on a fresh instance of the same snapshot, so they are not retried.
+pub fn is_retryable(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Exception | ErrorKind::Timeout | ErrorKind::Host)
+}
+
+/// The result envelope printed by `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub success: bool,
+    pub result: Value,
+    pub error: Option<GuestError>,
+    pub execution: Execution,
+    /// What the last attempt printed.
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Execution {
+    pub task: String,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    /// Fuel used by all attempts together.
+    pub fuel_consumed: u64,
+    /// The largest linear memory any attempt reached.
+    pub peak_memory_bytes: u64,
+    /// The error of every failed attempt, in order.
+    pub attempt_errors: Vec<GuestError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    pub stdout: Captured,
+    pub stderr: Captured,
+}
+
+/// Arguments of a task call.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    pub args: Vec<Value>,
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+pub fn limits_of(task: &Task) -> Limits {
+    Limits {
+        fuel: task.fuel,
+        memory_bytes: task.memory_bytes,
+        timeout: task.timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis),
+    }
+}
+
+fn backoff(retry: u32) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1 << retry.min(16)).min(MAX_BACKOFF);
+    let jitter = rand_fraction() * 0.5;
+    base.mul_f64(1.0 + jitter)
+}
+
+/// A fraction in [0, 1) from the OS's randomness via std's hasher seed; good enough to spread
+/// retries without another dependency.
+fn rand_fraction() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(Instant::now()) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Runs `task` with retries and reports everything that happened.
+pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Streams) -> Outcome {
+    let started = Instant::now();
+    let limits = limits_of(task);
+    let request = InvokeRequest { task: task.name.clone(), args: call.args, kwargs: call.kwargs, env: task.env.clone() };
+    let mut attempts = 0;
+    let mut fuel_consumed = 0u64;
+    let mut peak_memory_bytes = 0;
+    let mut attempt_errors = Vec::new();
+    loop {
+        attempts += 1;
+        let Attempt { result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, .. } =
+            program.run(&request, &limits, streams).await;
+        fuel_consumed = fuel_consumed.saturating_add(fuel);
+        peak_memory_bytes = peak_memory_bytes.max(peak);
+        let retry = match &result {
+            Err(error) => is_retryable(error.kind) && attempts <= task.max_retries,
+            Ok(_) => false,
+        };
+        if let Err(error) = &result {
+            attempt_errors.push(error.clone());
+        }
+        if retry {
+            tracing::info!(task = %task.name, attempt = attempts, "attempt failed; retrying");
+            tokio::time::sleep(backoff(attempts - 1)).await;
+            continue;
+        }
+        let (success, result, error) = match result {
+            Ok(value) => (true, value, None),
+            Err(error) => (false, Value::Null, Some(error)),
+        };
+        return Outcome {
+            success,
+            result,
+            error,
+            execution: Execution {
+                task: task.name.clone(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                attempts,
+                fuel_consumed,
+                peak_memory_bytes,
+                attempt_errors,
+            },
+            output: Output { stdout, stderr },
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) >= FIRST_BACKOFF && backoff(0) <= FIRST_BACKOFF.mul_f64(1.5));
+        assert!(backoff(3) >= FIRST_BACKOFF * 8);
+        assert!(backoff(30) <= MAX_BACKOFF.mul_f64(1.5));
+    }
+
+    #[test]
+    fn resource_exhaustion_is_not_retried() {
+        assert!(is_retryable(ErrorKind::Exception));
+        assert!(!is_retryable(ErrorKind::Fuel));
+        assert!(!is_retryable(ErrorKind::Memory));
+        assert!(!is_retryable(ErrorKind::InvalidInput));
+    }
+}

@@ -1,0 +1,226 @@
+//! The manifest `capsule build` writes and `capsule-exec` runs: which artifact to load (by
+//! content hash), which engine it was compiled for, and every task with its limits.
+//!
+//! Unknown fields are errors everywhere, and [`Manifest::validate`] checks what serde cannot,
+//! so a runner never acts on a manifest it does not fully understand.
+
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use units::{Compute, UnitError, parse_duration, parse_memory};
+
+/// The manifest format this crate reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default limits for options a task leaves out.
+pub mod defaults {
+    pub const COMPUTE: super::Compute = super::Compute::Medium;
+    /// 256 MiB.
+    pub const MEMORY_BYTES: u64 = 256 << 20;
+    pub const MAX_RETRIES: u32 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// Version of the `capsule` tool that built it.
+    pub capsule_version: String,
+    pub engine: Engine,
+    pub artifact: Artifact,
+    pub tasks: Vec<Task>,
+}
+
+/// The engine configuration the artifact was compiled for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Engine {
+    pub wasmtime_version: String,
+    /// sha256 of the engine settings that affect compiled code (see `capsule-exec`).
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// File name of the precompiled module, beside the manifest: `<sha256>.cwasm`.
+    pub file: String,
+    pub sha256: String,
+    /// The entry Python file, relative to the project root (for messages).
+    pub source: String,
+    /// Bytes of linear memory the snapshot needs before any task code runs.
+    pub initial_memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    pub name: String,
+    /// `module.function` that implements it.
+    pub function: String,
+    /// The `compute` option as written (`LOW`, `MEDIUM`, `HIGH` or a number).
+    pub compute: String,
+    pub fuel: u64,
+    pub memory_bytes: u64,
+    /// Wall-clock limit per attempt; absent means the runner's global ceiling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    pub max_retries: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("`{path}` is not a valid manifest: {message}")]
+    Parse { path: String, message: String },
+    #[error("`{path}`: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Manifest {
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ManifestError> {
+        let manifest: Manifest = toml::from_str(text)
+            .map_err(|e| ManifestError::Parse { path: path.to_string(), message: e.to_string() })?;
+        manifest
+            .validate()
+            .map_err(|message| ManifestError::Invalid { path: path.to_string(), message })?;
+        Ok(manifest)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: display.clone(), source })?;
+        Self::from_toml(&text, &display)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serialises")
+    }
+
+    /// Checks what the types cannot: the version, the artifact's name, the limits.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(format!(
+                "`schema_version` is {}, this capsule reads version {SCHEMA_VERSION}; rebuild with the matching `capsule build`",
+                self.schema_version
+            ));
+        }
+        let sha = &self.artifact.sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err(format!("`artifact.sha256` must be 64 lowercase hex digits, not `{sha}`"));
+        }
+        // The artifact is a bare file name beside the manifest: never a path elsewhere.
+        if self.artifact.file != format!("{sha}.cwasm") {
+            return Err(format!(
+                "`artifact.file` must be `{sha}.cwasm` (named by its hash), not `{}`",
+                self.artifact.file
+            ));
+        }
+        if self.tasks.is_empty() {
+            return Err("`tasks` is empty".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for task in &self.tasks {
+            if !names.insert(task.name.as_str()) {
+                return Err(format!("task `{}` appears twice", task.name));
+            }
+            if task.fuel == 0 {
+                return Err(format!("task `{}`: `fuel` must be positive", task.name));
+            }
+            if task.memory_bytes < self.artifact.initial_memory_bytes {
+                return Err(format!(
+                    "task `{}`: `memory_bytes` {} is below the {} bytes the snapshot needs",
+                    task.name, task.memory_bytes, self.artifact.initial_memory_bytes
+                ));
+            }
+            if task.timeout_ms == Some(0) {
+                return Err(format!("task `{}`: `timeout_ms` must be positive", task.name));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn task(&self, name: &str) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let sha = "ab".repeat(32);
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            capsule_version: "0.1.0".into(),
+            engine: Engine { wasmtime_version: "48.0.8".into(), fingerprint: "cd".repeat(32) },
+            artifact: Artifact {
+                file: format!("{sha}.cwasm"),
+                sha256: sha,
+                source: "hello.py".into(),
+                initial_memory_bytes: 30 << 20,
+            },
+            tasks: vec![
+                Task {
+                    name: "main".into(),
+                    function: "hello.main".into(),
+                    compute: "LOW".into(),
+                    fuel: Compute::LOW_FUEL,
+                    memory_bytes: 64_000_000,
+                    timeout_ms: Some(30_000),
+                    max_retries: 1,
+                    env: BTreeMap::from([("MODE".into(), "test".into())]),
+                },
+                Task {
+                    name: "helper".into(),
+                    function: "hello.helper".into(),
+                    compute: "1000000".into(),
+                    fuel: 1_000_000,
+                    memory_bytes: defaults::MEMORY_BYTES,
+                    timeout_ms: None,
+                    max_retries: 0,
+                    env: BTreeMap::new(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn golden_manifest() {
+        let text = sample().to_toml();
+        insta::assert_snapshot!(text);
+        assert_eq!(Manifest::from_toml(&text, "m.toml").unwrap(), sample());
+    }
+
+    fn error_for(edit: impl FnOnce(&mut Manifest)) -> String {
+        let mut manifest = sample();
+        edit(&mut manifest);
+        Manifest::from_toml(&manifest.to_toml(), "capsule.manifest.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn refuses_invalid_manifests() {
+        insta::assert_snapshot!(error_for(|m| m.schema_version = 2));
+        insta::assert_snapshot!(error_for(|m| m.artifact.file = "../../etc/passwd".into()));
+        insta::assert_snapshot!(error_for(|m| m.artifact.sha256 = "nothex".into()));
+        insta::assert_snapshot!(error_for(|m| m.tasks[1].name = "main".into()));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].memory_bytes = 1 << 20));
+        insta::assert_snapshot!(error_for(|m| m.tasks.clear()));
+    }
+
+    #[test]
+    fn refuses_unknown_fields() {
+        let text = sample().to_toml().replace("max_retries = 0", "max_retries = 0\nretries = 3");
+        insta::assert_snapshot!(Manifest::from_toml(&text, "capsule.manifest.toml").unwrap_err().to_string());
+    }
+}

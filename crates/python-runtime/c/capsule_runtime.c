@@ -1,0 +1,191 @@
+/*
+ * Capsule's CPython reactor: the Wasm exports the host calls, the `_capsule` built-in module,
+ * and the embedded bytecode of the stdlib and the `capsule` package.
+ *
+ * The ABI is written down in crates/python-runtime/ABI.md and mirrored by the Rust types in
+ * crates/python-runtime/src/lib.rs; change all three together.
+ */
+#include "Python.h"
+#include "marshal.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXPORT(name) __attribute__((export_name(name)))
+#define HOST_IMPORT(name) __attribute__((import_module("capsule"), import_name(name)))
+
+/* Produced by build/pack_modules.py; see the layout described there. */
+static const unsigned char MODULE_BLOB[] = {
+#embed "capsule_modules.bin"
+};
+
+/* ---- host imports --------------------------------------------------------------------- */
+
+/* Sends a JSON request to the host; returns the length of the host's JSON reply, which the
+ * guest then copies into its own memory with `host_reply`. */
+HOST_IMPORT("host_call") int32_t capsule_host_call(const uint8_t *request, int32_t len);
+HOST_IMPORT("host_reply") void capsule_host_reply(uint8_t *destination);
+
+static PyObject *capsule_host_call_py(PyObject *self, PyObject *arg) {
+    Py_buffer request;
+    if (PyObject_GetBuffer(arg, &request, PyBUF_SIMPLE) < 0) return NULL;
+    if (request.len > INT32_MAX) {
+        PyBuffer_Release(&request);
+        PyErr_SetString(PyExc_ValueError, "host request too large");
+        return NULL;
+    }
+    int32_t reply_len = capsule_host_call(request.buf, (int32_t)request.len);
+    PyBuffer_Release(&request);
+    if (reply_len < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the host rejected the request");
+        return NULL;
+    }
+    PyObject *reply = PyBytes_FromStringAndSize(NULL, reply_len);
+    if (reply == NULL) return NULL;
+    capsule_host_reply((uint8_t *)PyBytes_AS_STRING(reply));
+    return reply;
+}
+
+static PyMethodDef capsule_methods[] = {
+    {"host_call", capsule_host_call_py, METH_O,
+     "host_call(request: bytes) -> bytes: send a JSON request to the host, return its reply."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef capsule_module = {
+    PyModuleDef_HEAD_INIT, "_capsule", "Calls from the sandbox to the Capsule host.", -1,
+    capsule_methods,
+};
+
+static PyObject *init_capsule_module(void) { return PyModule_Create(&capsule_module); }
+
+/* ---- helpers -------------------------------------------------------------------------- */
+
+/* Reports the pending Python exception and stops the instance: used where nothing better can
+ * be done (the interpreter could not start or the runtime's own code failed). */
+static _Noreturn void fatal_python_error(const char *what) {
+    fprintf(stderr, "capsule runtime: %s\n", what);
+    if (PyErr_Occurred()) PyErr_Print();
+    fflush(stderr);
+    __builtin_trap();
+}
+
+static _Noreturn void fatal_status(const char *what, PyStatus status) {
+    fprintf(stderr, "capsule runtime: %s: %s%s%s\n", what, status.func ? status.func : "",
+            status.func ? ": " : "", status.err_msg ? status.err_msg : "");
+    fflush(stderr);
+    __builtin_trap();
+}
+
+/* A buffer handed to the host: (pointer << 32) | length, or 0 when allocation failed. */
+static int64_t hand_to_host(const char *data, Py_ssize_t len) {
+    char *copy = malloc((size_t)len + 1);
+    if (copy == NULL) return 0;
+    memcpy(copy, data, (size_t)len);
+    return (int64_t)(((uint64_t)(uintptr_t)copy << 32) | (uint64_t)(uint32_t)len);
+}
+
+static int64_t hand_bytes_to_host(PyObject *bytes) {
+    return hand_to_host(PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+}
+
+static PyObject *runtime_module = NULL;
+
+static PyObject *call_runtime(const char *function, PyObject *arg) {
+    PyObject *callable = PyObject_GetAttrString(runtime_module, function);
+    if (callable == NULL) return NULL;
+    PyObject *result = arg ? PyObject_CallOneArg(callable, arg) : PyObject_CallNoArgs(callable);
+    Py_DECREF(callable);
+    return result;
+}
+
+/* ---- exports -------------------------------------------------------------------------- */
+
+EXPORT("capsule_alloc") void *capsule_alloc(int32_t size) { return malloc((size_t)size); }
+
+EXPORT("capsule_free") void capsule_free(void *pointer) { free(pointer); }
+
+static void start_interpreter(void) {
+    PyStatus status;
+    PyConfig config;
+    PyConfig_InitIsolatedConfig(&config);
+    config.site_import = 0;
+    config.write_bytecode = 0;
+    config.buffered_stdio = 0;           /* task output reaches the host as it is printed */
+    config.install_signal_handlers = 0;
+    config.pathconfig_warnings = 0;
+    config.module_search_paths_set = 1;  /* empty: nothing is imported from a file system */
+    config.use_hash_seed = 1;            /* a snapshot needs one seed for all its instances */
+    const char *seed = getenv("CAPSULE_HASH_SEED");
+    config.hash_seed = seed ? strtoul(seed, NULL, 10) : 0;
+    config._init_main = 0;               /* stop after the core: install the importer first */
+
+    status = PyConfig_SetString(&config, &config.home, L"/lib/python3.13");
+    if (PyStatus_Exception(status)) fatal_status("configuring the interpreter", status);
+    status = Py_InitializeFromConfig(&config);
+    PyConfig_Clear(&config);
+    if (PyStatus_Exception(status)) fatal_status("starting the interpreter core", status);
+
+    /* Install the in-memory importer, then finish initialisation, which imports `encodings`
+     * and friends through it. */
+    PyObject *bootstrap_module = PyImport_AddModule("_capsule_bootstrap"); /* borrowed */
+    if (bootstrap_module == NULL) fatal_python_error("creating the importer module");
+    PyObject *globals = PyModule_GetDict(bootstrap_module);
+    PyObject *blob = PyMemoryView_FromMemory((char *)MODULE_BLOB, sizeof(MODULE_BLOB), PyBUF_READ);
+    if (blob == NULL || PyDict_SetItemString(globals, "_blob", blob) < 0)
+        fatal_python_error("exposing the module blob");
+    Py_DECREF(blob);
+    if (PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0)
+        fatal_python_error("preparing the importer module");
+
+    uint32_t bootstrap_len;
+    memcpy(&bootstrap_len, MODULE_BLOB + 8, sizeof bootstrap_len);
+    PyObject *code =
+        PyMarshal_ReadObjectFromString((const char *)MODULE_BLOB + 12, (Py_ssize_t)bootstrap_len);
+    if (code == NULL) fatal_python_error("reading the importer's bytecode");
+    PyObject *done = PyEval_EvalCode(code, globals, globals);
+    Py_DECREF(code);
+    if (done == NULL) fatal_python_error("installing the importer");
+    Py_DECREF(done);
+
+    status = _Py_InitializeMain();
+    if (PyStatus_Exception(status)) fatal_status("finishing interpreter initialisation", status);
+}
+
+/* Wizer's initialisation entry: start Python, import the `capsule` package and the user's
+ * module (described by the JSON request the build writes to stdin), then return so that
+ * Wizer can snapshot the memory. A failure in user code traps, after printing the traceback. */
+EXPORT("capsule_initialize") void capsule_initialize(void) {
+    if (PyImport_AppendInittab("_capsule", init_capsule_module) < 0)
+        fatal_status("registering `_capsule`", PyStatus_Error("PyImport_AppendInittab failed"));
+    start_interpreter();
+    runtime_module = PyImport_ImportModule("capsule._runtime");
+    if (runtime_module == NULL) fatal_python_error("importing capsule._runtime");
+    PyObject *ok = call_runtime("initialize", NULL);
+    if (ok == NULL) fatal_python_error("initialising the user module");
+    Py_DECREF(ok);
+}
+
+/* The registered tasks as JSON: packed (pointer << 32) | length; the host frees the buffer. */
+EXPORT("capsule_describe") int64_t capsule_describe(void) {
+    PyObject *description = call_runtime("describe", NULL);
+    if (description == NULL) fatal_python_error("describing the tasks");
+    int64_t packed = hand_bytes_to_host(description);
+    Py_DECREF(description);
+    return packed;
+}
+
+/* Runs one task. `request` is JSON (see ABI.md); the reply is JSON, packed as for
+ * `capsule_describe`. The request buffer stays owned by the host. */
+EXPORT("capsule_invoke") int64_t capsule_invoke(const char *request, int32_t len) {
+    PyObject *view = PyMemoryView_FromMemory((char *)request, len, PyBUF_READ);
+    if (view == NULL) fatal_python_error("reading the request");
+    PyObject *reply = call_runtime("invoke", view);
+    Py_DECREF(view);
+    if (reply == NULL) fatal_python_error("running the task dispatcher");
+    int64_t packed = hand_bytes_to_host(reply);
+    Py_DECREF(reply);
+    return packed;
+}

@@ -1,0 +1,70 @@
+"""The importer that serves modules from memory inside the sandbox.
+
+The C runtime executes this file (as precompiled bytecode) right after the interpreter's core
+is up and before it imports anything from outside: at that point only built-in and frozen
+modules exist. `_blob` is a read-only memoryview of the module blob that
+`build/pack_modules.py` produced and the C code embedded in the Wasm image.
+
+The sandbox has no file system for code, so every import after this point is served from that
+blob (the stdlib and the `capsule` package) or from the user's sources that the build handed
+in at initialisation. Since the blob lives in the module's data, it is part of every snapshot
+and a module first imported at run time loads exactly as it would have at build time.
+"""
+
+import marshal
+import sys
+from _frozen_importlib import ModuleSpec
+
+
+class MemoryImporter:
+    """A meta-path finder and loader over code held in linear memory."""
+
+    def __init__(self, blob):
+        self._blob = blob
+        magic_size = 8
+        bootstrap_size = int.from_bytes(blob[magic_size : magic_size + 4], "little")
+        index_at = magic_size + 4 + bootstrap_size
+        index_size = int.from_bytes(blob[index_at : index_at + 4], "little")
+        # name -> (is_package, origin, offset, length) for the packed modules
+        self._packed = marshal.loads(blob[index_at + 4 : index_at + 4 + index_size])
+        # name -> (is_package, origin, code) for the user's modules
+        self._user = {}
+
+    def add_user_module(self, name, origin, source, is_package):
+        """Compile a user module now, so it can be imported later without any file."""
+        code = compile(source, origin, "exec", dont_inherit=True)
+        self._user[name] = (is_package, origin, code)
+
+    def find_spec(self, name, path=None, target=None):
+        entry = self._user.get(name) or self._packed.get(name)
+        if entry is None:
+            return None
+        is_package, origin = entry[0], entry[1]
+        spec = ModuleSpec(name, self, origin=origin, is_package=is_package)
+        spec.has_location = True
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        exec(self.get_code(module.__spec__.name), module.__dict__)
+
+    def get_code(self, name):
+        if name in self._user:
+            return self._user[name][2]
+        _, _, offset, length = self._packed[name]
+        return marshal.loads(self._blob[offset : offset + length])
+
+    def is_package(self, name):
+        entry = self._user.get(name) or self._packed.get(name)
+        if entry is None:
+            raise ImportError(f"no module named {name!r}", name=name)
+        return entry[0]
+
+    def module_names(self):
+        return sorted(self._packed) + sorted(self._user)
+
+
+IMPORTER = MemoryImporter(_blob)  # noqa: F821 (`_blob` is set by the C runtime)
+sys.meta_path.append(IMPORTER)

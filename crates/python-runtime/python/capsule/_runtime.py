@@ -1,0 +1,89 @@
+"""The dispatcher inside the sandbox; the C runtime calls these functions.
+
+Not for use outside the sandbox: it relies on the in-memory importer (`_capsule_bootstrap`).
+"""
+
+import importlib
+import json
+import linecache
+import os
+import sys
+import traceback
+
+import _capsule_bootstrap
+from capsule import _task
+
+
+def initialize():
+    """Import the user's module, as described by the build's JSON request on stdin."""
+    request = json.loads(sys.stdin.buffer.read())
+    for module in request["modules"]:
+        source = module["source"]
+        _capsule_bootstrap.IMPORTER.add_user_module(
+            module["name"], module["path"], source, module["is_package"]
+        )
+        # The sources are not on any file system at run time: keep them for tracebacks.
+        lines = source.splitlines(keepends=True)
+        linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
+    importlib.import_module(request["entry_module"])
+    # Nothing of the build machine's environment may reach a task.
+    os.environ.clear()
+
+
+def describe():
+    tasks = [
+        {"name": t.name, "function": t.qualified_name, "options": _jsonable(t.options)}
+        for t in _task.registered_tasks().values()
+    ]
+    return json.dumps(tasks, sort_keys=True).encode()
+
+
+def _jsonable(options):
+    return {k: v for k, v in options.items() if isinstance(v, (str, int, dict, type(None)))}
+
+
+def _prepare_run(request):
+    # The snapshot froze `random`'s state at build time; draw a fresh seed from the host.
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    os.environ.clear()
+    os.environ.update(request.get("env") or {})
+
+
+def _error(kind, exc_type, message, trace=""):
+    return {"type": kind, "exc_type": exc_type, "message": message, "traceback": trace}
+
+
+def _exception_error(exc):
+    # Drop the dispatcher's own frame: the traceback starts in the user's code.
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    kind = "memory" if isinstance(exc, MemoryError) else "exception"
+    return _error(kind, type(exc).__name__, str(exc), trace)
+
+
+def _reply(payload):
+    return json.dumps(payload, allow_nan=False).encode()
+
+
+def invoke(request_bytes):
+    request = json.loads(bytes(request_bytes))
+    name = request["task"]
+    registered = _task.registered_tasks().get(name)
+    if registered is None:
+        known = ", ".join(sorted(_task.registered_tasks())) or "none"
+        return _reply({"ok": False, "error": _error(
+            "invalid_input", "LookupError", f"no task named {name!r} (tasks: {known})")})
+    _prepare_run(request)
+    try:
+        result = registered.function(*request.get("args", []), **request.get("kwargs", {}))
+    except BaseException as exc:  # noqa: BLE001 (every failure of task code is reported)
+        return _reply({"ok": False, "error": _exception_error(exc)})
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        return _reply({"ok": True, "result": result})
+    except (TypeError, ValueError) as exc:
+        return _reply({"ok": False, "error": _error(
+            "exception", type(exc).__name__, f"the result of task {name!r} is not JSON: {exc}")})

@@ -1,0 +1,83 @@
+"""The `@task` decorator and the registry of tasks defined by the imported modules."""
+
+import difflib
+import functools
+
+# The options `@task` accepts. `capsule build` reads them from the source before any Python
+# runs and checks their values (units, ranges); here we only reject what cannot be right.
+TASK_OPTIONS = ("name", "compute", "ram", "timeout", "max_retries", "env_vars")
+
+_registry = {}
+
+
+class Task:
+    """A function registered as a Capsule task. Calling it calls the function."""
+
+    def __init__(self, function, options):
+        self.function = function
+        self.options = dict(options)
+        self.name = options.get("name") or function.__name__
+        functools.update_wrapper(self, function)
+
+    @property
+    def qualified_name(self):
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<capsule task {self.name!r} ({self.qualified_name})>"
+
+
+def _check_options(options):
+    for key in options:
+        if key not in TASK_OPTIONS:
+            close = difflib.get_close_matches(key, TASK_OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"@task got an unknown option {key!r}{hint}")
+    name = options.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError("@task option 'name' must be a non-empty string")
+    retries = options.get("max_retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+        raise TypeError("@task option 'max_retries' must be an integer >= 0")
+    env_vars = options.get("env_vars")
+    if env_vars is not None and not (
+        isinstance(env_vars, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())
+    ):
+        raise TypeError("@task option 'env_vars' must be a dict of str to str")
+
+
+def _register(new):
+    existing = _registry.get(new.name)
+    # Re-running the same definition (a module reloaded in a test) replaces it.
+    if existing is not None and existing.qualified_name != new.qualified_name:
+        raise ValueError(
+            f"task name {new.name!r} is used by both {existing.qualified_name} and {new.qualified_name}"
+        )
+    _registry[new.name] = new
+
+
+def task(function=None, /, **options):
+    """Mark a function as a Capsule task.
+
+    Use it bare (`@task`) or with options (`@task(name=..., compute=..., ram=..., timeout=...,
+    max_retries=..., env_vars=...)`).
+    """
+    _check_options(options)
+
+    def decorate(function):
+        if not callable(function):
+            raise TypeError("@task must decorate a function")
+        registered = Task(function, options)
+        _register(registered)
+        return registered
+
+    return decorate(function) if function is not None else decorate
+
+
+def registered_tasks():
+    """The tasks registered so far, by name."""
+    return dict(_registry)

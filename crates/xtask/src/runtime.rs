@@ -1,0 +1,405 @@
+//! `cargo xtask build-runtime`: CPython 3.13 compiled for `wasm32-wasi` and linked as the
+//! Capsule reactor (`target/python-runtime/capsule-python.wasm`).
+//!
+//! Three cached layers, each in a folder named by a hash of its inputs and marked complete
+//! only once fully built:
+//! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
+//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI;
+//! 3. the reactor: the stdlib and the `capsule` package packed as bytecode, embedded in the
+//!    module together with the C entry points of `crates/python-runtime/c`.
+//!
+//! The final key hashes this file, the toolchain pins, the source pin and every file of
+//! `crates/python-runtime/{c,python,build}`: when it matches, nothing is done.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::toolchain;
+use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
+
+const CPYTHON_VERSION: &str = "3.13.5";
+/// Debian's source package of CPython: its `.orig.tar.xz` is the pristine upstream tarball.
+const SOURCE_PACKAGE: &str = "python3.13";
+const SOURCE_SUITE: &str = "trixie";
+const SOURCE_TARBALL: &str = "python3.13_3.13.5.orig.tar.xz";
+const SOURCE_SHA256: &str = "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640";
+
+/// Linear-memory C stack of the reactor. The host's `max_wasm_stack` is sized to match.
+const C_STACK_BYTES: u64 = 8 << 20;
+
+pub const RUNTIME_FILE: &str = "capsule-python.wasm";
+
+pub struct RuntimePaths {
+    /// `target/python-runtime`
+    pub root: PathBuf,
+}
+
+impl RuntimePaths {
+    pub fn new() -> Self {
+        Self { root: target_dir().join("python-runtime") }
+    }
+    pub fn installed_runtime(&self) -> PathBuf {
+        self.root.join(RUNTIME_FILE)
+    }
+    fn installed_key(&self) -> PathBuf {
+        self.root.join("capsule-python.key")
+    }
+    fn downloads(&self) -> PathBuf {
+        self.root.join("downloads")
+    }
+}
+
+fn runtime_crate() -> PathBuf {
+    workspace_root().join("crates/python-runtime")
+}
+
+fn hex_sha256(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Every file below `dir`, sorted, as (relative path, contents).
+fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in fs::read_dir(&current).with_context(|| format!("reading {}", current.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if name == "__pycache__" || name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                files.push((rel, fs::read(&path)?));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Key of the `libpython` layer: the source, the toolchain and the configure recipe.
+fn cpython_key() -> Result<String> {
+    let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
+    Ok(hex_sha256(&[
+        SOURCE_SHA256.as_bytes(),
+        toolchain::fingerprint().as_bytes(),
+        &config_site,
+        configure_args_fingerprint().as_bytes(),
+    ]))
+}
+
+/// Key of the final module: the `libpython` layer plus everything in the runtime crate.
+fn runtime_key() -> Result<String> {
+    let mut parts: Vec<Vec<u8>> = vec![
+        cpython_key()?.into_bytes(),
+        include_bytes!("runtime.rs").to_vec(),
+        C_STACK_BYTES.to_le_bytes().to_vec(),
+    ];
+    for sub in ["c", "python", "build"] {
+        for (rel, contents) in tree_contents(&runtime_crate().join(sub))? {
+            parts.push(format!("{sub}/{rel}").into_bytes());
+            parts.push(contents);
+        }
+    }
+    let borrowed: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(hex_sha256(&borrowed))
+}
+
+fn configure_args_fingerprint() -> String {
+    WASI_CONFIGURE_ARGS.join(" ")
+}
+
+const WASI_CONFIGURE_ARGS: &[&str] = &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no"];
+
+/// Builds the runtime if its inputs changed; returns the path of the installed module.
+pub fn build_runtime(force: bool) -> Result<PathBuf> {
+    let paths = RuntimePaths::new();
+    let key = runtime_key()?;
+    let installed = paths.installed_runtime();
+    if !force
+        && installed.exists()
+        && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key)
+    {
+        eprintln!("xtask: runtime up to date: {}", installed.display());
+        return Ok(installed);
+    }
+    let started = Instant::now();
+    fs::create_dir_all(&paths.root)?;
+    toolchain::ensure_installed(&paths.downloads())?;
+    let tarball = fetch_source(&paths)?;
+    let build_python = build_native_python(&paths, &tarball)?;
+    let wasm = build_reactor(&paths.root, &tarball, &build_python, &key)?;
+    fs::copy(&wasm, &installed).with_context(|| format!("installing {}", installed.display()))?;
+    write_atomic(&paths.installed_key(), key.as_bytes())?;
+    let size = fs::metadata(&installed)?.len();
+    eprintln!(
+        "xtask: built {} ({:.1} MB, sha256 {}) in {:.0?}",
+        installed.display(),
+        size as f64 / 1e6,
+        sha256_file(&installed)?,
+        started.elapsed()
+    );
+    Ok(installed)
+}
+
+/// Builds the `libpython` layer and the reactor a second time under another directory and
+/// checks that the module is byte-identical to the installed one.
+pub fn check_reproducible() -> Result<()> {
+    let first = build_runtime(false)?;
+    let paths = RuntimePaths::new();
+    let key = runtime_key()?;
+    let tarball = paths.downloads().join(SOURCE_TARBALL);
+    let build_python = build_native_python(&paths, &tarball)?;
+    let elsewhere = paths.root.join("reproducibility-check");
+    if elsewhere.exists() {
+        fs::remove_dir_all(&elsewhere)?;
+    }
+    fs::create_dir_all(&elsewhere)?;
+    let second = build_reactor(&elsewhere, &tarball, &build_python, &key)?;
+    let (a, b) = (sha256_file(&first)?, sha256_file(&second)?);
+    if a != b {
+        bail!(
+            "the runtime is not reproducible: {} has sha256 {a}, the rebuild {} has {b}",
+            first.display(),
+            second.display()
+        );
+    }
+    fs::remove_dir_all(&elsewhere)?;
+    eprintln!("xtask: reproducible: two builds in different directories both have sha256 {a}");
+    Ok(())
+}
+
+/// Finds the archive this machine's apt already uses, from its sources lists.
+fn debian_archive_url() -> Result<String> {
+    let mut texts = Vec::new();
+    for path in ["/etc/apt/sources.list"] {
+        texts.push(fs::read_to_string(path).unwrap_or_default());
+    }
+    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for file in files {
+            if matches!(file.extension().and_then(|e| e.to_str()), Some("list" | "sources")) {
+                texts.push(fs::read_to_string(&file).unwrap_or_default());
+            }
+        }
+    }
+    for text in &texts {
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let url = match words.as_slice() {
+                ["URIs:", url, ..] => url,
+                ["deb", rest @ ..] => match rest.iter().find(|w| w.contains("://")) {
+                    Some(url) => url,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            if url.trim_end_matches('/').ends_with("/debian") {
+                return Ok(url.trim_end_matches('/').to_string());
+            }
+        }
+    }
+    bail!("no Debian archive found in /etc/apt/sources.list*\nhint: the CPython source comes from Debian's `{SOURCE_PACKAGE}` source package")
+}
+
+/// Downloads Debian's `python3.13` source package and verifies the pristine tarball's sha256.
+fn fetch_source(paths: &RuntimePaths) -> Result<PathBuf> {
+    let downloads = paths.downloads();
+    let tarball = downloads.join(SOURCE_TARBALL);
+    if tarball.exists() && sha256_file(&tarball)? == SOURCE_SHA256 {
+        return Ok(tarball);
+    }
+    let apt = paths.root.join("apt-source");
+    fs::create_dir_all(apt.join("lists/partial"))?;
+    fs::create_dir_all(&downloads)?;
+    let list = apt.join("sources.list");
+    fs::write(&list, format!("deb-src {} {SOURCE_SUITE} main\n", debian_archive_url()?))?;
+    let options = [
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        "-oDir::Etc::SourceParts=/dev/null".to_string(),
+        format!("-oDir::State::Lists={}", apt.join("lists").display()),
+    ];
+    run(Command::new("apt-get").args(&options).args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(&options)
+        .args(["source", "--download-only", "-q", SOURCE_PACKAGE])
+        .current_dir(&downloads))?;
+    if !tarball.exists() {
+        bail!(
+            "Debian's `{SOURCE_PACKAGE}` source package no longer ships {SOURCE_TARBALL}\nhint: update the pin in crates/xtask/src/runtime.rs"
+        );
+    }
+    let actual = sha256_file(&tarball)?;
+    if actual != SOURCE_SHA256 {
+        bail!("{} has sha256 {actual}, expected {SOURCE_SHA256}; refusing to build from it", tarball.display());
+    }
+    Ok(tarball)
+}
+
+fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(into)?;
+    run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(into))?;
+    let src = into.join(format!("Python-{CPYTHON_VERSION}"));
+    // Configure scripts read this optional file; an empty one keeps the build to the defaults.
+    fs::write(src.join("Modules/Setup.local"), "")?;
+    Ok(src)
+}
+
+/// A folder that is only used once a `.complete` marker says it was fully built.
+fn fresh_layer(dir: &Path) -> Result<bool> {
+    if dir.join(".complete").exists() {
+        return Ok(false);
+    }
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir)?;
+    Ok(true)
+}
+
+fn make_jobs() -> String {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    format!("-j{cores}")
+}
+
+/// A native CPython of the same version; the cross build runs it to freeze modules, and we
+/// run it to compile the stdlib to bytecode.
+fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> {
+    let dir = paths.root.join(format!("build-python-{}", &SOURCE_SHA256[..16]));
+    let python = dir.join(format!("Python-{CPYTHON_VERSION}/cross-build/build/python"));
+    if !fresh_layer(&dir)? {
+        return Ok(python);
+    }
+    let started = Instant::now();
+    let src = extract(tarball, &dir)?;
+    let build = src.join("cross-build/build");
+    fs::create_dir_all(&build)?;
+    run(Command::new("../../configure")
+        .args(["-q", "--disable-test-modules", "--with-ensurepip=no"])
+        .current_dir(&build))?;
+    run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build))?;
+    fs::write(dir.join(".complete"), "")?;
+    eprintln!("xtask: native build python ready in {:.0?}", started.elapsed());
+    Ok(python)
+}
+
+/// Builds `libpython3.13.a` for WASI below `base`, then the reactor; returns the module path.
+fn build_reactor(base: &Path, tarball: &Path, build_python: &Path, key: &str) -> Result<PathBuf> {
+    let libs = build_libpython(base, tarball, build_python)?;
+    let out_dir = base.join(format!("reactor-{}", &key[..16]));
+    let module = out_dir.join(RUNTIME_FILE);
+    if !fresh_layer(&out_dir)? {
+        return Ok(module);
+    }
+    let started = Instant::now();
+    let crate_dir = runtime_crate();
+    let wrappers =
+        toolchain::write_wrappers(&out_dir.join("toolchain"), &[(&out_dir, "/reactor"), (&libs.src, "/cpython"), (&crate_dir, "/python-runtime")])?;
+
+    // The stdlib and the `capsule` package as bytecode, in one blob that the C code embeds.
+    let blob = out_dir.join("capsule_modules.bin");
+    run(Command::new(build_python)
+        .args(["-S", "-s", "-B"])
+        .arg(crate_dir.join("build/pack_modules.py"))
+        .arg("--stdlib")
+        .arg(libs.src.join("Lib"))
+        .arg("--package")
+        .arg(crate_dir.join("python"))
+        .arg("--out")
+        .arg(&blob)
+        .env("PYTHONHASHSEED", "0"))?;
+
+    let object = out_dir.join("capsule_runtime.o");
+    run(Command::new(&wrappers.cc)
+        .args(["-O2", "-std=c23", "-Wall", "-Werror", "-c"])
+        .arg(crate_dir.join("c/capsule_runtime.c"))
+        .arg(format!("-I{}", libs.src.join("Include").display()))
+        .arg(format!("-I{}", libs.build.display()))
+        .arg(format!("--embed-dir={}", out_dir.display()))
+        .arg("-o")
+        .arg(&object))?;
+    run(Command::new(&wrappers.cc)
+        .arg("-mexec-model=reactor")
+        .arg(format!("-Wl,-z,stack-size={C_STACK_BYTES}"))
+        .args(["-Wl,--stack-first", "-Wl,--strip-debug"])
+        .arg("-o")
+        .arg(&module)
+        .arg(&object)
+        .args(&libs.archives)
+        .args(["-lwasi-emulated-signal", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks", "-lm"]))?;
+    fs::remove_file(&blob)?;
+    fs::remove_file(&object)?;
+    fs::remove_dir_all(&wrappers.dir)?;
+    fs::write(out_dir.join(".complete"), "")?;
+    eprintln!("xtask: reactor linked in {:.0?}", started.elapsed());
+    Ok(module)
+}
+
+struct Libpython {
+    src: PathBuf,
+    build: PathBuf,
+    archives: Vec<PathBuf>,
+}
+
+fn build_libpython(base: &Path, tarball: &Path, build_python: &Path) -> Result<Libpython> {
+    let dir = base.join(format!("cpython-wasi-{}", &cpython_key()?[..16]));
+    let src = dir.join(format!("Python-{CPYTHON_VERSION}"));
+    let build = src.join("cross-build/wasm32-wasi");
+    let archives = [
+        "libpython3.13.a",
+        "Modules/_decimal/libmpdec/libmpdec.a",
+        "Modules/_hacl/libHacl_Hash_SHA2.a",
+        "Modules/expat/libexpat.a",
+    ]
+    .iter()
+    .map(|a| build.join(a))
+    .collect();
+    let libs = Libpython { src: src.clone(), build: build.clone(), archives };
+    if !fresh_layer(&dir)? {
+        return Ok(libs);
+    }
+    let started = Instant::now();
+    extract(tarball, &dir)?;
+    fs::create_dir_all(&build)?;
+    let wrappers = toolchain::write_wrappers(&dir.join("toolchain"), &[(&src, "/cpython")])?;
+    let sysroot = wrappers.dir.join("sysroot");
+    let build_triple = output(&mut Command::new(src.join("config.guess")))?;
+    run(Command::new("../../configure")
+        .arg("-q")
+        .args(WASI_CONFIGURE_ARGS)
+        .arg(format!("--build={build_triple}"))
+        .arg(format!("--with-build-python={}", build_python.display()))
+        .current_dir(&build)
+        .env("CPYTHON_SRC", &src)
+        .env("CONFIG_SITE", runtime_crate().join("build/config.site-wasi"))
+        .env("CC", &wrappers.cc)
+        .env("CPP", &wrappers.cpp)
+        .env("CXX", "false")
+        .env("AR", "llvm-ar-19")
+        .env("RANLIB", "llvm-ranlib-19")
+        .env("PKG_CONFIG_PATH", "")
+        .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
+        .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
+        .env("SOURCE_DATE_EPOCH", "0"))?;
+    run(Command::new("make")
+        .args(["-s", &make_jobs(), "all"])
+        .current_dir(&build)
+        .env("SOURCE_DATE_EPOCH", "0"))?;
+    fs::write(dir.join(".complete"), "")?;
+    eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
+    Ok(libs)
+}
