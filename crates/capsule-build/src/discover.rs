@@ -286,10 +286,15 @@ fn parse_options(parser: &mut Parser<'_>, function: &str, line: usize, call: Opt
                     None => parser.report(value.start(), "`compute` must be a string or integer literal", Some(literal_hint())),
                 }
             }
-            "ram" => match string_literal(value).map(parse_memory) {
-                Some(Ok(bytes)) => task.memory_bytes = bytes,
-                Some(Err(error)) => report_unit(parser, value, "ram", error),
-                None => parser.report(value.start(), "`ram` must be a string literal such as \"256MB\"", Some(literal_hint())),
+            "ram" => match (string_literal(value).map(parse_memory), int_literal(value)) {
+                (Some(Ok(bytes)), _) => task.memory_bytes = bytes,
+                (Some(Err(error)), _) => report_unit(parser, value, "ram", error),
+                (None, Some(number)) => parser.report(
+                    value.start(),
+                    format!("`ram={number}` has no unit"),
+                    Some(format!("write it as a string with a unit, e.g. `ram=\"{number}MB\"` or `ram=\"{number}MiB\"`")),
+                ),
+                (None, None) => parser.report(value.start(), "`ram` must be a string literal such as \"256MB\"", Some(literal_hint())),
             },
             "timeout" => match string_literal(value).map(parse_duration) {
                 Some(Ok(duration)) => task.timeout = Some(duration),
@@ -386,7 +391,7 @@ fn check_duplicate_names(parser: &mut Parser<'_>, tasks: &[DiscoveredTask], suit
     }
 }
 
-/// The candidate within edit distance 2 of `word`, if any.
+/// The candidate within edit distance 2 of `word`, or one that contains it (`retries`).
 fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
@@ -394,6 +399,7 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .filter(|(d, _)| *d <= 2)
         .min()
         .map(|(_, c)| c)
+        .or_else(|| candidates.iter().copied().find(|c| word.len() >= 3 && c.contains(word)))
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -428,7 +434,7 @@ mod tests {
         let names: Vec<&str> = found.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c2", "d"]);
         assert_eq!(found[2].function, "c");
-        assert_eq!(found[2].line, 9);
+        assert_eq!(found[2].line, 10, "the line of `def`, as in Python tracebacks");
     }
 
     #[test]
@@ -467,6 +473,7 @@ mod tests {
     fn suggests_close_option_names() {
         assert_eq!(closest("rma", OPTIONS), Some("ram"));
         assert_eq!(closest("timout", OPTIONS), Some("timeout"));
+        assert_eq!(closest("retries", OPTIONS), Some("max_retries"));
         assert_eq!(closest("colour", OPTIONS), None);
     }
 }

@@ -103,14 +103,18 @@ pub async fn snapshot(engine: &TickingEngine, runtime: &[u8], request: &InitRequ
         Ok(snapshot) => Ok(snapshot),
         Err(error) => {
             let printed = stderr.captured().text;
-            let entry = &request.entry_module;
+            let entry = request
+                .modules
+                .iter()
+                .find(|m| m.name == request.entry_module)
+                .map_or(request.entry_module.as_str(), |m| m.path.as_str());
             let reason = match error.root_cause().downcast_ref::<wasmtime::Trap>() {
                 Some(wasmtime::Trap::Interrupt) => format!("importing `{entry}` took longer than {INIT_TIMEOUT:?}"),
                 _ if store.data().limiter.exceeded() => {
                     format!("importing `{entry}` needed more than {} MiB of memory", INIT_MEMORY_LIMIT >> 20)
                 }
-                _ if printed.contains("Traceback") => format!("importing `{entry}` raised an exception:\n{}", printed.trim_end()),
-                _ => format!("snapshotting `{entry}` failed: {error:#}\n{}", printed.trim_end()),
+                _ if !printed.trim().is_empty() => format!("importing `{entry}` failed:\n{}", printed.trim_end()),
+                _ => format!("snapshotting `{entry}` failed: {error:#}"),
             };
             Err(BuildError::usage(
                 reason,

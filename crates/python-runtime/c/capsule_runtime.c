@@ -156,16 +156,24 @@ static void start_interpreter(void) {
 
 /* Wizer's initialisation entry: start Python, import the `capsule` package and the user's
  * module (described by the JSON request the build writes to stdin), then return so that
- * Wizer can snapshot the memory. A failure in user code traps, after printing the traceback. */
+ * Wizer can snapshot the memory. A failure in user code traps after printing its traceback
+ * on stderr, which the build shows to the user. */
 EXPORT("capsule_initialize") void capsule_initialize(void) {
     if (PyImport_AppendInittab("_capsule", init_capsule_module) < 0)
         fatal_status("registering `_capsule`", PyStatus_Error("PyImport_AppendInittab failed"));
     start_interpreter();
     runtime_module = PyImport_ImportModule("capsule._runtime");
     if (runtime_module == NULL) fatal_python_error("importing capsule._runtime");
-    PyObject *ok = call_runtime("initialize", NULL);
-    if (ok == NULL) fatal_python_error("initialising the user module");
-    Py_DECREF(ok);
+    PyObject *failure = call_runtime("initialize", NULL);
+    if (failure == NULL) fatal_python_error("initialising the user module");
+    if (failure != Py_None) {
+        /* The user's module raised: report its traceback (already trimmed to user frames). */
+        const char *text = PyUnicode_AsUTF8(failure);
+        fputs(text ? text : "the user module failed to import\n", stderr);
+        fflush(stderr);
+        __builtin_trap();
+    }
+    Py_DECREF(failure);
 }
 
 /* The registered tasks as JSON: packed (pointer << 32) | length; the host frees the buffer. */

@@ -15,8 +15,12 @@ from capsule import _task
 
 
 def initialize():
-    """Import the user's module, as described by the build's JSON request on stdin."""
+    """Import the user's module, as described by the build's JSON request on stdin.
+
+    Returns None, or the traceback of the failed import (user frames only) as text.
+    """
     request = json.loads(sys.stdin.buffer.read())
+    user_paths = {module["path"] for module in request["modules"]}
     for module in request["modules"]:
         source = module["source"]
         _capsule_bootstrap.IMPORTER.add_user_module(
@@ -25,9 +29,21 @@ def initialize():
         # The sources are not on any file system at run time: keep them for tracebacks.
         lines = source.splitlines(keepends=True)
         linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
-    importlib.import_module(request["entry_module"])
+    try:
+        importlib.import_module(request["entry_module"])
+    except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)
+        return _user_traceback(exc, user_paths)
     # Nothing of the build machine's environment may reach a task.
     os.environ.clear()
+
+
+def _user_traceback(exc, user_paths):
+    """The traceback of `exc` without the frames of the import machinery and this module."""
+    stack = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in user_paths]
+    lines = ["Traceback (most recent call last):\n"] if stack else []
+    lines += traceback.format_list(stack)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
 
 
 def describe():

@@ -1,0 +1,42 @@
+//! Every fixture through `capsule build`: valid ones give the recorded tasks, invalid ones
+//! the recorded error (file:line:column and hint). Snapshots live in `tests/snapshots/`.
+
+use std::path::Path;
+
+use capsule_build::{BuildOptions, Project, build};
+use capsule_exec::Runner;
+
+fn stem(path: &Path) -> String {
+    path.file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn valid_fixtures_discover_their_tasks() {
+    for file in fixtures::python_files("valid") {
+        let project = Project::load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let modules: Vec<&str> = project.modules.iter().map(|m| m.path.as_str()).collect();
+        insta::assert_snapshot!(format!("valid_{}", stem(&file)), format!("modules: {modules:?}\n{:#?}", project.tasks));
+    }
+}
+
+#[test]
+fn invalid_fixtures_are_refused_with_located_errors() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runner = Runner::new().unwrap();
+    for file in fixtures::python_files("invalid") {
+        let out = tempfile::tempdir().unwrap();
+        let options = BuildOptions {
+            entry: file.clone(),
+            out_dir: Some(out.path().to_path_buf()),
+            runtime: python_runtime::runtime_path(),
+            force: false,
+        };
+        let error = match runtime.block_on(build(&runner, &options)) {
+            Ok(_) => panic!("{} built, but must be refused", file.display()),
+            Err(error) => error,
+        };
+        let text: Vec<String> = error.lines().into_iter().map(|line| format!("error: {line}")).collect();
+        insta::assert_snapshot!(format!("invalid_{}", stem(&file)), text.join("\n"));
+        assert!(!out.path().join(capsule_build::MANIFEST_FILE).exists(), "a failed build wrote a manifest");
+    }
+}
