@@ -1,0 +1,136 @@
+//! The build → load → run path: results, failures, env, caching, reproducibility and the
+//! refusal of tampered artifacts.
+
+use std::fs;
+
+use capsule_exec::LoadError;
+use python_runtime::ErrorKind;
+use serde_json::json;
+use tests::{build_into, load, runner, shared};
+
+const MULTI: &str = "valid/multi_task.py";
+
+#[test]
+fn results_of_every_json_type_round_trip() {
+    let built = shared(MULTI);
+    let outcome = built.run("json_types", vec![]);
+    assert!(outcome.success);
+    assert_eq!(
+        outcome.result,
+        json!({
+            "string": "text", "integer": 42, "float": 2.5, "true": true, "false": false, "null": null,
+            "list": [1, "two", [3]], "nested": {"k": {"v": [null]}}, "unicode": "café ✓",
+        })
+    );
+    assert_eq!(built.run("add", vec![json!(2), json!(40)]).result, json!(42));
+    assert_eq!(built.run("add", vec![json!("ab"), json!("cd")]).result, json!("abcd"));
+    assert_eq!(built.run("main", vec![]).result, json!("hello world"));
+    assert_eq!(outcome.execution.attempts, 1);
+    assert!(outcome.execution.fuel_consumed > 0);
+    assert!(outcome.execution.peak_memory_bytes >= built.output.manifest.artifact.initial_memory_bytes);
+}
+
+#[test]
+fn a_failing_task_is_retried_and_every_attempt_is_reported() {
+    let outcome = shared(MULTI).run("fail", vec![]);
+    assert!(!outcome.success);
+    assert_eq!(outcome.execution.attempts, 3, "max_retries=2 means three attempts");
+    assert_eq!(outcome.execution.attempt_errors.len(), 3);
+    assert!(outcome.execution.attempt_errors.iter().all(|e| e.exc_type == "ValueError"));
+    assert_eq!(outcome.result, serde_json::Value::Null);
+}
+
+#[test]
+fn a_result_that_is_not_json_is_an_error() {
+    let error = shared(MULTI).run("not_json", vec![]).error.expect("a set is not JSON");
+    assert_eq!(error.kind, ErrorKind::Exception);
+    assert!(error.message.contains("not JSON"), "{}", error.message);
+}
+
+#[test]
+fn arguments_that_do_not_fit_the_function_are_reported() {
+    let error = shared(MULTI).run("add", vec![json!(1)]).error.expect("missing argument");
+    assert_eq!(error.exc_type, "TypeError");
+    assert!(error.message.contains("missing 1 required positional argument"), "{}", error.message);
+}
+
+#[test]
+fn a_task_sees_exactly_its_declared_environment() {
+    // SAFETY: set before any sandbox of this test reads the environment; no other test uses it.
+    unsafe { std::env::set_var("CAPSULE_TEST_HOST_SECRET", "must-not-leak") };
+    let outcome = shared(MULTI).run("environment", vec![]);
+    assert_eq!(outcome.result, json!({"GREETING": "bonjour", "MODE": "test"}));
+}
+
+#[test]
+fn rebuilding_from_clean_is_byte_identical() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let entry = fixtures::path(MULTI);
+    let first = build_into(&entry, a.path(), true);
+    let second = build_into(&entry, b.path(), true);
+    assert_eq!(first.manifest.artifact.sha256, second.manifest.artifact.sha256);
+    assert_eq!(
+        fs::read_to_string(&first.manifest_path).unwrap(),
+        fs::read_to_string(&second.manifest_path).unwrap()
+    );
+}
+
+#[test]
+fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
+    let project = tempfile::tempdir().unwrap();
+    let entry = project.path().join("app.py");
+    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 1\n").unwrap();
+    let out = project.path().join("out");
+    let first = build_into(&entry, &out, false);
+    assert!(!first.cache_hit);
+    let again = build_into(&entry, &out, false);
+    assert!(again.cache_hit, "nothing changed");
+    assert_eq!(again.manifest, first.manifest);
+
+    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 2\n").unwrap();
+    let edited = build_into(&entry, &out, false);
+    assert!(!edited.cache_hit);
+    assert_ne!(edited.manifest.artifact.sha256, first.manifest.artifact.sha256);
+    assert!(!out.join(&first.manifest.artifact.file).exists(), "the old artifact is cleaned up");
+    assert_eq!(load(edited).run("main", vec![]).result, json!(2));
+}
+
+#[test]
+fn a_tampered_artifact_or_manifest_is_refused() {
+    let built = shared(MULTI);
+    let copy = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(built.out_dir()).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let manifest_path = copy.path().join(capsule_build::MANIFEST_FILE);
+    let manifest_text = fs::read_to_string(&manifest_path).unwrap();
+    let artifact = copy.path().join(&built.output.manifest.artifact.file);
+    assert!(runner().load(&manifest_path).is_ok(), "an intact copy loads");
+
+    // One flipped byte in the native code.
+    let mut bytes = fs::read(&artifact).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&artifact, &bytes).unwrap();
+    let error = runner().load(&manifest_path).err().expect("tampered artifact");
+    assert!(matches!(error, LoadError::HashMismatch { .. }), "{error}");
+    assert!(error.to_string().contains("does not match its manifest"), "{error}");
+    bytes[middle] ^= 0xff;
+    fs::write(&artifact, &bytes).unwrap();
+
+    let refuse = |text: String| {
+        fs::write(&manifest_path, text).unwrap();
+        runner().load(&manifest_path).err().expect("tampered manifest").to_string()
+    };
+    let other_hash = "0".repeat(64);
+    let message = refuse(manifest_text.replace(&built.output.manifest.artifact.sha256, &other_hash));
+    assert!(message.contains("cannot read artifact") || message.contains("does not match"), "{message}");
+    let message = refuse(manifest_text.replace("schema_version = 1", "schema_version = 1\nunsigned = true"));
+    assert!(message.contains("unknown field `unsigned`"), "{message}");
+    let fingerprint = &built.output.manifest.engine.fingerprint;
+    let message = refuse(manifest_text.replace(fingerprint.as_str(), &"1".repeat(64)));
+    assert!(message.contains("another engine configuration"), "{message}");
+    let message = refuse(manifest_text.replace("wasmtime_version = \"48.0.8\"", "wasmtime_version = \"47.0.0\""));
+    assert!(message.contains("built for wasmtime 47.0.0"), "{message}");
+}

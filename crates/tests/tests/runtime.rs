@@ -1,0 +1,97 @@
+//! The CPython runtime, exercised through the real toolchain: a Wizer snapshot of real
+//! Python, precompiled, run by wasmtime.
+
+use python_runtime::ErrorKind;
+use serde_json::{Value, json};
+use tests::{line_of, shared};
+
+const PROBE: &str = "valid/runtime_probe.py";
+const MULTI: &str = "valid/multi_task.py";
+
+#[test]
+fn print_reaches_the_host() {
+    let outcome = shared(MULTI).run("shout", vec![json!("hey")]);
+    assert_eq!(outcome.result, json!("HEY"));
+    assert_eq!(outcome.output.stdout.text, "shouting hey\n");
+}
+
+#[test]
+fn the_listed_stdlib_modules_import_and_work() {
+    let outcome = shared(PROBE).run("stdlib", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    assert_eq!(
+        outcome.result,
+        json!({
+            "json": {"a": [1, 2]},
+            "re": ["1", "22", "333"],
+            "math": 4,
+            "datetime": "2024-02-01",
+            "collections": [["a", 5], ["b", 2]],
+            "itertools": [1, 3, 6],
+            "functools": 24,
+            "dataclasses": {"x": 1, "y": 2},
+            "typing": {"a": 1, "b": 2},
+            "decimal": "3.30",
+            "fractions": "1/2",
+            "statistics": 2,
+            "random": true,
+            "hashlib": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "base64": "Y2Fwc3VsZQ==",
+            "uuid": "12345678123456781234567812345678",
+            "textwrap": ["a b", "c d"],
+            "string": "abcde",
+        })
+    );
+}
+
+#[test]
+fn an_exception_reports_type_message_and_the_users_file_and_line() {
+    let outcome = shared(MULTI).run("fail", vec![json!("no luck")]);
+    let error = outcome.error.expect("the task raises");
+    assert_eq!(error.kind, ErrorKind::Exception);
+    assert_eq!(error.exc_type, "ValueError");
+    assert_eq!(error.message, "no luck");
+    let line = line_of(MULTI, "raise ValueError(message)");
+    assert!(
+        error.traceback.contains(&format!("File \"multi_task.py\", line {line}, in fail")),
+        "{}",
+        error.traceback
+    );
+    assert!(error.traceback.contains("raise ValueError(message)"), "the source line is shown: {}", error.traceback);
+}
+
+#[test]
+fn deep_recursion_is_a_recursion_error_not_a_crash() {
+    for task in ["recurse_forever", "nested_json"] {
+        let error = shared(PROBE).run(task, vec![]).error.expect("recursion fails");
+        assert_eq!((error.kind, error.exc_type.as_str()), (ErrorKind::Exception, "RecursionError"), "{task}: {error:?}");
+    }
+}
+
+#[test]
+fn runs_of_one_snapshot_share_no_state_and_no_randomness() {
+    let built = shared(PROBE);
+    let first = built.run("state_and_entropy", vec![]).result;
+    let second = built.run("state_and_entropy", vec![]).result;
+    assert_eq!(first["runs"], json!(1), "module state starts from the snapshot");
+    assert_eq!(second["runs"], json!(1), "module state starts from the snapshot");
+    for key in ["random", "urandom", "uuid4"] {
+        assert_ne!(first[key], second[key], "`{key}` repeated across runs");
+        assert_ne!(first[key], Value::Null);
+    }
+}
+
+#[test]
+fn modules_first_imported_at_run_time_load_without_a_file_system() {
+    let outcome = shared("valid/uses_helpers.py").run("main", vec![json!("quiet")]);
+    assert_eq!(outcome.result, json!("QUIET!"), "{:?}", outcome.error);
+}
+
+#[test]
+fn what_wasi_cannot_do_fails_inside_the_task_only() {
+    let outcome = shared(PROBE).run("unavailable", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    for (what, result) in outcome.result.as_object().expect("a dict") {
+        assert_ne!(result, "worked", "`{what}` must be impossible in the sandbox");
+    }
+}
