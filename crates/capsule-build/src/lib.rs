@@ -132,6 +132,11 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
     field(&Sha256::digest(runtime));
     field(engine::fingerprint().as_bytes());
     field(project.entry_module.as_bytes());
+    // The limits as resolved now: a change of defaults or levels must not reuse a manifest.
+    for task in &project.tasks {
+        let limits = (&task.name, &task.function, task.compute.fuel(), task.memory_bytes, task.timeout, task.max_retries, &task.env);
+        field(format!("{limits:?}").as_bytes());
+    }
     for module in &project.modules {
         field(module.name.as_bytes());
         field(module.path.as_bytes());

@@ -111,8 +111,11 @@ impl Program {
         };
         // A MemoryError raised because the limiter refused to grow is a memory failure.
         let result = result.map_err(|mut error| {
-            if limiter.exceeded() && error.kind == ErrorKind::Exception && error.exc_type == "MemoryError" {
+            if limiter.exceeded() && error.exc_type == "MemoryError" {
                 error.kind = ErrorKind::Memory;
+            }
+            if error.kind == ErrorKind::Memory && error.message.is_empty() {
+                error.message = format!("the task reached its memory limit of {} bytes", limits.memory_bytes);
             }
             error
         });

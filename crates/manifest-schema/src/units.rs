@@ -31,9 +31,9 @@ pub enum Compute {
 
 impl Compute {
     /// Fuel of the named levels. README.md says how much CPU time each buys (measured).
-    pub const LOW_FUEL: u64 = 2_000_000_000;
-    pub const MEDIUM_FUEL: u64 = 20_000_000_000;
-    pub const HIGH_FUEL: u64 = 200_000_000_000;
+    pub const LOW_FUEL: u64 = 5_000_000_000;
+    pub const MEDIUM_FUEL: u64 = 50_000_000_000;
+    pub const HIGH_FUEL: u64 = 500_000_000_000;
 
     pub fn fuel(self) -> u64 {
         match self {

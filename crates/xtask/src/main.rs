@@ -4,8 +4,12 @@ mod runtime;
 mod toolchain;
 mod util;
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+
+use crate::util::{run, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Capsule's build, demo and CI tasks")]
@@ -16,6 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Set up everything a fresh machine lacks, build Capsule and run the hello example.
+    Demo,
+    /// Everything CI checks: runtime build and its reproducibility, then the whole test suite.
+    Ci,
     /// Build the CPython-for-WASI runtime (cached by the hash of its inputs).
     BuildRuntime {
         /// Rebuild the final module even when its key matches.
@@ -28,7 +36,50 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Task::Demo => demo(),
+        Task::Ci => ci(),
         Task::BuildRuntime { force } => runtime::build_runtime(force).map(drop),
         Task::CheckReproducible => runtime::check_reproducible(),
     }
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn demo() -> Result<()> {
+    runtime::build_runtime(false)?;
+    run(cargo().args(["build", "--bin", "capsule", "--bin", "capsule-exec"]))?;
+    let capsule = util::target_dir().join("debug/capsule");
+    eprintln!("\nxtask: running `capsule run examples/hello.py`\n");
+    run(Command::new(&capsule).args(["run", "examples/hello.py"]).current_dir(workspace_root()))?;
+    eprintln!(
+        "\nxtask: the demo ran. Try `{} run examples/hello.py --json Ada`, or see README.md.",
+        capsule.strip_prefix(workspace_root()).unwrap_or(&capsule).display()
+    );
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    runtime::build_runtime(false)?;
+    runtime::check_reproducible()?;
+    check_exec_has_no_compiler()?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+}
+
+/// `capsule-exec` must be buildable without Cranelift: it only loads precompiled code.
+fn check_exec_has_no_compiler() -> Result<()> {
+    let output = cargo()
+        .args(["tree", "-p", "capsule-exec", "-e", "normal", "-i", "wasmtime-internal-cranelift"])
+        .output()?;
+    if output.status.success() {
+        bail!(
+            "capsule-exec depends on Cranelift:\n{}\nhint: only capsule-build may enable wasmtime's `cranelift` feature",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    eprintln!("xtask: capsule-exec builds without a compiler");
+    Ok(())
 }

@@ -1,0 +1,106 @@
+//! The `capsule` and `capsule-exec` binaries as a user runs them: output, exit codes, errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn capsule() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+}
+
+/// `cargo test --workspace` builds every binary into the same folder.
+fn capsule_exec() -> Command {
+    let path = Path::new(env!("CARGO_BIN_EXE_capsule")).with_file_name("capsule-exec");
+    assert!(path.exists(), "build capsule-exec first: cargo build -p capsule-exec");
+    Command::new(path)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = command.output().expect("the binary starts");
+    (status.code().expect("exit code"), text(&stdout), text(&stderr))
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+#[test]
+fn capsule_run_hello_prints_the_result() {
+    let out = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) =
+        run(capsule().arg("run").arg(examples().join("hello.py")).arg("-o").arg(out.path()).arg("Ada"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("running inside a wasi sandbox"), "task output streams to stdout: {stdout}");
+    assert!(stdout.trim_end().ends_with("Hello, Ada, from Capsule!"), "{stdout}");
+}
+
+#[test]
+fn build_then_capsule_exec_with_json_envelope_and_exit_codes() {
+    let out = tempfile::tempdir().unwrap();
+    let fixture = fixtures::path("valid/multi_task.py");
+    let (code, stdout, stderr) = run(capsule().arg("build").arg(&fixture).arg("-o").arg(out.path()));
+    assert_eq!(code, 0, "{stderr}");
+    let manifest = out.path().join("manifest.toml");
+    assert!(stdout.contains(&manifest.display().to_string()), "{stdout}");
+
+    let (code, stdout, stderr) =
+        run(capsule_exec().arg(&manifest).args(["--task", "add", "--json", "--args-json", "[20, 22]"]));
+    assert_eq!(code, 0, "{stderr}");
+    let envelope: Value = serde_json::from_str(&stdout).expect("stdout is exactly the JSON envelope");
+    assert_eq!(envelope["success"], true);
+    assert_eq!(envelope["result"], 42);
+    assert_eq!(envelope["error"], Value::Null);
+    let execution = &envelope["execution"];
+    assert_eq!(execution["task"], "add");
+    assert_eq!(execution["attempts"], 1);
+    for field in ["duration_ms", "fuel_consumed", "peak_memory_bytes"] {
+        assert!(execution[field].as_u64().is_some(), "{field} in {execution}");
+    }
+
+    let (code, stdout, _) = run(capsule_exec().arg(&manifest).args(["--task", "shout", "--json", "hi"]));
+    assert_eq!(code, 0);
+    let envelope: Value = serde_json::from_str(&stdout).expect("prints go to stderr with --json");
+    assert_eq!(envelope["output"]["stdout"]["text"], "shouting hi\n");
+
+    let (code, _, stderr) = run(capsule_exec().arg(&manifest).args(["--task", "fail", "boom"]));
+    assert_eq!(code, 1, "a failed task exits 1");
+    assert!(stderr.contains("ValueError: boom"), "{stderr}");
+    assert!(stderr.contains("error: task `fail` failed after 3 attempts (exception): ValueError: boom"), "{stderr}");
+
+    let (code, _, stderr) = run(capsule_exec().arg(&manifest).args(["--task", "nope"]));
+    assert_eq!(code, 2, "an unknown task is a usage error");
+    assert!(stderr.contains("no task named `nope`") && stderr.contains("hint:"), "{stderr}");
+
+    let (code, _, stderr) = run(capsule_exec().arg(&manifest));
+    assert_eq!(code, 0, "`main` is the default task: {stderr}");
+
+    let (code, _, stderr) = run(capsule_exec().arg(&manifest).args(["--args-json", "{}"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("must be a JSON array"), "{stderr}");
+}
+
+#[test]
+fn build_errors_exit_2_with_the_location() {
+    let out = tempfile::tempdir().unwrap();
+    let (code, _, stderr) =
+        run(capsule().arg("build").arg(fixtures::path("invalid/unknown_option.py")).arg("-o").arg(out.path()));
+    assert_eq!(code, 2);
+    assert!(stderr.starts_with("error: unknown_option.py:4:21: unknown `@task` option `rma`"), "{stderr}");
+    assert!(stderr.contains("hint: did you mean `ram`?"), "{stderr}");
+
+    let (code, _, stderr) = run(capsule().args(["run", "does/not/exist.py"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read `does/not/exist.py`"), "{stderr}");
+}
+
+#[test]
+fn capsule_exec_refuses_a_missing_manifest() {
+    let (code, _, stderr) = run(capsule_exec().arg("nowhere/manifest.toml"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read manifest `nowhere/manifest.toml`"), "{stderr}");
+}

@@ -1,0 +1,49 @@
+"""The `capsule` package under plain CPython: tasks are ordinary functions (for unit tests)."""
+
+import unittest
+
+import capsule
+from capsule import task
+
+
+@task(name="double", compute="LOW", ram="64MB", timeout="1s", max_retries=0, env_vars={"A": "b"})
+def double(x):
+    """Doubles x."""
+    return 2 * x
+
+
+@task
+def plain():
+    return "plain"
+
+
+class HostSdkTest(unittest.TestCase):
+    def test_tasks_are_callable_functions(self):
+        self.assertEqual(double(21), 42)
+        self.assertEqual(plain(), "plain")
+
+    def test_metadata_is_kept(self):
+        self.assertEqual(double.__name__, "double")
+        self.assertEqual(double.__doc__, "Doubles x.")
+        self.assertEqual(double.name, "double")
+        self.assertEqual(double.options["ram"], "64MB")
+        self.assertEqual(set(capsule.registered_tasks()), {"double", "plain"})
+
+    def test_unknown_options_are_refused_with_a_suggestion(self):
+        with self.assertRaisesRegex(TypeError, "unknown option 'rma'; did you mean 'ram'"):
+            task(rma="1GB")
+
+    def test_duplicate_names_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "task name 'double' is used by both"):
+            @task(name="double")
+            def other():
+                return None
+
+    def test_bad_option_types_are_refused(self):
+        for options in ({"max_retries": -1}, {"env_vars": {"A": 1}}, {"name": ""}):
+            with self.assertRaises(TypeError):
+                task(**options)
+
+
+if __name__ == "__main__":
+    unittest.main()
