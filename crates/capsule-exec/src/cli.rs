@@ -2,6 +2,7 @@
 //! showing the outcome and the exit code.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -28,6 +29,9 @@ pub struct TaskArgs {
     /// The task's arguments as a JSON array, for typed values: '[1, "two", {"three": 3}]'.
     #[arg(long, value_name = "JSON", conflicts_with = "args")]
     pub args_json: Option<String>,
+    /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
+    pub default_timeout: Duration,
     /// Arguments passed to the task as strings.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -42,7 +46,7 @@ impl TaskArgs {
             },
             None => self.args.iter().cloned().map(Value::String).collect(),
         };
-        Ok(Call { args, kwargs: serde_json::Map::new() })
+        Ok(Call { args, kwargs: serde_json::Map::new(), default_timeout: self.default_timeout })
     }
 
     /// The task named by `--task`, else `main`, else the only one.
@@ -65,6 +69,13 @@ impl TaskArgs {
         let stdout = if self.json { LiveSink::Stderr } else { LiveSink::Stdout };
         Streams { stdout, stderr: LiveSink::Stderr }
     }
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    manifest_schema::parse_duration(text).map_err(|e| match e.hint {
+        Some(hint) => format!("{}\n  hint: {hint}", e.message),
+        None => e.message,
+    })
 }
 
 /// Runs the selected task and shows its outcome; returns the process exit code.

@@ -10,7 +10,8 @@ use serde_json::Value;
 use crate::output::Captured;
 use crate::sandbox::{Attempt, Limits, Program, Streams};
 
-/// The wall-clock ceiling for a task that sets no `timeout`.
+/// The wall-clock ceiling for a task that sets no `timeout`, unless the runner is given
+/// another (`--default-timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Delay before the first retry; it doubles for each further retry, up to [`MAX_BACKOFF`],
@@ -54,18 +55,26 @@ pub struct Output {
     pub stderr: Captured,
 }
 
-/// Arguments of a task call.
-#[derive(Debug, Clone, Default)]
+/// Arguments of a task call, and the runner's settings for it.
+#[derive(Debug, Clone)]
 pub struct Call {
     pub args: Vec<Value>,
     pub kwargs: serde_json::Map<String, Value>,
+    /// Deadline of an attempt when the task sets no `timeout`.
+    pub default_timeout: Duration,
 }
 
-pub fn limits_of(task: &Task) -> Limits {
+impl Call {
+    pub fn new(args: Vec<Value>) -> Self {
+        Self { args, kwargs: serde_json::Map::new(), default_timeout: DEFAULT_TIMEOUT }
+    }
+}
+
+pub fn limits_of(task: &Task, default_timeout: Duration) -> Limits {
     Limits {
         fuel: task.fuel,
         memory_bytes: task.memory_bytes,
-        timeout: task.timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis),
+        timeout: task.timeout_ms.map_or(default_timeout, Duration::from_millis),
     }
 }
 
@@ -85,14 +94,21 @@ fn rand_fraction() -> f64 {
 /// Runs `task` with retries and reports everything that happened.
 pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Streams) -> Outcome {
     let started = Instant::now();
-    let limits = limits_of(task);
-    let request = InvokeRequest { task: task.name.clone(), args: call.args, kwargs: call.kwargs, env: task.env.clone() };
+    let limits = limits_of(task, call.default_timeout);
+    let mut request = InvokeRequest {
+        task: task.name.clone(),
+        args: call.args,
+        kwargs: call.kwargs,
+        env: task.env.clone(),
+        attempt: 0,
+    };
     let mut attempts = 0;
     let mut fuel_consumed = 0u64;
     let mut peak_memory_bytes = 0;
     let mut attempt_errors = Vec::new();
     loop {
         attempts += 1;
+        request.attempt = attempts;
         let Attempt { result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, .. } =
             program.run(&request, &limits, streams).await;
         fuel_consumed = fuel_consumed.saturating_add(fuel);

@@ -104,6 +104,8 @@ pub struct InvokeRequest {
     pub kwargs: serde_json::Map<String, Value>,
     /// Exactly the environment the task sees in `os.environ`.
     pub env: BTreeMap<String, String>,
+    /// 1 for the first attempt, 2 for the first retry; `capsule.attempt()` in Python.
+    pub attempt: u32,
 }
 
 /// How a task attempt failed.

@@ -36,7 +36,7 @@ impl Built {
     pub fn run(&self, task: &str, args: Vec<Value>) -> Outcome {
         let task = self.output.manifest.task(task).unwrap_or_else(|| panic!("no task {task}"));
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        block_on(run_task(&self.program, task, Call { args, kwargs: serde_json::Map::new() }, streams))
+        block_on(run_task(&self.program, task, Call::new(args), streams))
     }
 }
 

@@ -5,6 +5,7 @@ to `@task`. Under a plain Python interpreter (for example in your unit tests) a 
 ordinary function call, so the same code can be tested with pytest.
 """
 
+from capsule._context import attempt
 from capsule._task import TASK_OPTIONS, Task, registered_tasks, task
 
-__all__ = ["TASK_OPTIONS", "Task", "registered_tasks", "task"]
+__all__ = ["TASK_OPTIONS", "Task", "attempt", "registered_tasks", "task"]

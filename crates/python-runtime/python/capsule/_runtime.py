@@ -4,6 +4,7 @@ Not for use outside the sandbox: it relies on the in-memory importer (`_capsule_
 """
 
 import importlib
+import inspect
 import json
 import linecache
 import os
@@ -11,7 +12,7 @@ import sys
 import traceback
 
 import _capsule_bootstrap
-from capsule import _task
+from capsule import _context, _task
 
 
 def initialize():
@@ -65,6 +66,7 @@ def _prepare_run(request):
         random.seed()
     os.environ.clear()
     os.environ.update(request.get("env") or {})
+    _context._attempt = request.get("attempt", 1)
 
 
 def _error(kind, exc_type, message, trace=""):
@@ -90,9 +92,15 @@ def invoke(request_bytes):
         known = ", ".join(sorted(_task.registered_tasks())) or "none"
         return _reply({"ok": False, "error": _error(
             "invalid_input", "LookupError", f"no task named {name!r} (tasks: {known})")})
+    args, kwargs = request.get("args", []), request.get("kwargs", {})
+    try:
+        inspect.signature(registered.function).bind(*args, **kwargs)
+    except TypeError as exc:
+        return _reply({"ok": False, "error": _error(
+            "invalid_input", "TypeError", f"arguments do not match `{registered.qualified_name}`: {exc}")})
     _prepare_run(request)
     try:
-        result = registered.function(*request.get("args", []), **request.get("kwargs", {}))
+        result = registered.function(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 (every failure of task code is reported)
         return _reply({"ok": False, "error": _exception_error(exc)})
     finally:

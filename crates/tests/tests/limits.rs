@@ -1,0 +1,99 @@
+//! Limits that always hold: fuel, memory, deadline, retries, bounded output, and a host that
+//! carries on after every kind of failure.
+
+use manifest_schema::Compute;
+use python_runtime::ErrorKind;
+use serde_json::json;
+use tests::shared;
+
+const LIMITS: &str = "valid/limits.py";
+
+/// About 1,200 fuel per iteration: more than `LOW` buys, far less than `HIGH`.
+const ITERATIONS: u64 = 6_000_000;
+
+#[test]
+fn fuel_budgets_are_enforced_and_reported() {
+    let built = shared(LIMITS);
+    let low = built.run("count_low", vec![json!(ITERATIONS)]);
+    assert_eq!(low.error.as_ref().map(|e| e.kind), Some(ErrorKind::Fuel), "{:?}", low.error);
+    assert_eq!(low.execution.fuel_consumed, Compute::LOW_FUEL, "a failed attempt reports the fuel it used");
+
+    let high = built.run("count_high", vec![json!(ITERATIONS)]);
+    assert!(high.success, "{:?}", high.error);
+    let n = ITERATIONS as u128;
+    assert_eq!(high.result, json!(n * (n - 1) / 2));
+    assert!(high.execution.fuel_consumed > Compute::LOW_FUEL && high.execution.fuel_consumed < Compute::HIGH_FUEL);
+
+    let exhausted = built.run("count_custom", vec![json!(1_000_000_000)]);
+    assert_eq!(exhausted.error.map(|e| e.kind), Some(ErrorKind::Fuel));
+    assert_eq!(exhausted.execution.fuel_consumed, 50_000_000, "a custom budget is exact");
+    let within = built.run("count_custom", vec![json!(1_000)]);
+    assert!(within.success && within.execution.fuel_consumed < 50_000_000, "{:?}", within.error);
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("a number of kB") * 1024
+}
+
+#[test]
+fn a_memory_bomb_stops_at_its_limit_and_the_host_stays_bounded() {
+    let built = shared(LIMITS);
+    built.run("still_fine", vec![]);
+    let before = resident_bytes();
+    for _ in 0..3 {
+        let outcome = built.run("hog", vec![]);
+        let error = outcome.error.expect("the bomb fails");
+        assert_eq!(error.kind, ErrorKind::Memory, "{error:?}");
+        assert!(outcome.execution.peak_memory_bytes <= 64_000_000, "{}", outcome.execution.peak_memory_bytes);
+        assert!(outcome.execution.peak_memory_bytes > 48_000_000, "it did grow: {}", outcome.execution.peak_memory_bytes);
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(grown < 256 << 20, "the host grew by {} MiB", grown >> 20);
+}
+
+#[test]
+fn deadlines_stop_busy_loops_and_sleeps() {
+    let built = shared(LIMITS);
+    for task in ["busy", "sleepy"] {
+        let error = built.run(task, vec![]).error.unwrap_or_else(|| panic!("{task} must time out"));
+        assert_eq!(error.kind, ErrorKind::Timeout, "{task}: {error:?}");
+    }
+}
+
+#[test]
+fn a_task_failing_twice_then_succeeding_reports_three_attempts() {
+    let outcome = shared(LIMITS).run("flaky", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    assert_eq!(outcome.result, json!(3), "`capsule.attempt()` counts attempts");
+    assert_eq!(outcome.execution.attempts, 3);
+    let messages: Vec<&str> = outcome.execution.attempt_errors.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(messages, ["attempt 1 failed", "attempt 2 failed"]);
+}
+
+#[test]
+fn arguments_that_do_not_match_are_invalid_input_and_not_retried() {
+    let outcome = shared(LIMITS).run("flaky", vec![json!("unexpected")]);
+    let error = outcome.error.expect("flaky takes no arguments");
+    assert_eq!(error.kind, ErrorKind::InvalidInput, "{error:?}");
+    assert_eq!(outcome.execution.attempts, 1);
+}
+
+#[test]
+fn output_is_captured_up_to_a_bound() {
+    let outcome = shared(LIMITS).run("flood", vec![]);
+    assert_eq!(outcome.result, json!("flooded"));
+    let stdout = &outcome.output.stdout;
+    assert!(stdout.truncated, "3 MiB printed, 1 MiB kept");
+    assert_eq!(stdout.text.len(), capsule_exec::output::CAPTURE_LIMIT);
+}
+
+#[test]
+fn the_host_runs_tasks_normally_after_every_kind_of_failure() {
+    let built = shared(LIMITS);
+    for failing in [("count_custom", vec![json!(1_000_000_000)]), ("hog", vec![]), ("busy", vec![])] {
+        assert!(!built.run(failing.0, failing.1).success);
+        assert_eq!(built.run("still_fine", vec![]).result, json!("still fine"), "after {}", failing.0);
+    }
+}
