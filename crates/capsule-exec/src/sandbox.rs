@@ -38,6 +38,12 @@ pub struct Attempt {
     pub stderr: Captured,
 }
 
+/// An instance held without running; dropping it frees the sandbox.
+pub struct IdleSandbox {
+    _store: Store<HostState>,
+    _instance: wasmtime::Instance,
+}
+
 /// A loaded module, pre-linked so each attempt only instantiates it.
 pub struct Program {
     engine: Engine,
@@ -69,6 +75,17 @@ impl Program {
         let mut store = Store::new(&self.engine, HostState::new(wasi, limits.memory_bytes, phase));
         store.limiter(|state| &mut state.limiter);
         (store, stdout, stderr)
+    }
+
+    /// A fresh instance that runs nothing, kept alive by the returned value; what one idle
+    /// sandbox costs is measured with it.
+    pub async fn instantiate_idle(&self, limits: &Limits) -> Result<IdleSandbox> {
+        let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
+        let (mut store, _, _) = self.store(limits, streams, Phase::Run);
+        store.set_fuel(limits.fuel).map_err(|e| anyhow!("{e}"))?;
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| anyhow!("{e}"))?;
+        Ok(IdleSandbox { _store: store, _instance: instance })
     }
 
     /// The tasks the snapshot's Python module registered.

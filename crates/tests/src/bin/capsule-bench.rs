@@ -1,0 +1,320 @@
+//! `cargo xtask bench`: Capsule against native `python3` on the same machine, in one run.
+//!
+//! Every figure is shown with its baseline and the ratio; absolute times are for reading,
+//! never asserted. `--quick` runs each measurement once (CI's smoke run); `--write FILE`
+//! writes the Markdown report.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use capsule_exec::output::LiveSink;
+use capsule_exec::run::limits_of;
+use capsule_exec::{Call, Program, Streams, run_task};
+use serde_json::{Value, json};
+use tests::{block_on, build_into, load};
+
+struct Settings {
+    quick: bool,
+    write: Option<PathBuf>,
+}
+
+impl Settings {
+    fn count(&self, full: usize) -> usize {
+        if self.quick { 1 } else { full }
+    }
+}
+
+/// One line of the report.
+struct Row {
+    measure: String,
+    capsule: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+fn row(measure: &str, capsule: String, baseline: String, ratio: Option<f64>, target: &str) -> Row {
+    Row {
+        measure: measure.into(),
+        capsule,
+        baseline,
+        ratio: ratio.map_or_else(|| "n/a".into(), |r| format!("{r:.2}x")),
+        target: target.into(),
+    }
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.3} ms", duration.as_secs_f64() * 1e3)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace")
+}
+
+fn bench_dir() -> PathBuf {
+    workspace().join("target/bench")
+}
+
+fn python3(args: &[&str]) -> Command {
+    let mut command = Command::new("python3");
+    command.args(args).env("PYTHONPATH", workspace().join("crates/python-runtime/python"));
+    command
+}
+
+fn time_process(mut command: Command, runs: usize) -> Duration {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let output = command.output().expect("process starts");
+        samples.push(started.elapsed());
+        assert!(output.status.success(), "{:?} failed: {}", command, String::from_utf8_lossy(&output.stderr));
+    }
+    median(samples)
+}
+
+fn quiet() -> Streams {
+    Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet }
+}
+
+async fn invoke_once(program: &Program, task: &manifest_schema::Task) -> Duration {
+    let started = Instant::now();
+    let outcome = run_task(program, task, Call::new(vec![]), quiet()).await;
+    assert!(outcome.success, "{:?}", outcome.error);
+    started.elapsed()
+}
+
+fn rss_bytes() -> u64 {
+    proc_field("/proc/self/status", "VmRSS:")
+}
+
+fn private_bytes() -> u64 {
+    proc_field("/proc/self/smaps_rollup", "Private_Clean:") + proc_field("/proc/self/smaps_rollup", "Private_Dirty:")
+}
+
+fn proc_field(file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(file).expect("Linux /proc");
+    let line = text.lines().find(|l| l.starts_with(field)).expect("field present");
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") * 1024
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut settings = Settings { quick: false, write: None };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => settings.quick = true,
+            "--write" => settings.write = Some(PathBuf::from(args.next().expect("--write FILE"))),
+            other => panic!("unknown argument {other}; use --quick and/or --write FILE"),
+        }
+    }
+    let mut rows = Vec::new();
+    let hello_py = workspace().join("crates/tests/bench/hello.py");
+    let python_hello = time_process(python3(&[hello_py.to_str().unwrap()]), settings.count(20));
+
+    // Builds: cold (nothing cached but the runtime), after an edit, unchanged.
+    let project = bench_dir().join("project");
+    let _ = std::fs::remove_dir_all(&project);
+    std::fs::create_dir_all(&project).unwrap();
+    let entry = project.join("hello.py");
+    let source = std::fs::read_to_string(&hello_py).unwrap();
+    std::fs::write(&entry, &source).unwrap();
+    let out = project.join("out");
+    let started = Instant::now();
+    let cold = build_into(&entry, &out, true);
+    let cold_time = started.elapsed();
+    std::fs::write(&entry, source.replace("hello {name}", "hi {name}")).unwrap();
+    let started = Instant::now();
+    let edited = build_into(&entry, &out, false);
+    let edit_time = started.elapsed();
+    assert!(!edited.cache_hit);
+    let mut hits = Vec::new();
+    for _ in 0..settings.count(10) {
+        let started = Instant::now();
+        assert!(build_into(&entry, &out, false).cache_hit);
+        hits.push(started.elapsed());
+    }
+    let hit_time = median(hits);
+    rows.push(row("`capsule build`, cold (runtime built)", ms(cold_time), ms(python_hello), Some(cold_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 5 s"));
+    rows.push(row("`capsule build` after editing the task body", ms(edit_time), ms(cold_time), Some(edit_time.as_secs_f64() / cold_time.as_secs_f64()), "<= 1 s"));
+    rows.push(row("`capsule build`, unchanged (cache hit)", ms(hit_time), ms(python_hello), Some(hit_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 50 ms"));
+    let snapshot_bytes = cold.manifest.artifact.initial_memory_bytes;
+
+    let built = load(edited);
+    let manifest = built.output.manifest.clone();
+    let task = manifest.task("main").expect("main").clone();
+
+    // 1. In-process invocation latency.
+    block_on(async {
+        for _ in 0..settings.count(50) {
+            invoke_once(&built.program, &task).await;
+        }
+    });
+    let samples: Vec<Duration> =
+        block_on(async { futures_collect(&built.program, &task, settings.count(2000)).await });
+    let p50 = percentile(&samples, 0.5);
+    let p99 = percentile(&samples, 0.99);
+    rows.push(row("in-process invoke of hello, p50", ms(p50), format!("{} (`python3 hello.py`)", ms(python_hello)), Some(p50.as_secs_f64() / python_hello.as_secs_f64()), "<= 0.3 ms"));
+    rows.push(row("in-process invoke of hello, p99", ms(p99), ms(python_hello), Some(p99.as_secs_f64() / python_hello.as_secs_f64()), ""));
+
+    // 2. Sustained invocations per second on all cores.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let window = if settings.quick { Duration::from_millis(200) } else { Duration::from_secs(3) };
+    let rate = throughput(Arc::new(built), &task, cores, window);
+    rows.push(row(
+        &format!("sustained invocations/s on {cores} cores"),
+        format!("{rate:.0}/s"),
+        format!("{:.1}/s (`python3 hello.py` processes)", cores as f64 / python_hello.as_secs_f64()),
+        Some(rate / (cores as f64 / python_hello.as_secs_f64())),
+        ">= 4,000/s",
+    ));
+
+    // 3. The runner as a process.
+    let exec_bin = workspace().join("target/debug/capsule-exec");
+    let mut exec = Command::new(&exec_bin);
+    exec.arg(out.join("manifest.toml"));
+    let exec_time = time_process(exec, settings.count(20));
+    rows.push(row("`capsule-exec manifest.toml` process", ms(exec_time), ms(python_hello), Some(exec_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 0.5x"));
+
+    // 5. CPU-bound kernels.
+    let kernels_py = workspace().join("crates/tests/bench/kernels.py");
+    let repeat = if settings.quick { "1" } else { "3" };
+    let native = python3(&[kernels_py.to_str().unwrap(), repeat]).output().expect("python3 runs");
+    let native: Value = serde_json::from_slice(&native.stdout).expect("kernel timings");
+    let kernel_build = load(build_into(&kernels_py, &bench_dir().join("kernels"), true));
+    let kernel_task = kernel_build.output.manifest.task("main").unwrap().clone();
+    let inside = block_on(run_task(&kernel_build.program, &kernel_task, Call::new(vec![json!(repeat.parse::<u32>().unwrap())]), quiet()));
+    assert!(inside.success, "{:?}", inside.error);
+    for (name, native_seconds) in native.as_object().unwrap() {
+        let native_seconds = native_seconds.as_f64().unwrap();
+        let capsule_seconds = inside.result[name].as_f64().unwrap();
+        rows.push(row(
+            &format!("kernel `{name}`"),
+            ms(Duration::from_secs_f64(capsule_seconds)),
+            format!("{} (native python3)", ms(Duration::from_secs_f64(native_seconds))),
+            Some(capsule_seconds / native_seconds),
+            "<= 1.5x",
+        ));
+    }
+
+    // 6. Memory: idle sandboxes, then many invocations.
+    let built = load(build_into(&entry, &out, false));
+    let limits = limits_of(&task, capsule_exec::run::DEFAULT_TIMEOUT);
+    let idle_count = if settings.quick { 5 } else { 100 };
+    let (private_before, rss_before) = (private_bytes(), rss_bytes());
+    let held = block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..idle_count {
+            held.push(built.program.instantiate_idle(&limits).await.expect("instance"));
+        }
+        held
+    });
+    let private_each = private_bytes().saturating_sub(private_before) / idle_count as u64;
+    let rss_each = rss_bytes().saturating_sub(rss_before) / idle_count as u64;
+    drop(held);
+    rows.push(row(
+        &format!("private memory per idle sandbox ({idle_count} live)"),
+        format!("{} (RSS {})", mib(private_each), mib(rss_each)),
+        format!("{} snapshot", mib(snapshot_bytes)),
+        Some(private_each as f64 / snapshot_bytes as f64),
+        "<= 2 MB",
+    ));
+    let invocations = if settings.quick { 50 } else { 10_000 };
+    let rss_start = rss_bytes();
+    block_on(async {
+        for _ in 0..invocations {
+            invoke_once(&built.program, &task).await;
+        }
+    });
+    let rss_end = rss_bytes();
+    rows.push(row(
+        &format!("RSS after {invocations} invocations"),
+        mib(rss_end),
+        format!("{} before", mib(rss_start)),
+        Some(rss_end as f64 / rss_start as f64),
+        "flat",
+    ));
+
+    let report = render(&rows, &settings);
+    println!("{report}");
+    if let Some(path) = &settings.write {
+        std::fs::write(path, report).expect("write the report");
+        eprintln!("wrote {}", path.display());
+    }
+}
+
+async fn futures_collect(program: &Program, task: &manifest_schema::Task, count: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        samples.push(invoke_once(program, task).await);
+    }
+    samples
+}
+
+fn throughput(built: Arc<tests::Built>, task: &manifest_schema::Task, workers: usize, window: Duration) -> f64 {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            let (built, task, done) = (built.clone(), task.clone(), done.clone());
+            handles.push(tokio::spawn(async move {
+                while started.elapsed() < window {
+                    invoke_once(&built.program, &task).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for handle in handles {
+            handle.await.unwrap();
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn render(rows: &[Row], settings: &Settings) -> String {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let python = python3(&["--version"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "| measure | Capsule | baseline | ratio | target |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
+    for r in rows {
+        let _ = writeln!(out, "| {} | {} | {} | {} | {} |", r.measure, r.capsule, r.baseline, r.ratio, r.target);
+    }
+    let mode = if settings.quick { "quick (one iteration each; not for comparison)" } else { "full" };
+    format!(
+        "Measured {date} on {} cores ({cpu}), commit {commit}, mode {mode}; native baseline {python}; \
+         Capsule's CPython is 3.13.5 in wasmtime {}.\n\n{out}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        capsule_exec::engine::WASMTIME_VERSION,
+    )
+}
