@@ -1,6 +1,7 @@
 //! `capsule build`: from a Python file to a manifest and a precompiled, content-addressed
 //! artifact. See ARCHITECTURE.md for where this sits.
 
+pub mod cache;
 pub mod discover;
 pub mod error;
 pub mod project;
@@ -51,6 +52,15 @@ pub struct Timings {
     pub snapshot: Duration,
     pub compile: Duration,
     pub total: Duration,
+}
+
+/// A runner whose compiler keeps an incremental cache (see [`cache`]), for building.
+pub fn build_runner() -> anyhow::Result<Runner> {
+    let mut config = capsule_exec::engine::config();
+    if let Some(dir) = cache::cache_dir() {
+        config.enable_incremental_compilation(cache::FileCacheStore::new(dir.join("cranelift")))?;
+    }
+    Runner::with_config(&config)
 }
 
 /// Builds `options.entry`, or finds the identical previous build.

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule_build::{BuildError, BuildOptions, build};
-use capsule_exec::Runner;
+use capsule_build::{BuildError, BuildOptions, build, build_runner};
 use capsule_exec::cli::{EXIT_USAGE, TaskArgs, execute};
 use clap::{Args, Parser, Subcommand};
 
@@ -63,7 +62,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
-        let runner = match Runner::new() {
+        let runner = match build_runner() {
             Ok(runner) => runner,
             Err(error) => return fail(&format!("{error:#}")),
         };

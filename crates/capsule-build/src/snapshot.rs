@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use capsule_exec::engine::{MAX_WASM_STACK, TickingEngine};
+use capsule_exec::engine::{MAX_WASM_STACK, TickingEngine, WASMTIME_VERSION};
 use capsule_exec::host::{HostState, Phase, linker};
 use capsule_exec::output::{LiveSink, TeeOutput};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
@@ -18,6 +18,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
+use crate::cache::{cache_dir, hex_sha256, write_atomic};
 use crate::error::BuildError;
 
 /// How long importing the user's module may take at build time.
@@ -48,8 +49,11 @@ impl HostMonotonicClock for FixedMonotonicClock {
     }
 }
 
-/// The engine Wizer runs the initialisation on. Its code runs once, so it is compiled for
-/// compile speed, not run speed; the snapshot it produces does not depend on it.
+/// Describes [`init_engine`]'s configuration, for the key of its cached compilations.
+const INIT_ENGINE_SETTINGS: &str = "capsule-init-engine/1 opt=none epoch=on max_wasm_stack=8MiB";
+
+/// The engine Wizer runs the initialisation on. Its code runs once per build, so it is
+/// compiled for compile speed, not run speed; the snapshot it produces does not depend on it.
 pub fn init_engine() -> anyhow::Result<TickingEngine> {
     let mut config = Config::new();
     config.cranelift_opt_level(OptLevel::None);
@@ -57,6 +61,29 @@ pub fn init_engine() -> anyhow::Result<TickingEngine> {
     config.max_wasm_stack(MAX_WASM_STACK);
     config.async_stack_size(MAX_WASM_STACK + (1 << 20));
     TickingEngine::new(&config)
+}
+
+/// The instrumented runtime, compiled for the init engine: from the cache when it was
+/// compiled before (it only changes with the runtime), else compiled and cached.
+fn init_module(engine: &wasmtime::Engine, instrumented: &[u8]) -> wasmtime::Result<wasmtime::Module> {
+    let Some(dir) = cache_dir() else {
+        return wasmtime::Module::new(engine, instrumented);
+    };
+    let key = hex_sha256(&[instrumented, WASMTIME_VERSION.as_bytes(), INIT_ENGINE_SETTINGS.as_bytes()]);
+    let path = dir.join("init").join(format!("{key}.cwasm"));
+    if path.is_file() {
+        // SAFETY: written below by this code from this engine's own compilation; the cache
+        // folder is trusted like the build tool itself (see `cache`).
+        match unsafe { wasmtime::Module::deserialize_file(engine, &path) } {
+            Ok(module) => return Ok(module),
+            Err(error) => tracing::warn!(%error, path = %path.display(), "ignoring an unusable cache entry"),
+        }
+    }
+    let module = wasmtime::Module::new(engine, instrumented)?;
+    if let Err(error) = module.serialize().map(|bytes| write_atomic(&path, &bytes)) {
+        tracing::warn!(%error, "could not cache the compiled runtime");
+    }
+    Ok(module)
 }
 
 /// Runs the runtime's initialisation with `request` and returns the snapshot module.
@@ -88,7 +115,9 @@ pub async fn snapshot(engine: &TickingEngine, runtime: &[u8], request: &InitRequ
     wizer.init_func(exports::INITIALIZE);
     let (context, instrumented) = wizer.instrument(runtime).map_err(|e| BuildError::message(format!("{e:#}")))?;
     let result = async {
-        let module = wasmtime::Module::new(engine, &instrumented)?;
+        let started = Instant::now();
+        let module = init_module(engine, &instrumented)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "runtime ready for initialisation");
         let instance = linker.instantiate_async(&mut store, &module).await?;
         // A reactor's `_initialize` runs the C constructors; then the interpreter starts.
         if let Ok(constructors) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
@@ -96,7 +125,10 @@ pub async fn snapshot(engine: &TickingEngine, runtime: &[u8], request: &InitRequ
         }
         let initialize = instance.get_typed_func::<(), ()>(&mut store, exports::INITIALIZE)?;
         initialize.call_async(&mut store, ()).await?;
-        wizer.snapshot(&context, &mut Snapshotting { store: &mut store, instance }).await
+        tracing::debug!(elapsed = ?started.elapsed(), "imported the user's module");
+        let snapshot = wizer.snapshot(&context, &mut Snapshotting { store: &mut store, instance }).await;
+        tracing::debug!(elapsed = ?started.elapsed(), "snapshot taken");
+        snapshot
     }
     .await;
     match result {

@@ -104,3 +104,22 @@ fn capsule_exec_refuses_a_missing_manifest() {
     assert_eq!(code, 2);
     assert!(stderr.contains("cannot read manifest `nowhere/manifest.toml`"), "{stderr}");
 }
+
+#[test]
+fn a_build_with_a_cold_cache_equals_one_with_a_warm_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hello = examples().join("hello.py");
+    for out in [&a, &b] {
+        let (code, _, stderr) = run(capsule()
+            .args(["build", "--force"])
+            .arg(&hello)
+            .arg("-o")
+            .arg(out.path())
+            .env("CAPSULE_CACHE_DIR", cache.path()));
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let manifest = |dir: &tempfile::TempDir| std::fs::read_to_string(dir.path().join("manifest.toml")).unwrap();
+    assert_eq!(manifest(&a), manifest(&b), "the compilation cache must not change the artifact");
+    assert!(cache.path().join("cranelift").is_dir() && cache.path().join("init").is_dir());
+}

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use capsule_build::{BuildOptions, Project, build};
-use capsule_exec::Runner;
 
 fn stem(path: &Path) -> String {
     path.file_stem().unwrap().to_string_lossy().into_owned()
@@ -22,7 +21,7 @@ fn valid_fixtures_discover_their_tasks() {
 #[test]
 fn invalid_fixtures_are_refused_with_located_errors() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let runner = Runner::new().unwrap();
+    let runner = capsule_build::build_runner().unwrap();
     for file in fixtures::python_files("invalid") {
         let out = tempfile::tempdir().unwrap();
         let options = BuildOptions {

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// The wasmtime release this build links; recorded in every manifest.
 pub const WASMTIME_VERSION: &str = "48.0.8";
@@ -23,6 +23,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Everything about the configuration that the compiled code depends on.
 const ENGINE_SETTINGS: &str = "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB";
 
+/// Sandboxes that can exist at once in one process; each reserves (but does not commit)
+/// address space for a 4 GiB linear memory and a fiber stack.
+pub const MAX_LIVE_SANDBOXES: u32 = 256;
+
 pub fn config() -> Config {
     let mut config = Config::new();
     config.consume_fuel(true);
@@ -30,6 +34,19 @@ pub fn config() -> Config {
     config.max_wasm_stack(MAX_WASM_STACK);
     // Guests run on fibers: the fiber's stack must hold the Wasm stack plus host frames.
     config.async_stack_size(MAX_WASM_STACK + (1 << 20));
+    // Instances come from preallocated slots, and linear memory starts as a copy-on-write
+    // mapping of the snapshot: instantiation copies nothing and a sandbox only costs the
+    // pages it writes.
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(MAX_LIVE_SANDBOXES)
+        .total_memories(MAX_LIVE_SANDBOXES)
+        .total_tables(MAX_LIVE_SANDBOXES)
+        .total_stacks(MAX_LIVE_SANDBOXES)
+        .max_memory_size(4 << 30)
+        .max_core_instance_size(4 << 20)
+        .table_elements(1 << 16);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config.memory_init_cow(true);
     config
 }
 

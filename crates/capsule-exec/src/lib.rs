@@ -26,7 +26,13 @@ pub struct Runner {
 
 impl Runner {
     pub fn new() -> Result<Self> {
-        Ok(Self { engine: engine::TickingEngine::new(&engine::config())? })
+        Self::with_config(&engine::config())
+    }
+
+    /// A runner on `config`, which must be [`engine::config`] plus settings that do not
+    /// change compiled code (the builder adds its compilation cache).
+    pub fn with_config(config: &wasmtime::Config) -> Result<Self> {
+        Ok(Self { engine: engine::TickingEngine::new(config)? })
     }
 
     pub fn engine(&self) -> &Engine {

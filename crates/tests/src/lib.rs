@@ -14,7 +14,7 @@ use serde_json::Value;
 /// The process-wide runner (one engine, as in the real binaries).
 pub fn runner() -> &'static Runner {
     static RUNNER: OnceLock<Runner> = OnceLock::new();
-    RUNNER.get_or_init(|| Runner::new().expect("engine"))
+    RUNNER.get_or_init(|| capsule_build::build_runner().expect("engine"))
 }
 
 pub fn block_on<F: Future>(future: F) -> F::Output {
