@@ -126,7 +126,14 @@ pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutpu
     manifest.validate().map_err(BuildError::message)?;
     write_output(&out_dir, &manifest, &compiled, &key)?;
     let timings = Timings { snapshot: snapshot_time, compile: compile_time, total: started.elapsed() };
-    tracing::info!(?timings, manifest = %manifest_path.display(), "built");
+    tracing::info!(
+        ?timings,
+        runtime_bytes = runtime.len(),
+        snapshot_bytes = snapshot.len(),
+        artifact_bytes = compiled.len(),
+        manifest = %manifest_path.display(),
+        "built"
+    );
     Ok(BuildOutput { manifest_path, manifest, cache_hit: false, timings })
 }
 

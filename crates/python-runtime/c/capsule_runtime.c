@@ -48,9 +48,56 @@ static PyObject *capsule_host_call_py(PyObject *self, PyObject *arg) {
     return reply;
 }
 
+/* ---- making the snapshot's heap read-mostly ------------------------------------------- */
+
+/* Every instance starts from a copy-on-write mapping of the snapshot, and the first write to
+ * a page costs a page fault and a copy. Reference counting writes to every object a task
+ * merely looks at; an immortal object's count is never written. Objects that exist at
+ * snapshot time are shared by the whole run anyway, so making them immortal changes nothing
+ * but the writes (each instance is discarded after one task, so nothing leaks for long). */
+static int immortalize_object(PyObject *op, void *unused);
+
+static void immortalize_referents(PyObject *op) {
+    traverseproc traverse = Py_TYPE(op)->tp_traverse;
+    if (traverse != NULL) traverse(op, immortalize_object, NULL);
+    if (PyCode_Check(op)) {
+        /* Code objects are not traversable, but their constants and names are read (and so
+         * reference-counted) on every execution. */
+        PyCodeObject *code = (PyCodeObject *)op;
+        immortalize_object(code->co_consts, NULL);
+        immortalize_object(code->co_names, NULL);
+        immortalize_object(code->co_localsplusnames, NULL);
+    }
+}
+
+static int immortalize_object(PyObject *op, void *unused) {
+    (void)unused;
+    if (op == NULL || _Py_IsImmortal(op)) return 0;
+    op->ob_refcnt = _Py_IMMORTAL_REFCNT;
+    /* Tracked containers are all in the list given to `immortalize`; untracked ones (tuples of
+     * strings, code objects) are only reachable from there, so follow them here. */
+    if (!PyObject_GC_IsTracked(op)) immortalize_referents(op);
+    return 0;
+}
+
+static PyObject *capsule_immortalize(PyObject *self, PyObject *objects) {
+    if (!PyList_Check(objects)) {
+        PyErr_SetString(PyExc_TypeError, "immortalize() takes the list from gc.get_objects()");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(objects); i++) {
+        PyObject *op = PyList_GET_ITEM(objects, i);
+        immortalize_referents(op);
+        op->ob_refcnt = _Py_IMMORTAL_REFCNT;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef capsule_methods[] = {
     {"host_call", capsule_host_call_py, METH_O,
      "host_call(request: bytes) -> bytes: send a JSON request to the host, return its reply."},
+    {"immortalize", capsule_immortalize, METH_O,
+     "immortalize(objects: list): make these objects and what they reference immortal."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,7 +51,7 @@ fn a_result_that_is_not_json_is_an_error() {
 fn arguments_that_do_not_fit_the_function_are_reported() {
     let error = shared(MULTI).run("add", vec![json!(1)]).error.expect("missing argument");
     assert_eq!(error.kind, ErrorKind::InvalidInput);
-    assert!(error.message.contains("missing a required argument: 'b'"), "{}", error.message);
+    assert!(error.message.contains("missing 1 required positional argument: 'b'"), "{}", error.message);
 }
 
 #[test]
