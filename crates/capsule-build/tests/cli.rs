@@ -12,7 +12,7 @@ fn capsule() -> Command {
 /// `cargo test --workspace` builds every binary into the same folder.
 fn capsule_exec() -> Command {
     let path = Path::new(env!("CARGO_BIN_EXE_capsule")).with_file_name("capsule-exec");
-    assert!(path.exists(), "build capsule-exec first: cargo build -p capsule-exec");
+    assert!(path.exists(), "build the binaries first (`cargo build --workspace --bins`), or run `cargo xtask ci`");
     Command::new(path)
 }
 

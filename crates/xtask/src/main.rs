@@ -32,6 +32,15 @@ enum Task {
     },
     /// Rebuild the runtime in another directory and check the result is byte-identical.
     CheckReproducible,
+    /// Measure Capsule against native `python3` (see BENCHMARKS.md).
+    Bench {
+        /// One iteration of everything: checks the benchmark still runs, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        /// Put the results into BENCHMARKS.md.
+        #[arg(long, conflicts_with = "quick")]
+        write: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -40,6 +49,7 @@ fn main() -> Result<()> {
         Task::Ci => ci(),
         Task::BuildRuntime { force } => runtime::build_runtime(force).map(drop),
         Task::CheckReproducible => runtime::check_reproducible(),
+        Task::Bench { quick, write } => bench(quick, write),
     }
 }
 
@@ -66,7 +76,40 @@ fn ci() -> Result<()> {
     runtime::build_runtime(false)?;
     runtime::check_reproducible()?;
     check_exec_has_no_compiler()?;
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+    // The CLI tests of `capsule` also run `capsule-exec`, which cargo only builds for its own
+    // package's tests: build every binary first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    // Last, so its output does not hide the tests' summary lines.
+    bench(true, false)
+}
+
+/// Markers around the measured table in BENCHMARKS.md; the prose outside them is kept.
+const BENCH_START: &str = "<!-- bench:start -->";
+const BENCH_END: &str = "<!-- bench:end -->";
+
+fn bench(quick: bool, write: bool) -> Result<()> {
+    runtime::build_runtime(false)?;
+    run(cargo().args(["build", "-p", "capsule-exec", "-p", "tests", "--bins"]))?;
+    let report_file = util::target_dir().join("bench/report.md");
+    let mut command = Command::new(util::target_dir().join("debug/capsule-bench"));
+    command.current_dir(workspace_root()).arg("--write").arg(&report_file);
+    if quick {
+        command.arg("--quick");
+    }
+    run(&mut command)?;
+    if write {
+        let path = workspace_root().join("BENCHMARKS.md");
+        let text = std::fs::read_to_string(&path)?;
+        let (Some(start), Some(end)) = (text.find(BENCH_START), text.find(BENCH_END)) else {
+            bail!("BENCHMARKS.md lacks the `{BENCH_START}` and `{BENCH_END}` markers");
+        };
+        let report = std::fs::read_to_string(&report_file)?;
+        let updated = format!("{}{BENCH_START}\n{}\n{}", &text[..start], report.trim_end(), &text[end..]);
+        std::fs::write(&path, updated)?;
+        eprintln!("xtask: updated {}", path.display());
+    }
+    Ok(())
 }
 
 /// `capsule-exec` must be buildable without Cranelift: it only loads precompiled code.

@@ -126,6 +126,11 @@ fn main() {
             other => panic!("unknown argument {other}; use --quick and/or --write FILE"),
         }
     }
+    // Start from empty build caches, so that the cold build is really cold.
+    let cache = bench_dir().join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::set_var(capsule_build::cache::CACHE_DIR_ENV, &cache) };
     let mut rows = Vec::new();
     let hello_py = workspace().join("crates/tests/bench/hello.py");
     let python_hello = time_process(python3(&[hello_py.to_str().unwrap()]), settings.count(20));
@@ -153,8 +158,8 @@ fn main() {
         hits.push(started.elapsed());
     }
     let hit_time = median(hits);
-    rows.push(row("`capsule build`, cold (runtime built)", ms(cold_time), ms(python_hello), Some(cold_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 5 s"));
-    rows.push(row("`capsule build` after editing the task body", ms(edit_time), ms(cold_time), Some(edit_time.as_secs_f64() / cold_time.as_secs_f64()), "<= 1 s"));
+    rows.push(row("`capsule build`, cold (runtime built, empty caches)", ms(cold_time), ms(python_hello), Some(cold_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 5 s"));
+    rows.push(row("`capsule build` after editing the task body (warm caches)", ms(edit_time), ms(cold_time), Some(edit_time.as_secs_f64() / cold_time.as_secs_f64()), "<= 1 s"));
     rows.push(row("`capsule build`, unchanged (cache hit)", ms(hit_time), ms(python_hello), Some(hit_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 50 ms"));
     let snapshot_bytes = cold.manifest.artifact.initial_memory_bytes;
 
