@@ -2,6 +2,7 @@
 //! hashed before wasmtime is allowed to deserialise it (deserialising untrusted bytes is
 //! unsafe: a `.cwasm` is native code).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use manifest_schema::{Manifest, ManifestError};
@@ -43,6 +44,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Hashes in chunks through one small buffer: no copy of the whole file in memory.
+fn sha256_of_reader(reader: &mut impl Read) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        match reader.read(&mut buffer)? {
+            0 => return Ok(hex::encode(hasher.finalize())),
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+}
+
 impl Artifact {
     pub fn load(engine: &Engine, manifest_path: &Path) -> Result<Self, LoadError> {
         let manifest = Manifest::load(manifest_path)?;
@@ -55,15 +68,22 @@ impl Artifact {
         }
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let path = dir.join(&manifest.artifact.file);
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
-        let actual = sha256_hex(&bytes);
+        let started = std::time::Instant::now();
+        let read_error = |source| LoadError::Read { path: path.clone(), source };
+        let mut file = std::fs::File::open(&path).map_err(read_error)?;
+        let actual = sha256_of_reader(&mut file).map_err(read_error)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "hashed the artifact");
         if actual != manifest.artifact.sha256 {
             return Err(LoadError::HashMismatch { path, expected: manifest.artifact.sha256, actual });
         }
-        // SAFETY: the bytes hash to the value recorded by `capsule build` when it compiled
-        // them with this engine configuration (checked above), so they are its own output.
-        let module = unsafe { Module::deserialize(engine, &bytes) }
+        // SAFETY: the file hashes to the value recorded by `capsule build` when it compiled it
+        // with this engine configuration (checked above), so it is its own output. wasmtime
+        // maps this same open file, so the memory image is shared with the page cache rather
+        // than copied. (Someone able to rewrite the file between the two steps could as well
+        // rewrite the manifest beside it: the manifest is the root of trust.)
+        let module = unsafe { Module::deserialize_open_file(engine, file) }
             .map_err(|e| LoadError::Deserialize { path, message: e.to_string() })?;
+        tracing::debug!(elapsed = ?started.elapsed(), "loaded the artifact");
         Ok(Self { manifest, module })
     }
 }

@@ -32,8 +32,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
     let runner = Runner::new()?;
+    tracing::debug!(elapsed = ?started.elapsed(), "engine ready");
     let (artifact, program) = runner.load(&cli.manifest)?;
+    tracing::debug!(elapsed = ?started.elapsed(), "program ready");
     execute(&program, &artifact.manifest, &cli.task).await
 }
 
