@@ -116,8 +116,31 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
+/// Child process: hold `count` idle sandboxes of `manifest`; print bytes per sandbox.
+fn idle_sandboxes(manifest: &Path, count: usize) {
+    let runner = capsule_exec::Runner::new().expect("engine");
+    let (artifact, program) = runner.load(manifest).expect("artifact loads");
+    let limits = limits_of(&artifact.manifest.tasks[0], capsule_exec::run::DEFAULT_TIMEOUT);
+    let first = block_on(program.instantiate_idle(&limits)).expect("instance");
+    let (private_before, rss_before) = (private_bytes(), rss_bytes());
+    let held = block_on(async {
+        let mut held = vec![first];
+        for _ in 1..count {
+            held.push(program.instantiate_idle(&limits).await.expect("instance"));
+        }
+        held
+    });
+    let others = (held.len() - 1) as u64;
+    println!("{} {}", private_bytes().saturating_sub(private_before) / others, rss_bytes().saturating_sub(rss_before) / others);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
+    if std::env::args().nth(1).as_deref() == Some("--idle-sandboxes") {
+        let manifest = PathBuf::from(std::env::args().nth(2).expect("manifest"));
+        idle_sandboxes(&manifest, std::env::args().nth(3).and_then(|n| n.parse().ok()).expect("count"));
+        return;
+    }
     let mut settings = Settings { quick: false, write: None };
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -222,19 +245,16 @@ fn main() {
 
     // 6. Memory: idle sandboxes, then many invocations.
     let built = load(build_into(&entry, &out, false));
-    let limits = limits_of(&task, capsule_exec::run::DEFAULT_TIMEOUT);
+    // In a fresh process, so that memory freed by the measurements above cannot be reused.
     let idle_count = if settings.quick { 5 } else { 100 };
-    let (private_before, rss_before) = (private_bytes(), rss_bytes());
-    let held = block_on(async {
-        let mut held = Vec::new();
-        for _ in 0..idle_count {
-            held.push(built.program.instantiate_idle(&limits).await.expect("instance"));
-        }
-        held
-    });
-    let private_each = private_bytes().saturating_sub(private_before) / idle_count as u64;
-    let rss_each = rss_bytes().saturating_sub(rss_before) / idle_count as u64;
-    drop(held);
+    let child = Command::new(std::env::current_exe().expect("own path"))
+        .arg("--idle-sandboxes")
+        .arg(out.join("manifest.toml"))
+        .arg(idle_count.to_string())
+        .output()
+        .expect("child runs");
+    let measured: Vec<u64> = String::from_utf8_lossy(&child.stdout).split_whitespace().map(|n| n.parse().expect("bytes")).collect();
+    let (private_each, rss_each) = (measured[0], measured[1]);
     rows.push(row(
         &format!("private memory per idle sandbox ({idle_count} live)"),
         format!("{:.1} KiB (RSS {:.1} KiB)", private_each as f64 / 1024.0, rss_each as f64 / 1024.0),
