@@ -243,7 +243,12 @@ fn collect_imports(body: &[Stmt], imports: &mut BTreeSet<String>) {
     }
 }
 
-fn parse_options(parser: &mut Parser<'_>, function: &str, line: usize, call: Option<&ast::ExprCall>) -> Option<DiscoveredTask> {
+fn parse_options(
+    parser: &mut Parser<'_>,
+    function: &str,
+    line: usize,
+    call: Option<&ast::ExprCall>,
+) -> Option<DiscoveredTask> {
     let mut task = DiscoveredTask {
         name: function.to_string(),
         function: function.to_string(),
@@ -277,13 +282,19 @@ fn parse_options(parser: &mut Parser<'_>, function: &str, line: usize, call: Opt
             "compute" => {
                 let parsed = match (string_literal(value), int_literal(value)) {
                     (Some(text), _) => Some(Compute::parse(text)),
-                    (None, Some(fuel)) => Some(u64::try_from(fuel).map_err(|_| negative("compute")).and_then(Compute::from_fuel)),
+                    (None, Some(fuel)) => {
+                        Some(u64::try_from(fuel).map_err(|_| negative("compute")).and_then(Compute::from_fuel))
+                    }
                     _ => None,
                 };
                 match parsed {
                     Some(Ok(compute)) => task.compute = compute,
                     Some(Err(error)) => report_unit(parser, value, "compute", error),
-                    None => parser.report(value.start(), "`compute` must be a string or integer literal", Some(literal_hint())),
+                    None => parser.report(
+                        value.start(),
+                        "`compute` must be a string or integer literal",
+                        Some(literal_hint()),
+                    ),
                 }
             }
             "ram" => match (string_literal(value).map(parse_memory), int_literal(value)) {
@@ -292,18 +303,30 @@ fn parse_options(parser: &mut Parser<'_>, function: &str, line: usize, call: Opt
                 (None, Some(number)) => parser.report(
                     value.start(),
                     format!("`ram={number}` has no unit"),
-                    Some(format!("write it as a string with a unit, e.g. `ram=\"{number}MB\"` or `ram=\"{number}MiB\"`")),
+                    Some(format!(
+                        "write it as a string with a unit, e.g. `ram=\"{number}MB\"` or `ram=\"{number}MiB\"`"
+                    )),
                 ),
-                (None, None) => parser.report(value.start(), "`ram` must be a string literal such as \"256MB\"", Some(literal_hint())),
+                (None, None) => parser.report(
+                    value.start(),
+                    "`ram` must be a string literal such as \"256MB\"",
+                    Some(literal_hint()),
+                ),
             },
             "timeout" => match string_literal(value).map(parse_duration) {
                 Some(Ok(duration)) => task.timeout = Some(duration),
                 Some(Err(error)) => report_unit(parser, value, "timeout", error),
-                None => parser.report(value.start(), "`timeout` must be a string literal such as \"30s\"", Some(literal_hint())),
+                None => parser.report(
+                    value.start(),
+                    "`timeout` must be a string literal such as \"30s\"",
+                    Some(literal_hint()),
+                ),
             },
             "max_retries" => match int_literal(value).map(u32::try_from) {
                 Some(Ok(retries)) => task.max_retries = retries,
-                _ => parser.report(value.start(), "`max_retries` must be an integer literal >= 0", Some(literal_hint())),
+                _ => {
+                    parser.report(value.start(), "`max_retries` must be an integer literal >= 0", Some(literal_hint()))
+                }
             },
             "env_vars" => match string_dict(value) {
                 Some(env) => task.env = env,

@@ -74,18 +74,16 @@ pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutpu
         )
     })?;
     let key = build_key(&project, &runtime);
-    let out_dir = options
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| project.root.join(".capsule/build").join(&project.entry_module));
+    let out_dir =
+        options.out_dir.clone().unwrap_or_else(|| project.root.join(".capsule/build").join(&project.entry_module));
     let manifest_path = out_dir.join(MANIFEST_FILE);
 
-    if !options.force {
-        if let Some(manifest) = cached(&out_dir, &key) {
-            tracing::info!(manifest = %manifest_path.display(), "build cache hit");
-            let timings = Timings { total: started.elapsed(), ..Timings::default() };
-            return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings });
-        }
+    if !options.force
+        && let Some(manifest) = cached(&out_dir, &key)
+    {
+        tracing::info!(manifest = %manifest_path.display(), "build cache hit");
+        let timings = Timings { total: started.elapsed(), ..Timings::default() };
+        return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings });
     }
 
     let request = InitRequest { entry_module: project.entry_module.clone(), modules: project.modules.clone() };
@@ -151,7 +149,15 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
     field(project.entry_module.as_bytes());
     // The limits as resolved now: a change of defaults or levels must not reuse a manifest.
     for task in &project.tasks {
-        let limits = (&task.name, &task.function, task.compute.fuel(), task.memory_bytes, task.timeout, task.max_retries, &task.env);
+        let limits = (
+            &task.name,
+            &task.function,
+            task.compute.fuel(),
+            task.memory_bytes,
+            task.timeout,
+            task.max_retries,
+            &task.env,
+        );
         field(format!("{limits:?}").as_bytes());
     }
     for module in &project.modules {
@@ -175,18 +181,17 @@ fn cached(out_dir: &Path, key: &str) -> Option<Manifest> {
 
 /// The tasks Python registered must be exactly those the parser found.
 fn check_registered(project: &Project, registered: &[RegisteredTask]) -> Result<(), BuildError> {
-    let parsed: BTreeSet<(&str, String)> = project
-        .tasks
-        .iter()
-        .map(|t| (t.name.as_str(), format!("{}.{}", project.entry_module, t.function)))
-        .collect();
+    let parsed: BTreeSet<(&str, String)> =
+        project.tasks.iter().map(|t| (t.name.as_str(), format!("{}.{}", project.entry_module, t.function))).collect();
     let live: BTreeSet<(&str, String)> = registered.iter().map(|t| (t.name.as_str(), t.function.clone())).collect();
     let mut problems = Vec::new();
     for (name, function) in live.difference(&parsed) {
         problems.push(format!("task `{name}` ({function}) was registered while importing, but is not a top-level `@task` with literal options in `{}.py`", project.entry_module));
     }
     for (name, function) in parsed.difference(&live) {
-        problems.push(format!("task `{name}` ({function}) is in the source but was not registered when the module was imported"));
+        problems.push(format!(
+            "task `{name}` ({function}) is in the source but was not registered when the module was imported"
+        ));
     }
     if problems.is_empty() {
         return Ok(());
@@ -207,7 +212,12 @@ fn check_memory(project: &Project, initial: u64) -> Result<(), BuildError> {
                     task.memory_bytes,
                     initial as f64 / f64::from(1 << 20)
                 ),
-                format!("give `{}.py:{}` at least `ram=\"{}MiB\"`", project.entry_module, task.line, initial.div_ceil(1 << 20) + 16),
+                format!(
+                    "give `{}.py:{}` at least `ram=\"{}MiB\"`",
+                    project.entry_module,
+                    task.line,
+                    initial.div_ceil(1 << 20) + 16
+                ),
             ));
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use python_runtime::SourceModule;
 
-use crate::discover::{DiscoveredTask, Diagnostic, Diagnostics, parse_module};
+use crate::discover::{Diagnostic, Diagnostics, DiscoveredTask, parse_module};
 use crate::error::BuildError;
 
 /// Folders never bundled: tool output, environments, caches.
@@ -29,7 +29,10 @@ impl Project {
     pub fn load(entry: &Path) -> Result<Self, BuildError> {
         let shown = entry.display().to_string();
         if entry.extension().and_then(|e| e.to_str()) != Some("py") {
-            return Err(BuildError::usage(format!("`{shown}` is not a Python file"), "pass the `.py` file that defines your tasks"));
+            return Err(BuildError::usage(
+                format!("`{shown}` is not a Python file"),
+                "pass the `.py` file that defines your tasks",
+            ));
         }
         let source = fs::read_to_string(entry).map_err(|e| BuildError::io(format!("cannot read `{shown}`"), e))?;
         let entry = fs::canonicalize(entry).map_err(|e| BuildError::io(format!("cannot resolve `{shown}`"), e))?;
@@ -49,15 +52,14 @@ impl Project {
                 line: 1,
                 column: 1,
                 message: "no `@task` functions found".into(),
-                hint: Some("decorate a top-level function: `from capsule import task` then `@task` above `def main():`".into()),
+                hint: Some(
+                    "decorate a top-level function: `from capsule import task` then `@task` above `def main():`".into(),
+                ),
             }])));
         }
 
         let mut modules = BTreeMap::new();
-        modules.insert(
-            stem.clone(),
-            SourceModule { name: stem.clone(), path: entry_path, source, is_package: false },
-        );
+        modules.insert(stem.clone(), SourceModule { name: stem.clone(), path: entry_path, source, is_package: false });
         let mut pending: Vec<String> = info.imports.into_iter().collect();
         let mut seen = BTreeSet::new();
         while let Some(import) = pending.pop() {
@@ -141,7 +143,11 @@ mod tests {
     fn bundles_imported_local_modules_only() {
         let dir = std::env::temp_dir().join(format!("capsule-project-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        write(&dir, "main.py", "import json\nimport util\nfrom pkg.sub import f\nfrom capsule import task\n@task\ndef main(): pass\n");
+        write(
+            &dir,
+            "main.py",
+            "import json\nimport util\nfrom pkg.sub import f\nfrom capsule import task\n@task\ndef main(): pass\n",
+        );
         write(&dir, "util.py", "import deep\n");
         write(&dir, "deep.py", "X = 1\n");
         write(&dir, "pkg/__init__.py", "");

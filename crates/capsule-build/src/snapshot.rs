@@ -87,7 +87,12 @@ fn init_module(engine: &wasmtime::Engine, instrumented: &[u8]) -> wasmtime::Resu
 }
 
 /// Runs the runtime's initialisation with `request` and returns the snapshot module.
-pub async fn snapshot(engine: &TickingEngine, runtime: &[u8], request: &InitRequest, hash_seed: u32) -> Result<Vec<u8>, BuildError> {
+pub async fn snapshot(
+    engine: &TickingEngine,
+    runtime: &[u8],
+    request: &InitRequest,
+    hash_seed: u32,
+) -> Result<Vec<u8>, BuildError> {
     let engine = engine.engine();
     let stdin = serde_json::to_vec(request).expect("init requests serialise");
     let stdout = TeeOutput::new(LiveSink::Quiet);

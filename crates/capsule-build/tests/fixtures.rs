@@ -14,7 +14,10 @@ fn valid_fixtures_discover_their_tasks() {
     for file in fixtures::python_files("valid") {
         let project = Project::load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let modules: Vec<&str> = project.modules.iter().map(|m| m.path.as_str()).collect();
-        insta::assert_snapshot!(format!("valid_{}", stem(&file)), format!("modules: {modules:?}\n{:#?}", project.tasks));
+        insta::assert_snapshot!(
+            format!("valid_{}", stem(&file)),
+            format!("modules: {modules:?}\n{:#?}", project.tasks)
+        );
     }
 }
 

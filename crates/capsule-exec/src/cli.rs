@@ -59,7 +59,9 @@ impl TaskArgs {
             None => match (manifest.task("main"), manifest.tasks.as_slice()) {
                 (Some(main), _) => Ok(main),
                 (None, [only]) => Ok(only),
-                _ => bail!("several tasks and none is called `main`\n  hint: choose one with `--task NAME`: {}", names()),
+                _ => {
+                    bail!("several tasks and none is called `main`\n  hint: choose one with `--task NAME`: {}", names())
+                }
             },
         }
     }

@@ -42,10 +42,9 @@ impl Runner {
     /// Loads and verifies the artifact of `manifest`.
     pub fn load(&self, manifest: &Path) -> Result<(Artifact, Program), LoadError> {
         let artifact = Artifact::load(self.engine(), manifest)?;
-        let program = self.program(&artifact.module).map_err(|e| LoadError::Deserialize {
-            path: manifest.to_path_buf(),
-            message: format!("{e:#}"),
-        })?;
+        let program = self
+            .program(&artifact.module)
+            .map_err(|e| LoadError::Deserialize { path: manifest.to_path_buf(), message: format!("{e:#}") })?;
         Ok((artifact, program))
     }
 

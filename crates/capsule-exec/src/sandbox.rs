@@ -165,8 +165,7 @@ impl Program {
         let packed = invoke.call_async(&mut *store, (pointer, len)).await?;
         free.call_async(&mut *store, pointer).await?;
         let reply = read_reply(store, &instance, packed)?;
-        serde_json::from_slice(&reply)
-            .map_err(|e| wasmtime::format_err!("the runtime's reply is not valid JSON: {e}"))
+        serde_json::from_slice(&reply).map_err(|e| wasmtime::format_err!("the runtime's reply is not valid JSON: {e}"))
     }
 }
 

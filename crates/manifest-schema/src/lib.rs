@@ -89,16 +89,14 @@ impl Manifest {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ManifestError> {
         let manifest: Manifest = toml::from_str(text)
             .map_err(|e| ManifestError::Parse { path: path.to_string(), message: e.to_string() })?;
-        manifest
-            .validate()
-            .map_err(|message| ManifestError::Invalid { path: path.to_string(), message })?;
+        manifest.validate().map_err(|message| ManifestError::Invalid { path: path.to_string(), message })?;
         Ok(manifest)
     }
 
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: display.clone(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: display.clone(), source })?;
         Self::from_toml(&text, &display)
     }
 

@@ -95,8 +95,8 @@ pub fn parse_memory(text: &str) -> Result<u64, UnitError> {
         ("b", 1.0),
     ];
     let hint = "write a size such as \"64MB\", \"512MiB\" or \"2GB\" (KB/MB/GB or KiB/MiB/GiB)";
-    let (number, unit) = split_number(text)
-        .ok_or_else(|| UnitError::new(format!("`{text}` is not a memory size"), hint))?;
+    let (number, unit) =
+        split_number(text).ok_or_else(|| UnitError::new(format!("`{text}` is not a memory size"), hint))?;
     let Some((_, scale)) = UNITS.iter().find(|(name, _)| *name == unit.to_ascii_lowercase()) else {
         return Err(UnitError::new(format!("`{unit}` in `{text}` is not a memory unit"), hint));
     };
@@ -110,8 +110,8 @@ pub fn parse_memory(text: &str) -> Result<u64, UnitError> {
 /// Parses a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"` or `"1.5s"`.
 pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     let hint = "write a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"";
-    let (number, unit) = split_number(text)
-        .ok_or_else(|| UnitError::new(format!("`{text}` is not a duration"), hint))?;
+    let (number, unit) =
+        split_number(text).ok_or_else(|| UnitError::new(format!("`{text}` is not a duration"), hint))?;
     let seconds = match unit.to_ascii_lowercase().as_str() {
         "ms" => number / 1e3,
         "s" => number,
@@ -120,8 +120,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         "" => return Err(UnitError::new(format!("`{text}` has no unit"), hint)),
         _ => return Err(UnitError::new(format!("`{unit}` in `{text}` is not a time unit"), hint)),
     };
-    let duration = Duration::try_from_secs_f64(seconds)
-        .map_err(|_| UnitError::new(format!("`{text}` is out of range"), hint))?;
+    let duration =
+        Duration::try_from_secs_f64(seconds).map_err(|_| UnitError::new(format!("`{text}` is out of range"), hint))?;
     if duration.is_zero() {
         return Err(UnitError::new(format!("a timeout of `{text}` leaves no time to run"), hint));
     }
@@ -131,9 +131,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
 /// Splits `"1.5 GiB"` into `(1.5, "GiB")`.
 fn split_number(text: &str) -> Option<(f64, &str)> {
     let trimmed = text.trim();
-    let end = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
-        .unwrap_or(trimmed.len());
+    let end = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_')).unwrap_or(trimmed.len());
     let digits: String = trimmed[..end].chars().filter(|c| *c != '_').collect();
     let number = digits.parse::<f64>().ok().filter(|n| n.is_finite())?;
     Some((number, trimmed[end..].trim()))
@@ -152,7 +150,7 @@ mod tests {
         assert_eq!(Compute::parse("1_000").unwrap().fuel(), 1_000);
         assert!(Compute::parse("0").is_err());
         assert!(Compute::parse("FAST").unwrap_err().hint.unwrap().contains("LOW"));
-        assert!(Compute::LOW_FUEL < Compute::MEDIUM_FUEL && Compute::MEDIUM_FUEL < Compute::HIGH_FUEL);
+        const { assert!(Compute::LOW_FUEL < Compute::MEDIUM_FUEL && Compute::MEDIUM_FUEL < Compute::HIGH_FUEL) };
     }
 
     #[test]

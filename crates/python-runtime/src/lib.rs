@@ -19,10 +19,8 @@ pub fn runtime_path() -> PathBuf {
     if let Some(path) = std::env::var_os(RUNTIME_ENV) {
         return PathBuf::from(path);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")),
-        PathBuf::from,
-    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")), PathBuf::from);
     target.join("python-runtime").join(RUNTIME_FILE)
 }
 

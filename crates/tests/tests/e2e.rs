@@ -69,10 +69,7 @@ fn rebuilding_from_clean_is_byte_identical() {
     let first = build_into(&entry, a.path(), true);
     let second = build_into(&entry, b.path(), true);
     assert_eq!(first.manifest.artifact.sha256, second.manifest.artifact.sha256);
-    assert_eq!(
-        fs::read_to_string(&first.manifest_path).unwrap(),
-        fs::read_to_string(&second.manifest_path).unwrap()
-    );
+    assert_eq!(fs::read_to_string(&first.manifest_path).unwrap(), fs::read_to_string(&second.manifest_path).unwrap());
 }
 
 #[test]

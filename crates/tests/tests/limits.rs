@@ -47,7 +47,11 @@ fn a_memory_bomb_stops_at_its_limit_and_the_host_stays_bounded() {
         let error = outcome.error.expect("the bomb fails");
         assert_eq!(error.kind, ErrorKind::Memory, "{error:?}");
         assert!(outcome.execution.peak_memory_bytes <= 64_000_000, "{}", outcome.execution.peak_memory_bytes);
-        assert!(outcome.execution.peak_memory_bytes > 48_000_000, "it did grow: {}", outcome.execution.peak_memory_bytes);
+        assert!(
+            outcome.execution.peak_memory_bytes > 48_000_000,
+            "it did grow: {}",
+            outcome.execution.peak_memory_bytes
+        );
     }
     let grown = resident_bytes().saturating_sub(before);
     assert!(grown < 256 << 20, "the host grew by {} MiB", grown >> 20);

@@ -52,11 +52,7 @@ fn an_exception_reports_type_message_and_the_users_file_and_line() {
     assert_eq!(error.exc_type, "ValueError");
     assert_eq!(error.message, "no luck");
     let line = line_of(MULTI, "raise ValueError(message)");
-    assert!(
-        error.traceback.contains(&format!("File \"multi_task.py\", line {line}, in fail")),
-        "{}",
-        error.traceback
-    );
+    assert!(error.traceback.contains(&format!("File \"multi_task.py\", line {line}, in fail")), "{}", error.traceback);
     assert!(error.traceback.contains("raise ValueError(message)"), "the source line is shown: {}", error.traceback);
 }
 
@@ -64,7 +60,11 @@ fn an_exception_reports_type_message_and_the_users_file_and_line() {
 fn deep_recursion_is_a_recursion_error_not_a_crash() {
     for task in ["recurse_forever", "nested_json"] {
         let error = shared(PROBE).run(task, vec![]).error.expect("recursion fails");
-        assert_eq!((error.kind, error.exc_type.as_str()), (ErrorKind::Exception, "RecursionError"), "{task}: {error:?}");
+        assert_eq!(
+            (error.kind, error.exc_type.as_str()),
+            (ErrorKind::Exception, "RecursionError"),
+            "{task}: {error:?}"
+        );
     }
 }
 

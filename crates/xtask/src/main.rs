@@ -114,9 +114,8 @@ fn bench(quick: bool, write: bool) -> Result<()> {
 
 /// `capsule-exec` must be buildable without Cranelift: it only loads precompiled code.
 fn check_exec_has_no_compiler() -> Result<()> {
-    let output = cargo()
-        .args(["tree", "-p", "capsule-exec", "-e", "normal", "-i", "wasmtime-internal-cranelift"])
-        .output()?;
+    let output =
+        cargo().args(["tree", "-p", "capsule-exec", "-e", "normal", "-i", "wasmtime-internal-cranelift"]).output()?;
     if output.status.success() {
         bail!(
             "capsule-exec depends on Cranelift:\n{}\nhint: only capsule-build may enable wasmtime's `cranelift` feature",

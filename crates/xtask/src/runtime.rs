@@ -103,11 +103,8 @@ fn cpython_key() -> Result<String> {
 
 /// Key of the final module: the `libpython` layer plus everything in the runtime crate.
 fn runtime_key() -> Result<String> {
-    let mut parts: Vec<Vec<u8>> = vec![
-        cpython_key()?.into_bytes(),
-        include_bytes!("runtime.rs").to_vec(),
-        C_STACK_BYTES.to_le_bytes().to_vec(),
-    ];
+    let mut parts: Vec<Vec<u8>> =
+        vec![cpython_key()?.into_bytes(), include_bytes!("runtime.rs").to_vec(), C_STACK_BYTES.to_le_bytes().to_vec()];
     for sub in ["c", "python", "build"] {
         for (rel, contents) in tree_contents(&runtime_crate().join(sub))? {
             parts.push(format!("{sub}/{rel}").into_bytes());
@@ -129,10 +126,7 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
     let paths = RuntimePaths::new();
     let key = runtime_key()?;
     let installed = paths.installed_runtime();
-    if !force
-        && installed.exists()
-        && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key)
-    {
+    if !force && installed.exists() && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key) {
         eprintln!("xtask: runtime up to date: {}", installed.display());
         return Ok(installed);
     }
@@ -184,10 +178,7 @@ pub fn check_reproducible() -> Result<()> {
 
 /// Finds the archive this machine's apt already uses, from its sources lists.
 fn debian_archive_url() -> Result<String> {
-    let mut texts = Vec::new();
-    for path in ["/etc/apt/sources.list"] {
-        texts.push(fs::read_to_string(path).unwrap_or_default());
-    }
+    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         files.sort();
@@ -213,7 +204,9 @@ fn debian_archive_url() -> Result<String> {
             }
         }
     }
-    bail!("no Debian archive found in /etc/apt/sources.list*\nhint: the CPython source comes from Debian's `{SOURCE_PACKAGE}` source package")
+    bail!(
+        "no Debian archive found in /etc/apt/sources.list*\nhint: the CPython source comes from Debian's `{SOURCE_PACKAGE}` source package"
+    )
 }
 
 /// Downloads Debian's `python3.13` source package and verifies the pristine tarball's sha256.
@@ -307,8 +300,10 @@ fn build_reactor(base: &Path, tarball: &Path, build_python: &Path, key: &str) ->
     }
     let started = Instant::now();
     let crate_dir = runtime_crate();
-    let wrappers =
-        toolchain::write_wrappers(&out_dir.join("toolchain"), &[(&out_dir, "/reactor"), (&libs.src, "/cpython"), (&crate_dir, "/python-runtime")])?;
+    let wrappers = toolchain::write_wrappers(
+        &out_dir.join("toolchain"),
+        &[(&out_dir, "/reactor"), (&libs.src, "/cpython"), (&crate_dir, "/python-runtime")],
+    )?;
 
     // The stdlib and the `capsule` package as bytecode, in one blob that the C code embeds.
     let blob = out_dir.join("capsule_modules.bin");
@@ -395,10 +390,7 @@ fn build_libpython(base: &Path, tarball: &Path, build_python: &Path) -> Result<L
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
-    run(Command::new("make")
-        .args(["-s", &make_jobs(), "all"])
-        .current_dir(&build)
-        .env("SOURCE_DATE_EPOCH", "0"))?;
+    run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build).env("SOURCE_DATE_EPOCH", "0"))?;
     fs::write(dir.join(".complete"), "")?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
     Ok(libs)

@@ -51,10 +51,7 @@ const WASI_INCLUDE: &str = "/usr/include/wasm32-wasi";
 const WASI_LIB: &str = "/usr/lib/wasm32-wasi";
 
 fn installed_version(name: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}|${Version}", name])
-        .output()
-        .ok()?;
+    let out = Command::new("dpkg-query").args(["-W", "-f=${Status}|${Version}", name]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (status, version) = text.split_once('|')?;
     status.ends_with("installed").then(|| version.to_string())
@@ -62,10 +59,8 @@ fn installed_version(name: &str) -> Option<String> {
 
 /// Makes sure every pinned package is installed at its pinned version.
 pub fn ensure_installed(download_dir: &Path) -> Result<()> {
-    let missing: Vec<&DebPackage> = PACKAGES
-        .iter()
-        .filter(|p| installed_version(p.name).as_deref() != Some(p.version))
-        .collect();
+    let missing: Vec<&DebPackage> =
+        PACKAGES.iter().filter(|p| installed_version(p.name).as_deref() != Some(p.version)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -79,9 +74,7 @@ pub fn ensure_installed(download_dir: &Path) -> Result<()> {
     }
     fs::create_dir_all(download_dir)?;
     let specs: Vec<String> = missing.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
-    let download = |dir: &Path| {
-        run(Command::new("apt-get").arg("download").args(&specs).current_dir(dir))
-    };
+    let download = |dir: &Path| run(Command::new("apt-get").arg("download").args(&specs).current_dir(dir));
     if download(download_dir).is_err() {
         // A fresh machine may have no package lists yet.
         run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -127,10 +120,7 @@ fn is_root() -> bool {
 
 /// A text describing the toolchain, part of the runtime's cache key.
 pub fn fingerprint() -> String {
-    PACKAGES
-        .iter()
-        .map(|p| format!("{}={} {}\n", p.name, p.version, p.sha256))
-        .collect()
+    PACKAGES.iter().map(|p| format!("{}={} {}\n", p.name, p.version, p.sha256)).collect()
 }
 
 /// Compiler wrappers that always target WASI with a private sysroot, so the host's glibc
@@ -147,11 +137,8 @@ pub fn write_wrappers(dir: &Path, prefix_maps: &[(&Path, &str)]) -> Result<Wrapp
     fs::create_dir_all(dir.join("bin"))?;
     replace_symlink(Path::new(WASI_INCLUDE), &sysroot.join("include"))?;
     replace_symlink(Path::new(WASI_LIB), &sysroot.join("lib/wasm32-wasi"))?;
-    let mut flags = format!(
-        "--target=wasm32-wasi --sysroot={} -ffile-prefix-map={}=/toolchain",
-        sysroot.display(),
-        dir.display()
-    );
+    let mut flags =
+        format!("--target=wasm32-wasi --sysroot={} -ffile-prefix-map={}=/toolchain", sysroot.display(), dir.display());
     for (from, to) in prefix_maps {
         flags.push_str(&format!(" -ffile-prefix-map={}={to}", from.display()));
     }

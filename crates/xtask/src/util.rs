@@ -42,9 +42,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// Runs a command, streaming its output, and fails with the command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {}", describe(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", describe(cmd));
     }
@@ -53,16 +51,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its standard output as a trimmed string.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let out = cmd.output().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed with {}: {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{}` failed with {}: {}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }

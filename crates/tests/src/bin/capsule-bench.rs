@@ -131,7 +131,11 @@ fn idle_sandboxes(manifest: &Path, count: usize) {
         held
     });
     let others = (held.len() - 1) as u64;
-    println!("{} {}", private_bytes().saturating_sub(private_before) / others, rss_bytes().saturating_sub(rss_before) / others);
+    println!(
+        "{} {}",
+        private_bytes().saturating_sub(private_before) / others,
+        rss_bytes().saturating_sub(rss_before) / others
+    );
 }
 
 fn main() {
@@ -181,9 +185,27 @@ fn main() {
         hits.push(started.elapsed());
     }
     let hit_time = median(hits);
-    rows.push(row("`capsule build`, cold (runtime built, empty caches)", ms(cold_time), ms(python_hello), Some(cold_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 5 s"));
-    rows.push(row("`capsule build` after editing the task body (warm caches)", ms(edit_time), ms(cold_time), Some(edit_time.as_secs_f64() / cold_time.as_secs_f64()), "<= 1 s"));
-    rows.push(row("`capsule build`, unchanged (cache hit)", ms(hit_time), ms(python_hello), Some(hit_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 50 ms"));
+    rows.push(row(
+        "`capsule build`, cold (runtime built, empty caches)",
+        ms(cold_time),
+        ms(python_hello),
+        Some(cold_time.as_secs_f64() / python_hello.as_secs_f64()),
+        "<= 5 s",
+    ));
+    rows.push(row(
+        "`capsule build` after editing the task body (warm caches)",
+        ms(edit_time),
+        ms(cold_time),
+        Some(edit_time.as_secs_f64() / cold_time.as_secs_f64()),
+        "<= 1 s",
+    ));
+    rows.push(row(
+        "`capsule build`, unchanged (cache hit)",
+        ms(hit_time),
+        ms(python_hello),
+        Some(hit_time.as_secs_f64() / python_hello.as_secs_f64()),
+        "<= 50 ms",
+    ));
     let snapshot_bytes = cold.manifest.artifact.initial_memory_bytes;
 
     let built = load(edited);
@@ -196,12 +218,23 @@ fn main() {
             invoke_once(&built.program, &task).await;
         }
     });
-    let samples: Vec<Duration> =
-        block_on(async { futures_collect(&built.program, &task, settings.count(2000)).await });
+    let samples: Vec<Duration> = block_on(async { futures_collect(&built.program, &task, settings.count(2000)).await });
     let p50 = percentile(&samples, 0.5);
     let p99 = percentile(&samples, 0.99);
-    rows.push(row("in-process invoke of hello, p50", ms(p50), format!("{} (`python3 hello.py`)", ms(python_hello)), Some(p50.as_secs_f64() / python_hello.as_secs_f64()), "<= 0.3 ms"));
-    rows.push(row("in-process invoke of hello, p99", ms(p99), ms(python_hello), Some(p99.as_secs_f64() / python_hello.as_secs_f64()), ""));
+    rows.push(row(
+        "in-process invoke of hello, p50",
+        ms(p50),
+        format!("{} (`python3 hello.py`)", ms(python_hello)),
+        Some(p50.as_secs_f64() / python_hello.as_secs_f64()),
+        "<= 0.3 ms",
+    ));
+    rows.push(row(
+        "in-process invoke of hello, p99",
+        ms(p99),
+        ms(python_hello),
+        Some(p99.as_secs_f64() / python_hello.as_secs_f64()),
+        "",
+    ));
 
     // 2. Sustained invocations per second on all cores.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -220,7 +253,13 @@ fn main() {
     let mut exec = Command::new(&exec_bin);
     exec.arg(out.join("manifest.toml"));
     let exec_time = time_process(exec, settings.count(20));
-    rows.push(row("`capsule-exec manifest.toml` process", ms(exec_time), ms(python_hello), Some(exec_time.as_secs_f64() / python_hello.as_secs_f64()), "<= 0.5x"));
+    rows.push(row(
+        "`capsule-exec manifest.toml` process",
+        ms(exec_time),
+        ms(python_hello),
+        Some(exec_time.as_secs_f64() / python_hello.as_secs_f64()),
+        "<= 0.5x",
+    ));
 
     // 5. CPU-bound kernels.
     let kernels_py = workspace().join("crates/tests/bench/kernels.py");
@@ -229,7 +268,12 @@ fn main() {
     let native: Value = serde_json::from_slice(&native.stdout).expect("kernel timings");
     let kernel_build = load(build_into(&kernels_py, &bench_dir().join("kernels"), true));
     let kernel_task = kernel_build.output.manifest.task("main").unwrap().clone();
-    let inside = block_on(run_task(&kernel_build.program, &kernel_task, Call::new(vec![json!(repeat.parse::<u32>().unwrap())]), quiet()));
+    let inside = block_on(run_task(
+        &kernel_build.program,
+        &kernel_task,
+        Call::new(vec![json!(repeat.parse::<u32>().unwrap())]),
+        quiet(),
+    ));
     assert!(inside.success, "{:?}", inside.error);
     for (name, native_seconds) in native.as_object().unwrap() {
         let native_seconds = native_seconds.as_f64().unwrap();
@@ -253,7 +297,8 @@ fn main() {
         .arg(idle_count.to_string())
         .output()
         .expect("child runs");
-    let measured: Vec<u64> = String::from_utf8_lossy(&child.stdout).split_whitespace().map(|n| n.parse().expect("bytes")).collect();
+    let measured: Vec<u64> =
+        String::from_utf8_lossy(&child.stdout).split_whitespace().map(|n| n.parse().expect("bytes")).collect();
     let (private_each, rss_each) = (measured[0], measured[1]);
     rows.push(row(
         &format!("private memory per idle sandbox ({idle_count} live)"),
@@ -330,10 +375,21 @@ fn render(rows: &[Row], settings: &Settings) -> String {
         .unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let python = python3(&["--version"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let python = python3(&["--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let mut out = String::new();
     let _ = writeln!(out, "| measure | Capsule | baseline | ratio | target |");
     let _ = writeln!(out, "| --- | --- | --- | --- | --- |");
