@@ -63,6 +63,8 @@ pub struct DiscoveredTask {
     pub timeout: Option<Duration>,
     pub max_retries: u32,
     pub env: BTreeMap<String, String>,
+    pub env_passthrough: Vec<String>,
+    pub allowed_hosts: Vec<String>,
 }
 
 /// A parsed module: its tasks and the modules it imports (for bundling local modules).
@@ -73,7 +75,8 @@ pub struct ModuleInfo {
     pub imports: BTreeSet<String>,
 }
 
-const OPTIONS: &[&str] = &["name", "compute", "ram", "timeout", "max_retries", "env_vars"];
+const OPTIONS: &[&str] =
+    &["name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts"];
 
 struct Parser<'a> {
     path: &'a str,
@@ -258,6 +261,8 @@ fn parse_options(
         timeout: None,
         max_retries: defaults::MAX_RETRIES,
         env: BTreeMap::new(),
+        env_passthrough: Vec::new(),
+        allowed_hosts: Vec::new(),
     };
     let Some(call) = call else { return Some(task) };
     let before = parser.problems.len();
@@ -336,6 +341,24 @@ fn parse_options(
                     Some("write it inline, e.g. `env_vars={\"MODE\": \"prod\"}`".into()),
                 ),
             },
+            "env_passthrough" => match string_list(value) {
+                Some(names) => match names.iter().find(|n| task.env.contains_key(*n) || !is_env_name(n)) {
+                    Some(name) => parser.report(
+                        value.start(),
+                        format!("`{name}` in `env_passthrough` is not a usable environment variable name, or is also in `env_vars`"),
+                        Some("list names such as \"API_TOKEN\" (letters, digits, `_`), each once".into()),
+                    ),
+                    None => task.env_passthrough = names,
+                },
+                None => parser.report(value.start(), "`env_passthrough` must be a list of string literals", Some(literal_hint())),
+            },
+            "allowed_hosts" => match string_list(value) {
+                Some(rules) => match manifest_schema::HostPolicy::parse(&rules) {
+                    Ok(_) => task.allowed_hosts = rules,
+                    Err(error) => report_unit(parser, value, "allowed_hosts", error),
+                },
+                None => parser.report(value.start(), "`allowed_hosts` must be a list of string literals", Some(literal_hint())),
+            },
             unknown => {
                 let hint = match closest(unknown, OPTIONS) {
                     Some(close) => format!("did you mean `{close}`? `@task` takes {}", list(OPTIONS)),
@@ -383,6 +406,21 @@ fn int_literal(expr: &Expr) -> Option<i128> {
         Expr::UnaryOp(op) if matches!(op.op, ast::UnaryOp::USub) => int_literal(&op.operand).map(|i| -i),
         _ => None,
     }
+}
+
+fn string_list(expr: &Expr) -> Option<Vec<String>> {
+    let items = match expr {
+        Expr::List(list) => &list.elts,
+        Expr::Tuple(tuple) => &tuple.elts,
+        _ => return None,
+    };
+    items.iter().map(|item| string_literal(item).map(str::to_string)).collect()
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn string_dict(expr: &Expr) -> Option<BTreeMap<String, String>> {

@@ -156,7 +156,7 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
             task.memory_bytes,
             task.timeout,
             task.max_retries,
-            &task.env,
+            (&task.env, &task.env_passthrough, &task.allowed_hosts),
         );
         field(format!("{limits:?}").as_bytes());
     }
@@ -240,6 +240,8 @@ fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task>
             timeout_ms: task.timeout.map(|t| t.as_millis() as u64),
             max_retries: task.max_retries,
             env: task.env.clone(),
+            env_passthrough: task.env_passthrough.clone(),
+            allowed_hosts: task.allowed_hosts.clone(),
         })
         .collect()
 }

@@ -1,11 +1,16 @@
 //! What the host gives a sandbox: WASI (with stdio only), a memory limiter, and the
 //! `capsule.host_call` channel.
 
+use std::time::Instant;
+
 use anyhow::{Context, Result, anyhow};
+use manifest_schema::HostPolicy;
 use python_runtime::{HOST_MODULE, exports, imports};
 use serde_json::{Value, json};
 use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
+
+use crate::net::Network;
 
 /// Largest request a guest may send through `host_call`.
 const MAX_HOST_REQUEST: usize = 16 << 20;
@@ -15,6 +20,7 @@ pub struct HostState {
     pub wasi: WasiP1Ctx,
     pub limiter: MemoryLimiter,
     pub phase: Phase,
+    pub network: Network,
     /// The reply of the last `host_call`, waiting for `host_reply` to copy it.
     pending_reply: Vec<u8>,
 }
@@ -29,21 +35,34 @@ pub enum Phase {
 }
 
 impl HostState {
+    /// A sandbox with no network; see [`HostState::with_network`].
     pub fn new(wasi: WasiP1Ctx, memory_limit: u64, phase: Phase) -> Self {
-        Self { wasi, limiter: MemoryLimiter::new(memory_limit), phase, pending_reply: Vec::new() }
+        Self {
+            wasi,
+            limiter: MemoryLimiter::new(memory_limit),
+            phase,
+            network: Network::new(HostPolicy::default(), Instant::now()),
+            pending_reply: Vec::new(),
+        }
     }
 
-    fn handle(&self, request: &[u8]) -> Value {
-        let method = serde_json::from_slice::<Value>(request)
-            .ok()
-            .and_then(|v| v.get("method").and_then(Value::as_str).map(str::to_owned));
+    pub fn with_network(mut self, network: Network) -> Self {
+        self.network = network;
+        self
+    }
+
+    async fn handle(&mut self, request: &[u8]) -> Value {
+        let refuse = |message: String| json!({"ok": false, "error": {"kind": "refused", "message": message}});
+        let Ok(request) = serde_json::from_slice::<Value>(request) else {
+            return refuse("host requests are JSON objects".into());
+        };
+        let method = request.get("method").and_then(Value::as_str).unwrap_or_default();
         match (self.phase, method) {
-            (_, None) => json!({"ok": false, "error": "host requests are JSON objects with a `method`"}),
-            (Phase::Build, Some(method)) => json!({
-                "ok": false,
-                "error": format!("`{method}` is not available while `capsule build` imports the module; call it inside a task"),
-            }),
-            (Phase::Run, Some(method)) => json!({"ok": false, "error": format!("unknown host method `{method}`")}),
+            (Phase::Build, method) => refuse(format!(
+                "`{method}` is not available while `capsule build` imports the module; call it inside a task"
+            )),
+            (Phase::Run, "http.request") => self.network.handle(&request["request"]).await,
+            (Phase::Run, method) => refuse(format!("unknown host method `{method}`")),
         }
     }
 }
@@ -98,22 +117,24 @@ pub fn linker(engine: &Engine) -> Result<Linker<HostState>> {
         .map_err(|e| anyhow!("{e}"))
         .context("adding WASI to the linker")?;
     linker
-        .func_wrap(
+        .func_wrap_async(
             HOST_MODULE,
             imports::HOST_CALL,
-            |mut caller: Caller<'_, HostState>, pointer: i32, len: i32| -> wasmtime::Result<i32> {
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > MAX_HOST_REQUEST {
-                    return Ok(-1);
-                }
-                let memory = guest_memory(&mut caller)?;
-                let mut request = vec![0; len];
-                memory.read(&caller, pointer as u32 as usize, &mut request)?;
-                let reply = caller.data().handle(&request);
-                let bytes = serde_json::to_vec(&reply).expect("JSON values serialise");
-                let reply_len = i32::try_from(bytes.len()).unwrap_or(-1);
-                caller.data_mut().pending_reply = bytes;
-                Ok(reply_len)
+            |mut caller: Caller<'_, HostState>, (pointer, len): (i32, i32)| {
+                Box::new(async move {
+                    let len = usize::try_from(len).unwrap_or(usize::MAX);
+                    if len > MAX_HOST_REQUEST {
+                        return Ok(-1);
+                    }
+                    let memory = guest_memory(&mut caller)?;
+                    let mut request = vec![0; len];
+                    memory.read(&caller, pointer as u32 as usize, &mut request)?;
+                    let reply = caller.data_mut().handle(&request).await;
+                    let bytes = serde_json::to_vec(&reply).expect("JSON values serialise");
+                    let reply_len = i32::try_from(bytes.len()).unwrap_or(-1);
+                    caller.data_mut().pending_reply = bytes;
+                    Ok(reply_len)
+                })
             },
         )
         .map_err(|e| anyhow!("{e}"))?;

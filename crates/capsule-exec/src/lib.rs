@@ -6,6 +6,7 @@ pub mod artifact;
 pub mod cli;
 pub mod engine;
 pub mod host;
+pub mod net;
 pub mod output;
 pub mod run;
 pub mod sandbox;
@@ -32,6 +33,8 @@ impl Runner {
     /// A runner on `config`, which must be [`engine::config`] plus settings that do not
     /// change compiled code (the builder adds its compilation cache).
     pub fn with_config(config: &wasmtime::Config) -> Result<Self> {
+        // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Self { engine: engine::TickingEngine::new(config)? })
     }
 

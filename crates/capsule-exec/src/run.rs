@@ -2,11 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use manifest_schema::Task;
+use manifest_schema::{HostPolicy, Task};
 use python_runtime::{ErrorKind, GuestError, InvokeRequest};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::net::HostRequest;
 use crate::output::Captured;
 use crate::sandbox::{Attempt, Limits, Program, Streams};
 
@@ -47,6 +48,8 @@ pub struct Execution {
     pub peak_memory_bytes: u64,
     /// The error of every failed attempt, in order.
     pub attempt_errors: Vec<GuestError>,
+    /// Every HTTP call of every attempt, in order (no headers, no query strings).
+    pub host_requests: Vec<HostRequest>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +71,21 @@ impl Call {
     pub fn new(args: Vec<Value>) -> Self {
         Self { args, kwargs: serde_json::Map::new(), default_timeout: DEFAULT_TIMEOUT }
     }
+}
+
+/// The task's environment: its `env_vars`, plus the `env_passthrough` variables that are
+/// set in the runner's own environment now.
+pub fn environment_of(task: &Task) -> std::collections::BTreeMap<String, String> {
+    let mut env = task.env.clone();
+    for name in &task.env_passthrough {
+        match std::env::var(name) {
+            Ok(value) => {
+                env.insert(name.clone(), value);
+            }
+            Err(_) => tracing::warn!(task = %task.name, variable = %name, "`env_passthrough` variable is not set"),
+        }
+    }
+    env
 }
 
 pub fn limits_of(task: &Task, default_timeout: Duration) -> Limits {
@@ -95,13 +113,15 @@ fn rand_fraction() -> f64 {
 pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Streams) -> Outcome {
     let started = Instant::now();
     let limits = limits_of(task, call.default_timeout);
+    let hosts = HostPolicy::parse(&task.allowed_hosts).expect("validated with the manifest");
     let mut request = InvokeRequest {
         task: task.name.clone(),
         args: call.args,
         kwargs: call.kwargs,
-        env: task.env.clone(),
+        env: environment_of(task),
         attempt: 0,
     };
+    let mut host_requests = Vec::new();
     let mut attempts = 0;
     let mut fuel_consumed = 0u64;
     let mut peak_memory_bytes = 0;
@@ -109,8 +129,10 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
     loop {
         attempts += 1;
         request.attempt = attempts;
-        let Attempt { result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, .. } =
-            program.run(&request, &limits, streams).await;
+        let Attempt {
+            result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, host_requests: calls, ..
+        } = program.run(&request, &limits, &hosts, streams).await;
+        host_requests.extend(calls);
         fuel_consumed = fuel_consumed.saturating_add(fuel);
         peak_memory_bytes = peak_memory_bytes.max(peak);
         let retry = match &result {
@@ -140,6 +162,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
                 fuel_consumed,
                 peak_memory_bytes,
                 attempt_errors,
+                host_requests,
             },
             output: Output { stdout, stderr },
         };

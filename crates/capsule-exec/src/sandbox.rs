@@ -4,12 +4,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
+use manifest_schema::HostPolicy;
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
 use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::host::{HostState, Phase, linker};
+use crate::net::{HostRequest, Network};
 use crate::output::{Captured, LiveSink, TeeOutput};
 
 /// The limits of one attempt.
@@ -33,6 +35,7 @@ pub struct Attempt {
     pub result: Result<Value, GuestError>,
     pub fuel_consumed: u64,
     pub peak_memory_bytes: u64,
+    pub host_requests: Vec<HostRequest>,
     pub duration: Duration,
     pub stdout: Captured,
     pub stderr: Captured,
@@ -68,11 +71,12 @@ impl Program {
             .unwrap_or(0)
     }
 
-    fn store(&self, limits: &Limits, streams: Streams, phase: Phase) -> (Store<HostState>, TeeOutput, TeeOutput) {
+    fn store(&self, limits: &Limits, streams: Streams, network: Network) -> (Store<HostState>, TeeOutput, TeeOutput) {
         let stdout = TeeOutput::new(streams.stdout);
         let stderr = TeeOutput::new(streams.stderr);
         let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).stderr(stderr.clone()).build_p1();
-        let mut store = Store::new(&self.engine, HostState::new(wasi, limits.memory_bytes, phase));
+        let state = HostState::new(wasi, limits.memory_bytes, Phase::Run).with_network(network);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         (store, stdout, stderr)
     }
@@ -81,7 +85,7 @@ impl Program {
     /// sandbox costs is measured with it.
     pub async fn instantiate_idle(&self, limits: &Limits) -> Result<IdleSandbox> {
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, _) = self.store(limits, streams, Phase::Run);
+        let (mut store, _, _) = self.store(limits, streams, Network::new(HostPolicy::default(), Instant::now()));
         store.set_fuel(limits.fuel).map_err(|e| anyhow!("{e}"))?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| anyhow!("{e}"))?;
@@ -92,7 +96,7 @@ impl Program {
     pub async fn describe(&self) -> Result<Vec<RegisteredTask>> {
         let limits = Limits { fuel: u64::MAX, memory_bytes: u64::MAX, timeout: Duration::from_secs(60) };
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, stderr) = self.store(&limits, streams, Phase::Run);
+        let (mut store, _, stderr) = self.store(&limits, streams, Network::new(HostPolicy::default(), Instant::now()));
         store.set_fuel(u64::MAX).map_err(|e| anyhow!("{e}"))?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let reply = async {
@@ -107,12 +111,12 @@ impl Program {
         serde_json::from_slice(&reply).context("the runtime described its tasks in an unexpected format")
     }
 
-    /// Runs one attempt of `request` in a fresh instance.
-    pub async fn run(&self, request: &InvokeRequest, limits: &Limits, streams: Streams) -> Attempt {
+    /// Runs one attempt of `request` in a fresh instance, with HTTP allowed by `hosts`.
+    pub async fn run(&self, request: &InvokeRequest, limits: &Limits, hosts: &HostPolicy, streams: Streams) -> Attempt {
         let started = Instant::now();
-        let (mut store, stdout, stderr) = self.store(limits, streams, Phase::Run);
-        store.set_fuel(limits.fuel).expect("fuel is enabled in the engine config");
         let deadline = started + limits.timeout;
+        let (mut store, stdout, stderr) = self.store(limits, streams, Network::new(hosts.clone(), deadline));
+        store.set_fuel(limits.fuel).expect("fuel is enabled in the engine config");
         // CPU-bound code is stopped at the next epoch tick after the deadline; code waiting in
         // the host (e.g. `time.sleep`) is stopped by the timeout around the whole call.
         store.epoch_deadline_callback(move |_| {
@@ -140,6 +144,7 @@ impl Program {
             result,
             fuel_consumed: limits.fuel.saturating_sub(fuel_left),
             peak_memory_bytes: limiter.peak(),
+            host_requests: std::mem::take(&mut store.data_mut().network.requests),
             duration: started.elapsed(),
             stdout: stdout.captured(),
             stderr: stderr.captured(),

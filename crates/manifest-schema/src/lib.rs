@@ -4,6 +4,7 @@
 //! Unknown fields are errors everywhere, and [`Manifest::validate`] checks what serde cannot,
 //! so a runner never acts on a manifest it does not fully understand.
 
+pub mod hosts;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use hosts::HostPolicy;
 pub use units::{Compute, UnitError, parse_duration, parse_memory};
 
 /// The manifest format this crate reads and writes.
@@ -73,6 +75,13 @@ pub struct Task {
     pub max_retries: u32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Names of the runner's environment variables the task also sees (values are read when
+    /// the task runs, never stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_passthrough: Vec<String>,
+    /// Host rules for HTTP requests (see [`hosts`]); empty means no network at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Error)]
@@ -143,6 +152,12 @@ impl Manifest {
             if task.timeout_ms == Some(0) {
                 return Err(format!("task `{}`: `timeout_ms` must be positive", task.name));
             }
+            if let Err(error) = HostPolicy::parse(&task.allowed_hosts) {
+                return Err(format!("task `{}`: `allowed_hosts`: {}", task.name, error.message));
+            }
+            if let Some(name) = task.env_passthrough.iter().find(|n| task.env.contains_key(*n)) {
+                return Err(format!("task `{}`: `{name}` is both in `env` and in `env_passthrough`", task.name));
+            }
         }
         Ok(())
     }
@@ -178,6 +193,8 @@ mod tests {
                     timeout_ms: Some(30_000),
                     max_retries: 1,
                     env: BTreeMap::from([("MODE".into(), "test".into())]),
+                    env_passthrough: vec!["API_TOKEN".into()],
+                    allowed_hosts: vec!["api.example.com".into(), "*.example.org:8443".into()],
                 },
                 Task {
                     name: "helper".into(),
@@ -188,6 +205,8 @@ mod tests {
                     timeout_ms: None,
                     max_retries: 0,
                     env: BTreeMap::new(),
+                    env_passthrough: Vec::new(),
+                    allowed_hosts: Vec::new(),
                 },
             ],
         }
@@ -214,6 +233,8 @@ mod tests {
         insta::assert_snapshot!(error_for(|m| m.tasks[1].name = "main".into()));
         insta::assert_snapshot!(error_for(|m| m.tasks[0].memory_bytes = 1 << 20));
         insta::assert_snapshot!(error_for(|m| m.tasks.clear()));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].allowed_hosts.push("https://x.com".into())));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].env_passthrough.push("MODE".into())));
     }
 
     #[test]

@@ -13,7 +13,7 @@ import traceback
 
 import _capsule
 import _capsule_bootstrap
-from capsule import _context, _task
+from capsule import _context, _task, _urllib
 
 
 def initialize():
@@ -40,6 +40,7 @@ def initialize():
     # Every run starts from this heap: keep runs from writing to it needlessly (see the C
     # side of `immortalize`), and keep the cyclic collector from walking it.
     _warm_up()
+    _urllib.install()
     gc.collect()
     _capsule.immortalize(gc.get_objects())
     gc.freeze()

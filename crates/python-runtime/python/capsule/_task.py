@@ -5,7 +5,9 @@ import functools
 
 # The options `@task` accepts. `capsule build` reads them from the source before any Python
 # runs and checks their values (units, ranges); here we only reject what cannot be right.
-TASK_OPTIONS = ("name", "compute", "ram", "timeout", "max_retries", "env_vars")
+TASK_OPTIONS = (
+    "name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts",
+)
 
 _registry = {}
 
@@ -48,6 +50,10 @@ def _check_options(options):
         and all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())
     ):
         raise TypeError("@task option 'env_vars' must be a dict of str to str")
+    for option in ("env_passthrough", "allowed_hosts"):
+        value = options.get(option)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise TypeError(f"@task option {option!r} must be a list of strings")
 
 
 def _register(new):

@@ -1,0 +1,148 @@
+//! HTTP from tasks against a real server on 127.0.0.1 that this test starts, and the
+//! `allowed_hosts` rules around it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::shared;
+
+const NETWORK: &str = "valid/network.py";
+
+/// A small HTTP/1.1 server on a free loopback port; each connection gets one answer.
+fn start_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let address = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || answer(stream));
+        }
+    });
+    format!("http://{address}")
+}
+
+fn answer(stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).unwrap();
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let (mut length, mut authorized) = (0, false);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let lower = line.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        authorized |= lower.starts_with("authorization: bearer secret");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let path = target.split('?').next().unwrap_or("");
+    let (status, extra, content): (&str, String, Vec<u8>) = match (method.as_str(), path) {
+        ("GET", "/json") => ("200 OK", "Content-Type: application/json\r\n".into(), br#"{"hello": "world"}"#.to_vec()),
+        (_, "/echo") => {
+            let echoed = json!({"method": method, "body": String::from_utf8_lossy(&body), "authorized": authorized});
+            ("200 OK", "Content-Type: application/json\r\n".into(), echoed.to_string().into_bytes())
+        }
+        ("GET", "/redirect-ok") => ("302 Found", "Location: /json\r\n".into(), Vec::new()),
+        // Never contacted: the task's rules refuse the hop before any connection is made.
+        ("GET", "/redirect-metadata") => {
+            ("302 Found", "Location: http://169.254.169.254/latest/meta-data/\r\n".into(), Vec::new())
+        }
+        ("GET", "/slow") => {
+            thread::sleep(Duration::from_secs(5));
+            ("200 OK", String::new(), b"late".to_vec())
+        }
+        ("GET", "/big") => ("200 OK", String::new(), vec![b'x'; 11 << 20]),
+        _ => ("404 Not Found", "Content-Type: text/plain\r\n".into(), b"missing".to_vec()),
+    };
+    let mut stream = stream;
+    let head = format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n", content.len());
+    let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&content));
+}
+
+fn run(task: &str, args: Vec<Value>) -> capsule_exec::Outcome {
+    let outcome = shared(NETWORK).run(task, args);
+    assert!(outcome.success, "{task}: {:?}", outcome.error);
+    outcome
+}
+
+#[test]
+fn requests_of_every_method_round_trip_through_the_host() {
+    let base = start_server();
+    let outcome = run("round_trips", vec![json!(base)]);
+    assert_eq!(
+        outcome.result,
+        json!({
+            "get": [200, true, {"hello": "world"}, "application/json"],
+            "post": {"method": "POST", "body": "{\"n\": 1}", "authorized": true},
+            "put": {"method": "PUT", "body": "plain text", "authorized": false},
+            "delete": {"method": "DELETE", "body": "", "authorized": false},
+            "missing": [404, false, "missing"],
+        })
+    );
+    let calls = &outcome.execution.host_requests;
+    assert_eq!(calls.len(), 5);
+    assert_eq!(calls[0].url, format!("{base}/json"), "the query string is not recorded");
+    assert_eq!((calls[0].method.as_str(), calls[0].status, calls[0].bytes), ("GET", Some(200), 18));
+    let envelope = serde_json::to_string(&outcome).unwrap();
+    assert!(!envelope.contains("secret"), "credentials never reach the envelope");
+}
+
+#[test]
+fn urlopen_goes_through_the_same_path() {
+    let base = start_server();
+    assert_eq!(run("with_urllib", vec![json!(base)]).result, json!([200, "{\"hello\": \"world\"}"]));
+}
+
+#[test]
+fn hosts_outside_the_rules_are_refused_with_the_reason() {
+    let base = start_server();
+    let message = |task: &str| run(task, vec![json!(base)]).result.as_str().unwrap().to_string();
+    assert!(message("without_allowed_hosts").contains("no `allowed_hosts`"), "{}", message("without_allowed_hosts"));
+    assert!(message("host_not_listed").contains("not in this task's `allowed_hosts` (\"api.example.com\")"));
+    let loopback = message("loopback_by_name");
+    assert!(loopback.contains("`localhost` resolves to 127.0.0.1, a loopback"), "{loopback}");
+}
+
+#[test]
+fn every_redirect_hop_is_checked() {
+    let base = start_server();
+    let result = run("redirects", vec![json!(base)]).result;
+    assert_eq!(result[0], json!(200));
+    assert_eq!(result[1], json!(true));
+    let refused = result[2].as_str().unwrap();
+    assert!(refused.contains("redirect to `http://169.254.169.254/latest/meta-data/` refused"), "{refused}");
+    assert!(refused.contains("link-local"), "{refused}");
+}
+
+#[test]
+fn a_server_that_does_not_answer_times_out_and_the_task_survives() {
+    let base = start_server();
+    let result = run("slow_server", vec![json!(base)]).result;
+    assert!(result.as_str().unwrap().starts_with("timed out"), "{result}");
+}
+
+#[test]
+fn oversized_responses_are_refused() {
+    let base = start_server();
+    assert_eq!(run("too_large", vec![json!(base)]).result, json!("too large"));
+}
+
+#[test]
+fn only_declared_and_passed_through_variables_are_visible() {
+    // SAFETY: set before the sandbox reads it; no other test uses these variables.
+    unsafe {
+        std::env::set_var("CAPSULE_TEST_PASSED_THROUGH", "from the host");
+        std::env::set_var("CAPSULE_TEST_NOT_DECLARED", "hidden");
+    }
+    let result = run("environment", vec![]).result;
+    assert_eq!(result, json!({"FIXED": "1", "CAPSULE_TEST_PASSED_THROUGH": "from the host"}));
+}
