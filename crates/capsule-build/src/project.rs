@@ -68,8 +68,13 @@ impl Project {
                 continue;
             }
             for module in local_modules(&root, &top)? {
-                let parsed = parse_module(&module.source, &module.path)?;
-                pending.extend(parsed.imports);
+                match parse_module(&module.source, &module.path) {
+                    Ok(parsed) => pending.extend(parsed.imports),
+                    // Third-party code may use syntax this parser does not know; CPython will
+                    // compile it (and report real errors) when it is imported.
+                    Err(_) if module.path.starts_with(&format!("{VENDOR_DIR}/")) => {}
+                    Err(diagnostics) => return Err(diagnostics.into()),
+                }
                 modules.insert(module.name.clone(), module);
             }
         }
@@ -82,22 +87,51 @@ fn is_identifier(name: &str) -> bool {
     chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_')
 }
 
-/// The module `name.py` or the whole package `name/` beside the entry file, if either exists.
+/// Where third-party packages are installed for a project: `pip install --target vendor PKG`.
+pub const VENDOR_DIR: &str = "vendor";
+
+/// File endings of compiled extension modules, which cannot run in the sandbox.
+const NATIVE_EXTENSIONS: &[&str] = &[".so", ".pyd", ".dylib"];
+
+/// The module `name.py` or the whole package `name/` beside the entry file, else in
+/// `vendor/`, if any exists. Module names are relative to the folder they were found in.
 fn local_modules(root: &Path, name: &str) -> Result<Vec<SourceModule>, BuildError> {
-    let file = root.join(format!("{name}.py"));
-    if file.is_file() {
-        return Ok(vec![read_module(root, &file)?]);
+    for base in [root.to_path_buf(), root.join(VENDOR_DIR)] {
+        let file = base.join(format!("{name}.py"));
+        if file.is_file() {
+            return Ok(vec![read_module(root, &base, &file)?]);
+        }
+        let package = base.join(name);
+        if package.join("__init__.py").is_file() {
+            let mut found = Vec::new();
+            collect_package(root, &base, &package, &mut found)?;
+            return Ok(found);
+        }
+        if let Some(native) = native_module(&base, name)? {
+            return Err(native_extension_error(root, name, &native));
+        }
     }
-    let package = root.join(name);
-    if !package.join("__init__.py").is_file() {
-        return Ok(Vec::new()); // the stdlib, or missing: Python will say so at import time
-    }
-    let mut found = Vec::new();
-    collect_package(root, &package, &mut found)?;
-    Ok(found)
+    Ok(Vec::new()) // the stdlib, or missing: Python will say so at import time
 }
 
-fn collect_package(root: &Path, dir: &Path, found: &mut Vec<SourceModule>) -> Result<(), BuildError> {
+/// A compiled single-file module `name.*.so` (or `.pyd`) in `base`.
+fn native_module(base: &Path, name: &str) -> Result<Option<PathBuf>, BuildError> {
+    let Ok(entries) = fs::read_dir(base) else { return Ok(None) };
+    Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).find(|path| {
+        let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        file.split('.').next() == Some(name) && NATIVE_EXTENSIONS.iter().any(|ext| file.ends_with(ext))
+    }))
+}
+
+fn native_extension_error(root: &Path, package: &str, file: &Path) -> BuildError {
+    let shown = file.strip_prefix(root).unwrap_or(file).display();
+    BuildError::usage(
+        format!("`{package}` contains a compiled extension module, `{shown}`, which cannot run in the Wasm sandbox"),
+        format!("use a pure-Python package instead of `{package}` (or a pure-Python version of it, if it has one)"),
+    )
+}
+
+fn collect_package(root: &Path, base: &Path, dir: &Path, found: &mut Vec<SourceModule>) -> Result<(), BuildError> {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| BuildError::io(format!("cannot list `{}`", dir.display()), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -109,19 +143,26 @@ fn collect_package(root: &Path, dir: &Path, found: &mut Vec<SourceModule>) -> Re
             continue;
         }
         if path.is_dir() && path.join("__init__.py").is_file() {
-            collect_package(root, &path, found)?;
+            collect_package(root, base, &path, found)?;
         } else if path.is_file() && name.ends_with(".py") && is_identifier(name.trim_end_matches(".py")) {
-            found.push(read_module(root, &path)?);
+            found.push(read_module(root, base, &path)?);
+        } else if NATIVE_EXTENSIONS.iter().any(|ext| name.ends_with(ext)) {
+            let package = dir.strip_prefix(base).unwrap_or(dir).components().next();
+            let package = package.map_or_else(String::new, |c| c.as_os_str().to_string_lossy().into_owned());
+            return Err(native_extension_error(root, &package, &path));
         }
     }
     Ok(())
 }
 
-fn read_module(root: &Path, file: &Path) -> Result<SourceModule, BuildError> {
-    let relative = file.strip_prefix(root).expect("modules are below the root");
-    let path = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+/// A module file below `base` (the project root or `vendor/`), shown relative to `root`.
+fn read_module(root: &Path, base: &Path, file: &Path) -> Result<SourceModule, BuildError> {
+    let slashed =
+        |relative: &Path| relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+    let path = slashed(file.strip_prefix(root).expect("modules are below the root"));
     let source = fs::read_to_string(file).map_err(|e| BuildError::io(format!("cannot read `{path}`"), e))?;
-    let mut parts: Vec<&str> = path.trim_end_matches(".py").split('/').collect();
+    let dotted = slashed(file.strip_prefix(base).expect("modules are below their base"));
+    let mut parts: Vec<&str> = dotted.trim_end_matches(".py").split('/').collect();
     let is_package = parts.last() == Some(&"__init__");
     if is_package {
         parts.pop();

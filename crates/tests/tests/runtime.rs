@@ -95,3 +95,9 @@ fn what_wasi_cannot_do_fails_inside_the_task_only() {
         assert_ne!(result, "worked", "`{what}` must be impossible in the sandbox");
     }
 }
+
+#[test]
+fn vendored_pure_python_packages_import() {
+    let outcome = shared("valid/uses_vendor.py").run("main", vec![]);
+    assert_eq!(outcome.result, json!(["Hello From Vendor", "1.0"]), "{:?}", outcome.error);
+}
