@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use manifest_schema::{Compute, UnitError, defaults, parse_duration, parse_memory};
+use manifest_schema::{
+    Compute, FileGrant, FileMode, UnitError, defaults, normalise_grant_path, parse_duration, parse_memory,
+};
 use rustpython_parser::Parse;
 use rustpython_parser::ast::{self, Constant, Expr, Ranged, Stmt};
 use rustpython_parser::source_code::RandomLocator;
@@ -65,6 +67,7 @@ pub struct DiscoveredTask {
     pub env: BTreeMap<String, String>,
     pub env_passthrough: Vec<String>,
     pub allowed_hosts: Vec<String>,
+    pub allowed_files: Vec<FileGrant>,
 }
 
 /// A parsed module: its tasks and the modules it imports (for bundling local modules).
@@ -75,8 +78,17 @@ pub struct ModuleInfo {
     pub imports: BTreeSet<String>,
 }
 
-const OPTIONS: &[&str] =
-    &["name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts"];
+const OPTIONS: &[&str] = &[
+    "name",
+    "compute",
+    "ram",
+    "timeout",
+    "max_retries",
+    "env_vars",
+    "env_passthrough",
+    "allowed_hosts",
+    "allowed_files",
+];
 
 struct Parser<'a> {
     path: &'a str,
@@ -263,6 +275,7 @@ fn parse_options(
         env: BTreeMap::new(),
         env_passthrough: Vec::new(),
         allowed_hosts: Vec::new(),
+        allowed_files: Vec::new(),
     };
     let Some(call) = call else { return Some(task) };
     let before = parser.problems.len();
@@ -359,6 +372,10 @@ fn parse_options(
                 },
                 None => parser.report(value.start(), "`allowed_hosts` must be a list of string literals", Some(literal_hint())),
             },
+            "allowed_files" => match file_grants(value) {
+                Ok(grants) => task.allowed_files = grants,
+                Err((at, error)) => parser.report(at, format!("invalid `allowed_files`: {}", error.message), error.hint),
+            },
             unknown => {
                 let hint = match closest(unknown, OPTIONS) {
                     Some(close) => format!("did you mean `{close}`? `@task` takes {}", list(OPTIONS)),
@@ -415,6 +432,47 @@ fn string_list(expr: &Expr) -> Option<Vec<String>> {
         _ => return None,
     };
     items.iter().map(|item| string_literal(item).map(str::to_string)).collect()
+}
+
+/// `["./data", {"path": "./out", "mode": "read-write"}]`, located at the faulty element.
+fn file_grants(expr: &Expr) -> Result<Vec<FileGrant>, (TextSize, UnitError)> {
+    let shape = |at: TextSize| {
+        (
+            at,
+            UnitError {
+                message: "write a list of folders: strings, or dicts with `path` and `mode`".into(),
+                hint: Some("e.g. `allowed_files=[\"./data\", {\"path\": \"./out\", \"mode\": \"read-write\"}]`".into()),
+            },
+        )
+    };
+    let items = match expr {
+        Expr::List(list) => &list.elts,
+        Expr::Tuple(tuple) => &tuple.elts,
+        _ => return Err(shape(expr.start())),
+    };
+    let mut grants = Vec::new();
+    for item in items {
+        let (path, mode) = match item {
+            Expr::Dict(dict) => {
+                let (mut path, mut mode) = (None, FileMode::ReadOnly);
+                for (key, value) in dict.keys.iter().zip(&dict.values) {
+                    match key.as_ref().and_then(string_literal) {
+                        Some("path") => path = Some(string_literal(value).ok_or_else(|| shape(value.start()))?),
+                        Some("mode") => {
+                            let text = string_literal(value).ok_or_else(|| shape(value.start()))?;
+                            mode = FileMode::parse(text).map_err(|e| (value.start(), e))?;
+                        }
+                        _ => return Err(shape(key.as_ref().map_or(item.start(), |k| k.start()))),
+                    }
+                }
+                (path.ok_or_else(|| shape(item.start()))?, mode)
+            }
+            other => (string_literal(other).ok_or_else(|| shape(other.start()))?, FileMode::ReadOnly),
+        };
+        let path = normalise_grant_path(path).map_err(|e| (item.start(), e))?;
+        grants.push(FileGrant { path, mode });
+    }
+    Ok(grants)
 }
 
 fn is_env_name(name: &str) -> bool {

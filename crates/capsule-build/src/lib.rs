@@ -118,6 +118,11 @@ pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutpu
             sha256,
             source: format!("{}.py", project.entry_module),
             initial_memory_bytes,
+            project_root: project
+                .tasks
+                .iter()
+                .any(|t| !t.allowed_files.is_empty())
+                .then(|| project.root.display().to_string()),
         },
         tasks: manifest_tasks(&project, &registered),
     };
@@ -147,6 +152,7 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
     field(&Sha256::digest(runtime));
     field(engine::fingerprint().as_bytes());
     field(project.entry_module.as_bytes());
+    field(project.root.as_os_str().as_encoded_bytes());
     // The limits as resolved now: a change of defaults or levels must not reuse a manifest.
     for task in &project.tasks {
         let limits = (
@@ -156,7 +162,7 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
             task.memory_bytes,
             task.timeout,
             task.max_retries,
-            (&task.env, &task.env_passthrough, &task.allowed_hosts),
+            (&task.env, &task.env_passthrough, &task.allowed_hosts, &task.allowed_files),
         );
         field(format!("{limits:?}").as_bytes());
     }
@@ -242,6 +248,7 @@ fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task>
             env: task.env.clone(),
             env_passthrough: task.env_passthrough.clone(),
             allowed_hosts: task.allowed_hosts.clone(),
+            allowed_files: task.allowed_files.clone(),
         })
         .collect()
 }

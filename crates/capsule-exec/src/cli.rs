@@ -32,6 +32,9 @@ pub struct TaskArgs {
     /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
     pub default_timeout: Duration,
+    /// The project folder that `allowed_files` paths are relative to [default: where it was built].
+    #[arg(long, value_name = "DIR")]
+    pub project: Option<std::path::PathBuf>,
     /// Arguments passed to the task as strings.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -46,7 +49,7 @@ impl TaskArgs {
             },
             None => self.args.iter().cloned().map(Value::String).collect(),
         };
-        Ok(Call { args, kwargs: serde_json::Map::new(), default_timeout: self.default_timeout })
+        Ok(Call { args, kwargs: serde_json::Map::new(), default_timeout: self.default_timeout, project_root: None })
     }
 
     /// The task named by `--task`, else `main`, else the only one.
@@ -83,7 +86,8 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 /// Runs the selected task and shows its outcome; returns the process exit code.
 pub async fn execute(program: &Program, manifest: &Manifest, args: &TaskArgs) -> Result<ExitCode> {
     let task = args.select(manifest)?;
-    let call = args.call()?;
+    let mut call = args.call()?;
+    call.project_root = args.project.clone().or_else(|| manifest.artifact.project_root.clone().map(Into::into));
     let outcome = run_task(program, task, call, args.streams()).await;
     show(&outcome, args.json);
     Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_TASK_FAILED }))

@@ -18,7 +18,7 @@ use wasmtime::{Engine, Module};
 
 pub use artifact::{Artifact, LoadError};
 pub use run::{Call, Outcome, run_task};
-pub use sandbox::{Limits, Program, Streams};
+pub use sandbox::{Access, Limits, Preopen, Program, Streams};
 
 /// The shared engine of a process, with its epoch ticker.
 pub struct Runner {

@@ -2,14 +2,16 @@
 
 use std::time::{Duration, Instant};
 
-use manifest_schema::{HostPolicy, Task};
+use std::path::{Path, PathBuf};
+
+use manifest_schema::{FileMode, HostPolicy, Task};
 use python_runtime::{ErrorKind, GuestError, InvokeRequest};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::net::HostRequest;
 use crate::output::Captured;
-use crate::sandbox::{Attempt, Limits, Program, Streams};
+use crate::sandbox::{Access, Attempt, Limits, Preopen, Program, Streams};
 
 /// The wall-clock ceiling for a task that sets no `timeout`, unless the runner is given
 /// another (`--default-timeout`).
@@ -65,12 +67,42 @@ pub struct Call {
     pub kwargs: serde_json::Map<String, Value>,
     /// Deadline of an attempt when the task sets no `timeout`.
     pub default_timeout: Duration,
+    /// The folder `allowed_files` paths are relative to (the manifest's `project_root`).
+    pub project_root: Option<PathBuf>,
 }
 
 impl Call {
     pub fn new(args: Vec<Value>) -> Self {
-        Self { args, kwargs: serde_json::Map::new(), default_timeout: DEFAULT_TIMEOUT }
+        Self { args, kwargs: serde_json::Map::new(), default_timeout: DEFAULT_TIMEOUT, project_root: None }
     }
+}
+
+/// The task's `allowed_files` as folders to preopen, each checked to be a folder inside the
+/// project after symbolic links are resolved.
+pub fn preopens_of(task: &Task, project_root: Option<&Path>) -> Result<Vec<Preopen>, String> {
+    if task.allowed_files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let root = project_root.ok_or("the manifest names no project folder for `allowed_files`")?;
+    let root = root.canonicalize().map_err(|e| format!("project folder `{}`: {e}", root.display()))?;
+    task.allowed_files
+        .iter()
+        .map(|grant| {
+            let wanted = root.join(&grant.path);
+            let host = wanted.canonicalize().map_err(|e| format!("`allowed_files` path `{}`: {e}", grant.path))?;
+            if !host.starts_with(&root) {
+                return Err(format!(
+                    "`allowed_files` path `{}` resolves outside the project, to `{}`",
+                    grant.path,
+                    host.display()
+                ));
+            }
+            if !host.is_dir() {
+                return Err(format!("`allowed_files` path `{}` is not a folder", grant.path));
+            }
+            Ok(Preopen { host, guest: grant.guest_path(), writable: grant.mode == FileMode::ReadWrite })
+        })
+        .collect()
 }
 
 /// The task's environment: its `env_vars`, plus the `env_passthrough` variables that are
@@ -114,6 +146,29 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
     let started = Instant::now();
     let limits = limits_of(task, call.default_timeout);
     let hosts = HostPolicy::parse(&task.allowed_hosts).expect("validated with the manifest");
+    let dirs = match preopens_of(task, call.project_root.as_deref()) {
+        Ok(dirs) => dirs,
+        Err(message) => {
+            let error =
+                GuestError { kind: ErrorKind::Host, exc_type: String::new(), message, traceback: String::new() };
+            return Outcome {
+                success: false,
+                result: Value::Null,
+                error: Some(error.clone()),
+                execution: Execution {
+                    task: task.name.clone(),
+                    duration_ms: 0,
+                    attempts: 0,
+                    fuel_consumed: 0,
+                    peak_memory_bytes: 0,
+                    attempt_errors: vec![error],
+                    host_requests: Vec::new(),
+                },
+                output: Output { stdout: Captured::default(), stderr: Captured::default() },
+            };
+        }
+    };
+    let access = Access { hosts, dirs };
     let mut request = InvokeRequest {
         task: task.name.clone(),
         args: call.args,
@@ -131,7 +186,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
         request.attempt = attempts;
         let Attempt {
             result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, host_requests: calls, ..
-        } = program.run(&request, &limits, &hosts, streams).await;
+        } = program.run(&request, &limits, &access, streams).await;
         host_requests.extend(calls);
         fuel_consumed = fuel_consumed.saturating_add(fuel);
         peak_memory_bytes = peak_memory_bytes.max(peak);

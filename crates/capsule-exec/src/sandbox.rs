@@ -8,7 +8,7 @@ use manifest_schema::HostPolicy;
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
 use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::host::{HostState, Phase, linker};
 use crate::net::{HostRequest, Network};
@@ -41,6 +41,21 @@ pub struct Attempt {
     pub stderr: Captured,
 }
 
+/// What a task may reach beyond its own memory.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub hosts: HostPolicy,
+    pub dirs: Vec<Preopen>,
+}
+
+/// A host folder the task sees at `guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
 /// An instance held without running; dropping it frees the sandbox.
 pub struct IdleSandbox {
     _store: Store<HostState>,
@@ -71,21 +86,35 @@ impl Program {
             .unwrap_or(0)
     }
 
-    fn store(&self, limits: &Limits, streams: Streams, network: Network) -> (Store<HostState>, TeeOutput, TeeOutput) {
+    fn store(
+        &self,
+        limits: &Limits,
+        streams: Streams,
+        network: Network,
+        dirs: &[Preopen],
+    ) -> Result<(Store<HostState>, TeeOutput, TeeOutput)> {
         let stdout = TeeOutput::new(streams.stdout);
         let stderr = TeeOutput::new(streams.stderr);
-        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).stderr(stderr.clone()).build_p1();
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        for dir in dirs {
+            let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            wasi.preopened_dir(&dir.host, &dir.guest, perms)
+                .map_err(|e| anyhow!("cannot open `{}` for the task: {e}", dir.host.display()))?;
+        }
+        let wasi = wasi.build_p1();
         let state = HostState::new(wasi, limits.memory_bytes, Phase::Run).with_network(network);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        (store, stdout, stderr)
+        Ok((store, stdout, stderr))
     }
 
     /// A fresh instance that runs nothing, kept alive by the returned value; what one idle
     /// sandbox costs is measured with it.
     pub async fn instantiate_idle(&self, limits: &Limits) -> Result<IdleSandbox> {
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, _) = self.store(limits, streams, Network::new(HostPolicy::default(), Instant::now()));
+        let (mut store, _, _) =
+            self.store(limits, streams, Network::new(HostPolicy::default(), Instant::now()), &[])?;
         store.set_fuel(limits.fuel).map_err(|e| anyhow!("{e}"))?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| anyhow!("{e}"))?;
@@ -96,7 +125,8 @@ impl Program {
     pub async fn describe(&self) -> Result<Vec<RegisteredTask>> {
         let limits = Limits { fuel: u64::MAX, memory_bytes: u64::MAX, timeout: Duration::from_secs(60) };
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, stderr) = self.store(&limits, streams, Network::new(HostPolicy::default(), Instant::now()));
+        let (mut store, _, stderr) =
+            self.store(&limits, streams, Network::new(HostPolicy::default(), Instant::now()), &[])?;
         store.set_fuel(u64::MAX).map_err(|e| anyhow!("{e}"))?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let reply = async {
@@ -111,11 +141,25 @@ impl Program {
         serde_json::from_slice(&reply).context("the runtime described its tasks in an unexpected format")
     }
 
-    /// Runs one attempt of `request` in a fresh instance, with HTTP allowed by `hosts`.
-    pub async fn run(&self, request: &InvokeRequest, limits: &Limits, hosts: &HostPolicy, streams: Streams) -> Attempt {
+    /// Runs one attempt of `request` in a fresh instance, with the given access.
+    pub async fn run(&self, request: &InvokeRequest, limits: &Limits, access: &Access, streams: Streams) -> Attempt {
         let started = Instant::now();
         let deadline = started + limits.timeout;
-        let (mut store, stdout, stderr) = self.store(limits, streams, Network::new(hosts.clone(), deadline));
+        let network = Network::new(access.hosts.clone(), deadline);
+        let (mut store, stdout, stderr) = match self.store(limits, streams, network, &access.dirs) {
+            Ok(store) => store,
+            Err(error) => {
+                return Attempt {
+                    result: Err(failure(ErrorKind::Host, format!("{error:#}"), String::new())),
+                    fuel_consumed: 0,
+                    peak_memory_bytes: 0,
+                    host_requests: Vec::new(),
+                    duration: started.elapsed(),
+                    stdout: Captured::default(),
+                    stderr: Captured::default(),
+                };
+            }
+        };
         store.set_fuel(limits.fuel).expect("fuel is enabled in the engine config");
         // CPU-bound code is stopped at the next epoch tick after the deadline; code waiting in
         // the host (e.g. `time.sleep`) is stopped by the timeout around the whole call.

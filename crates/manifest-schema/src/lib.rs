@@ -4,6 +4,7 @@
 //! Unknown fields are errors everywhere, and [`Manifest::validate`] checks what serde cannot,
 //! so a runner never acts on a manifest it does not fully understand.
 
+pub mod files;
 pub mod hosts;
 pub mod units;
 
@@ -13,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use files::{FileGrant, FileMode, normalise_grant_path};
 pub use hosts::HostPolicy;
 pub use units::{Compute, UnitError, parse_duration, parse_memory};
 
@@ -57,6 +59,10 @@ pub struct Artifact {
     pub source: String,
     /// Bytes of linear memory the snapshot needs before any task code runs.
     pub initial_memory_bytes: u64,
+    /// The project folder (absolute) that `allowed_files` paths are relative to; only present
+    /// when a task has `allowed_files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_root: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +88,9 @@ pub struct Task {
     /// Host rules for HTTP requests (see [`hosts`]); empty means no network at all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
+    /// Project folders the task may use (see [`files`]); empty means no file system.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_files: Vec<FileGrant>,
 }
 
 #[derive(Debug, Error)]
@@ -155,6 +164,17 @@ impl Manifest {
             if let Err(error) = HostPolicy::parse(&task.allowed_hosts) {
                 return Err(format!("task `{}`: `allowed_hosts`: {}", task.name, error.message));
             }
+            for grant in &task.allowed_files {
+                if normalise_grant_path(&grant.path).as_deref() != Ok(grant.path.as_str()) {
+                    return Err(format!(
+                        "task `{}`: `allowed_files` path `{}` is not a normalised project path",
+                        task.name, grant.path
+                    ));
+                }
+            }
+            if !task.allowed_files.is_empty() && self.artifact.project_root.is_none() {
+                return Err(format!("task `{}` has `allowed_files` but `artifact.project_root` is missing", task.name));
+            }
             if let Some(name) = task.env_passthrough.iter().find(|n| task.env.contains_key(*n)) {
                 return Err(format!("task `{}`: `{name}` is both in `env` and in `env_passthrough`", task.name));
             }
@@ -182,6 +202,7 @@ mod tests {
                 sha256: sha,
                 source: "hello.py".into(),
                 initial_memory_bytes: 30 << 20,
+                project_root: Some("/home/user/project".into()),
             },
             tasks: vec![
                 Task {
@@ -195,6 +216,10 @@ mod tests {
                     env: BTreeMap::from([("MODE".into(), "test".into())]),
                     env_passthrough: vec!["API_TOKEN".into()],
                     allowed_hosts: vec!["api.example.com".into(), "*.example.org:8443".into()],
+                    allowed_files: vec![
+                        FileGrant { path: "data".into(), mode: FileMode::ReadOnly },
+                        FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
+                    ],
                 },
                 Task {
                     name: "helper".into(),
@@ -207,6 +232,7 @@ mod tests {
                     env: BTreeMap::new(),
                     env_passthrough: Vec::new(),
                     allowed_hosts: Vec::new(),
+                    allowed_files: Vec::new(),
                 },
             ],
         }
@@ -235,6 +261,7 @@ mod tests {
         insta::assert_snapshot!(error_for(|m| m.tasks.clear()));
         insta::assert_snapshot!(error_for(|m| m.tasks[0].allowed_hosts.push("https://x.com".into())));
         insta::assert_snapshot!(error_for(|m| m.tasks[0].env_passthrough.push("MODE".into())));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].allowed_files[0].path = "../etc".into()));
     }
 
     #[test]

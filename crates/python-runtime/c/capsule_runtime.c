@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <wasi/api.h>
+#include <wasi/libc.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -232,9 +234,30 @@ EXPORT("capsule_describe") int64_t capsule_describe(void) {
     return packed;
 }
 
+/* wasi-libc learns the preopened directories once, in its constructors, which ran while the
+ * build snapshotted the module (with none). Tell it about this instance's own preopens, the
+ * directories granted by the task's `allowed_files`, so that paths resolve against them. */
+static void register_preopens(void) {
+    for (__wasi_fd_t fd = 3;; fd++) {
+        __wasi_prestat_t prestat;
+        if (__wasi_fd_prestat_get(fd, &prestat) != __WASI_ERRNO_SUCCESS) return;
+        if (prestat.tag != __WASI_PREOPENTYPE_DIR) continue;
+        size_t len = prestat.u.dir.pr_name_len;
+        char *name = malloc(len + 1);
+        if (name == NULL) return;
+        if (__wasi_fd_prestat_dir_name(fd, (uint8_t *)name, len) == __WASI_ERRNO_SUCCESS) {
+            name[len] = '\0';
+            __wasilibc_register_preopened_fd((int)fd, name); /* keeps `name` */
+        } else {
+            free(name);
+        }
+    }
+}
+
 /* Runs one task. `request` is JSON (see ABI.md); the reply is JSON, packed as for
  * `capsule_describe`. The request buffer stays owned by the host. */
 EXPORT("capsule_invoke") int64_t capsule_invoke(const char *request, int32_t len) {
+    register_preopens();
     PyObject *view = PyMemoryView_FromMemory((char *)request, len, PyBUF_READ);
     if (view == NULL) fatal_python_error("reading the request");
     PyObject *reply = call_runtime("invoke", view);

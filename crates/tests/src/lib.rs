@@ -36,7 +36,9 @@ impl Built {
     pub fn run(&self, task: &str, args: Vec<Value>) -> Outcome {
         let task = self.output.manifest.task(task).unwrap_or_else(|| panic!("no task {task}"));
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        block_on(run_task(&self.program, task, Call::new(args), streams))
+        let mut call = Call::new(args);
+        call.project_root = self.output.manifest.artifact.project_root.clone().map(Into::into);
+        block_on(run_task(&self.program, task, call, streams))
     }
 }
 

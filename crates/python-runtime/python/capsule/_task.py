@@ -7,6 +7,7 @@ import functools
 # runs and checks their values (units, ranges); here we only reject what cannot be right.
 TASK_OPTIONS = (
     "name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts",
+    "allowed_files",
 )
 
 _registry = {}
@@ -56,6 +57,17 @@ def _check_options(options):
             raise TypeError(f"@task option {option!r} must be a list of strings")
 
 
+def _check_files(grants):
+    if grants is None:
+        return
+    ok = isinstance(grants, list) and all(
+        isinstance(g, str) or (isinstance(g, dict) and isinstance(g.get("path"), str) and set(g) <= {"path", "mode"})
+        for g in grants
+    )
+    if not ok:
+        raise TypeError("@task option 'allowed_files' must be a list of paths or {'path': ..., 'mode': ...} dicts")
+
+
 def _register(new):
     existing = _registry.get(new.name)
     # Re-running the same definition (a module reloaded in a test) replaces it.
@@ -73,6 +85,7 @@ def task(function=None, /, **options):
     max_retries=..., env_vars=...)`).
     """
     _check_options(options)
+    _check_files(options.get("allowed_files"))
 
     def decorate(function):
         if not callable(function):

@@ -1,0 +1,47 @@
+//! `allowed_files`: granted folders work with their modes; nothing else can be reached.
+
+use std::fs;
+
+use python_runtime::ErrorKind;
+use serde_json::json;
+use tests::{build_into, load};
+
+#[test]
+fn granted_folders_work_and_nothing_else_is_reachable() {
+    let project = tempfile::tempdir().unwrap();
+    let root = project.path();
+    fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
+    fs::create_dir_all(root.join("data")).unwrap();
+    fs::create_dir_all(root.join("out")).unwrap();
+    fs::write(root.join("data/input.txt"), "granted input").unwrap();
+    fs::write(root.join("secret.txt"), "not granted").unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("data/link")).unwrap();
+    let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
+
+    assert_eq!(built.run("read_input", vec![]).result, json!("granted input"));
+    assert_eq!(built.run("write_report", vec![json!("done")]).result, json!(["report.txt"]));
+    assert_eq!(fs::read_to_string(root.join("out/report.txt")).unwrap(), "done", "written through to the host");
+
+    let forbidden = built.run("forbidden", vec![]);
+    assert!(forbidden.success, "{:?}", forbidden.error);
+    for (what, result) in forbidden.result.as_object().unwrap() {
+        assert_ne!(result, "allowed", "{what} must be refused");
+    }
+    assert!(!root.join("data/new.txt").exists());
+    assert_eq!(built.run("no_grants", vec![]).result, json!("PermissionError"));
+}
+
+#[test]
+fn a_grant_that_leaves_the_project_through_a_symlink_is_refused_by_the_runner() {
+    let project = tempfile::tempdir().unwrap();
+    let root = project.path();
+    fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("data")).unwrap();
+    let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
+    let outcome = built.run("read_input", vec![]);
+    let error = outcome.error.expect("refused");
+    assert_eq!(error.kind, ErrorKind::Host);
+    assert!(error.message.contains("resolves outside the project"), "{}", error.message);
+    assert_eq!(outcome.execution.attempts, 0, "no sandbox was started");
+}
