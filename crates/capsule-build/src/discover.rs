@@ -8,7 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use manifest_schema::{
-    Compute, FileGrant, FileMode, UnitError, defaults, normalise_grant_path, parse_duration, parse_memory,
+    Compute, FileGrant, FileMode, TaskDefaults, UnitError, normalise_grant_path, parse_duration, parse_memory,
 };
 use rustpython_parser::Parse;
 use rustpython_parser::ast::{self, Constant, Expr, Ranged, Stmt};
@@ -109,8 +109,9 @@ impl Parser<'_> {
     }
 }
 
-/// Parses `source` (shown to the user as `path`) and lists its tasks and imports.
-pub fn parse_module(source: &str, path: &str) -> Result<ModuleInfo, Diagnostics> {
+/// Parses `source` (shown to the user as `path`) and lists its tasks and imports; options a
+/// task leaves out take the value of `defaults`.
+pub fn parse_module(source: &str, path: &str, defaults: &TaskDefaults) -> Result<ModuleInfo, Diagnostics> {
     let mut parser = Parser { path, locator: RandomLocator::new(source), problems: Vec::new() };
     let suite = match ast::Suite::parse(source, path) {
         Ok(suite) => suite,
@@ -144,7 +145,7 @@ pub fn parse_module(source: &str, path: &str) -> Result<ModuleInfo, Diagnostics>
                 continue;
             }
             let line = parser.locator.locate(stmt.start()).row.get() as usize;
-            if let Some(task) = parse_options(&mut parser, name, line, call) {
+            if let Some(task) = parse_options(&mut parser, name, line, call, defaults) {
                 info.tasks.push(task);
             }
         }
@@ -263,15 +264,16 @@ fn parse_options(
     function: &str,
     line: usize,
     call: Option<&ast::ExprCall>,
+    defaults: &TaskDefaults,
 ) -> Option<DiscoveredTask> {
     let mut task = DiscoveredTask {
         name: function.to_string(),
         function: function.to_string(),
         line,
-        compute: defaults::COMPUTE,
-        memory_bytes: defaults::MEMORY_BYTES,
-        timeout: None,
-        max_retries: defaults::MAX_RETRIES,
+        compute: defaults.compute,
+        memory_bytes: defaults.memory_bytes,
+        timeout: defaults.timeout,
+        max_retries: defaults.max_retries,
         env: BTreeMap::new(),
         env_passthrough: Vec::new(),
         allowed_hosts: Vec::new(),
@@ -540,7 +542,7 @@ mod tests {
     use super::*;
 
     fn tasks(source: &str) -> Vec<DiscoveredTask> {
-        parse_module(source, "main.py").unwrap().tasks
+        parse_module(source, "main.py", &TaskDefaults::default()).unwrap().tasks
     }
 
     #[test]
@@ -569,7 +571,7 @@ mod tests {
         assert_eq!(found[0].env["A"], "b");
         assert_eq!(found[1].compute, Compute::Fuel(1000));
         assert_eq!(found[2].compute, Compute::Fuel(2000));
-        assert_eq!(found[1].memory_bytes, defaults::MEMORY_BYTES);
+        assert_eq!(found[1].memory_bytes, manifest_schema::defaults::MEMORY_BYTES);
     }
 
     #[test]
@@ -582,6 +584,7 @@ mod tests {
         let info = parse_module(
             "import json\nfrom helpers.text import shout\ndef f():\n    import util\n    from . import rel\n",
             "main.py",
+            &TaskDefaults::default(),
         )
         .unwrap();
         let imports: Vec<&str> = info.imports.iter().map(String::as_str).collect();

@@ -54,6 +54,21 @@ pub struct Timings {
     pub total: Duration,
 }
 
+/// The entry file named by `[workflow] entrypoint` in `dir/capsule.toml`, for `capsule run`
+/// without a file.
+pub fn entry_from_project(dir: &Path) -> Result<PathBuf, BuildError> {
+    let hint =
+        "pass the Python file (`capsule run main.py`), or set `[workflow] entrypoint = \"main.py\"` in capsule.toml";
+    let config = manifest_schema::ProjectFile::find(dir).map_err(|e| BuildError::message(e.to_string()))?;
+    match config.and_then(|c| c.workflow.entrypoint) {
+        Some(entry) => Ok(dir.join(entry)),
+        None => Err(BuildError::usage(
+            format!("no Python file given, and no `capsule.toml` with an entrypoint in `{}`", dir.display()),
+            hint,
+        )),
+    }
+}
+
 /// A runner whose compiler keeps an incremental cache (see [`cache`]), for building.
 pub fn build_runner() -> anyhow::Result<Runner> {
     let mut config = capsule_exec::engine::config();

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule_build::{BuildError, BuildOptions, build, build_runner};
+use std::path::Path;
+
+use capsule_build::{BuildError, BuildOptions, build, build_runner, entry_from_project};
 use capsule_exec::cli::{EXIT_USAGE, TaskArgs, execute};
 use clap::{Args, Parser, Subcommand};
 
@@ -33,8 +35,8 @@ enum Command {
 
 #[derive(Args)]
 struct BuildArgs {
-    /// The Python file that defines the tasks.
-    file: PathBuf,
+    /// The Python file that defines the tasks [default: `entrypoint` of ./capsule.toml].
+    file: Option<PathBuf>,
     /// Output folder [default: `.capsule/build/<name>/` beside FILE].
     #[arg(short = 'o', long = "out-dir", value_name = "DIR")]
     out_dir: Option<PathBuf>,
@@ -44,13 +46,29 @@ struct BuildArgs {
 }
 
 impl BuildArgs {
-    fn options(&self) -> BuildOptions {
-        BuildOptions {
-            entry: self.file.clone(),
+    /// The build options; a first argument that is not a `.py` file belongs to the task, and
+    /// the entry point then comes from capsule.toml.
+    fn options(&self, task: Option<&mut TaskArgs>) -> Result<BuildOptions, BuildError> {
+        let entry = match &self.file {
+            Some(file) if file.extension().is_some_and(|e| e == "py") => file.clone(),
+            other => {
+                if let (Some(argument), Some(task)) = (other, task) {
+                    task.args.insert(0, argument.display().to_string());
+                } else if let Some(argument) = other {
+                    return Err(BuildError::usage(
+                        format!("`{}` is not a Python file", argument.display()),
+                        "pass the `.py` file that defines your tasks",
+                    ));
+                }
+                entry_from_project(Path::new("."))?
+            }
+        };
+        Ok(BuildOptions {
+            entry,
             out_dir: self.out_dir.clone(),
             runtime: python_runtime::runtime_path(),
             force: self.force,
-        }
+        })
     }
 }
 
@@ -67,7 +85,7 @@ fn main() -> ExitCode {
             Err(error) => return fail(&format!("{error:#}")),
         };
         match &cli.command {
-            Command::Build { build: args } => match build(&runner, &args.options()).await {
+            Command::Build { build: args } => match async { build(&runner, &args.options(None)?).await }.await {
                 Ok(output) => {
                     let status = if output.cache_hit { "up to date" } else { "built" };
                     println!("{status}: {}", output.manifest_path.display());
@@ -76,7 +94,9 @@ fn main() -> ExitCode {
                 Err(error) => build_failed(&error),
             },
             Command::Run { build: args, task } => {
-                let output = match build(&runner, &args.options()).await {
+                let mut task = task.clone();
+                let options = args.options(Some(&mut task));
+                let output = match async { build(&runner, &options?).await }.await {
                     Ok(output) => output,
                     Err(error) => return build_failed(&error),
                 };
@@ -85,7 +105,7 @@ fn main() -> ExitCode {
                     Ok(loaded) => loaded,
                     Err(error) => return fail(&error.to_string()),
                 };
-                match execute(&program, &artifact.manifest, task).await {
+                match execute(&program, &artifact.manifest, &task).await {
                     Ok(code) => code,
                     Err(error) => fail(&format!("{error:#}")),
                 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use manifest_schema::ProjectFile;
 use python_runtime::SourceModule;
 
 use crate::discover::{Diagnostic, Diagnostics, DiscoveredTask, parse_module};
@@ -45,7 +46,9 @@ impl Project {
             ));
         }
         let entry_path = format!("{stem}.py");
-        let info = parse_module(&source, &entry_path)?;
+        let config = ProjectFile::find(&root).map_err(|e| BuildError::message(e.to_string()))?.unwrap_or_default();
+        let defaults = config.task_defaults().map_err(BuildError::message)?;
+        let info = parse_module(&source, &entry_path, &defaults)?;
         if info.tasks.is_empty() {
             return Err(BuildError::Discovery(Diagnostics(vec![Diagnostic {
                 path: entry_path,
@@ -68,7 +71,7 @@ impl Project {
                 continue;
             }
             for module in local_modules(&root, &top)? {
-                match parse_module(&module.source, &module.path) {
+                match parse_module(&module.source, &module.path, &defaults) {
                     Ok(parsed) => pending.extend(parsed.imports),
                     // Third-party code may use syntax this parser does not know; CPython will
                     // compile it (and report real errors) when it is imported.

@@ -123,3 +123,38 @@ fn a_build_with_a_cold_cache_equals_one_with_a_warm_cache() {
     assert_eq!(manifest(&a), manifest(&b), "the compilation cache must not change the artifact");
     assert!(cache.path().join("cranelift").is_dir() && cache.path().join("init").is_dir());
 }
+
+#[test]
+fn capsule_toml_names_the_entry_point_and_task_defaults() {
+    let project = tempfile::tempdir().unwrap();
+    let root = project.path();
+    std::fs::write(
+        root.join("capsule.toml"),
+        "[workflow]\nname = \"greeter\"\nversion = \"1.0.0\"\nentrypoint = \"app.py\"\n\n[tasks]\ndefault_compute = \"LOW\"\ndefault_max_retries = 0\ndefault_ram = \"96MiB\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("app.py"),
+        "from capsule import task\n\n@task\ndef main(name='you'):\n    return f'hi {name}'\n\n@task(max_retries=2)\ndef other():\n    return 1\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(capsule().args(["run", "Ada"]).current_dir(root));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "hi Ada", "a first argument that is not a .py file goes to the task");
+
+    let manifest = std::fs::read_to_string(root.join(".capsule/build/app/manifest.toml")).unwrap();
+    let manifest = manifest_schema::Manifest::from_toml(&manifest, "manifest.toml").unwrap();
+    let main = manifest.task("main").unwrap();
+    assert_eq!((main.compute.as_str(), main.max_retries, main.memory_bytes), ("LOW", 0, 96 << 20));
+    assert_eq!(manifest.task("other").unwrap().max_retries, 2, "a task's own option wins");
+
+    std::fs::write(root.join("capsule.toml"), "[workflow]\nentry = \"app.py\"\n").unwrap();
+    let (code, _, stderr) = run(capsule().arg("run").current_dir(root));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown field `entry`"), "{stderr}");
+
+    std::fs::remove_file(root.join("capsule.toml")).unwrap();
+    let (code, _, stderr) = run(capsule().arg("run").current_dir(root));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no `capsule.toml` with an entrypoint") && stderr.contains("hint:"), "{stderr}");
+}

@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod hosts;
+pub mod project;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use thiserror::Error;
 
 pub use files::{FileGrant, FileMode, normalise_grant_path};
 pub use hosts::HostPolicy;
+pub use project::{PROJECT_FILE, ProjectFile, TaskDefaults};
 pub use units::{Compute, UnitError, parse_duration, parse_memory};
 
 /// The manifest format this crate reads and writes.
@@ -97,7 +99,7 @@ pub struct Task {
 pub enum ManifestError {
     #[error("cannot read manifest `{path}`: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("`{path}` is not a valid manifest: {message}")]
+    #[error("cannot parse `{path}`: {message}")]
     Parse { path: String, message: String },
     #[error("`{path}`: {message}")]
     Invalid { path: String, message: String },
