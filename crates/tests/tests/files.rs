@@ -25,8 +25,9 @@ fn granted_folders_work_and_nothing_else_is_reachable() {
     let forbidden = built.run("forbidden", vec![]);
     assert!(forbidden.success, "{:?}", forbidden.error);
     for (what, result) in forbidden.result.as_object().unwrap() {
-        assert_ne!(result, "allowed", "{what} must be refused");
+        assert_eq!(result, "PermissionError", "{what} must be refused");
     }
+    assert_eq!(fs::read_to_string(root.join("secret.txt")).unwrap(), "not granted", "nothing outside changed");
     assert!(!root.join("data/new.txt").exists());
     assert_eq!(built.run("no_grants", vec![]).result, json!("PermissionError"));
 }

@@ -74,6 +74,26 @@ fn a_task_failing_twice_then_succeeding_reports_three_attempts() {
     assert_eq!(outcome.execution.attempts, 3);
     let messages: Vec<&str> = outcome.execution.attempt_errors.iter().map(|e| e.message.as_str()).collect();
     assert_eq!(messages, ["attempt 1 failed", "attempt 2 failed"]);
+
+    let once = shared(LIMITS).run("fails_once_without_retries", vec![]);
+    assert!(!once.success);
+    assert_eq!(once.execution.attempts, 1, "max_retries=0 means one attempt");
+}
+
+#[test]
+fn a_thousand_failing_tasks_leave_the_host_healthy_and_its_memory_flat() {
+    let built = shared(LIMITS);
+    let fail_many = |count: usize| {
+        for _ in 0..count {
+            assert!(!built.run("fails_once_without_retries", vec![]).success);
+        }
+    };
+    fail_many(100);
+    let before = resident_bytes();
+    fail_many(1_000);
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(grown < 64 << 20, "the host grew by {} MiB over 1,000 failures", grown >> 20);
+    assert_eq!(built.run("still_fine", vec![]).result, json!("still fine"));
 }
 
 #[test]
@@ -89,7 +109,7 @@ fn output_is_captured_up_to_a_bound() {
     let outcome = shared(LIMITS).run("flood", vec![]);
     assert_eq!(outcome.result, json!("flooded"));
     let stdout = &outcome.output.stdout;
-    assert!(stdout.truncated, "3 MiB printed, 1 MiB kept");
+    assert!(stdout.truncated, "100 MiB printed, 1 MiB kept");
     assert_eq!(stdout.text.len(), capsule_exec::output::CAPTURE_LIMIT);
 }
 

@@ -99,5 +99,10 @@ fn what_wasi_cannot_do_fails_inside_the_task_only() {
 #[test]
 fn vendored_pure_python_packages_import() {
     let outcome = shared("valid/uses_vendor.py").run("main", vec![]);
-    assert_eq!(outcome.result, json!(["Hello From Vendor", "1.0"]), "{:?}", outcome.error);
+    assert_eq!(
+        outcome.result,
+        json!(["hello from vendor", "hello%20from%20vendor", "1.17.0", true]),
+        "{:?}",
+        outcome.error
+    );
 }
