@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::output::LiveSink;
 use crate::run::{Call, Outcome, run_task};
 use crate::sandbox::{Program, Streams};
+use crate::subtasks::{Orchestrator, Scope};
 
 /// Exit code for a task that failed.
 pub const EXIT_TASK_FAILED: u8 = 1;
@@ -32,6 +33,9 @@ pub struct TaskArgs {
     /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
     pub default_timeout: Duration,
+    /// How many spawned sub-tasks run at once [default: the number of cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// The project folder that `allowed_files` paths are relative to [default: where it was built].
     #[arg(long, value_name = "DIR")]
     pub project: Option<std::path::PathBuf>,
@@ -88,7 +92,16 @@ pub async fn execute(program: &Program, manifest: &Manifest, args: &TaskArgs) ->
     let task = args.select(manifest)?;
     let mut call = args.call()?;
     call.project_root = args.project.clone().or_else(|| manifest.artifact.project_root.clone().map(Into::into));
-    let outcome = run_task(program, task, call, args.streams()).await;
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let orchestrator = Orchestrator::new(
+        program.clone(),
+        manifest.tasks.clone(),
+        args.streams(),
+        call.default_timeout,
+        call.project_root.clone(),
+        workers,
+    );
+    let outcome = run_task(program, task, call, args.streams(), Some(Scope::root(orchestrator))).await;
     show(&outcome, args.json);
     Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_TASK_FAILED }))
 }

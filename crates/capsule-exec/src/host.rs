@@ -11,6 +11,7 @@ use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::net::Network;
+use crate::subtasks::Subtasks;
 
 /// Largest request a guest may send through `host_call`.
 const MAX_HOST_REQUEST: usize = 16 << 20;
@@ -21,6 +22,8 @@ pub struct HostState {
     pub limiter: MemoryLimiter,
     pub phase: Phase,
     pub network: Network,
+    /// Calls to other tasks; `None` where there is no run to belong to.
+    pub subtasks: Option<Subtasks>,
     /// The reply of the last `host_call`, waiting for `host_reply` to copy it.
     pending_reply: Vec<u8>,
 }
@@ -42,6 +45,7 @@ impl HostState {
             limiter: MemoryLimiter::new(memory_limit),
             phase,
             network: Network::new(HostPolicy::default(), Instant::now()),
+            subtasks: None,
             pending_reply: Vec::new(),
         }
     }
@@ -62,6 +66,16 @@ impl HostState {
                 "`{method}` is not available while `capsule build` imports the module; call it inside a task"
             )),
             (Phase::Run, "http.request") => self.network.handle(&request["request"]).await,
+            (Phase::Run, "task.call" | "task.spawn" | "task.wait") => {
+                let Some(subtasks) = self.subtasks.as_mut() else {
+                    return refuse("calling other tasks needs a run (this sandbox has none)".into());
+                };
+                match method {
+                    "task.call" => subtasks.call(&request).await,
+                    "task.spawn" => subtasks.spawn(&request),
+                    _ => subtasks.wait(&request).await,
+                }
+            }
             (Phase::Run, method) => refuse(format!("unknown host method `{method}`")),
         }
     }

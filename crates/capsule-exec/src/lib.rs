@@ -10,6 +10,7 @@ pub mod net;
 pub mod output;
 pub mod run;
 pub mod sandbox;
+pub mod subtasks;
 
 use std::path::Path;
 

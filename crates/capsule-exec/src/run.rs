@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::net::HostRequest;
 use crate::output::Captured;
 use crate::sandbox::{Access, Attempt, Limits, Preopen, Program, Streams};
+use crate::subtasks::Scope;
 
 /// The wall-clock ceiling for a task that sets no `timeout`, unless the runner is given
 /// another (`--default-timeout`).
@@ -142,7 +143,9 @@ fn rand_fraction() -> f64 {
 }
 
 /// Runs `task` with retries and reports everything that happened.
-pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Streams) -> Outcome {
+/// `scope` places the task in a run's tree so that it may call sub-tasks; without one, calls
+/// to other tasks are refused.
+pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Streams, scope: Option<Scope>) -> Outcome {
     let started = Instant::now();
     let limits = limits_of(task, call.default_timeout);
     let hosts = HostPolicy::parse(&task.allowed_hosts).expect("validated with the manifest");
@@ -168,7 +171,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
             };
         }
     };
-    let access = Access { hosts, dirs };
+    let access = Access { hosts, dirs, subtasks: scope };
     let mut request = InvokeRequest {
         task: task.name.clone(),
         args: call.args,

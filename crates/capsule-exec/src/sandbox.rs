@@ -13,6 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use crate::host::{HostState, Phase, linker};
 use crate::net::{HostRequest, Network};
 use crate::output::{Captured, LiveSink, TeeOutput};
+use crate::subtasks::{Scope, Subtasks};
 
 /// The limits of one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -42,10 +43,12 @@ pub struct Attempt {
 }
 
 /// What a task may reach beyond its own memory.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Access {
     pub hosts: HostPolicy,
     pub dirs: Vec<Preopen>,
+    /// Where the task is in its run, for calling sub-tasks.
+    pub subtasks: Option<Scope>,
 }
 
 /// A host folder the task sees at `guest`.
@@ -62,7 +65,8 @@ pub struct IdleSandbox {
     _instance: wasmtime::Instance,
 }
 
-/// A loaded module, pre-linked so each attempt only instantiates it.
+/// A loaded module, pre-linked so each attempt only instantiates it. Cloning is cheap.
+#[derive(Clone)]
 pub struct Program {
     engine: Engine,
     pre: InstancePre<HostState>,
@@ -147,7 +151,10 @@ impl Program {
         let deadline = started + limits.timeout;
         let network = Network::new(access.hosts.clone(), deadline);
         let (mut store, stdout, stderr) = match self.store(limits, streams, network, &access.dirs) {
-            Ok(store) => store,
+            Ok((mut store, stdout, stderr)) => {
+                store.data_mut().subtasks = access.subtasks.clone().map(|scope| Subtasks::new(scope, deadline));
+                (store, stdout, stderr)
+            }
             Err(error) => {
                 return Attempt {
                     result: Err(failure(ErrorKind::Host, format!("{error:#}"), String::new())),

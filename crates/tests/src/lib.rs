@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use capsule_build::{BuildOptions, BuildOutput, build};
 use capsule_exec::output::LiveSink;
+use capsule_exec::subtasks::{Orchestrator, Scope};
 use capsule_exec::{Call, Outcome, Program, Runner, Streams, run_task};
 use serde_json::Value;
 
@@ -38,7 +39,15 @@ impl Built {
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
         let mut call = Call::new(args);
         call.project_root = self.output.manifest.artifact.project_root.clone().map(Into::into);
-        block_on(run_task(&self.program, task, call, streams))
+        let orchestrator = Orchestrator::new(
+            self.program.clone(),
+            self.output.manifest.tasks.clone(),
+            streams,
+            call.default_timeout,
+            call.project_root.clone(),
+            2,
+        );
+        block_on(run_task(&self.program, task, call, streams, Some(Scope::root(orchestrator))))
     }
 }
 

@@ -6,6 +6,6 @@ ordinary function call, so the same code can be tested with pytest.
 """
 
 from capsule._context import attempt
-from capsule._task import TASK_OPTIONS, Task, registered_tasks, task
+from capsule._task import TASK_OPTIONS, Handle, Task, TaskError, gather, registered_tasks, task
 
-__all__ = ["TASK_OPTIONS", "Task", "attempt", "registered_tasks", "task"]
+__all__ = ["TASK_OPTIONS", "Handle", "Task", "TaskError", "attempt", "gather", "registered_tasks", "task"]

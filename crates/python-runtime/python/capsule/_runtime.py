@@ -16,6 +16,39 @@ import _capsule_bootstrap
 from capsule import _context, _task, _urllib
 
 
+class _HostTasks:
+    """Sub-task calls, made by the host in fresh sandboxes (see `capsule._task.Task`)."""
+
+    def _send(self, payload):
+        return json.loads(_capsule.host_call(json.dumps(payload).encode()))
+
+    def _request(self, method, name, args, kwargs):
+        for position, value in [*enumerate(args, 1), *kwargs.items()]:
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise _task.TaskError(name, {
+                    "type": "invalid_input", "exc_type": type(exc).__name__,
+                    "message": f"argument {position!r} of `{name}` is not JSON: {exc}",
+                }) from None
+        return self._send({"method": method, "task": name, "args": list(args), "kwargs": kwargs})
+
+    @staticmethod
+    def _unwrap(name, reply):
+        if not reply["ok"]:
+            raise _task.TaskError(name, reply["error"])
+        return reply
+
+    def call(self, name, args, kwargs):
+        return self._unwrap(name, self._request("task.call", name, args, kwargs))["result"]
+
+    def spawn(self, name, args, kwargs):
+        return self._unwrap(name, self._request("task.spawn", name, args, kwargs))["handle"]
+
+    def wait(self, name, handle):
+        return self._unwrap(name, self._send({"method": "task.wait", "handle": handle}))["result"]
+
+
 def initialize():
     """Import the user's module, as described by the build's JSON request on stdin.
 
@@ -31,6 +64,7 @@ def initialize():
         # The sources are not on any file system at run time: keep them for tracebacks.
         lines = source.splitlines(keepends=True)
         linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
+    _task._host = _HostTasks()
     try:
         importlib.import_module(request["entry_module"])
     except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)

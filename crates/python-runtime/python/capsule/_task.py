@@ -12,9 +12,58 @@ TASK_OPTIONS = (
 
 _registry = {}
 
+# Inside the sandbox, `capsule._runtime` sets this to the host's sub-task interface; under
+# plain Python it stays None and tasks are ordinary function calls.
+_host = None
+_NOT_YET = object()
+
+
+class TaskError(Exception):
+    """A sub-task failed after its retries. `type` is one of the envelope's error types
+    (`exception`, `timeout`, `fuel`, `memory`, `host`, `invalid_input`)."""
+
+    def __init__(self, task, error):
+        self.task = task
+        self.type = error.get("type", "host")
+        self.exc_type = error.get("exc_type", "")
+        self.message = error.get("message", "")
+        self.traceback = error.get("traceback", "")
+        what = f"{self.exc_type}: {self.message}" if self.exc_type else self.message
+        super().__init__(f"task {task!r} failed ({self.type}): {what}")
+
+
+class Handle:
+    """A sub-task started with `spawn`; `result()` waits for it."""
+
+    def __init__(self, task, handle=None, result=_NOT_YET, error=None):
+        self.task = task
+        self._handle = handle
+        self._result = result
+        self._error = error
+
+    def result(self):
+        if self._result is _NOT_YET and self._error is None:
+            try:
+                self._result = _host.wait(self.task, self._handle)
+            except TaskError as error:
+                self._error = error
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def gather(*handles):
+    """The results of `handles`, in order; raises the first `TaskError`."""
+    return [handle.result() for handle in handles]
+
 
 class Task:
-    """A function registered as a Capsule task. Calling it calls the function."""
+    """A function registered as a Capsule task.
+
+    Calling it runs it: inside Capsule as a sub-task, in its own sandbox with its own limits;
+    under plain Python as an ordinary call. `spawn` starts it without waiting, `map` runs it
+    for every item of an iterable, concurrently.
+    """
 
     def __init__(self, function, options):
         self.function = function
@@ -27,7 +76,20 @@ class Task:
         return f"{self.function.__module__}.{self.function.__qualname__}"
 
     def __call__(self, *args, **kwargs):
-        return self.function(*args, **kwargs)
+        if _host is None:
+            return self.function(*args, **kwargs)
+        return _host.call(self.name, args, kwargs)
+
+    def spawn(self, *args, **kwargs):
+        if _host is not None:
+            return Handle(self.name, handle=_host.spawn(self.name, args, kwargs))
+        try:
+            return Handle(self.name, result=self.function(*args, **kwargs))
+        except Exception as error:  # noqa: BLE001 (kept for `result()`, as inside Capsule)
+            return Handle(self.name, error=TaskError(self.name, {"type": "exception", "exc_type": type(error).__name__, "message": str(error)}))
+
+    def map(self, iterable):
+        return gather(*[self.spawn(item) for item in iterable])
 
     def __repr__(self):
         return f"<capsule task {self.name!r} ({self.qualified_name})>"

@@ -93,7 +93,7 @@ fn quiet() -> Streams {
 
 async fn invoke_once(program: &Program, task: &manifest_schema::Task) -> Duration {
     let started = Instant::now();
-    let outcome = run_task(program, task, Call::new(vec![]), quiet()).await;
+    let outcome = run_task(program, task, Call::new(vec![]), quiet(), None).await;
     assert!(outcome.success, "{:?}", outcome.error);
     started.elapsed()
 }
@@ -273,6 +273,7 @@ fn main() {
         &kernel_task,
         Call::new(vec![json!(repeat.parse::<u32>().unwrap())]),
         quiet(),
+        None,
     ));
     assert!(inside.success, "{:?}", inside.error);
     for (name, native_seconds) in native.as_object().unwrap() {

@@ -1,0 +1,50 @@
+//! Sub-tasks in their own sandboxes: results, concurrency, independent limits, guards.
+
+use python_runtime::ErrorKind;
+use serde_json::json;
+use tests::shared;
+
+const WORKFLOW: &str = "valid/workflow.py";
+
+#[test]
+fn a_fan_out_of_32_returns_every_result_in_order_and_children_overlap() {
+    let outcome = shared(WORKFLOW).run("fan_out", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    let results = outcome.result.as_array().unwrap();
+    assert_eq!(results.len(), 32);
+    for (n, result) in results.iter().enumerate() {
+        assert_eq!(result["n"], json!(n));
+        assert_eq!(result["square"], json!(n * n));
+    }
+    let spans: Vec<(f64, f64)> =
+        results.iter().map(|r| (r["started"].as_f64().unwrap(), r["ended"].as_f64().unwrap())).collect();
+    let overlapping = spans.iter().enumerate().any(|(i, a)| spans.iter().skip(i + 1).any(|b| a.0 < b.1 && b.0 < a.1));
+    assert!(overlapping, "spawned sub-tasks ran one after another: {spans:?}");
+}
+
+#[test]
+fn a_direct_call_runs_the_sub_task_and_returns_its_result() {
+    assert_eq!(shared(WORKFLOW).run("call_one", vec![json!(7)]).result, json!(49));
+}
+
+#[test]
+fn a_child_out_of_fuel_fails_alone_and_the_parent_sees_its_type() {
+    let outcome = shared(WORKFLOW).run("siblings_fail_alone", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    assert_eq!(outcome.result, json!([9, ["fuel", "spin"], 16]));
+}
+
+#[test]
+fn arguments_that_are_not_json_are_refused_naming_the_argument() {
+    let result = shared(WORKFLOW).run("bad_argument", vec![]).result;
+    assert_eq!(result[0], json!("invalid_input"));
+    assert!(result[1].as_str().unwrap().contains("argument 1 of `square` is not JSON"), "{result}");
+}
+
+#[test]
+fn unbounded_recursion_of_sub_tasks_stops_at_the_depth_limit() {
+    let error = shared(WORKFLOW).run("recurse", vec![]).error.expect("the depth guard stops it");
+    assert_eq!(error.kind, ErrorKind::Exception);
+    assert_eq!(error.exc_type, "TaskError");
+    assert!(error.message.contains("nest 8 deep at most"), "{}", error.message);
+}
