@@ -1,4 +1,6 @@
-//! The `capsule` command line: `capsule build FILE`, `capsule run FILE`.
+//! The `capsule` command line: `capsule build`, `capsule run`, `capsule resume`, `capsule runs`.
+
+mod runs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +9,7 @@ use std::path::Path;
 
 use capsule_build::{BuildError, BuildOptions, build, build_runner, entry_from_project};
 use capsule_exec::cli::{EXIT_USAGE, TaskArgs, execute};
+use capsule_exec::journal::{DEFAULT_JOURNAL, Journal};
 use clap::{Args, Parser, Subcommand};
 
 /// Run Python `@task` functions in WebAssembly sandboxes.
@@ -24,13 +27,40 @@ enum Command {
         #[command(flatten)]
         build: BuildArgs,
     },
-    /// Build FILE (cached) and run one of its tasks.
+    /// Build FILE (cached) and run one of its tasks, journaled in `.capsule/journal.db`.
     Run {
         #[command(flatten)]
         build: BuildArgs,
         #[command(flatten)]
         task: TaskArgs,
     },
+    /// Resume a journaled run: what finished is replayed, the rest runs.
+    Resume {
+        /// The run to resume, as printed by `capsule run` or listed by `capsule runs`.
+        run_id: String,
+        /// Output folder of the build [default: `.capsule/build/<name>/`].
+        #[arg(short = 'o', long = "out-dir", value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        #[command(flatten)]
+        task: TaskArgs,
+    },
+    /// List recent runs of the journal, or show one as a tree.
+    Runs {
+        #[command(subcommand)]
+        show: Option<RunsCommand>,
+        /// The journal [default: `.capsule/journal.db`].
+        #[arg(long, value_name = "PATH", global = true)]
+        journal: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Show the tree of tasks and HTTP calls of one run.
+    Show { run_id: String },
 }
 
 #[derive(Args)]
@@ -95,23 +125,80 @@ fn main() -> ExitCode {
             },
             Command::Run { build: args, task } => {
                 let mut task = task.clone();
-                let options = args.options(Some(&mut task));
-                let output = match async { build(&runner, &options?).await }.await {
-                    Ok(output) => output,
-                    Err(error) => return build_failed(&error),
+                let options = if task.resume.is_some() && args.file.is_none() {
+                    resumed_entry(&task).map(|entry| BuildOptions {
+                        entry,
+                        out_dir: args.out_dir.clone(),
+                        runtime: python_runtime::runtime_path(),
+                        force: args.force,
+                    })
+                } else {
+                    args.options(Some(&mut task))
                 };
-                let loaded = runner.load(&output.manifest_path);
-                let (artifact, program) = match loaded {
-                    Ok(loaded) => loaded,
-                    Err(error) => return fail(&error.to_string()),
-                };
-                match execute(&program, &artifact.manifest, &task).await {
-                    Ok(code) => code,
+                run_and_show(&runner, options, &task).await
+            }
+            Command::Resume { run_id, out_dir, task } => {
+                let mut task = task.clone();
+                task.resume = Some(run_id.clone());
+                let options = resumed_entry(&task).map(|entry| BuildOptions {
+                    entry,
+                    out_dir: out_dir.clone(),
+                    runtime: python_runtime::runtime_path(),
+                    force: false,
+                });
+                run_and_show(&runner, options, &task).await
+            }
+            Command::Runs { show, journal, json } => {
+                let path = journal.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL));
+                match runs::show(&path, show.as_ref().map(|RunsCommand::Show { run_id }| run_id.as_str()), *json) {
+                    Ok(()) => ExitCode::SUCCESS,
                     Err(error) => fail(&format!("{error:#}")),
                 }
             }
         }
     })
+}
+
+/// The entry file of the run being resumed, from its journal (`--journal`, else the one in
+/// the current folder).
+fn resumed_entry(task: &TaskArgs) -> Result<PathBuf, BuildError> {
+    let path = task.journal.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL));
+    let run = task.resume.as_deref().expect("resuming");
+    let journal = Journal::open(&path).map_err(|e| BuildError::message(e.to_string()))?;
+    let record = journal.run(run).map_err(|e| {
+        BuildError::usage(
+            e.to_string(),
+            "run `capsule runs` in the project folder to list the runs, or pass `--journal PATH`",
+        )
+    })?;
+    // The journal lives in `<project>/.capsule/journal.db`; entries are relative to the project.
+    let project = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    Ok(project.join(record.entry))
+}
+
+async fn run_and_show(
+    runner: &capsule_exec::Runner,
+    options: Result<BuildOptions, BuildError>,
+    task: &TaskArgs,
+) -> ExitCode {
+    let output = match async { build(runner, &options?).await }.await {
+        Ok(output) => output,
+        Err(error) => return build_failed(&error),
+    };
+    let (artifact, program) = match runner.load(&output.manifest_path) {
+        Ok(loaded) => loaded,
+        Err(error) => return fail(&error.to_string()),
+    };
+    let project = artifact.manifest.artifact.source.clone();
+    let journal = output
+        .manifest_path
+        .ancestors()
+        .find(|dir| dir.join(&project).is_file())
+        .map(|root| root.join(DEFAULT_JOURNAL));
+    match execute(&program, &artifact.manifest, task, journal.as_deref()).await {
+        Ok(code) => code,
+        Err(error) => fail(&format!("{error:#}")),
+    }
 }
 
 fn build_failed(error: &BuildError) -> ExitCode {

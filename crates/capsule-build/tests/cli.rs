@@ -158,3 +158,48 @@ fn capsule_toml_names_the_entry_point_and_task_defaults() {
     assert_eq!(code, 2);
     assert!(stderr.contains("no `capsule.toml` with an entrypoint") && stderr.contains("hint:"), "{stderr}");
 }
+
+#[test]
+fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused() {
+    let project = tempfile::tempdir().unwrap();
+    let root = project.path();
+    std::fs::copy(fixtures::path("valid/durable.py"), root.join("durable.py")).unwrap();
+    let capsule_in = |failing: Option<&str>| {
+        let mut command = capsule();
+        command.current_dir(root).env_remove("CAPSULE_TEST_FAIL_AT");
+        if let Some(step) = failing {
+            command.env("CAPSULE_TEST_FAIL_AT", step);
+        }
+        command
+    };
+    let (code, _, stderr) = run(capsule_in(Some("3")).args(["run", "durable.py", "--json"]));
+    assert_eq!(code, 1, "step 3 fails: {stderr}");
+    let run_id = stderr.split("capsule: run ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+
+    let (code, listing, _) = run(capsule_in(None).args(["runs", "--json"]));
+    assert_eq!(code, 0);
+    let runs: Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!((runs[0]["id"].as_str(), runs[0]["status"].as_str()), (Some(run_id.as_str()), Some("failed")));
+
+    let (code, stdout, stderr) = run(capsule_in(None).args(["resume", &run_id, "--json", "--verbose"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stderr.matches("replayed from the journal").count(), 2, "steps 1 and 2 are not run again: {stderr}");
+    let envelope: Value = serde_json::from_str(&stdout).unwrap();
+    let steps = envelope["result"].as_array().unwrap();
+    assert_eq!(steps.len(), 3);
+
+    let (code, tree, _) = run(capsule_in(None).args(["runs", "show", &run_id]));
+    assert_eq!(code, 0);
+    assert!(tree.contains("main ok") && tree.contains("#3 step: ok"), "{tree}");
+
+    // The code changes under a failed run: resuming it must refuse, not mix two programs.
+    let (code, _, _) = run(capsule_in(Some("2")).args(["run", "durable.py"]));
+    assert_eq!(code, 1);
+    let (_, listing, _) = run(capsule_in(None).args(["runs", "--json"]));
+    let second_id = serde_json::from_str::<Value>(&listing).unwrap()[0]["id"].as_str().unwrap().to_string();
+    let source = std::fs::read_to_string(root.join("durable.py")).unwrap();
+    std::fs::write(root.join("durable.py"), source.replace("range(1, count + 1)", "range(count, 0, -1)")).unwrap();
+    let (code, _, stderr) = run(capsule_in(None).args(["resume", &second_id]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("workflow diverged at step 1"), "{stderr}");
+}

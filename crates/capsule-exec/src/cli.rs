@@ -1,7 +1,9 @@
 //! What `capsule-exec` and `capsule run` share: choosing the task, reading its arguments,
 //! showing the outcome and the exit code.
 
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -9,10 +11,11 @@ use clap::Args;
 use manifest_schema::{Manifest, Task};
 use serde_json::Value;
 
+use crate::journal::{Entered, Journal, hash_json};
 use crate::output::LiveSink;
 use crate::run::{Call, Outcome, run_task};
 use crate::sandbox::{Program, Streams};
-use crate::subtasks::{Orchestrator, Scope};
+use crate::subtasks::{JournalPosition, Orchestrator, Scope};
 
 /// Exit code for a task that failed.
 pub const EXIT_TASK_FAILED: u8 = 1;
@@ -33,6 +36,15 @@ pub struct TaskArgs {
     /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
     pub default_timeout: Duration,
+    /// Journal file recording the run, for `--resume` and `capsule runs`.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<std::path::PathBuf>,
+    /// Resume the journaled run RUN_ID: finished sub-tasks and HTTP calls are replayed.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["task", "args_json", "args"])]
+    pub resume: Option<String>,
+    /// Print sub-task events as they happen.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// How many spawned sub-tasks run at once [default: the number of cores].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -87,10 +99,44 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     })
 }
 
-/// Runs the selected task and shows its outcome; returns the process exit code.
-pub async fn execute(program: &Program, manifest: &Manifest, args: &TaskArgs) -> Result<ExitCode> {
-    let task = args.select(manifest)?;
-    let mut call = args.call()?;
+/// Runs the selected task (or resumes a journaled run) and shows its outcome; returns the
+/// process exit code. `journal` is `--journal` or the caller's default.
+pub async fn execute(
+    program: &Program,
+    manifest: &Manifest,
+    args: &TaskArgs,
+    journal: Option<&Path>,
+) -> Result<ExitCode> {
+    let journal = match args.journal.as_deref().or(journal) {
+        Some(path) => Some(Arc::new(Journal::open(path)?)),
+        None => None,
+    };
+    let (task, mut call, run_id) = match (&args.resume, &journal) {
+        (Some(id), Some(journal)) => {
+            let record = journal.run(id)?;
+            let task = manifest
+                .task(&record.task)
+                .with_context(|| format!("run `{id}` ran task `{}`, which this build no longer has", record.task))?;
+            let Value::Array(values) = record.args else { bail!("run `{id}` has malformed arguments in the journal") };
+            let call = Call { args: values, ..args.call()? };
+            (task, call, Some(id.clone()))
+        }
+        (Some(_), None) => bail!("`--resume` needs a journal\n  hint: pass `--journal PATH`"),
+        (None, journal) => {
+            let task = args.select(manifest)?;
+            let call = args.call()?;
+            let run_id = match journal {
+                Some(journal) => Some(journal.start_run(
+                    &manifest.artifact.source,
+                    &manifest.artifact.sha256,
+                    &task.name,
+                    &Value::Array(call.args.clone()),
+                )?),
+                None => None,
+            };
+            (task, call, run_id)
+        }
+    };
     call.project_root = args.project.clone().or_else(|| manifest.artifact.project_root.clone().map(Into::into));
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let orchestrator = Orchestrator::new(
@@ -100,8 +146,29 @@ pub async fn execute(program: &Program, manifest: &Manifest, args: &TaskArgs) ->
         call.default_timeout,
         call.project_root.clone(),
         workers,
-    );
-    let outcome = run_task(program, task, call, args.streams(), Some(Scope::root(orchestrator))).await;
+    )
+    .verbose(args.verbose);
+
+    let mut position = None;
+    if let (Some(journal), Some(run)) = (&journal, &run_id) {
+        eprintln!("capsule: run {run} (resume it with `--resume {run}`)");
+        let args_hash = hash_json(&serde_json::json!([call.args, call.kwargs]));
+        match journal.enter(run, 0, 0, "task", &task.name, "", &args_hash)? {
+            Entered::Replay { result, .. } => {
+                show(&Outcome::replayed(result), args.json);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Entered::Run { id } => {
+                position = Some(JournalPosition { journal: journal.clone(), run: run.as_str().into(), call: id })
+            }
+        }
+    }
+    let outcome =
+        run_task(program, task, call, args.streams(), Some(Scope::root(orchestrator, position.clone()))).await;
+    if let (Some(position), Some(run)) = (position, &run_id) {
+        position.complete(position.call, &outcome);
+        position.journal.finish_run(run, outcome.success)?;
+    }
     show(&outcome, args.json);
     Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_TASK_FAILED }))
 }

@@ -6,6 +6,7 @@ pub mod artifact;
 pub mod cli;
 pub mod engine;
 pub mod host;
+pub mod journal;
 pub mod net;
 pub mod output;
 pub mod run;

@@ -37,7 +37,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     tracing::debug!(elapsed = ?started.elapsed(), "engine ready");
     let (artifact, program) = runner.load(&cli.manifest)?;
     tracing::debug!(elapsed = ?started.elapsed(), "program ready");
-    execute(&program, &artifact.manifest, &cli.task).await
+    execute(&program, &artifact.manifest, &cli.task, None).await
 }
 
 fn init_logging() {

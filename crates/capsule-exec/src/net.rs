@@ -4,7 +4,7 @@
 //! address), sizes are capped, and no call outlives the task's deadline.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,9 @@ use manifest_schema::HostPolicy;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use crate::journal::{Completion, Entered, hash_json};
+use crate::subtasks::JournalPosition;
 
 /// The largest response body a task may receive.
 pub const MAX_RESPONSE_BYTES: usize = 10 << 20;
@@ -51,15 +54,56 @@ pub struct Network {
     policy: Arc<HostPolicy>,
     deadline: Instant,
     pub requests: Vec<HostRequest>,
+    journal: Option<JournalPosition>,
+    sequence: Arc<AtomicU32>,
 }
 
 impl Network {
     pub fn new(policy: HostPolicy, deadline: Instant) -> Self {
-        Self { policy: Arc::new(policy), deadline, requests: Vec::new() }
+        Self { policy: Arc::new(policy), deadline, requests: Vec::new(), journal: None, sequence: Arc::default() }
     }
 
-    /// Performs the guest's request (JSON) and returns the reply for the guest (JSON).
+    /// Journals every call at its position in the attempt's `sequence`.
+    pub fn with_journal(mut self, journal: Option<JournalPosition>, sequence: Arc<AtomicU32>) -> Self {
+        self.journal = journal;
+        self.sequence = sequence;
+        self
+    }
+
+    /// Performs the guest's request (JSON) and returns the reply for the guest (JSON); with a
+    /// journal, a request that finished in an earlier run of this workflow is replayed.
     pub async fn handle(&mut self, request: &Value) -> Value {
+        let seq = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        let Some(position) = self.journal.clone() else { return self.handle_now(request).await };
+        let method = request.get("method").and_then(Value::as_str).unwrap_or_default().to_ascii_uppercase();
+        let url = request.get("url").and_then(Value::as_str).unwrap_or_default();
+        // Headers are left out of the identity: they may carry credentials that change.
+        let identity = json!([method, url, request.get("body_base64")]);
+        match position.enter(seq, "http", &method, &without_query(url), &hash_json(&identity)) {
+            Ok(Entered::Replay { result, .. }) => result,
+            Ok(Entered::Run { id }) => {
+                let started = Instant::now();
+                let reply = self.handle_now(request).await;
+                let ok = reply.get("ok") == Some(&Value::Bool(true));
+                let how = Completion {
+                    ok,
+                    result: &reply,
+                    error: reply.get("error"),
+                    attempts: None,
+                    fuel: None,
+                    peak_memory_bytes: None,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                };
+                if let Err(error) = position.journal.complete(id, &how) {
+                    tracing::error!(%error, "could not record an HTTP call in the journal");
+                }
+                reply
+            }
+            Err(message) => failure("refused", message),
+        }
+    }
+
+    async fn handle_now(&mut self, request: &Value) -> Value {
         let started = Instant::now();
         let request: HttpRequest = match serde_json::from_value(request.clone()) {
             Ok(request) => request,

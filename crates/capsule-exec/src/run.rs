@@ -61,6 +61,27 @@ pub struct Output {
     pub stderr: Captured,
 }
 
+impl Outcome {
+    /// The outcome of a call the journal shows finished: its result, without running it.
+    pub fn replayed(result: Value) -> Self {
+        Self {
+            success: true,
+            result,
+            error: None,
+            execution: Execution {
+                task: String::new(),
+                duration_ms: 0,
+                attempts: 0,
+                fuel_consumed: 0,
+                peak_memory_bytes: 0,
+                attempt_errors: Vec::new(),
+                host_requests: Vec::new(),
+            },
+            output: Output { stdout: Captured::default(), stderr: Captured::default() },
+        }
+    }
+}
+
 /// Arguments of a task call, and the runner's settings for it.
 #[derive(Debug, Clone)]
 pub struct Call {

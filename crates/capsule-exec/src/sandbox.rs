@@ -1,6 +1,8 @@
 //! One attempt of one task: a fresh instance of the snapshot, with its own fuel, memory limit
 //! and deadline, that is thrown away afterwards. Nothing a task does survives into the next.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -149,10 +151,15 @@ impl Program {
     pub async fn run(&self, request: &InvokeRequest, limits: &Limits, access: &Access, streams: Streams) -> Attempt {
         let started = Instant::now();
         let deadline = started + limits.timeout;
-        let network = Network::new(access.hosts.clone(), deadline);
+        // Sub-task and HTTP calls of this attempt share one sequence: their positions in it
+        // identify them in the journal.
+        let sequence = Arc::new(AtomicU32::new(0));
+        let journal = access.subtasks.as_ref().and_then(|scope| scope.journal.clone());
+        let network = Network::new(access.hosts.clone(), deadline).with_journal(journal, sequence.clone());
         let (mut store, stdout, stderr) = match self.store(limits, streams, network, &access.dirs) {
             Ok((mut store, stdout, stderr)) => {
-                store.data_mut().subtasks = access.subtasks.clone().map(|scope| Subtasks::new(scope, deadline));
+                store.data_mut().subtasks =
+                    access.subtasks.clone().map(|scope| Subtasks::new(scope, deadline, sequence.clone()));
                 (store, stdout, stderr)
             }
             Err(error) => {

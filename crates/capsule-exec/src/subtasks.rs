@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::journal::{Completion, Entered, Journal, hash_json};
 use crate::run::{Call, Outcome, run_task};
 use crate::sandbox::{Program, Streams};
 
@@ -31,6 +32,8 @@ pub struct Orchestrator {
     project_root: Option<PathBuf>,
     workers: Arc<Semaphore>,
     started: AtomicU32,
+    /// Print sub-task events on stderr (`--verbose`).
+    pub verbose: bool,
 }
 
 impl Orchestrator {
@@ -50,7 +53,55 @@ impl Orchestrator {
             project_root,
             workers: Arc::new(Semaphore::new(workers.max(1))),
             started: AtomicU32::new(0),
+            verbose: false,
         })
+    }
+
+    pub fn verbose(self: Arc<Self>, verbose: bool) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut orchestrator) => {
+                orchestrator.verbose = verbose;
+                Arc::new(orchestrator)
+            }
+            Err(shared) => shared,
+        }
+    }
+
+    fn event(&self, depth: u32, task: &str, what: &str) {
+        if self.verbose {
+            eprintln!("capsule: {}{task} {what}", "  ".repeat(depth as usize));
+        }
+    }
+}
+
+/// A task's place in the journal: the run and the call row of this task execution.
+#[derive(Clone)]
+pub struct JournalPosition {
+    pub journal: Arc<Journal>,
+    pub run: Arc<str>,
+    pub call: i64,
+}
+
+impl JournalPosition {
+    /// Enters the call at `seq` below this task; a divergence is refused with its message.
+    pub fn enter(&self, seq: u32, kind: &str, name: &str, detail: &str, args_hash: &str) -> Result<Entered, String> {
+        self.journal.enter(&self.run, self.call, seq, kind, name, detail, args_hash).map_err(|e| e.to_string())
+    }
+
+    pub fn complete(&self, id: i64, outcome: &Outcome) {
+        let error = outcome.error.as_ref().map(|e| serde_json::to_value(e).expect("errors serialise"));
+        let how = Completion {
+            ok: outcome.success,
+            result: &outcome.result,
+            error: error.as_ref(),
+            attempts: Some(outcome.execution.attempts),
+            fuel: Some(outcome.execution.fuel_consumed),
+            peak_memory_bytes: Some(outcome.execution.peak_memory_bytes),
+            duration_ms: outcome.execution.duration_ms,
+        };
+        if let Err(error) = self.journal.complete(id, &how) {
+            tracing::error!(%error, "could not record a call in the journal");
+        }
     }
 }
 
@@ -59,14 +110,16 @@ impl Orchestrator {
 pub struct Scope {
     pub orchestrator: Arc<Orchestrator>,
     pub depth: u32,
+    /// Set when the run is journaled.
+    pub journal: Option<JournalPosition>,
     /// The worker permit of a spawned task, given back while it waits for its own children
     /// (so a full pool of waiting parents cannot starve their children).
     permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
 }
 
 impl Scope {
-    pub fn root(orchestrator: Arc<Orchestrator>) -> Self {
-        Self { orchestrator, depth: 0, permit: Arc::default() }
+    pub fn root(orchestrator: Arc<Orchestrator>, journal: Option<JournalPosition>) -> Self {
+        Self { orchestrator, depth: 0, journal, permit: Arc::default() }
     }
 }
 
@@ -76,6 +129,14 @@ pub struct Subtasks {
     deadline: Instant,
     handles: HashMap<u64, JoinHandle<Outcome>>,
     next_handle: u64,
+    /// Position of the next call in this attempt's sequence (shared with its HTTP calls).
+    sequence: Arc<AtomicU32>,
+}
+
+/// A prepared sub-task call: either replayed from the journal or to run for real.
+enum Prepared {
+    Replay(Value),
+    Run { task: Box<Task>, call: Call, child: Scope, journal_id: Option<i64> },
 }
 
 #[derive(serde::Deserialize)]
@@ -99,12 +160,13 @@ fn reply(outcome: &Outcome) -> Value {
 }
 
 impl Subtasks {
-    pub fn new(scope: Scope, deadline: Instant) -> Self {
-        Self { scope, deadline, handles: HashMap::new(), next_handle: 1 }
+    pub fn new(scope: Scope, deadline: Instant, sequence: Arc<AtomicU32>) -> Self {
+        Self { scope, deadline, handles: HashMap::new(), next_handle: 1, sequence }
     }
 
-    /// Checks the guards and prepares the call of a sub-task.
-    fn prepare(&self, request: &Value) -> Result<(Task, Call, Scope), Value> {
+    /// Checks the guards, consults the journal, and prepares the call of a sub-task.
+    fn prepare(&self, request: &Value) -> Result<Prepared, Value> {
+        let seq = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
         let request: CallRequest = serde_json::from_value(request.clone())
             .map_err(|e| refused(ErrorKind::InvalidInput, format!("malformed sub-task call: {e}")))?;
         let orchestrator = &self.scope.orchestrator;
@@ -120,14 +182,34 @@ impl Subtasks {
         if orchestrator.started.fetch_add(1, Ordering::SeqCst) >= MAX_SUBTASKS {
             return Err(refused(ErrorKind::InvalidInput, format!("a run may start {MAX_SUBTASKS} sub-tasks at most")));
         }
+        let mut child = Scope {
+            orchestrator: orchestrator.clone(),
+            depth: self.scope.depth + 1,
+            journal: None,
+            permit: Arc::default(),
+        };
+        let mut journal_id = None;
+        if let Some(position) = &self.scope.journal {
+            let args_hash = hash_json(&json!([request.args, request.kwargs]));
+            match position.enter(seq, "task", &task.name, "", &args_hash) {
+                Ok(Entered::Replay { result, .. }) => {
+                    orchestrator.event(self.scope.depth + 1, &task.name, "replayed from the journal");
+                    return Ok(Prepared::Replay(result));
+                }
+                Ok(Entered::Run { id }) => {
+                    journal_id = Some(id);
+                    child.journal = Some(JournalPosition { call: id, ..position.clone() });
+                }
+                Err(message) => return Err(refused(ErrorKind::Host, message)),
+            }
+        }
         let call = Call {
             args: request.args,
             kwargs: request.kwargs,
             default_timeout: orchestrator.default_timeout,
             project_root: orchestrator.project_root.clone(),
         };
-        let child = Scope { orchestrator: orchestrator.clone(), depth: self.scope.depth + 1, permit: Arc::default() };
-        Ok((task, call, child))
+        Ok(Prepared::Run { task: Box::new(task), call, child, journal_id })
     }
 
     fn remaining(&self) -> Duration {
@@ -136,33 +218,45 @@ impl Subtasks {
 
     /// `task.call`: run a sub-task now and wait for it (the caller is blocked meanwhile).
     pub async fn call(&mut self, request: &Value) -> Value {
-        let (task, call, child) = match self.prepare(request) {
-            Ok(prepared) => prepared,
+        let (task, call, child, journal_id) = match self.prepare(request) {
+            Ok(Prepared::Run { task, call, child, journal_id }) => (task, call, child, journal_id),
+            Ok(Prepared::Replay(result)) => return json!({"ok": true, "result": result}),
             Err(reply) => return reply,
         };
         let orchestrator = self.scope.orchestrator.clone();
-        let run = Box::pin(run_task(&orchestrator.program, &task, call, orchestrator.streams, Some(child)));
+        let journal = child.journal.clone();
+        let run = Box::pin(run_child(orchestrator, (*task).clone(), call, child));
         match tokio::time::timeout(self.remaining(), run).await {
-            Ok(outcome) => reply(&outcome),
+            Ok(outcome) => {
+                if let (Some(position), Some(id)) = (journal, journal_id) {
+                    position.complete(id, &outcome);
+                }
+                reply(&outcome)
+            }
             Err(_) => refused(ErrorKind::Timeout, format!("the caller's deadline passed while `{}` ran", task.name)),
         }
     }
 
     /// `task.spawn`: start a sub-task on the worker pool; returns its handle.
     pub fn spawn(&mut self, request: &Value) -> Value {
-        let (task, call, child) = match self.prepare(request) {
-            Ok(prepared) => prepared,
+        let handle = match self.prepare(request) {
+            Ok(Prepared::Run { task, call, child, journal_id }) => {
+                let orchestrator = self.scope.orchestrator.clone();
+                tokio::spawn(async move {
+                    let permit = orchestrator.workers.clone().acquire_owned().await.expect("the pool is never closed");
+                    *child.permit.lock().await = Some(permit);
+                    let (permit_slot, journal) = (child.permit.clone(), child.journal.clone());
+                    let outcome = run_child(orchestrator, *task, call, child).await;
+                    permit_slot.lock().await.take();
+                    if let (Some(position), Some(id)) = (journal, journal_id) {
+                        position.complete(id, &outcome);
+                    }
+                    outcome
+                })
+            }
+            Ok(Prepared::Replay(result)) => tokio::spawn(async move { Outcome::replayed(result) }),
             Err(reply) => return reply,
         };
-        let orchestrator = self.scope.orchestrator.clone();
-        let handle = tokio::spawn(async move {
-            let permit = orchestrator.workers.clone().acquire_owned().await.expect("the pool is never closed");
-            *child.permit.lock().await = Some(permit);
-            let permit_slot = child.permit.clone();
-            let outcome = run_task(&orchestrator.program, &task, call, orchestrator.streams, Some(child)).await;
-            permit_slot.lock().await.take();
-            outcome
-        });
         let id = self.next_handle;
         self.next_handle += 1;
         self.handles.insert(id, handle);
@@ -188,6 +282,19 @@ impl Subtasks {
             Err(_) => refused(ErrorKind::Timeout, "the caller's deadline passed while waiting for a sub-task".into()),
         }
     }
+}
+
+/// Runs a sub-task, reporting its start and end when the run is verbose.
+async fn run_child(orchestrator: Arc<Orchestrator>, task: Task, call: Call, child: Scope) -> Outcome {
+    let depth = child.depth;
+    orchestrator.event(depth, &task.name, "started");
+    let outcome = run_task(&orchestrator.program, &task, call, orchestrator.streams, Some(child)).await;
+    let how = match &outcome.error {
+        None => format!("finished in {} ms", outcome.execution.duration_ms),
+        Some(error) => format!("failed ({}) after {} attempts", error.kind.as_str(), outcome.execution.attempts),
+    };
+    orchestrator.event(depth, &task.name, &how);
+    outcome
 }
 
 impl Drop for Subtasks {

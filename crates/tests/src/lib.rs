@@ -18,8 +18,10 @@ pub fn runner() -> &'static Runner {
     RUNNER.get_or_init(|| capsule_build::build_runner().expect("engine"))
 }
 
+/// Runs `future` on a multi-threaded runtime, as the binaries do, so that spawned sub-tasks
+/// really run in parallel.
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio").block_on(future)
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio").block_on(future)
 }
 
 /// A built fixture, loaded and ready to run.
@@ -47,7 +49,7 @@ impl Built {
             call.project_root.clone(),
             2,
         );
-        block_on(run_task(&self.program, task, call, streams, Some(Scope::root(orchestrator))))
+        block_on(run_task(&self.program, task, call, streams, Some(Scope::root(orchestrator, None))))
     }
 }
 

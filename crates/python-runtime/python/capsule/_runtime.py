@@ -123,9 +123,15 @@ def _error(kind, exc_type, message, trace=""):
     return {"type": kind, "exc_type": exc_type, "message": message, "traceback": trace}
 
 
+_SDK_FRAMES = "/lib/capsule-sdk/"
+
+
 def _exception_error(exc):
-    # Drop the dispatcher's own frame: the traceback starts in the user's code.
-    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    # The traceback starts in the user's code and leaves out Capsule's own frames (the
+    # dispatcher, the sub-task plumbing), which say nothing about the user's problem.
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_SDK_FRAMES)]
+    lines = ["Traceback (most recent call last):\n"] if frames else []
+    trace = "".join(lines + traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc))
     kind = "memory" if isinstance(exc, MemoryError) else "exception"
     return _error(kind, type(exc).__name__, str(exc), trace)
 

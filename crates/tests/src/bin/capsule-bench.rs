@@ -288,6 +288,24 @@ fn main() {
         ));
     }
 
+    // Fan-out: 32 CPU-bound sub-tasks with `map`, against the same calls one by one.
+    let workflow =
+        load(build_into(&workspace().join("crates/fixtures/valid/workflow.py"), &bench_dir().join("workflow"), true));
+    let timed = |task: &str| {
+        let started = Instant::now();
+        let outcome = workflow.run(task, vec![json!(32)]);
+        assert!(outcome.success, "{:?}", outcome.error);
+        started.elapsed()
+    };
+    let (parallel, sequential) = (timed("fan_out"), timed("one_by_one"));
+    rows.push(row(
+        &format!("32 CPU-bound sub-tasks with `map` on {cores} workers"),
+        ms(parallel),
+        format!("{} (one after another)", ms(sequential)),
+        Some(sequential.as_secs_f64() / parallel.as_secs_f64()),
+        ">= 1.7x faster",
+    ));
+
     // 6. Memory: idle sandboxes, then many invocations.
     let built = load(build_into(&entry, &out, false));
     // In a fresh process, so that memory freed by the measurements above cannot be reused.

@@ -1,0 +1,343 @@
+//! The journal: every run, task call and HTTP call of a workflow, in SQLite (WAL mode),
+//! written and committed before a result is handed back to the caller. Resuming a run
+//! replays what finished: a call is identified by its position in its caller's sequence of
+//! calls, and must have the same name and arguments hash as before, or the workflow has
+//! diverged. Request headers and environment values are never stored.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Where `capsule run` keeps its journal, below the project folder.
+pub const DEFAULT_JOURNAL: &str = ".capsule/journal.db";
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("journal `{path}`: {source}")]
+    Database { path: String, source: rusqlite::Error },
+    #[error("cannot create the journal's folder `{path}`: {source}")]
+    Folder { path: String, source: std::io::Error },
+    #[error(
+        "workflow diverged at step {step} of call #{parent}: the journal has {journaled}, this run makes {now}\n  hint: the code changed since the run started; start a new run instead of resuming"
+    )]
+    Diverged { parent: i64, step: u32, journaled: String, now: String },
+    #[error("no run `{0}` in the journal")]
+    NoSuchRun(String),
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub entry: String,
+    pub artifact: String,
+    pub task: String,
+    pub args: Value,
+    pub status: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// A call (a task or an HTTP request) as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallRecord {
+    pub id: i64,
+    /// The calling task's call id; 0 for the run's top-level task.
+    pub parent: i64,
+    pub seq: u32,
+    pub kind: String,
+    pub name: String,
+    pub detail: String,
+    pub status: String,
+    pub attempts: Option<u32>,
+    pub fuel: Option<u64>,
+    pub peak_memory_bytes: Option<u64>,
+    pub duration_ms: Option<u64>,
+    pub error: Option<Value>,
+}
+
+/// What `enter` found at a call's position.
+#[derive(Debug, PartialEq)]
+pub enum Entered {
+    /// Finished before: hand back this result without running anything.
+    Replay { id: i64, result: Value },
+    /// Run it for real, then `complete` this call.
+    Run { id: i64 },
+}
+
+/// How a call ended, for `complete`.
+pub struct Completion<'a> {
+    pub ok: bool,
+    pub result: &'a Value,
+    pub error: Option<&'a Value>,
+    pub attempts: Option<u32>,
+    pub fuel: Option<u64>,
+    pub peak_memory_bytes: Option<u64>,
+    pub duration_ms: u64,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    connection: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// sha256 of a canonical JSON value (object keys sorted).
+pub fn hash_json(value: &Value) -> String {
+    hex::encode(Sha256::digest(value.to_string()))
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder)
+                .map_err(|source| JournalError::Folder { path: folder.display().to_string(), source })?;
+        }
+        let journal =
+            Self { path: path.to_path_buf(), connection: Mutex::new(Connection::open(path).map_err(|e| db(path, e))?) };
+        journal.with(|c| {
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.execute_batch(
+                "CREATE TABLE IF NOT EXISTS runs (
+                    id TEXT PRIMARY KEY, entry TEXT NOT NULL, artifact TEXT NOT NULL, task TEXT NOT NULL,
+                    args TEXT NOT NULL, status TEXT NOT NULL, started_at INTEGER NOT NULL, finished_at INTEGER);
+                 CREATE TABLE IF NOT EXISTS calls (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(id),
+                    parent INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+                    detail TEXT NOT NULL, args_hash TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
+                    attempts INTEGER, fuel INTEGER, peak_memory INTEGER, duration_ms INTEGER,
+                    started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));",
+            )
+        })?;
+        Ok(journal)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, JournalError> {
+        let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        f(&connection).map_err(|e| db(&self.path, e))
+    }
+
+    pub fn start_run(&self, entry: &str, artifact: &str, task: &str, args: &Value) -> Result<String, JournalError> {
+        use std::hash::{BuildHasher, RandomState};
+        let id = format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff);
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO runs (id, entry, artifact, task, args, status, started_at) VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
+                params![id, entry, artifact, task, args.to_string(), now_ms()],
+            )
+        })?;
+        Ok(id)
+    }
+
+    pub fn finish_run(&self, id: &str, ok: bool) -> Result<(), JournalError> {
+        let status = if ok { "ok" } else { "failed" };
+        self.with(|c| {
+            c.execute("UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status, now_ms()])
+        })
+        .map(drop)
+    }
+
+    pub fn run(&self, id: &str) -> Result<RunRecord, JournalError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, entry, artifact, task, args, status, started_at, finished_at FROM runs WHERE id = ?1",
+                [id],
+                run_record,
+            )
+            .optional()
+        })?
+        .ok_or_else(|| JournalError::NoSuchRun(id.to_string()))
+    }
+
+    pub fn runs(&self, limit: u32) -> Result<Vec<RunRecord>, JournalError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, entry, artifact, task, args, status, started_at, finished_at FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1",
+            )?;
+            statement.query_map([limit], run_record)?.collect()
+        })
+    }
+
+    pub fn calls(&self, run: &str) -> Result<Vec<CallRecord>, JournalError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, parent, seq, kind, name, detail, status, attempts, fuel, peak_memory, duration_ms, error
+                 FROM calls WHERE run_id = ?1 ORDER BY parent, seq",
+            )?;
+            statement
+                .query_map([run], |row| {
+                    Ok(CallRecord {
+                        id: row.get(0)?,
+                        parent: row.get(1)?,
+                        seq: row.get(2)?,
+                        kind: row.get(3)?,
+                        name: row.get(4)?,
+                        detail: row.get(5)?,
+                        status: row.get(6)?,
+                        attempts: row.get(7)?,
+                        fuel: row.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+                        peak_memory_bytes: row.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                        duration_ms: row.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+                        error: row.get::<_, Option<String>>(11)?.and_then(|e| serde_json::from_str(&e).ok()),
+                    })
+                })?
+                .collect()
+        })
+    }
+
+    /// The call at `(run, parent, seq)`: replayed if it finished, run (again) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enter(
+        &self,
+        run: &str,
+        parent: i64,
+        seq: u32,
+        kind: &str,
+        name: &str,
+        detail: &str,
+        args_hash: &str,
+    ) -> Result<Entered, JournalError> {
+        let existing = self.with(|c| {
+            c.query_row(
+                "SELECT id, kind, name, args_hash, status, result FROM calls WHERE run_id = ?1 AND parent = ?2 AND seq = ?3",
+                params![run, parent, seq],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, Option<String>>(5)?,
+                    ))
+                },
+            )
+            .optional()
+        })?;
+        match existing {
+            Some((id, old_kind, old_name, old_hash, status, result)) => {
+                if old_kind != kind || old_name != name || old_hash != args_hash {
+                    return Err(JournalError::Diverged {
+                        parent,
+                        step: seq,
+                        journaled: format!("{old_kind} `{old_name}` (arguments {})", &old_hash[..12]),
+                        now: format!("{kind} `{name}` (arguments {})", &args_hash[..12]),
+                    });
+                }
+                if status == "ok" {
+                    let result = result.and_then(|r| serde_json::from_str(&r).ok()).unwrap_or(Value::Null);
+                    return Ok(Entered::Replay { id, result });
+                }
+                self.with(|c| {
+                    c.execute(
+                        "UPDATE calls SET status = 'running', started_at = ?2 WHERE id = ?1",
+                        params![id, now_ms()],
+                    )
+                })?;
+                Ok(Entered::Run { id })
+            }
+            None => {
+                let id = self.with(|c| {
+                    c.execute(
+                        "INSERT INTO calls (run_id, parent, seq, kind, name, detail, args_hash, status, started_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
+                        params![run, parent, seq, kind, name, detail, args_hash, now_ms()],
+                    )?;
+                    Ok(c.last_insert_rowid())
+                })?;
+                Ok(Entered::Run { id })
+            }
+        }
+    }
+
+    /// Records how a call ended; committed before the result goes back to the caller.
+    pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8
+                 WHERE id = ?1",
+                params![
+                    id,
+                    if how.ok { "ok" } else { "failed" },
+                    how.result.to_string(),
+                    how.error.map(Value::to_string),
+                    how.attempts,
+                    how.fuel.map(|v| v as i64),
+                    how.peak_memory_bytes.map(|v| v as i64),
+                    how.duration_ms as i64,
+                ],
+            )
+        })
+        .map(drop)
+    }
+}
+
+fn db(path: &Path, source: rusqlite::Error) -> JournalError {
+    JournalError::Database { path: path.display().to_string(), source }
+}
+
+fn run_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: row.get(0)?,
+        entry: row.get(1)?,
+        artifact: row.get(2)?,
+        task: row.get(3)?,
+        args: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or(Value::Null),
+        status: row.get(5)?,
+        started_at_ms: row.get(6)?,
+        finished_at_ms: row.get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn replays_finished_calls_and_detects_divergence() {
+        let dir = std::env::temp_dir().join(format!("capsule-journal-{}", std::process::id()));
+        let journal = Journal::open(&dir.join("journal.db")).unwrap();
+        let run = journal.start_run("main.py", "abc", "main", &json!([])).unwrap();
+        let top = match journal.enter(&run, 0, 0, "task", "main", "", &hash_json(&json!([]))).unwrap() {
+            Entered::Run { id } => id,
+            other => panic!("{other:?}"),
+        };
+        let step = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap();
+        let Entered::Run { id } = step else { panic!() };
+        let done = Completion {
+            ok: true,
+            result: &json!(42),
+            error: None,
+            attempts: Some(1),
+            fuel: Some(7),
+            peak_memory_bytes: None,
+            duration_ms: 3,
+        };
+        journal.complete(id, &done).unwrap();
+
+        // A second pass over the same positions replays the finished call.
+        assert_eq!(
+            journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap(),
+            Entered::Replay { id, result: json!(42) }
+        );
+        // Different arguments at the same position: diverged.
+        let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
+        assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");
+        assert_eq!(journal.calls(&run).unwrap().len(), 2);
+        journal.finish_run(&run, true).unwrap();
+        assert_eq!(journal.runs(10).unwrap()[0].status, "ok");
+        assert!(matches!(journal.run("nope"), Err(JournalError::NoSuchRun(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
