@@ -22,6 +22,10 @@ use crate::sandbox::{Program, Streams};
 pub const MAX_DEPTH: u32 = 8;
 /// How many sub-tasks one run may start in all.
 pub const MAX_SUBTASKS: u32 = 1_000;
+/// How many sub-tasks of one run may be unfinished at once (running, waiting for their own
+/// children, or queued for a worker). Each holds a sandbox while it runs, and the process has
+/// `engine::MAX_LIVE_SANDBOXES`: one run must not take them all.
+pub const MAX_UNFINISHED_SUBTASKS: u32 = 64;
 
 /// Shared by every task of one run.
 pub struct Orchestrator {
@@ -32,6 +36,7 @@ pub struct Orchestrator {
     project_root: Option<PathBuf>,
     workers: Arc<Semaphore>,
     started: AtomicU32,
+    unfinished: Arc<Semaphore>,
     /// Print sub-task events on stderr (`--verbose`).
     pub verbose: bool,
 }
@@ -53,6 +58,7 @@ impl Orchestrator {
             project_root,
             workers: Arc::new(Semaphore::new(workers.max(1))),
             started: AtomicU32::new(0),
+            unfinished: Arc::new(Semaphore::new(MAX_UNFINISHED_SUBTASKS as usize)),
             verbose: false,
         })
     }
@@ -136,7 +142,7 @@ pub struct Subtasks {
 /// A prepared sub-task call: either replayed from the journal or to run for real.
 enum Prepared {
     Replay(Value),
-    Run { task: Box<Task>, call: Call, child: Scope, journal_id: Option<i64> },
+    Run { task: Box<Task>, call: Call, child: Scope, journal_id: Option<i64>, slot: OwnedSemaphorePermit },
 }
 
 #[derive(serde::Deserialize)]
@@ -182,6 +188,12 @@ impl Subtasks {
         if orchestrator.started.fetch_add(1, Ordering::SeqCst) >= MAX_SUBTASKS {
             return Err(refused(ErrorKind::InvalidInput, format!("a run may start {MAX_SUBTASKS} sub-tasks at most")));
         }
+        let slot = orchestrator.unfinished.clone().try_acquire_owned().map_err(|_| {
+            refused(
+                ErrorKind::InvalidInput,
+                format!("a run may have {MAX_UNFINISHED_SUBTASKS} unfinished sub-tasks at most; wait for some before starting more"),
+            )
+        })?;
         let mut child = Scope {
             orchestrator: orchestrator.clone(),
             depth: self.scope.depth + 1,
@@ -209,7 +221,7 @@ impl Subtasks {
             default_timeout: orchestrator.default_timeout,
             project_root: orchestrator.project_root.clone(),
         };
-        Ok(Prepared::Run { task: Box::new(task), call, child, journal_id })
+        Ok(Prepared::Run { task: Box::new(task), call, child, journal_id, slot })
     }
 
     fn remaining(&self) -> Duration {
@@ -218,8 +230,8 @@ impl Subtasks {
 
     /// `task.call`: run a sub-task now and wait for it (the caller is blocked meanwhile).
     pub async fn call(&mut self, request: &Value) -> Value {
-        let (task, call, child, journal_id) = match self.prepare(request) {
-            Ok(Prepared::Run { task, call, child, journal_id }) => (task, call, child, journal_id),
+        let (task, call, child, journal_id, _slot) = match self.prepare(request) {
+            Ok(Prepared::Run { task, call, child, journal_id, slot }) => (task, call, child, journal_id, slot),
             Ok(Prepared::Replay(result)) => return json!({"ok": true, "result": result}),
             Err(reply) => return reply,
         };
@@ -240,9 +252,10 @@ impl Subtasks {
     /// `task.spawn`: start a sub-task on the worker pool; returns its handle.
     pub fn spawn(&mut self, request: &Value) -> Value {
         let handle = match self.prepare(request) {
-            Ok(Prepared::Run { task, call, child, journal_id }) => {
+            Ok(Prepared::Run { task, call, child, journal_id, slot }) => {
                 let orchestrator = self.scope.orchestrator.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let permit = orchestrator.workers.clone().acquire_owned().await.expect("the pool is never closed");
                     *child.permit.lock().await = Some(permit);
                     let (permit_slot, journal) = (child.permit.clone(), child.journal.clone());

@@ -28,10 +28,10 @@ fn a_direct_call_runs_the_sub_task_and_returns_its_result() {
 }
 
 #[test]
-fn a_child_out_of_fuel_fails_alone_and_the_parent_sees_its_type() {
+fn children_out_of_fuel_or_memory_fail_alone_and_the_parent_sees_their_type() {
     let outcome = shared(WORKFLOW).run("siblings_fail_alone", vec![]);
     assert!(outcome.success, "{:?}", outcome.error);
-    assert_eq!(outcome.result, json!([9, ["fuel", "spin"], 16]));
+    assert_eq!(outcome.result, json!([9, ["fuel", "spin"], ["memory", "hog"], 16]));
 }
 
 #[test]
@@ -47,4 +47,13 @@ fn unbounded_recursion_of_sub_tasks_stops_at_the_depth_limit() {
     assert_eq!(error.kind, ErrorKind::Exception);
     assert_eq!(error.exc_type, "TaskError");
     assert!(error.message.contains("nest 8 deep at most"), "{}", error.message);
+}
+
+#[test]
+fn a_fork_bomb_ends_with_a_clear_error_and_the_host_carries_on() {
+    let built = shared(WORKFLOW);
+    let error = built.run("fork_bomb", vec![]).error.expect("the guards stop it");
+    assert_eq!(error.exc_type, "TaskError");
+    assert!(error.message.contains("at most"), "{}", error.message);
+    assert_eq!(built.run("still_fine", vec![]).result, json!("still fine"));
 }
