@@ -181,6 +181,8 @@ async fn run_and_show(
     options: Result<BuildOptions, BuildError>,
     task: &TaskArgs,
 ) -> ExitCode {
+    // The journal lives in the project: the entry file's folder.
+    let journal = options.as_ref().ok().map(|o| o.entry.parent().unwrap_or(Path::new("")).join(DEFAULT_JOURNAL));
     let output = match async { build(runner, &options?).await }.await {
         Ok(output) => output,
         Err(error) => return build_failed(&error),
@@ -189,12 +191,6 @@ async fn run_and_show(
         Ok(loaded) => loaded,
         Err(error) => return fail(&error.to_string()),
     };
-    let project = artifact.manifest.artifact.source.clone();
-    let journal = output
-        .manifest_path
-        .ancestors()
-        .find(|dir| dir.join(&project).is_file())
-        .map(|root| root.join(DEFAULT_JOURNAL));
     match execute(&program, &artifact.manifest, task, journal.as_deref()).await {
         Ok(code) => code,
         Err(error) => fail(&format!("{error:#}")),
