@@ -15,7 +15,7 @@ use crate::journal::{Entered, Journal, hash_json};
 use crate::output::LiveSink;
 use crate::run::{Call, Outcome, run_task};
 use crate::sandbox::{Program, Streams};
-use crate::subtasks::{JournalPosition, Orchestrator, Scope};
+use crate::subtasks::{JournalPosition, Orchestrator, RunSettings, Scope};
 
 /// Exit code for a task that failed.
 pub const EXIT_TASK_FAILED: u8 = 1;
@@ -139,15 +139,14 @@ pub async fn execute(
     };
     call.project_root = args.project.clone().or_else(|| manifest.artifact.project_root.clone().map(Into::into));
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let orchestrator = Orchestrator::new(
-        program.clone(),
-        manifest.tasks.clone(),
-        args.streams(),
-        call.default_timeout,
-        call.project_root.clone(),
+    let settings = RunSettings {
+        streams: args.streams(),
+        default_timeout: call.default_timeout,
+        project_root: call.project_root.clone(),
         workers,
-    )
-    .verbose(args.verbose);
+        verbose: args.verbose,
+    };
+    let orchestrator = Orchestrator::new(program.clone(), manifest.tasks.clone(), settings);
 
     let mut position = None;
     if let (Some(journal), Some(run)) = (&journal, &run_id) {

@@ -27,54 +27,44 @@ pub const MAX_SUBTASKS: u32 = 1_000;
 /// `engine::MAX_LIVE_SANDBOXES`: one run must not take them all.
 pub const MAX_UNFINISHED_SUBTASKS: u32 = 64;
 
-/// Shared by every task of one run.
-pub struct Orchestrator {
-    program: Program,
-    tasks: Vec<Task>,
-    streams: Streams,
-    default_timeout: Duration,
-    project_root: Option<PathBuf>,
-    workers: Arc<Semaphore>,
-    started: AtomicU32,
-    unfinished: Arc<Semaphore>,
+/// How a run's sub-tasks are run.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub streams: Streams,
+    /// Deadline of an attempt for tasks that set no `timeout`.
+    pub default_timeout: Duration,
+    /// The folder `allowed_files` paths are relative to.
+    pub project_root: Option<PathBuf>,
+    /// How many spawned sub-tasks run at once.
+    pub workers: usize,
     /// Print sub-task events on stderr (`--verbose`).
     pub verbose: bool,
 }
 
+/// Shared by every task of one run.
+pub struct Orchestrator {
+    program: Program,
+    tasks: Vec<Task>,
+    settings: RunSettings,
+    workers: Arc<Semaphore>,
+    started: AtomicU32,
+    unfinished: Arc<Semaphore>,
+}
+
 impl Orchestrator {
-    pub fn new(
-        program: Program,
-        tasks: Vec<Task>,
-        streams: Streams,
-        default_timeout: Duration,
-        project_root: Option<PathBuf>,
-        workers: usize,
-    ) -> Arc<Self> {
+    pub fn new(program: Program, tasks: Vec<Task>, settings: RunSettings) -> Arc<Self> {
         Arc::new(Self {
             program,
             tasks,
-            streams,
-            default_timeout,
-            project_root,
-            workers: Arc::new(Semaphore::new(workers.max(1))),
+            workers: Arc::new(Semaphore::new(settings.workers.max(1))),
+            settings,
             started: AtomicU32::new(0),
             unfinished: Arc::new(Semaphore::new(MAX_UNFINISHED_SUBTASKS as usize)),
-            verbose: false,
         })
     }
 
-    pub fn verbose(self: Arc<Self>, verbose: bool) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut orchestrator) => {
-                orchestrator.verbose = verbose;
-                Arc::new(orchestrator)
-            }
-            Err(shared) => shared,
-        }
-    }
-
     fn event(&self, depth: u32, task: &str, what: &str) {
-        if self.verbose {
+        if self.settings.verbose {
             eprintln!("capsule: {}{task} {what}", "  ".repeat(depth as usize));
         }
     }
@@ -218,8 +208,8 @@ impl Subtasks {
         let call = Call {
             args: request.args,
             kwargs: request.kwargs,
-            default_timeout: orchestrator.default_timeout,
-            project_root: orchestrator.project_root.clone(),
+            default_timeout: orchestrator.settings.default_timeout,
+            project_root: orchestrator.settings.project_root.clone(),
         };
         Ok(Prepared::Run { task: Box::new(task), call, child, journal_id, slot })
     }
@@ -301,7 +291,7 @@ impl Subtasks {
 async fn run_child(orchestrator: Arc<Orchestrator>, task: Task, call: Call, child: Scope) -> Outcome {
     let depth = child.depth;
     orchestrator.event(depth, &task.name, "started");
-    let outcome = run_task(&orchestrator.program, &task, call, orchestrator.streams, Some(child)).await;
+    let outcome = run_task(&orchestrator.program, &task, call, orchestrator.settings.streams, Some(child)).await;
     let how = match &outcome.error {
         None => format!("finished in {} ms", outcome.execution.duration_ms),
         Some(error) => format!("failed ({}) after {} attempts", error.kind.as_str(), outcome.execution.attempts),

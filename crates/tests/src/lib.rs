@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use capsule_build::{BuildOptions, BuildOutput, build};
 use capsule_exec::output::LiveSink;
-use capsule_exec::subtasks::{Orchestrator, Scope};
+use capsule_exec::subtasks::{Orchestrator, RunSettings, Scope};
 use capsule_exec::{Call, Outcome, Program, Runner, Streams, run_task};
 use serde_json::Value;
 
@@ -41,14 +41,14 @@ impl Built {
         let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
         let mut call = Call::new(args);
         call.project_root = self.output.manifest.artifact.project_root.clone().map(Into::into);
-        let orchestrator = Orchestrator::new(
-            self.program.clone(),
-            self.output.manifest.tasks.clone(),
+        let settings = RunSettings {
             streams,
-            call.default_timeout,
-            call.project_root.clone(),
-            2,
-        );
+            default_timeout: call.default_timeout,
+            project_root: call.project_root.clone(),
+            workers: 2,
+            verbose: false,
+        };
+        let orchestrator = Orchestrator::new(self.program.clone(), self.output.manifest.tasks.clone(), settings);
         block_on(run_task(&self.program, task, call, streams, Some(Scope::root(orchestrator, None))))
     }
 }
