@@ -130,4 +130,15 @@ fn a_killed_run_resumes_without_redoing_finished_work() {
             .map(|(path, count)| (path.to_string(), count))
             .collect();
     assert_eq!(hits, expected, "finished calls must not run again; the unfinished one runs once more");
+
+    // The journal agrees: each sub-task ran exactly one attempt, across both processes.
+    let db = rusqlite::Connection::open(&journal).unwrap();
+    let attempts: Vec<u32> = db
+        .prepare("SELECT (SELECT COUNT(*) FROM attempts WHERE call_id = calls.id) FROM calls WHERE name = 'fetch' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(attempts, [1, 1, 1]);
 }

@@ -116,7 +116,11 @@ impl Journal {
                     parent INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
                     detail TEXT NOT NULL, args_hash TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
                     attempts INTEGER, fuel INTEGER, peak_memory INTEGER, duration_ms INTEGER,
-                    started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));",
+                    started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));
+                 CREATE TABLE IF NOT EXISTS attempts (
+                    call_id INTEGER NOT NULL REFERENCES calls(id), attempt INTEGER NOT NULL, status TEXT NOT NULL,
+                    error TEXT, fuel INTEGER NOT NULL, peak_memory INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
+                    finished_at INTEGER NOT NULL);",
             )
         })?;
         Ok(journal)
@@ -260,6 +264,41 @@ impl Journal {
         }
     }
 
+    /// Records one attempt of a task call, as it ends.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_attempt(
+        &self,
+        call: i64,
+        attempt: u32,
+        error: Option<&Value>,
+        fuel: u64,
+        peak_memory_bytes: u64,
+        duration_ms: u64,
+    ) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO attempts (call_id, attempt, status, error, fuel, peak_memory, duration_ms, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    call,
+                    attempt,
+                    if error.is_none() { "ok" } else { "failed" },
+                    error.map(Value::to_string),
+                    fuel as i64,
+                    peak_memory_bytes as i64,
+                    duration_ms as i64,
+                    now_ms(),
+                ],
+            )
+        })
+        .map(drop)
+    }
+
+    /// How many attempts the journal holds for `call`.
+    pub fn attempts_of(&self, call: i64) -> Result<u32, JournalError> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM attempts WHERE call_id = ?1", [call], |r| r.get(0)))
+    }
+
     /// Records how a call ended; committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
         self.with(|c| {
@@ -331,6 +370,8 @@ mod tests {
             journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap(),
             Entered::Replay { id, result: json!(42) }
         );
+        journal.record_attempt(id, 1, None, 7, 0, 3).unwrap();
+        assert_eq!(journal.attempts_of(id).unwrap(), 1);
         // Different arguments at the same position: diverged.
         let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
         assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");

@@ -142,6 +142,10 @@ pub fn environment_of(task: &Task) -> std::collections::BTreeMap<String, String>
     env
 }
 
+fn duration_ms(duration: Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
 pub fn limits_of(task: &Task, default_timeout: Duration) -> Limits {
     Limits {
         fuel: task.fuel,
@@ -209,11 +213,31 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
         attempts += 1;
         request.attempt = attempts;
         let Attempt {
-            result, fuel_consumed: fuel, peak_memory_bytes: peak, stdout, stderr, host_requests: calls, ..
+            result,
+            fuel_consumed: fuel,
+            peak_memory_bytes: peak,
+            stdout,
+            stderr,
+            host_requests: calls,
+            duration,
         } = program.run(&request, &limits, &access, streams).await;
         host_requests.extend(calls);
         fuel_consumed = fuel_consumed.saturating_add(fuel);
         peak_memory_bytes = peak_memory_bytes.max(peak);
+        if let Some(position) = access.subtasks.as_ref().and_then(|scope| scope.journal.as_ref()) {
+            let error = result.as_ref().err().map(|e| serde_json::to_value(e).expect("errors serialise"));
+            let recorded = position.journal.record_attempt(
+                position.call,
+                attempts,
+                error.as_ref(),
+                fuel,
+                peak,
+                duration_ms(duration),
+            );
+            if let Err(error) = recorded {
+                tracing::error!(%error, "could not record an attempt in the journal");
+            }
+        }
         let retry = match &result {
             Err(error) => is_retryable(error.kind) && attempts <= task.max_retries,
             Ok(_) => false,
