@@ -174,7 +174,8 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     };
     let (code, _, stderr) = run(capsule_in(Some("3")).args(["run", "durable.py", "--json"]));
     assert_eq!(code, 1, "step 3 fails: {stderr}");
-    let run_id = stderr.split("capsule: run ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let run_id =
+        stderr.split("capsule resume ").nth(1).unwrap().trim_end_matches(|c: char| !c.is_ascii_hexdigit()).to_string();
 
     let (code, listing, _) = run(capsule_in(None).args(["runs", "--json"]));
     assert_eq!(code, 0);

@@ -150,7 +150,9 @@ pub async fn execute(
 
     let mut position = None;
     if let (Some(journal), Some(run)) = (&journal, &run_id) {
-        eprintln!("capsule: run {run} (resume it with `--resume {run}`)");
+        if args.verbose {
+            eprintln!("capsule: run {run}");
+        }
         let args_hash = hash_json(&serde_json::json!([call.args, call.kwargs]));
         match journal.enter(run, 0, 0, "task", &task.name, "", &args_hash)? {
             Entered::Replay { result, .. } => {
@@ -167,6 +169,9 @@ pub async fn execute(
     if let (Some(position), Some(run)) = (position, &run_id) {
         position.complete(position.call, &outcome);
         position.journal.finish_run(run, outcome.success)?;
+        if !outcome.success {
+            eprintln!("capsule: run {run} failed; resume it with `capsule resume {run}`");
+        }
     }
     show(&outcome, args.json);
     Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_TASK_FAILED }))
