@@ -204,3 +204,13 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("workflow diverged at step 1"), "{stderr}");
 }
+
+#[test]
+fn the_fan_out_example_collects_results_and_failures() {
+    let out = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(capsule().arg("run").arg(examples().join("fan_out.py")).arg("-o").arg(out.path()));
+    assert_eq!(code, 0, "{stderr}");
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["total"], 6);
+    assert_eq!(result["failures"][0]["message"], "empty document");
+}
