@@ -29,6 +29,15 @@ class MemoryImporter:
         self._packed = marshal.loads(blob[index_at + 4 : index_at + 4 + index_size])
         # name -> (is_package, origin, code) for the user's modules
         self._user = {}
+        # name -> functions to call with the module once it has been imported
+        self._after_import = {}
+
+    def after_import(self, name, hook):
+        """Call `hook(module)` when `name` is first imported (now, if it already is)."""
+        if name in sys.modules:
+            hook(sys.modules[name])
+        else:
+            self._after_import.setdefault(name, []).append(hook)
 
     def add_user_module(self, name, origin, source, is_package):
         """Compile a user module now, so it can be imported later without any file."""
@@ -48,7 +57,10 @@ class MemoryImporter:
         return None
 
     def exec_module(self, module):
-        exec(self.get_code(module.__spec__.name), module.__dict__)
+        name = module.__spec__.name
+        exec(self.get_code(name), module.__dict__)
+        for hook in self._after_import.pop(name, ()):
+            hook(module)
 
     def get_code(self, name):
         if name in self._user:

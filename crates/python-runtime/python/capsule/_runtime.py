@@ -65,6 +65,7 @@ def initialize():
         lines = source.splitlines(keepends=True)
         linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
     _task._host = _HostTasks()
+    _capsule_bootstrap.IMPORTER.after_import("urllib.request", _urllib.install)
     try:
         importlib.import_module(request["entry_module"])
     except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)
@@ -74,7 +75,6 @@ def initialize():
     # Every run starts from this heap: keep runs from writing to it needlessly (see the C
     # side of `immortalize`), and keep the cyclic collector from walking it.
     _warm_up()
-    _urllib.install()
     gc.collect()
     _capsule.immortalize(gc.get_objects())
     gc.freeze()
