@@ -62,23 +62,37 @@ pub struct Output {
 }
 
 impl Outcome {
-    /// The outcome of a call the journal shows finished: its result, without running it.
-    pub fn replayed(result: Value) -> Self {
+    /// An outcome without any attempt: the task was not (or need not be) run.
+    fn without_attempts(task: &str, result: Result<Value, GuestError>) -> Self {
+        let (success, result, error) = match result {
+            Ok(value) => (true, value, None),
+            Err(error) => (false, Value::Null, Some(error)),
+        };
         Self {
-            success: true,
+            success,
             result,
-            error: None,
             execution: Execution {
-                task: String::new(),
+                task: task.to_string(),
                 duration_ms: 0,
                 attempts: 0,
                 fuel_consumed: 0,
                 peak_memory_bytes: 0,
-                attempt_errors: Vec::new(),
+                attempt_errors: error.iter().cloned().collect(),
                 host_requests: Vec::new(),
             },
+            error,
             output: Output { stdout: Captured::default(), stderr: Captured::default() },
         }
+    }
+
+    /// The outcome of a call the journal shows finished: its result, without running it.
+    pub fn replayed(result: Value) -> Self {
+        Self::without_attempts("", Ok(result))
+    }
+
+    /// A task that could not start, e.g. because a granted folder is missing.
+    pub fn not_started(task: &str, error: GuestError) -> Self {
+        Self::without_attempts(task, Err(error))
     }
 }
 
@@ -179,21 +193,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, streams: Strea
         Err(message) => {
             let error =
                 GuestError { kind: ErrorKind::Host, exc_type: String::new(), message, traceback: String::new() };
-            return Outcome {
-                success: false,
-                result: Value::Null,
-                error: Some(error.clone()),
-                execution: Execution {
-                    task: task.name.clone(),
-                    duration_ms: 0,
-                    attempts: 0,
-                    fuel_consumed: 0,
-                    peak_memory_bytes: 0,
-                    attempt_errors: vec![error],
-                    host_requests: Vec::new(),
-                },
-                output: Output { stdout: Captured::default(), stderr: Captured::default() },
-            };
+            return Outcome::not_started(&task.name, error);
         }
     };
     let access = Access { hosts, dirs, subtasks: scope };
