@@ -294,11 +294,6 @@ impl Journal {
         .map(drop)
     }
 
-    /// How many attempts the journal holds for `call`.
-    pub fn attempts_of(&self, call: i64) -> Result<u32, JournalError> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM attempts WHERE call_id = ?1", [call], |r| r.get(0)))
-    }
-
     /// Records how a call ended; committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
         self.with(|c| {
@@ -371,7 +366,6 @@ mod tests {
             Entered::Replay { id, result: json!(42) }
         );
         journal.record_attempt(id, 1, None, 7, 0, 3).unwrap();
-        assert_eq!(journal.attempts_of(id).unwrap(), 1);
         // Different arguments at the same position: diverged.
         let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
         assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");

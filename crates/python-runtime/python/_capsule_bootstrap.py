@@ -74,9 +74,6 @@ class MemoryImporter:
             raise ImportError(f"no module named {name!r}", name=name)
         return entry[0]
 
-    def module_names(self):
-        return sorted(self._packed) + sorted(self._user)
-
 
 IMPORTER = MemoryImporter(_blob)  # noqa: F821 (`_blob` is set by the C runtime)
 sys.meta_path.append(IMPORTER)

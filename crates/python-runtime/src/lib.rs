@@ -24,9 +24,6 @@ pub fn runtime_path() -> PathBuf {
     target.join("python-runtime").join(RUNTIME_FILE)
 }
 
-/// The Python version inside the runtime.
-pub const PYTHON_VERSION: &str = "3.13.5";
-
 /// Module name of every host function the runtime imports.
 pub const HOST_MODULE: &str = "capsule";
 
