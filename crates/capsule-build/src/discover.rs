@@ -5,11 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::time::Duration;
 
-use manifest_schema::{
-    Compute, FileGrant, FileMode, TaskDefaults, UnitError, normalise_grant_path, parse_duration, parse_memory,
-};
+use manifest_schema::TaskOptions;
+use manifest_schema::options::{self, Literal, TaskSpec, Value};
 use rustpython_parser::Parse;
 use rustpython_parser::ast::{self, Constant, Expr, Ranged, Stmt};
 use rustpython_parser::source_code::RandomLocator;
@@ -53,21 +51,26 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-/// A `@task` function and its limits, as written in the source.
+impl manifest_schema::Explain for Diagnostics {
+    fn problems(&self) -> Vec<manifest_schema::Problem> {
+        self.0
+            .iter()
+            .map(|d| manifest_schema::Problem {
+                message: format!("{}:{}:{}: {}", d.path, d.line, d.column, d.message),
+                hint: d.hint.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A `@task` function and its options, as written in the source over the project's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiscoveredTask {
     pub name: String,
     /// The Python function's name (top level of the module).
     pub function: String,
     pub line: usize,
-    pub compute: Compute,
-    pub memory_bytes: u64,
-    pub timeout: Option<Duration>,
-    pub max_retries: u32,
-    pub env: BTreeMap<String, String>,
-    pub env_passthrough: Vec<String>,
-    pub allowed_hosts: Vec<String>,
-    pub allowed_files: Vec<FileGrant>,
+    pub options: TaskOptions,
 }
 
 /// A parsed module: its tasks and the modules it imports (for bundling local modules).
@@ -77,18 +80,6 @@ pub struct ModuleInfo {
     /// Absolute imports, e.g. `helpers.text` for `from helpers.text import x`.
     pub imports: BTreeSet<String>,
 }
-
-const OPTIONS: &[&str] = &[
-    "name",
-    "compute",
-    "ram",
-    "timeout",
-    "max_retries",
-    "env_vars",
-    "env_passthrough",
-    "allowed_hosts",
-    "allowed_files",
-];
 
 struct Parser<'a> {
     path: &'a str,
@@ -111,7 +102,7 @@ impl Parser<'_> {
 
 /// Parses `source` (shown to the user as `path`) and lists its tasks and imports; options a
 /// task leaves out take the value of `defaults`.
-pub fn parse_module(source: &str, path: &str, defaults: &TaskDefaults) -> Result<ModuleInfo, Diagnostics> {
+pub fn parse_module(source: &str, path: &str, defaults: &TaskOptions) -> Result<ModuleInfo, Diagnostics> {
     let mut parser = Parser { path, locator: RandomLocator::new(source), problems: Vec::new() };
     let suite = match ast::Suite::parse(source, path) {
         Ok(suite) => suite,
@@ -264,233 +255,103 @@ fn parse_options(
     function: &str,
     line: usize,
     call: Option<&ast::ExprCall>,
-    defaults: &TaskDefaults,
+    defaults: &TaskOptions,
 ) -> Option<DiscoveredTask> {
-    let mut task = DiscoveredTask {
-        name: function.to_string(),
-        function: function.to_string(),
-        line,
-        compute: defaults.compute,
-        memory_bytes: defaults.memory_bytes,
-        timeout: defaults.timeout,
-        max_retries: defaults.max_retries,
-        env: BTreeMap::new(),
-        env_passthrough: Vec::new(),
-        allowed_hosts: Vec::new(),
-        allowed_files: Vec::new(),
-    };
-    let Some(call) = call else { return Some(task) };
+    let mut spec = TaskSpec { name: None, options: defaults.clone() };
     let before = parser.problems.len();
-    if let Some(arg) = call.args.first() {
-        parser.report(
-            arg.start(),
-            "`@task` takes only keyword options",
-            Some("write options by name, e.g. `@task(name=\"fetch\", timeout=\"30s\")`".into()),
-        );
-    }
-    for keyword in &call.keywords {
-        let Some(option) = &keyword.arg else {
-            parser.report(keyword.start(), "`@task(**options)` cannot be read at build time", Some(literal_hint()));
-            continue;
-        };
-        let value = &keyword.value;
-        match option.as_str() {
-            "name" => match string_literal(value) {
-                Some(name) if !name.is_empty() => task.name = name.to_string(),
-                _ => parser.report(value.start(), "`name` must be a non-empty string literal", Some(literal_hint())),
-            },
-            "compute" => {
-                let parsed = match (string_literal(value), int_literal(value)) {
-                    (Some(text), _) => Some(Compute::parse(text)),
-                    (None, Some(fuel)) => {
-                        Some(u64::try_from(fuel).map_err(|_| negative("compute")).and_then(Compute::from_fuel))
-                    }
-                    _ => None,
+    if let Some(call) = call {
+        if let Some(arg) = call.args.first() {
+            parser.report(
+                arg.start(),
+                "`@task` takes only keyword options",
+                Some("write options by name, e.g. `@task(name=\"fetch\", timeout=\"30s\")`".into()),
+            );
+        }
+        for keyword in &call.keywords {
+            let Some(name) = &keyword.arg else {
+                parser.report(
+                    keyword.start(),
+                    "`@task(**options)` cannot be read at build time",
+                    Some("write each option by name, with its value".into()),
+                );
+                continue;
+            };
+            let Some(option) = options::option(name.as_str()) else {
+                let takes = format!(
+                    "`@task` takes {}",
+                    options::option_names().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+                );
+                let hint = match options::closest_option(name.as_str()) {
+                    Some(close) => format!("did you mean `{close}`? {takes}"),
+                    None => takes,
                 };
-                match parsed {
-                    Some(Ok(compute)) => task.compute = compute,
-                    Some(Err(error)) => report_unit(parser, value, "compute", error),
-                    None => parser.report(
-                        value.start(),
-                        "`compute` must be a string or integer literal",
-                        Some(literal_hint()),
-                    ),
+                parser.report(keyword.start(), format!("unknown `@task` option `{name}`"), Some(hint));
+                continue;
+            };
+            let value = match literal(&keyword.value) {
+                Ok(value) => value,
+                Err(_) => {
+                    let problem = option.not_a_literal();
+                    parser.report(keyword.value.start(), problem.message, problem.hint);
+                    continue;
                 }
-            }
-            "ram" => match (string_literal(value).map(parse_memory), int_literal(value)) {
-                (Some(Ok(bytes)), _) => task.memory_bytes = bytes,
-                (Some(Err(error)), _) => report_unit(parser, value, "ram", error),
-                (None, Some(number)) => parser.report(
-                    value.start(),
-                    format!("`ram={number}` has no unit"),
-                    Some(format!(
-                        "write it as a string with a unit, e.g. `ram=\"{number}MB\"` or `ram=\"{number}MiB\"`"
-                    )),
-                ),
-                (None, None) => parser.report(
-                    value.start(),
-                    "`ram` must be a string literal such as \"256MB\"",
-                    Some(literal_hint()),
-                ),
-            },
-            "timeout" => match string_literal(value).map(parse_duration) {
-                Some(Ok(duration)) => task.timeout = Some(duration),
-                Some(Err(error)) => report_unit(parser, value, "timeout", error),
-                None => parser.report(
-                    value.start(),
-                    "`timeout` must be a string literal such as \"30s\"",
-                    Some(literal_hint()),
-                ),
-            },
-            "max_retries" => match int_literal(value).map(u32::try_from) {
-                Some(Ok(retries)) => task.max_retries = retries,
-                _ => {
-                    parser.report(value.start(), "`max_retries` must be an integer literal >= 0", Some(literal_hint()))
+            };
+            if let Err(error) = option.apply(&mut spec, &value) {
+                let mut message = error.problem.message;
+                if !message.starts_with(&format!("`{name}")) {
+                    message = format!("invalid `{name}`: {message}");
                 }
-            },
-            "env_vars" => match string_dict(value) {
-                Some(env) => task.env = env,
-                None => parser.report(
-                    value.start(),
-                    "`env_vars` must be a dict literal of strings to strings",
-                    Some("write it inline, e.g. `env_vars={\"MODE\": \"prod\"}`".into()),
-                ),
-            },
-            "env_passthrough" => match string_list(value) {
-                Some(names) => match names.iter().find(|n| task.env.contains_key(*n) || !is_env_name(n)) {
-                    Some(name) => parser.report(
-                        value.start(),
-                        format!("`{name}` in `env_passthrough` is not a usable environment variable name, or is also in `env_vars`"),
-                        Some("list names such as \"API_TOKEN\" (letters, digits, `_`), each once".into()),
-                    ),
-                    None => task.env_passthrough = names,
-                },
-                None => parser.report(value.start(), "`env_passthrough` must be a list of string literals", Some(literal_hint())),
-            },
-            "allowed_hosts" => match string_list(value) {
-                Some(rules) => match manifest_schema::HostPolicy::parse(&rules) {
-                    Ok(_) => task.allowed_hosts = rules,
-                    Err(error) => report_unit(parser, value, "allowed_hosts", error),
-                },
-                None => parser.report(value.start(), "`allowed_hosts` must be a list of string literals", Some(literal_hint())),
-            },
-            "allowed_files" => match file_grants(value) {
-                Ok(grants) => task.allowed_files = grants,
-                Err((at, error)) => parser.report(at, format!("invalid `allowed_files`: {}", error.message), error.hint),
-            },
-            unknown => {
-                let hint = match closest(unknown, OPTIONS) {
-                    Some(close) => format!("did you mean `{close}`? `@task` takes {}", list(OPTIONS)),
-                    None => format!("`@task` takes {}", list(OPTIONS)),
-                };
-                parser.report(keyword.start(), format!("unknown `@task` option `{unknown}`"), Some(hint));
+                parser.report(TextSize::from(error.at), message, error.problem.hint);
             }
         }
+        if let Err((option, problem)) = spec.options.validate() {
+            let at = call
+                .keywords
+                .iter()
+                .find(|k| k.arg.as_deref() == Some(option))
+                .map_or(call.start(), |k| k.value.start());
+            parser.report(at, problem.message, problem.hint);
+        }
     }
-    (parser.problems.len() == before).then_some(task)
+    let name = spec.name.unwrap_or_else(|| function.to_string());
+    (parser.problems.len() == before).then(|| DiscoveredTask {
+        name,
+        function: function.to_string(),
+        line,
+        options: spec.options,
+    })
 }
 
-fn negative(option: &str) -> UnitError {
-    UnitError { message: format!("`{option}` cannot be negative"), hint: None }
-}
-
-fn report_unit(parser: &mut Parser<'_>, value: &Expr, option: &str, error: UnitError) {
-    parser.report(value.start(), format!("invalid `{option}`: {}", error.message), error.hint);
-}
-
-fn literal_hint() -> String {
-    "options are read before any code runs, so they must be literals, not variables or expressions".into()
-}
-
-fn list(options: &[&str]) -> String {
-    options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
-}
-
-fn string_literal(expr: &Expr) -> Option<&str> {
-    match expr {
-        Expr::Constant(c) => match &c.value {
-            Constant::Str(s) => Some(s.as_str()),
-            _ => None,
+/// The literal `expr` is, or the offset of the part of it that is not a literal.
+fn literal(expr: &Expr) -> Result<Literal, TextSize> {
+    let at = u32::from(expr.start());
+    let items = |elements: &[Expr]| elements.iter().map(literal).collect::<Result<Vec<_>, _>>();
+    let value = match expr {
+        Expr::Constant(constant) => match &constant.value {
+            Constant::Str(text) => Value::Str(text.clone()),
+            Constant::Int(int) => Value::Int(int.to_string().parse().map_err(|_| expr.start())?),
+            Constant::Float(x) => Value::Float(*x),
+            Constant::Bool(b) => Value::Bool(*b),
+            Constant::None => Value::None,
+            _ => return Err(expr.start()),
         },
-        _ => None,
-    }
-}
-
-fn int_literal(expr: &Expr) -> Option<i128> {
-    match expr {
-        Expr::Constant(c) => match &c.value {
-            Constant::Int(i) => i.to_string().parse().ok(),
-            _ => None,
+        Expr::UnaryOp(op) if matches!(op.op, ast::UnaryOp::USub) => match literal(&op.operand)?.value {
+            Value::Int(n) => Value::Int(-n),
+            Value::Float(x) => Value::Float(-x),
+            _ => return Err(expr.start()),
         },
-        Expr::UnaryOp(op) if matches!(op.op, ast::UnaryOp::USub) => int_literal(&op.operand).map(|i| -i),
-        _ => None,
-    }
-}
-
-fn string_list(expr: &Expr) -> Option<Vec<String>> {
-    let items = match expr {
-        Expr::List(list) => &list.elts,
-        Expr::Tuple(tuple) => &tuple.elts,
-        _ => return None,
+        Expr::List(list) => Value::List(items(&list.elts)?),
+        Expr::Tuple(tuple) => Value::List(items(&tuple.elts)?),
+        Expr::Dict(dict) => Value::Dict(
+            dict.keys
+                .iter()
+                .zip(&dict.values)
+                .map(|(key, value)| Ok::<_, TextSize>((literal(key.as_ref().ok_or(value.start())?)?, literal(value)?)))
+                .collect::<Result<_, TextSize>>()?,
+        ),
+        _ => return Err(expr.start()),
     };
-    items.iter().map(|item| string_literal(item).map(str::to_string)).collect()
-}
-
-/// `["./data", {"path": "./out", "mode": "read-write"}]`, located at the faulty element.
-fn file_grants(expr: &Expr) -> Result<Vec<FileGrant>, (TextSize, UnitError)> {
-    let shape = |at: TextSize| {
-        (
-            at,
-            UnitError {
-                message: "write a list of folders: strings, or dicts with `path` and `mode`".into(),
-                hint: Some("e.g. `allowed_files=[\"./data\", {\"path\": \"./out\", \"mode\": \"read-write\"}]`".into()),
-            },
-        )
-    };
-    let items = match expr {
-        Expr::List(list) => &list.elts,
-        Expr::Tuple(tuple) => &tuple.elts,
-        _ => return Err(shape(expr.start())),
-    };
-    let mut grants = Vec::new();
-    for item in items {
-        let (path, mode) = match item {
-            Expr::Dict(dict) => {
-                let (mut path, mut mode) = (None, FileMode::ReadOnly);
-                for (key, value) in dict.keys.iter().zip(&dict.values) {
-                    match key.as_ref().and_then(string_literal) {
-                        Some("path") => path = Some(string_literal(value).ok_or_else(|| shape(value.start()))?),
-                        Some("mode") => {
-                            let text = string_literal(value).ok_or_else(|| shape(value.start()))?;
-                            mode = FileMode::parse(text).map_err(|e| (value.start(), e))?;
-                        }
-                        _ => return Err(shape(key.as_ref().map_or(item.start(), |k| k.start()))),
-                    }
-                }
-                (path.ok_or_else(|| shape(item.start()))?, mode)
-            }
-            other => (string_literal(other).ok_or_else(|| shape(other.start()))?, FileMode::ReadOnly),
-        };
-        let path = normalise_grant_path(path).map_err(|e| (item.start(), e))?;
-        grants.push(FileGrant { path, mode });
-    }
-    Ok(grants)
-}
-
-fn is_env_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn string_dict(expr: &Expr) -> Option<BTreeMap<String, String>> {
-    let Expr::Dict(dict) = expr else { return None };
-    let mut env = BTreeMap::new();
-    for (key, value) in dict.keys.iter().zip(&dict.values) {
-        let key = string_literal(key.as_ref()?)?;
-        env.insert(key.to_string(), string_literal(value)?.to_string());
-    }
-    Some(env)
+    Ok(Literal { value, at })
 }
 
 fn check_duplicate_names(parser: &mut Parser<'_>, tasks: &[DiscoveredTask], suite: &[Stmt]) {
@@ -512,37 +373,16 @@ fn check_duplicate_names(parser: &mut Parser<'_>, tasks: &[DiscoveredTask], suit
     }
 }
 
-/// The candidate within edit distance 2 of `word`, or one that contains it (`retries`).
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (edit_distance(word, c), *c))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, c)| c)
-        .or_else(|| candidates.iter().copied().find(|c| word.len() >= 3 && c.contains(word)))
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != *cb);
-            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
-        }
-        previous = current;
-    }
-    previous[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use manifest_schema::{ByteSize, Compute, Timeout};
+
     use super::*;
 
     fn tasks(source: &str) -> Vec<DiscoveredTask> {
-        parse_module(source, "main.py", &TaskDefaults::default()).unwrap().tasks
+        parse_module(source, "main.py", &TaskOptions::default()).unwrap().tasks
     }
 
     #[test]
@@ -564,14 +404,15 @@ mod tests {
             "from capsule import task\n@task(name='x', compute='HIGH', ram='64MB', timeout='500ms', max_retries=3, env_vars={'A': 'b'})\ndef f(): pass\n\
              @task(compute=1000)\ndef g(): pass\n@task(compute='2000')\ndef h(): pass\n",
         );
-        assert_eq!(found[0].compute, Compute::High);
-        assert_eq!(found[0].memory_bytes, 64_000_000);
-        assert_eq!(found[0].timeout, Some(Duration::from_millis(500)));
-        assert_eq!(found[0].max_retries, 3);
-        assert_eq!(found[0].env["A"], "b");
-        assert_eq!(found[1].compute, Compute::Fuel(1000));
-        assert_eq!(found[2].compute, Compute::Fuel(2000));
-        assert_eq!(found[1].memory_bytes, manifest_schema::defaults::MEMORY_BYTES);
+        let options = &found[0].options;
+        assert_eq!(options.compute, Compute::High);
+        assert_eq!(options.ram, ByteSize(64_000_000));
+        assert_eq!(options.timeout, Some(Timeout(Duration::from_millis(500))));
+        assert_eq!(options.max_retries, 3);
+        assert_eq!(options.env_vars["A"], "b");
+        assert_eq!(found[1].options.compute, Compute::Fuel(1000));
+        assert_eq!(found[2].options.compute, Compute::Fuel(2000));
+        assert_eq!(found[1].options.ram, manifest_schema::defaults::RAM);
     }
 
     #[test]
@@ -584,18 +425,10 @@ mod tests {
         let info = parse_module(
             "import json\nfrom helpers.text import shout\ndef f():\n    import util\n    from . import rel\n",
             "main.py",
-            &TaskDefaults::default(),
+            &TaskOptions::default(),
         )
         .unwrap();
         let imports: Vec<&str> = info.imports.iter().map(String::as_str).collect();
         assert_eq!(imports, ["helpers.text", "helpers.text.shout", "json", "util"]);
-    }
-
-    #[test]
-    fn suggests_close_option_names() {
-        assert_eq!(closest("rma", OPTIONS), Some("ram"));
-        assert_eq!(closest("timout", OPTIONS), Some("timeout"));
-        assert_eq!(closest("retries", OPTIONS), Some("max_retries"));
-        assert_eq!(closest("colour", OPTIONS), None);
     }
 }

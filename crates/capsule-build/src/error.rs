@@ -1,7 +1,6 @@
 //! Build failures, each with what went wrong and, where useful, a hint.
 
-use std::fmt;
-
+use manifest_schema::{Explain, Problem};
 use thiserror::Error;
 
 use crate::discover::Diagnostics;
@@ -11,45 +10,36 @@ pub enum BuildError {
     /// Problems in the Python source, with file:line:column.
     #[error("{0}")]
     Discovery(#[from] Diagnostics),
-    /// Anything else, with an optional hint.
+    /// Anything else.
     #[error("{0}")]
-    Other(Message),
-}
-
-#[derive(Debug)]
-pub struct Message {
-    pub message: String,
-    pub hint: Option<String>,
-}
-
-impl fmt::Display for Message {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(hint) = &self.hint {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
-    }
+    Other(Problem),
 }
 
 impl BuildError {
     pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self::Other(Message { message: message.into(), hint: Some(hint.into()) })
+        Self::Other(Problem::hinted(message, hint))
     }
 
     pub fn message(message: impl Into<String>) -> Self {
-        Self::Other(Message { message: message.into(), hint: None })
+        Self::Other(Problem::new(message))
     }
 
     pub fn io(what: impl Into<String>, error: std::io::Error) -> Self {
         Self::message(format!("{}: {error}", what.into()))
     }
+}
 
-    /// The lines to print, each to be prefixed with `error: `.
-    pub fn lines(&self) -> Vec<String> {
+impl Explain for BuildError {
+    fn problems(&self) -> Vec<Problem> {
         match self {
-            Self::Discovery(diagnostics) => diagnostics.0.iter().map(ToString::to_string).collect(),
-            Self::Other(message) => vec![message.to_string()],
+            Self::Discovery(diagnostics) => diagnostics.problems(),
+            Self::Other(problem) => vec![problem.clone()],
         }
+    }
+}
+
+impl From<Problem> for BuildError {
+    fn from(problem: Problem) -> Self {
+        Self::Other(problem)
     }
 }

@@ -1,26 +1,27 @@
 //! `capsule build`: from a Python file to a manifest and a precompiled, content-addressed
 //! artifact. See ARCHITECTURE.md for where this sits.
 
-pub mod cache;
-pub mod discover;
-pub mod error;
-pub mod project;
-pub mod snapshot;
+mod cache;
+mod discover;
+mod error;
+mod project;
+mod snapshot;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::Runner;
-use capsule_exec::artifact::sha256_hex;
-use capsule_exec::engine::{self, WASMTIME_VERSION};
-use manifest_schema::{Artifact, Engine, Manifest, SCHEMA_VERSION, Task};
+use capsule_exec::{Engine, WASMTIME_VERSION, sha256_hex};
+use manifest_schema::{Artifact, Compute, Manifest, SCHEMA_VERSION, Task};
 use python_runtime::{InitRequest, RegisteredTask};
 use sha2::{Digest, Sha256};
 
+pub use cache::{CACHE_DIR_ENV, cache_dir};
+pub use discover::{Diagnostic, Diagnostics};
 pub use error::BuildError;
 pub use project::Project;
+pub use python_runtime::runtime_path;
 
 /// Name of the manifest in the output folder.
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -69,17 +70,20 @@ pub fn entry_from_project(dir: &Path) -> Result<PathBuf, BuildError> {
     }
 }
 
-/// A runner whose compiler keeps an incremental cache (see [`cache`]), for building.
-pub fn build_runner() -> anyhow::Result<Runner> {
-    let mut config = capsule_exec::engine::config();
+/// An engine whose compiler keeps an incremental cache (see [`cache`]), for building; it
+/// runs what it builds like any other.
+pub fn build_engine() -> Result<Engine, BuildError> {
+    let mut config = capsule_exec::config();
     if let Some(dir) = cache::cache_dir() {
-        config.enable_incremental_compilation(cache::FileCacheStore::new(dir.join("cranelift")))?;
+        config
+            .enable_incremental_compilation(cache::FileCacheStore::new(dir.join("cranelift")))
+            .map_err(|e| BuildError::message(format!("cannot use the compilation cache: {e}")))?;
     }
-    Runner::with_config(&config)
+    Engine::with_config(&config).map_err(|e| BuildError::message(e.to_string()))
 }
 
 /// Builds `options.entry`, or finds the identical previous build.
-pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutput, BuildError> {
+pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutput, BuildError> {
     let started = Instant::now();
     let project = Project::load(&options.entry)?;
     let runtime = fs::read(&options.runtime).map_err(|e| {
@@ -109,25 +113,25 @@ pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutpu
     let snapshot_time = snapshot_started.elapsed();
 
     let compile_started = Instant::now();
-    let compiled = runner
-        .engine()
+    let compiled = engine
+        .wasmtime()
         .precompile_module(&snapshot)
         .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))?;
     let compile_time = compile_started.elapsed();
-    // SAFETY: these bytes were produced just now by this engine's own compiler.
-    let module = unsafe { wasmtime::Module::deserialize(runner.engine(), &compiled) }
-        .map_err(|e| BuildError::message(format!("loading the compiled snapshot failed: {e:#}")))?;
-    let program = runner.program(&module).map_err(|e| BuildError::message(format!("{e:#}")))?;
-    let registered = program.describe().await.map_err(|e| BuildError::message(format!("{e:#}")))?;
+    let inspection = engine.inspect(&compiled).await.map_err(BuildError::message)?;
+    let registered = inspection.tasks;
     check_registered(&project, &registered)?;
-    let initial_memory_bytes = program.initial_memory_bytes();
+    let initial_memory_bytes = inspection.initial_memory_bytes;
     check_memory(&project, initial_memory_bytes)?;
 
     let sha256 = sha256_hex(&compiled);
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
-        engine: Engine { wasmtime_version: WASMTIME_VERSION.to_string(), fingerprint: engine::fingerprint() },
+        engine: manifest_schema::Engine {
+            wasmtime_version: WASMTIME_VERSION.to_string(),
+            fingerprint: capsule_exec::fingerprint(),
+        },
         artifact: Artifact {
             file: format!("{sha256}.cwasm"),
             sha256,
@@ -136,7 +140,7 @@ pub async fn build(runner: &Runner, options: &BuildOptions) -> Result<BuildOutpu
             project_root: project
                 .tasks
                 .iter()
-                .any(|t| !t.allowed_files.is_empty())
+                .any(|t| !t.options.allowed_files.is_empty())
                 .then(|| project.root.display().to_string()),
         },
         tasks: manifest_tasks(&project, &registered),
@@ -165,21 +169,15 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
     field(b"capsule-build/1");
     field(env!("CARGO_PKG_VERSION").as_bytes());
     field(&Sha256::digest(runtime));
-    field(engine::fingerprint().as_bytes());
+    field(capsule_exec::fingerprint().as_bytes());
     field(project.entry_module.as_bytes());
     field(project.root.as_os_str().as_encoded_bytes());
-    // The limits as resolved now: a change of defaults or levels must not reuse a manifest.
+    // The options as resolved now: a change of defaults or levels must not reuse a manifest.
     for task in &project.tasks {
-        let limits = (
-            &task.name,
-            &task.function,
-            task.compute.fuel(),
-            task.memory_bytes,
-            task.timeout,
-            task.max_retries,
-            (&task.env, &task.env_passthrough, &task.allowed_hosts, &task.allowed_files),
-        );
-        field(format!("{limits:?}").as_bytes());
+        field(task.name.as_bytes());
+        field(task.function.as_bytes());
+        field(&serde_json::to_vec(&task.options).expect("options serialise"));
+        field(&Compute::fuel(task.options.compute).to_le_bytes());
     }
     for module in &project.modules {
         field(module.name.as_bytes());
@@ -225,12 +223,12 @@ fn check_registered(project: &Project, registered: &[RegisteredTask]) -> Result<
 
 fn check_memory(project: &Project, initial: u64) -> Result<(), BuildError> {
     for task in &project.tasks {
-        if task.memory_bytes < initial {
+        if task.options.ram.bytes() < initial {
             return Err(BuildError::usage(
                 format!(
                     "task `{}` has `ram` of {} bytes, but the snapshot alone needs {initial} bytes ({:.1} MiB)",
                     task.name,
-                    task.memory_bytes,
+                    task.options.ram.bytes(),
                     initial as f64 / f64::from(1 << 20)
                 ),
                 format!(
@@ -255,15 +253,7 @@ fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task>
                 .iter()
                 .find(|r| r.name == task.name)
                 .map_or_else(|| format!("{}.{}", project.entry_module, task.function), |r| r.function.clone()),
-            compute: task.compute.to_string(),
-            fuel: task.compute.fuel(),
-            memory_bytes: task.memory_bytes,
-            timeout_ms: task.timeout.map(|t| t.as_millis() as u64),
-            max_retries: task.max_retries,
-            env: task.env.clone(),
-            env_passthrough: task.env_passthrough.clone(),
-            allowed_hosts: task.allowed_hosts.clone(),
-            allowed_files: task.allowed_files.clone(),
+            options: task.options.clone(),
         })
         .collect()
 }

@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use capsule_exec::engine::{MAX_WASM_STACK, TickingEngine, WASMTIME_VERSION};
-use capsule_exec::host::{HostState, Phase, linker};
-use capsule_exec::output::{LiveSink, TeeOutput};
+use capsule_exec::{
+    MAX_WASM_STACK, RefuseHostCalls, SandboxState, Stream, TeeOutput, TickingEngine, WASMTIME_VERSION, linker,
+};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -54,7 +54,7 @@ const INIT_ENGINE_SETTINGS: &str = "capsule-init-engine/1 opt=none epoch=on max_
 
 /// The engine Wizer runs the initialisation on. Its code runs once per build, so it is
 /// compiled for compile speed, not run speed; the snapshot it produces does not depend on it.
-pub fn init_engine() -> anyhow::Result<TickingEngine> {
+pub fn init_engine() -> wasmtime::Result<TickingEngine> {
     let mut config = Config::new();
     config.cranelift_opt_level(OptLevel::None);
     config.epoch_interruption(true);
@@ -95,8 +95,8 @@ pub async fn snapshot(
 ) -> Result<Vec<u8>, BuildError> {
     let engine = engine.engine();
     let stdin = serde_json::to_vec(request).expect("init requests serialise");
-    let stdout = TeeOutput::new(LiveSink::Quiet);
-    let stderr = TeeOutput::new(LiveSink::Quiet);
+    let stdout = TeeOutput::quiet(Stream::Stdout);
+    let stderr = TeeOutput::quiet(Stream::Stderr);
     let wasi = WasiCtxBuilder::new()
         .stdin(MemoryInputPipe::new(stdin))
         .stdout(stdout.clone())
@@ -108,8 +108,11 @@ pub async fn snapshot(
         .insecure_random(StdRng::seed_from_u64(u64::from(hash_seed) + 1))
         .insecure_random_seed(u128::from(hash_seed))
         .build_p1();
-    let mut store = Store::new(engine, HostState::new(wasi, INIT_MEMORY_LIMIT, Phase::Build));
-    store.limiter(|state| &mut state.limiter);
+    let host_calls = Box::new(RefuseHostCalls(
+        "module-level code runs while `capsule build` imports the module; call it inside a task",
+    ));
+    let mut store = Store::new(engine, SandboxState::new(wasi, INIT_MEMORY_LIMIT, host_calls));
+    SandboxState::limit(&mut store);
     let deadline = Instant::now() + INIT_TIMEOUT;
     store.epoch_deadline_callback(move |_| {
         Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
@@ -147,7 +150,7 @@ pub async fn snapshot(
                 .map_or(request.entry_module.as_str(), |m| m.path.as_str());
             let reason = match error.root_cause().downcast_ref::<wasmtime::Trap>() {
                 Some(wasmtime::Trap::Interrupt) => format!("importing `{entry}` took longer than {INIT_TIMEOUT:?}"),
-                _ if store.data().limiter.exceeded() => {
+                _ if store.data().memory().exceeded() => {
                     format!("importing `{entry}` needed more than {} MiB of memory", INIT_MEMORY_LIMIT >> 20)
                 }
                 _ if !printed.trim().is_empty() => format!("importing `{entry}` failed:\n{}", printed.trim_end()),
@@ -163,7 +166,7 @@ pub async fn snapshot(
 
 /// Gives Wizer read access to the initialised instance.
 struct Snapshotting<'a> {
-    store: &'a mut Store<HostState>,
+    store: &'a mut Store<SandboxState>,
     instance: Instance,
 }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use capsule_build::{BuildOptions, Project, build};
+use manifest_schema::Explain;
 
 fn stem(path: &Path) -> String {
     path.file_stem().unwrap().to_string_lossy().into_owned()
@@ -14,17 +15,19 @@ fn valid_fixtures_discover_their_tasks() {
     for file in fixtures::python_files("valid") {
         let project = Project::load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let modules: Vec<&str> = project.modules.iter().map(|m| m.path.as_str()).collect();
-        insta::assert_snapshot!(
-            format!("valid_{}", stem(&file)),
-            format!("modules: {modules:?}\n{:#?}", project.tasks)
-        );
+        let mut text = format!("modules: {modules:?}\n");
+        for task in &project.tasks {
+            let options = toml::to_string(&task.options).unwrap();
+            text.push_str(&format!("\n[task `{}`: def {} at line {}]\n{options}", task.name, task.function, task.line));
+        }
+        insta::assert_snapshot!(format!("valid_{}", stem(&file)), text);
     }
 }
 
 #[test]
 fn invalid_fixtures_are_refused_with_located_errors() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let runner = capsule_build::build_runner().unwrap();
+    let engine = capsule_build::build_engine().unwrap();
     for file in fixtures::python_files("invalid") {
         let out = tempfile::tempdir().unwrap();
         let options = BuildOptions {
@@ -33,12 +36,12 @@ fn invalid_fixtures_are_refused_with_located_errors() {
             runtime: python_runtime::runtime_path(),
             force: false,
         };
-        let error = match runtime.block_on(build(&runner, &options)) {
+        let error = match runtime.block_on(build(&engine, &options)) {
             Ok(_) => panic!("{} built, but must be refused", file.display()),
             Err(error) => error,
         };
-        let text: Vec<String> = error.lines().into_iter().map(|line| format!("error: {line}")).collect();
-        insta::assert_snapshot!(format!("invalid_{}", stem(&file)), text.join("\n"));
+        let text = manifest_schema::problem::render(&error.problems());
+        insta::assert_snapshot!(format!("invalid_{}", stem(&file)), text.trim_end());
         assert!(!out.path().join(capsule_build::MANIFEST_FILE).exists(), "a failed build wrote a manifest");
     }
 }

@@ -5,39 +5,42 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use manifest_schema::{Manifest, ManifestError};
+use manifest_schema::{Explain, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wasmtime::{Engine, Module};
 
-use crate::engine::{self, WASMTIME_VERSION};
+use crate::config::{self, WASMTIME_VERSION};
 
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error(
-        "`{manifest}` was built for wasmtime {built}, this runner uses {WASMTIME_VERSION}\n  hint: rebuild it with the `capsule build` of this release"
-    )]
+    #[error("`{manifest}` was built for wasmtime {built}, this runner uses {WASMTIME_VERSION}")]
     WasmtimeVersion { manifest: String, built: String },
-    #[error(
-        "`{manifest}` was compiled for another engine configuration (fingerprint {built})\n  hint: rebuild it with the `capsule build` of this release"
-    )]
+    #[error("`{manifest}` was compiled for another engine configuration (fingerprint {built})")]
     EngineFingerprint { manifest: String, built: String },
     #[error("cannot read artifact `{path}`: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error(
-        "artifact `{path}` does not match its manifest: sha256 is {actual}, the manifest says {expected}\n  hint: the file was modified or corrupted; rebuild it, and never run an artifact whose hash does not match"
-    )]
+    #[error("artifact `{path}` does not match its manifest: sha256 is {actual}, the manifest says {expected}")]
     HashMismatch { path: PathBuf, expected: String, actual: String },
     #[error("wasmtime refused artifact `{path}`: {message}")]
     Deserialize { path: PathBuf, message: String },
 }
 
-/// A manifest and its verified, deserialised module.
-pub struct Artifact {
-    pub manifest: Manifest,
-    pub module: Module,
+impl Explain for LoadError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::WasmtimeVersion { .. } | Self::EngineFingerprint { .. } => {
+                Some("rebuild it with the `capsule build` of this release".into())
+            }
+            Self::HashMismatch { .. } => Some(
+                "the file was modified or corrupted; rebuild it, and never run an artifact whose hash does not match"
+                    .into(),
+            ),
+            Self::Manifest(_) | Self::Read { .. } | Self::Deserialize { .. } => None,
+        }
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -56,16 +59,25 @@ fn sha256_of_reader(reader: &mut impl Read) -> std::io::Result<String> {
     }
 }
 
+/// A built artifact on disk: its manifest and `.cwasm` beside it.
+pub struct Artifact;
+
 impl Artifact {
-    pub fn load(engine: &Engine, manifest_path: &Path) -> Result<Self, LoadError> {
+    /// Reads and validates the manifest, and checks it was built for this engine.
+    pub fn manifest(manifest_path: &Path) -> Result<Manifest, LoadError> {
         let manifest = Manifest::load(manifest_path)?;
         let shown = manifest_path.display().to_string();
         if manifest.engine.wasmtime_version != WASMTIME_VERSION {
             return Err(LoadError::WasmtimeVersion { manifest: shown, built: manifest.engine.wasmtime_version });
         }
-        if manifest.engine.fingerprint != engine::fingerprint() {
+        if manifest.engine.fingerprint != config::fingerprint() {
             return Err(LoadError::EngineFingerprint { manifest: shown, built: manifest.engine.fingerprint });
         }
+        Ok(manifest)
+    }
+
+    /// The artifact of `manifest` (read from `manifest_path`), verified and deserialised.
+    pub fn load(engine: &Engine, manifest_path: &Path, manifest: &Manifest) -> Result<Module, LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let path = dir.join(&manifest.artifact.file);
         let started = std::time::Instant::now();
@@ -74,7 +86,7 @@ impl Artifact {
         let actual = sha256_of_reader(&mut file).map_err(read_error)?;
         tracing::debug!(elapsed = ?started.elapsed(), "hashed the artifact");
         if actual != manifest.artifact.sha256 {
-            return Err(LoadError::HashMismatch { path, expected: manifest.artifact.sha256, actual });
+            return Err(LoadError::HashMismatch { path, expected: manifest.artifact.sha256.clone(), actual });
         }
         // SAFETY: the file hashes to the value recorded by `capsule build` when it compiled it
         // with this engine configuration (checked above), so it is its own output. wasmtime
@@ -84,6 +96,6 @@ impl Artifact {
         let module = unsafe { Module::deserialize_open_file(engine, file) }
             .map_err(|e| LoadError::Deserialize { path, message: e.to_string() })?;
         tracing::debug!(elapsed = ?started.elapsed(), "loaded the artifact");
-        Ok(Self { manifest, module })
+        Ok(module)
     }
 }

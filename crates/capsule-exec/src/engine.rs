@@ -1,104 +1,302 @@
-//! The one wasmtime configuration shared by `capsule build` (which compiles with it) and the
-//! runner (which loads what was compiled). Anything here that changes compiled code must
-//! change [`ENGINE_SETTINGS`], so old artifacts are refused with a clear message.
+//! The engine API every front door uses: load verified artifacts, submit runs, observe them
+//! through events, cancel them.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
-use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use manifest_schema::{Explain, Manifest, Task};
+use python_runtime::{ErrorKind, GuestError, RegisteredTask};
+use serde_json::Value;
+use thiserror::Error;
+use tokio::task::JoinHandle;
 
-/// The wasmtime release this build links; recorded in every manifest.
-pub const WASMTIME_VERSION: &str = "48.0.8";
+use crate::artifact::{Artifact, LoadError};
+use crate::cancel::Cancel;
+use crate::config::{self, TickingEngine};
+use crate::events::EventSink;
+use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, hash_json};
+use crate::orchestrator::{Orchestrator, RunSettings};
+use crate::outcome::Outcome;
+use crate::sandbox::Program;
 
-/// Wasm stack for guest code: at least the C stack the runtime was linked with, so Python's
-/// recursion limits fire before a stack-overflow trap.
-pub const MAX_WASM_STACK: usize = python_runtime::C_STACK_BYTES;
+/// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
+const LOADED_ARTIFACTS: usize = 64;
 
-/// How often the epoch advances; deadlines are checked at this granularity.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// Everything about the configuration that the compiled code depends on.
-const ENGINE_SETTINGS: &str = "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB";
-
-/// Sandboxes that can exist at once in one process; each reserves (but does not commit)
-/// address space for a 4 GiB linear memory and a fiber stack.
-pub const MAX_LIVE_SANDBOXES: u32 = 256;
-
-pub fn config() -> Config {
-    let mut config = Config::new();
-    config.consume_fuel(true);
-    config.epoch_interruption(true);
-    config.max_wasm_stack(MAX_WASM_STACK);
-    // Guests run on fibers: the fiber's stack must hold the Wasm stack plus host frames.
-    config.async_stack_size(MAX_WASM_STACK + (1 << 20));
-    // Instances come from preallocated slots, and linear memory starts as a copy-on-write
-    // mapping of the snapshot: instantiation copies nothing and a sandbox only costs the
-    // pages it writes. When a slot is freed, the pages a run dirtied (found with Linux's
-    // PAGEMAP_SCAN where available) are copied back from the snapshot and stay mapped, so
-    // the next run in that slot takes no page faults for them.
-    let mut pool = PoolingAllocationConfig::new();
-    pool.total_core_instances(MAX_LIVE_SANDBOXES)
-        .total_memories(MAX_LIVE_SANDBOXES)
-        .total_tables(MAX_LIVE_SANDBOXES)
-        .total_stacks(MAX_LIVE_SANDBOXES)
-        .max_memory_size(4 << 30)
-        .max_core_instance_size(4 << 20)
-        .table_elements(1 << 16)
-        .async_stack_keep_resident(512 << 10)
-        .table_keep_resident(256 << 10)
-        .linear_memory_keep_resident(4 << 20)
-        .pagemap_scan(Enabled::Auto);
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    config.memory_init_cow(true);
-    config
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("cannot set up the engine: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("no task named `{name}`")]
+    NoSuchTask { name: String, tasks: Vec<String> },
+    #[error("several tasks and none is called `main`")]
+    NoDefaultTask { tasks: Vec<String> },
+    #[error("resuming a run needs its journal")]
+    ResumeWithoutJournal,
+    #[error("run `{run}` ran task `{task}`, which this build no longer has")]
+    ResumedTaskMissing { run: String, task: String },
 }
 
-/// sha256 of the wasmtime version, the settings above and the target, as written in manifests.
-pub fn fingerprint() -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(WASMTIME_VERSION);
-    hasher.update([0]);
-    hasher.update(ENGINE_SETTINGS);
-    hasher.update([0]);
-    hasher.update(std::env::consts::ARCH);
-    hasher.update(std::env::consts::OS);
-    hex::encode(hasher.finalize())
+fn listed(tasks: &[String]) -> String {
+    tasks.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
 }
 
-/// An engine with its epoch ticking in the background for as long as it lives.
-pub struct TickingEngine {
-    engine: Engine,
-    stop: Arc<AtomicBool>,
+impl Explain for EngineError {
+    fn problems(&self) -> Vec<manifest_schema::Problem> {
+        match self {
+            Self::Load(error) => error.problems(),
+            Self::Journal(error) => error.problems(),
+            _ => vec![manifest_schema::Problem { message: self.to_string(), hint: self.hint() }],
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::NoSuchTask { tasks, .. } => Some(format!("the tasks are {}", listed(tasks))),
+            Self::NoDefaultTask { tasks } => Some(format!("choose one with `--task NAME`: {}", listed(tasks))),
+            Self::ResumeWithoutJournal => Some("pass `--journal PATH`".into()),
+            Self::ResumedTaskMissing { .. } => Some("start a new run of a task this build has".into()),
+            Self::Setup(_) | Self::Load(_) | Self::Journal(_) => None,
+        }
+    }
 }
 
-impl TickingEngine {
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let engine = Engine::new(config)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.weak();
-        let ticker_stop = stop.clone();
-        thread::Builder::new().name("capsule-epoch".into()).spawn(move || {
-            while !ticker_stop.load(Ordering::Relaxed) {
-                thread::sleep(EPOCH_TICK);
-                match ticker_engine.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
+/// A verified artifact, loaded and ready to run; shared by every run of it.
+pub struct Loaded {
+    manifest: Manifest,
+    program: Program,
+}
+
+impl Loaded {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Linear memory the snapshot starts with.
+    pub fn initial_memory_bytes(&self) -> u64 {
+        self.program.initial_memory_bytes()
+    }
+
+    /// A fresh instance that runs nothing; what one idle sandbox costs is measured with it.
+    pub async fn instantiate_idle(&self) -> Result<impl Sized, String> {
+        let ram = self.manifest.tasks[0].options.ram.bytes();
+        self.program.instantiate_idle(ram).await.map_err(|e| e.to_string())
+    }
+}
+
+/// What a compiled snapshot registered, for the builder's checks.
+pub struct Inspection {
+    pub tasks: Vec<RegisteredTask>,
+    pub initial_memory_bytes: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// A new run of `task` (default: `main`, else the only task).
+    Task { task: Option<String>, args: Vec<Value>, kwargs: serde_json::Map<String, Value> },
+    /// Resume a journaled run: finished calls are replayed, the rest runs.
+    Resume { run_id: String },
+}
+
+pub struct RunRequest {
+    pub start: Start,
+    /// The file the run came from (an entry `.py` or a manifest), as the journal records it
+    /// for resuming [default: the manifest's entry, relative to its project].
+    pub entry: Option<String>,
+    pub settings: RunSettings,
+    /// Where the run is recorded, if anywhere.
+    pub journal: Option<Arc<Journal>>,
+    pub events: Arc<dyn EventSink>,
+    pub cancel: Cancel,
+}
+
+/// A submitted run.
+pub struct RunHandle {
+    run_id: Option<String>,
+    task: String,
+    cancel: Cancel,
+    join: JoinHandle<Outcome>,
+}
+
+impl RunHandle {
+    /// The run's id in the journal, when it is journaled.
+    pub fn run_id(&self) -> Option<&str> {
+        self.run_id.as_deref()
+    }
+
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// Stops the run and every sub-task under it.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub async fn outcome(self) -> Outcome {
+        match self.join.await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome::without_attempts(
+                &self.task,
+                Err(GuestError::new(ErrorKind::Host, format!("the run ended abnormally: {error}"))),
+            ),
+        }
+    }
+}
+
+/// One wasmtime engine (with its epoch ticker) and the artifacts loaded on it.
+pub struct Engine {
+    engine: TickingEngine,
+    loaded: Mutex<Vec<(String, Arc<Loaded>)>>,
+    call_ids: Arc<AtomicU64>,
+}
+
+impl Engine {
+    /// An engine for running artifacts.
+    pub fn new() -> Result<Self, EngineError> {
+        Self::with_config(&config::config())
+    }
+
+    /// An engine on `config`, which must be [`config::config`] plus settings that do not
+    /// change compiled code (the builder adds its compilation cache).
+    pub fn with_config(config: &wasmtime::Config) -> Result<Self, EngineError> {
+        // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let engine = TickingEngine::new(config).map_err(|e| EngineError::Setup(e.to_string()))?;
+        Ok(Self { engine, loaded: Mutex::default(), call_ids: Arc::new(AtomicU64::new(1)) })
+    }
+
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        self.engine.engine()
+    }
+
+    /// Loads the artifact of the manifest at `path`, verified; an artifact with the same
+    /// hash loaded before is reused without reading it again.
+    pub fn load(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
+        let manifest = Artifact::manifest(path)?;
+        let sha256 = manifest.artifact.sha256.clone();
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, known)) = loaded.iter().find(|(hash, _)| *hash == sha256) {
+            return Ok(Arc::new(Loaded { manifest, program: known.program.clone() }));
+        }
+        let module = Artifact::load(self.wasmtime(), path, &manifest)?;
+        let program = Program::new(self.wasmtime(), &module)
+            .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
+        let fresh = Arc::new(Loaded { manifest, program });
+        if loaded.len() >= LOADED_ARTIFACTS {
+            loaded.remove(0);
+        }
+        loaded.push((sha256, fresh.clone()));
+        Ok(fresh)
+    }
+
+    /// What the snapshot compiled as `compiled` (by this engine) registered.
+    pub async fn inspect(&self, compiled: &[u8]) -> Result<Inspection, String> {
+        // SAFETY: the builder passes bytes this engine's own compiler produced just now.
+        let module = unsafe { wasmtime::Module::deserialize(self.wasmtime(), compiled) }
+            .map_err(|e| format!("loading the compiled snapshot failed: {e}"))?;
+        let program = Program::new(self.wasmtime(), &module).map_err(|e| e.to_string())?;
+        Ok(Inspection { tasks: program.describe().await?, initial_memory_bytes: program.initial_memory_bytes() })
+    }
+
+    /// Starts a run on the current tokio runtime.
+    pub fn submit(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<RunHandle, EngineError> {
+        let RunRequest { start, entry, mut settings, journal, events, cancel } = request;
+        let manifest = &loaded.manifest;
+        let (task, args, kwargs, run_id) = match (start, &journal) {
+            (Start::Resume { run_id }, Some(journal)) => {
+                let record = journal.run(&run_id)?;
+                let task = manifest.task(&record.task).ok_or_else(|| EngineError::ResumedTaskMissing {
+                    run: run_id.clone(),
+                    task: record.task.clone(),
+                })?;
+                journal.reopen_run(&run_id)?;
+                (task, record.args, record.kwargs, Some(run_id))
+            }
+            (Start::Resume { .. }, None) => return Err(EngineError::ResumeWithoutJournal),
+            (Start::Task { task, args, kwargs }, journal) => {
+                let task = select_task(manifest, task.as_deref())?;
+                let run_id = match journal {
+                    Some(journal) => Some(journal.start_run(
+                        entry.as_deref().unwrap_or(&manifest.artifact.source),
+                        &manifest.artifact.sha256,
+                        &task.name,
+                        &args,
+                        &kwargs,
+                    )?),
+                    None => None,
+                };
+                (task, args, kwargs, run_id)
+            }
+        };
+        if settings.project_root.is_none() {
+            settings.project_root = manifest.artifact.project_root.clone().map(Into::into);
+        }
+        let mut position = None;
+        if let (Some(journal), Some(run)) = (&journal, &run_id) {
+            let args_hash = hash_json(&serde_json::json!([args, kwargs]));
+            match journal.enter(run, 0, 0, "task", &task.name, "", &args_hash)? {
+                Entered::Replay { result, .. } => {
+                    journal.finish_run(run, RunStatus::Ok)?;
+                    let outcome = Outcome::without_attempts(&task.name, Ok(result));
+                    return Ok(RunHandle {
+                        run_id,
+                        task: task.name.clone(),
+                        cancel,
+                        join: tokio::spawn(async move { outcome }),
+                    });
+                }
+                Entered::Run { id } => {
+                    position = Some(Position { journal: journal.clone(), run: run.as_str().into(), call: id })
                 }
             }
-        })?;
-        Ok(Self { engine, stop })
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+        }
+        let orchestrator = Orchestrator::new(
+            loaded.program.clone(),
+            manifest.tasks.clone(),
+            settings,
+            events,
+            cancel.clone(),
+            self.call_ids.clone(),
+        );
+        let call = orchestrator.call(args, kwargs);
+        let scope = orchestrator.root(position);
+        let (task, journal_run) = (task.clone(), journal.zip(run_id.clone()));
+        let name = task.name.clone();
+        let join = tokio::spawn(async move {
+            let outcome = scope.run(&task, call, None).await;
+            if let Some((journal, run)) = journal_run {
+                let status = match outcome.error_kind() {
+                    None => RunStatus::Ok,
+                    Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
+                    Some(_) => RunStatus::Failed,
+                };
+                if let Err(error) = journal.finish_run(&run, status) {
+                    tracing::error!(%error, run, "could not record the end of the run");
+                }
+            }
+            outcome
+        });
+        Ok(RunHandle { run_id, task: name, cancel, join })
     }
 }
 
-impl Drop for TickingEngine {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+/// The task named `name`, else `main`, else the only one.
+pub fn select_task<'m>(manifest: &'m Manifest, name: Option<&str>) -> Result<&'m Task, EngineError> {
+    let names = || manifest.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+    match name {
+        Some(name) => {
+            manifest.task(name).ok_or_else(|| EngineError::NoSuchTask { name: name.to_string(), tasks: names() })
+        }
+        None => match (manifest.task("main"), manifest.tasks.as_slice()) {
+            (Some(main), _) => Ok(main),
+            (None, [only]) => Ok(only),
+            _ => Err(EngineError::NoDefaultTask { tasks: names() }),
+        },
     }
 }

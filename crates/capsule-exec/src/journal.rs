@@ -5,7 +5,7 @@
 //! diverged. Request headers and environment values are never stored.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -14,8 +14,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-/// Where `capsule run` keeps its journal, below the project folder.
-pub const DEFAULT_JOURNAL: &str = ".capsule/journal.db";
+/// The journal's format; a journal written in another is refused rather than misread.
+const FORMAT_VERSION: i64 = 2;
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -23,12 +23,56 @@ pub enum JournalError {
     Database { path: String, source: rusqlite::Error },
     #[error("cannot create the journal's folder `{path}`: {source}")]
     Folder { path: String, source: std::io::Error },
-    #[error(
-        "workflow diverged at step {step} of call #{parent}: the journal has {journaled}, this run makes {now}\n  hint: the code changed since the run started; start a new run instead of resuming"
-    )]
+    #[error("workflow diverged at step {step} of call #{parent}: the journal has {journaled}, this run makes {now}")]
     Diverged { parent: i64, step: u32, journaled: String, now: String },
     #[error("no run `{0}` in the journal")]
     NoSuchRun(String),
+    #[error("journal `{path}` is in format {found}, this Capsule reads format {FORMAT_VERSION}")]
+    Format { path: String, found: i64 },
+    #[error("no journal at `{0}`")]
+    Missing(String),
+}
+
+impl manifest_schema::Explain for JournalError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::Diverged { .. } => {
+                Some("the code changed since the run started; start a new run instead of resuming".into())
+            }
+            Self::NoSuchRun(_) => Some("`capsule runs` lists the runs of this project's journal".into()),
+            Self::Format { path, .. } => {
+                Some(format!("move `{path}` aside (it holds runs of another Capsule version) and run again"))
+            }
+            Self::Missing(_) => {
+                Some("run this in the project folder (where `.capsule/` is), or pass `--journal PATH`".into())
+            }
+            Self::Database { .. } | Self::Folder { .. } => None,
+        }
+    }
+}
+
+/// How a run ended, as the journal records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Ok,
+    Failed,
+    /// Stopped from outside.
+    Cancelled,
+    /// Its process ended before it did (shutdown, crash); it can be resumed.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// A run as stored.
@@ -38,7 +82,8 @@ pub struct RunRecord {
     pub entry: String,
     pub artifact: String,
     pub task: String,
-    pub args: Value,
+    pub args: Vec<Value>,
+    pub kwargs: serde_json::Map<String, Value>,
     pub status: String,
     pub started_at_ms: i64,
     pub finished_at_ms: Option<i64>,
@@ -104,13 +149,22 @@ impl Journal {
         }
         let journal =
             Self { path: path.to_path_buf(), connection: Mutex::new(Connection::open(path).map_err(|e| db(path, e))?) };
+        let found: i64 = journal.with(|c| c.query_row("PRAGMA user_version", [], |row| row.get(0)))?;
+        let fresh: bool = journal.with(|c| {
+            c.query_row("SELECT count(*) = 0 FROM sqlite_master WHERE type = 'table'", [], |row| row.get(0))
+        })?;
+        if !fresh && found != FORMAT_VERSION {
+            return Err(JournalError::Format { path: path.display().to_string(), found });
+        }
         journal.with(|c| {
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.pragma_update(None, "user_version", FORMAT_VERSION)?;
             c.execute_batch(
                 "CREATE TABLE IF NOT EXISTS runs (
                     id TEXT PRIMARY KEY, entry TEXT NOT NULL, artifact TEXT NOT NULL, task TEXT NOT NULL,
-                    args TEXT NOT NULL, status TEXT NOT NULL, started_at INTEGER NOT NULL, finished_at INTEGER);
+                    args TEXT NOT NULL, kwargs TEXT NOT NULL, status TEXT NOT NULL, started_at INTEGER NOT NULL,
+                    finished_at INTEGER);
                  CREATE TABLE IF NOT EXISTS calls (
                     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(id),
                     parent INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
@@ -126,35 +180,60 @@ impl Journal {
         Ok(journal)
     }
 
+    /// The journal at `path`, which must exist (for reading and resuming).
+    pub fn open_existing(path: &Path) -> Result<Self, JournalError> {
+        if !path.is_file() {
+            return Err(JournalError::Missing(path.display().to_string()));
+        }
+        Self::open(path)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, JournalError> {
         let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
         f(&connection).map_err(|e| db(&self.path, e))
     }
 
-    pub fn start_run(&self, entry: &str, artifact: &str, task: &str, args: &Value) -> Result<String, JournalError> {
+    pub fn start_run(
+        &self,
+        entry: &str,
+        artifact: &str,
+        task: &str,
+        args: &[Value],
+        kwargs: &serde_json::Map<String, Value>,
+    ) -> Result<String, JournalError> {
         use std::hash::{BuildHasher, RandomState};
         let id = format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff);
+        let (args, kwargs) = (Value::from(args).to_string(), Value::from(kwargs.clone()).to_string());
         self.with(|c| {
             c.execute(
-                "INSERT INTO runs (id, entry, artifact, task, args, status, started_at) VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
-                params![id, entry, artifact, task, args.to_string(), now_ms()],
+                "INSERT INTO runs (id, entry, artifact, task, args, kwargs, status, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+                params![id, entry, artifact, task, args, kwargs, now_ms()],
             )
         })?;
         Ok(id)
     }
 
-    pub fn finish_run(&self, id: &str, ok: bool) -> Result<(), JournalError> {
-        let status = if ok { "ok" } else { "failed" };
+    pub fn finish_run(&self, id: &str, status: RunStatus) -> Result<(), JournalError> {
         self.with(|c| {
-            c.execute("UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status, now_ms()])
+            c.execute(
+                "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, status.as_str(), now_ms()],
+            )
         })
         .map(drop)
+    }
+
+    /// Marks a run as running again (it is being resumed).
+    pub fn reopen_run(&self, id: &str) -> Result<(), JournalError> {
+        self.with(|c| c.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?1", params![id]))
+            .map(drop)
     }
 
     pub fn run(&self, id: &str) -> Result<RunRecord, JournalError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, entry, artifact, task, args, status, started_at, finished_at FROM runs WHERE id = ?1",
+                "SELECT id, entry, artifact, task, args, kwargs, status, started_at, finished_at FROM runs WHERE id = ?1",
                 [id],
                 run_record,
             )
@@ -166,7 +245,7 @@ impl Journal {
     pub fn runs(&self, limit: u32) -> Result<Vec<RunRecord>, JournalError> {
         self.with(|c| {
             let mut statement = c.prepare(
-                "SELECT id, entry, artifact, task, args, status, started_at, finished_at FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1",
+                "SELECT id, entry, artifact, task, args, kwargs, status, started_at, finished_at FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1",
             )?;
             statement.query_map([limit], run_record)?.collect()
         })
@@ -316,6 +395,33 @@ impl Journal {
     }
 }
 
+/// A task's place in a journaled run: the run and the call row of this task execution.
+#[derive(Clone)]
+pub struct Position {
+    pub journal: Arc<Journal>,
+    pub run: Arc<str>,
+    pub call: i64,
+}
+
+impl Position {
+    /// Enters the call at `seq` below this task.
+    pub fn enter(
+        &self,
+        seq: u32,
+        kind: &str,
+        name: &str,
+        detail: &str,
+        args_hash: &str,
+    ) -> Result<Entered, JournalError> {
+        self.journal.enter(&self.run, self.call, seq, kind, name, detail, args_hash)
+    }
+
+    /// The same run, at the call `call` (a child of this one).
+    pub fn at(&self, call: i64) -> Self {
+        Self { call, ..self.clone() }
+    }
+}
+
 fn db(path: &Path, source: rusqlite::Error) -> JournalError {
     JournalError::Database { path: path.display().to_string(), source }
 }
@@ -326,10 +432,11 @@ fn run_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         entry: row.get(1)?,
         artifact: row.get(2)?,
         task: row.get(3)?,
-        args: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or(Value::Null),
-        status: row.get(5)?,
-        started_at_ms: row.get(6)?,
-        finished_at_ms: row.get(7)?,
+        args: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
+        kwargs: serde_json::from_str(&row.get::<_, String>(5)?).unwrap_or_default(),
+        status: row.get(6)?,
+        started_at_ms: row.get(7)?,
+        finished_at_ms: row.get(8)?,
     })
 }
 
@@ -342,7 +449,7 @@ mod tests {
     fn replays_finished_calls_and_detects_divergence() {
         let dir = std::env::temp_dir().join(format!("capsule-journal-{}", std::process::id()));
         let journal = Journal::open(&dir.join("journal.db")).unwrap();
-        let run = journal.start_run("main.py", "abc", "main", &json!([])).unwrap();
+        let run = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
         let top = match journal.enter(&run, 0, 0, "task", "main", "", &hash_json(&json!([]))).unwrap() {
             Entered::Run { id } => id,
             other => panic!("{other:?}"),
@@ -370,7 +477,7 @@ mod tests {
         let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
         assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");
         assert_eq!(journal.calls(&run).unwrap().len(), 2);
-        journal.finish_run(&run, true).unwrap();
+        journal.finish_run(&run, RunStatus::Ok).unwrap();
         assert_eq!(journal.runs(10).unwrap()[0].status, "ok");
         assert!(matches!(journal.run("nope"), Err(JournalError::NoSuchRun(_))));
         std::fs::remove_dir_all(&dir).unwrap();

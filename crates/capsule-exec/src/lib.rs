@@ -1,59 +1,39 @@
-//! Capsule's runner. It loads artifacts that `capsule build` compiled, after checking their
-//! hash, and runs tasks in fresh sandboxes with fuel, memory and deadline limits. It contains
-//! no compiler: everything it runs was compiled ahead of time.
+//! Capsule's engine: it loads artifacts that `capsule build` compiled, after checking their
+//! hash, and runs tasks in fresh sandboxes with fuel, memory and deadline limits, sub-tasks,
+//! HTTP under rules, and a journal. It contains no compiler: everything it runs was compiled
+//! ahead of time.
+//!
+//! Every front door (the CLI, the daemon, the SDK's and MCP's servers) drives it through the
+//! same API: [`Engine::load`] a manifest, [`Engine::submit`] a [`RunRequest`], follow the
+//! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
+//!
+//! The modules form layers, each using only those above it:
+//! `config`, `outcome`, `events`, `cancel`, `journal`, `net` (leaves); `artifact`, `output`,
+//! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
+//! sub-tasks and host calls); `engine` (the API).
 
-pub mod artifact;
-pub mod cli;
-pub mod engine;
-pub mod host;
-pub mod journal;
-pub mod net;
-pub mod output;
-pub mod run;
-pub mod sandbox;
-pub mod subtasks;
+mod artifact;
+mod cancel;
+mod config;
+mod engine;
+mod events;
+mod host;
+mod journal;
+mod net;
+mod orchestrator;
+mod outcome;
+mod output;
+mod run;
+mod sandbox;
 
-use std::path::Path;
-
-use anyhow::Result;
-use wasmtime::{Engine, Module};
-
-pub use artifact::{Artifact, LoadError};
-pub use run::{Call, Outcome, run_task};
-pub use sandbox::{Access, Limits, Preopen, Program, Streams};
-
-/// The shared engine of a process, with its epoch ticker.
-pub struct Runner {
-    engine: engine::TickingEngine,
-}
-
-impl Runner {
-    pub fn new() -> Result<Self> {
-        Self::with_config(&engine::config())
-    }
-
-    /// A runner on `config`, which must be [`engine::config`] plus settings that do not
-    /// change compiled code (the builder adds its compilation cache).
-    pub fn with_config(config: &wasmtime::Config) -> Result<Self> {
-        // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        Ok(Self { engine: engine::TickingEngine::new(config)? })
-    }
-
-    pub fn engine(&self) -> &Engine {
-        self.engine.engine()
-    }
-
-    /// Loads and verifies the artifact of `manifest`.
-    pub fn load(&self, manifest: &Path) -> Result<(Artifact, Program), LoadError> {
-        let artifact = Artifact::load(self.engine(), manifest)?;
-        let program = self
-            .program(&artifact.module)
-            .map_err(|e| LoadError::Deserialize { path: manifest.to_path_buf(), message: format!("{e:#}") })?;
-        Ok((artifact, program))
-    }
-
-    pub fn program(&self, module: &Module) -> Result<Program> {
-        Program::new(self.engine(), module)
-    }
-}
+pub use artifact::{LoadError, sha256_hex};
+pub use cancel::Cancel;
+pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, TickingEngine, WASMTIME_VERSION, config, fingerprint};
+pub use engine::{Engine, EngineError, Inspection, Loaded, RunHandle, RunRequest, Start, select_task};
+pub use events::{CallId, Event, EventSink, NoEvents, Stream};
+pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
+pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus};
+pub use orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, RunSettings};
+pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
+pub use output::{CAPTURE_LIMIT, TeeOutput};
+pub use run::{FIRST_BACKOFF, MAX_BACKOFF};

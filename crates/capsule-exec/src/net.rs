@@ -4,19 +4,17 @@
 //! address), sizes are capped, and no call outlives the task's deadline.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use manifest_schema::HostPolicy;
+use python_runtime::{HostReply, HttpErrorKind, HttpRequest, HttpResponse};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
-use crate::journal::{Completion, Entered, hash_json};
-use crate::subtasks::JournalPosition;
+use crate::outcome::{HttpCall, duration_ms};
 
 /// The largest response body a task may receive.
 pub const MAX_RESPONSE_BYTES: usize = 10 << 20;
@@ -24,156 +22,87 @@ pub const MAX_RESPONSE_BYTES: usize = 10 << 20;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REDIRECTS: usize = 10;
 
-/// A request as the guest sends it.
-#[derive(Debug, Deserialize)]
-struct HttpRequest {
-    method: String,
-    url: String,
-    #[serde(default)]
-    headers: Vec<(String, String)>,
-    #[serde(default)]
-    body_base64: Option<String>,
-    /// Seconds.
-    #[serde(default)]
-    timeout: Option<f64>,
-}
-
-/// One HTTP call, as reported in the envelope: never headers, never the query string.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct HostRequest {
-    pub method: String,
-    pub url: String,
-    pub status: Option<u16>,
-    pub duration_ms: u64,
-    pub bytes: usize,
-    pub error: Option<String>,
-}
+type Failure = (HttpErrorKind, String);
 
 /// A task's network permissions for one attempt.
 pub struct Network {
     policy: Arc<HostPolicy>,
     deadline: Instant,
-    pub requests: Vec<HostRequest>,
-    journal: Option<JournalPosition>,
-    sequence: Arc<AtomicU32>,
 }
 
 impl Network {
     pub fn new(policy: HostPolicy, deadline: Instant) -> Self {
-        Self { policy: Arc::new(policy), deadline, requests: Vec::new(), journal: None, sequence: Arc::default() }
+        Self { policy: Arc::new(policy), deadline }
     }
 
-    /// Journals every call at its position in the attempt's `sequence`.
-    pub fn with_journal(mut self, journal: Option<JournalPosition>, sequence: Arc<AtomicU32>) -> Self {
-        self.journal = journal;
-        self.sequence = sequence;
-        self
-    }
-
-    /// Performs the guest's request (JSON) and returns the reply for the guest (JSON); with a
-    /// journal, a request that finished in an earlier run of this workflow is replayed.
-    pub async fn handle(&mut self, request: &Value) -> Value {
-        let seq = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
-        let Some(position) = self.journal.clone() else { return self.handle_now(request).await };
-        let method = request.get("method").and_then(Value::as_str).unwrap_or_default().to_ascii_uppercase();
-        let url = request.get("url").and_then(Value::as_str).unwrap_or_default();
-        // Headers are left out of the identity: they may carry credentials that change.
-        let identity = json!([method, url, request.get("body_base64")]);
-        match position.enter(seq, "http", &method, &without_query(url), &hash_json(&identity)) {
-            Ok(Entered::Replay { result, .. }) => result,
-            Ok(Entered::Run { id }) => {
-                let started = Instant::now();
-                let reply = self.handle_now(request).await;
-                let ok = reply.get("ok") == Some(&Value::Bool(true));
-                let how = Completion {
-                    ok,
-                    result: &reply,
-                    error: reply.get("error"),
-                    attempts: None,
-                    fuel: None,
-                    peak_memory_bytes: None,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                };
-                if let Err(error) = position.journal.complete(id, &how) {
-                    tracing::error!(%error, "could not record an HTTP call in the journal");
-                }
-                reply
-            }
-            Err(message) => failure("refused", message),
-        }
-    }
-
-    async fn handle_now(&mut self, request: &Value) -> Value {
+    /// Performs the guest's request; returns the reply for the guest and the envelope's
+    /// record of it.
+    pub async fn request(&self, request: HttpRequest) -> (HostReply, HttpCall) {
         let started = Instant::now();
-        let request: HttpRequest = match serde_json::from_value(request.clone()) {
-            Ok(request) => request,
-            Err(error) => return failure("invalid", format!("malformed HTTP request: {error}")),
-        };
         let shown_url = without_query(&request.url);
         let method = request.method.to_ascii_uppercase();
         let reply = self.perform(request).await;
         let (status, bytes, error) = match &reply {
-            Ok((status, _, _, body)) => (Some(*status), body.len(), None),
+            Ok((response, bytes)) => (Some(response.status), *bytes, None),
             Err((_, message)) => (None, 0, Some(message.clone())),
         };
-        self.requests.push(HostRequest {
-            method,
-            url: shown_url,
-            status,
-            duration_ms: started.elapsed().as_millis() as u64,
-            bytes,
-            error,
-        });
-        match reply {
-            Ok((status, url, headers, body)) => json!({
-                "ok": true, "status": status, "url": url, "headers": headers, "body_base64": BASE64.encode(body),
-            }),
-            Err((kind, message)) => failure(kind, message),
-        }
+        let call =
+            HttpCall { method, url: shown_url, status, duration_ms: duration_ms(started.elapsed()), bytes, error };
+        let reply = match reply {
+            Ok((response, _)) => HostReply::http(&response),
+            Err((kind, message)) => HostReply::http_error(kind, message),
+        };
+        (reply, call)
     }
 
-    async fn perform(
-        &self,
-        request: HttpRequest,
-    ) -> Result<(u16, String, Vec<(String, String)>, Vec<u8>), (&'static str, String)> {
+    /// The response and the size of its body.
+    async fn perform(&self, request: HttpRequest) -> Result<(HttpResponse, usize), Failure> {
         let url = reqwest::Url::parse(&request.url)
-            .map_err(|e| ("invalid", format!("`{}` is not a URL: {e}", request.url)))?;
+            .map_err(|e| (HttpErrorKind::Invalid, format!("`{}` is not a URL: {e}", request.url)))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(("invalid", format!("`{}`: only http and https URLs are supported", request.url)));
+            return Err((HttpErrorKind::Invalid, format!("`{}`: only http and https URLs are supported", request.url)));
         }
-        let (host, port) = host_and_port(&url).ok_or(("invalid", format!("`{}` has no host", request.url)))?;
-        self.policy.check_host(&host, port).map_err(|message| ("refused", message))?;
+        let (host, port) =
+            host_and_port(&url).ok_or((HttpErrorKind::Invalid, format!("`{}` has no host", request.url)))?;
+        self.policy.check_host(&host, port).map_err(|message| (HttpErrorKind::Refused, message))?;
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(("timeout", "the task's deadline has passed".into()));
+            return Err((HttpErrorKind::Timeout, "the task's deadline has passed".into()));
         }
-        let timeout = request.timeout.map_or(DEFAULT_CALL_TIMEOUT, Duration::from_secs_f64).min(remaining);
+        let timeout = match request.timeout {
+            None => DEFAULT_CALL_TIMEOUT,
+            Some(seconds) => Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or((HttpErrorKind::Invalid, format!("`timeout={seconds}` is not a positive number of seconds")))?,
+        }
+        .min(remaining);
 
         let refusal = Arc::new(Mutex::new(None::<String>));
         let current_port = Arc::new(AtomicU16::new(port));
         let client = self.client(timeout, refusal.clone(), current_port.clone())?;
         let method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| ("invalid", format!("`{}` is not an HTTP method", request.method)))?;
+            .map_err(|_| (HttpErrorKind::Invalid, format!("`{}` is not an HTTP method", request.method)))?;
         let mut builder = client.request(method, url);
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
         }
         if let Some(body) = &request.body_base64 {
-            let body = BASE64.decode(body).map_err(|e| ("invalid", format!("request body: {e}")))?;
+            let body = BASE64.decode(body).map_err(|e| (HttpErrorKind::Invalid, format!("request body: {e}")))?;
             builder = builder.body(body);
         }
         let classify = |error: reqwest::Error| {
             if let Some(message) = refusal.lock().expect("refusal lock").take() {
-                return ("refused", message);
+                return (HttpErrorKind::Refused, message);
             }
             if error.is_timeout() {
-                return ("timeout", format!("no response within {timeout:?}"));
+                return (HttpErrorKind::Timeout, format!("no response within {timeout:?}"));
             }
             if error.is_redirect() {
                 let reason = std::error::Error::source(&error).map_or_else(|| error.to_string(), ToString::to_string);
-                return ("refused", reason);
+                return (HttpErrorKind::Refused, reason);
             }
-            ("connection", error_chain(&error))
+            (HttpErrorKind::Connection, error_chain(&error))
         };
         let mut response = builder.send().await.map_err(classify)?;
         let status = response.status().as_u16();
@@ -186,11 +115,14 @@ impl Network {
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(("too_large", format!("the response is larger than {} MiB", MAX_RESPONSE_BYTES >> 20)));
+                return Err((
+                    HttpErrorKind::TooLarge,
+                    format!("the response is larger than {} MiB", MAX_RESPONSE_BYTES >> 20),
+                ));
             }
             body.extend_from_slice(&chunk);
         }
-        Ok((status, final_url, headers, body))
+        Ok((HttpResponse { status, url: final_url, headers, body_base64: BASE64.encode(&body) }, body.len()))
     }
 
     fn client(
@@ -198,7 +130,7 @@ impl Network {
         timeout: Duration,
         refusal: Arc<Mutex<Option<String>>>,
         current_port: Arc<AtomicU16>,
-    ) -> Result<reqwest::Client, (&'static str, String)> {
+    ) -> Result<reqwest::Client, Failure> {
         let policy = self.policy.clone();
         let redirect_port = current_port.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
@@ -227,12 +159,8 @@ impl Network {
             .timeout(timeout)
             .user_agent(concat!("capsule/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ("connection", format!("cannot create an HTTP client: {e}")))
+            .map_err(|e| (HttpErrorKind::Connection, format!("cannot create an HTTP client: {e}")))
     }
-}
-
-fn failure(kind: &str, message: String) -> Value {
-    json!({"ok": false, "error": {"kind": kind, "message": message}})
 }
 
 fn host_and_port(url: &reqwest::Url) -> Option<(String, u16)> {
@@ -241,7 +169,7 @@ fn host_and_port(url: &reqwest::Url) -> Option<(String, u16)> {
 }
 
 /// The URL without its query and fragment, which may carry secrets.
-fn without_query(url: &str) -> String {
+pub fn without_query(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) => {
             parsed.set_query(None);

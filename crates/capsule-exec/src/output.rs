@@ -1,33 +1,17 @@
-//! Guest stdout/stderr: streamed live to the host terminal and kept, up to a bound, for the
-//! result envelope. A task printing without end cannot exhaust the host's memory.
+//! Guest stdout/stderr: streamed live to the run's event sink and kept, up to a bound, for
+//! the result envelope. A task printing without end cannot exhaust the host's memory.
 
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use serde::Serialize;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use crate::events::{CallId, Event, EventSink, Stream};
+use crate::outcome::Captured;
 
 /// How much of each stream an envelope keeps.
 pub const CAPTURE_LIMIT: usize = 1 << 20;
-
-/// Where the live copy of a guest stream goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LiveSink {
-    Stdout,
-    Stderr,
-    /// Not shown, only captured.
-    Quiet,
-}
-
-/// What a task printed on one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Captured {
-    pub text: String,
-    /// More was printed than [`CAPTURE_LIMIT`]; the rest was streamed but not kept.
-    pub truncated: bool,
-}
 
 #[derive(Default)]
 struct Buffer {
@@ -38,13 +22,20 @@ struct Buffer {
 /// A guest output stream; clone it to keep a handle for reading the capture afterwards.
 #[derive(Clone)]
 pub struct TeeOutput {
-    live: LiveSink,
+    live: Option<(Arc<dyn EventSink>, CallId)>,
+    stream: Stream,
     buffer: Arc<Mutex<Buffer>>,
 }
 
 impl TeeOutput {
-    pub fn new(live: LiveSink) -> Self {
-        Self { live, buffer: Arc::default() }
+    /// Captures only.
+    pub fn quiet(stream: Stream) -> Self {
+        Self { live: None, stream, buffer: Arc::default() }
+    }
+
+    /// Captures, and reports every write as an [`Event::Output`] of `call`.
+    pub fn reporting(stream: Stream, sink: Arc<dyn EventSink>, call: CallId) -> Self {
+        Self { live: Some((sink, call)), stream, buffer: Arc::default() }
     }
 
     pub fn captured(&self) -> Captured {
@@ -53,12 +44,9 @@ impl TeeOutput {
     }
 
     fn write(&self, data: &[u8]) {
-        // Live output is best effort: a closed terminal must not fail the task.
-        let _ = match self.live {
-            LiveSink::Stdout => std::io::stdout().lock().write_all(data),
-            LiveSink::Stderr => std::io::stderr().lock().write_all(data),
-            LiveSink::Quiet => Ok(()),
-        };
+        if let Some((sink, call)) = &self.live {
+            sink.event(&Event::Output { call: *call, stream: self.stream, text: data });
+        }
         let mut buffer = self.buffer.lock().expect("capture lock");
         let room = CAPTURE_LIMIT.saturating_sub(buffer.bytes.len());
         if data.len() > room {
@@ -87,16 +75,11 @@ impl tokio::io::AsyncWrite for TeeOutput {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let _ = match self.live {
-            LiveSink::Stdout => std::io::stdout().flush(),
-            LiveSink::Stderr => std::io::stderr().flush(),
-            LiveSink::Quiet => Ok(()),
-        };
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -106,7 +89,7 @@ mod tests {
 
     #[test]
     fn capture_is_bounded_and_flagged() {
-        let out = TeeOutput::new(LiveSink::Quiet);
+        let out = TeeOutput::quiet(Stream::Stdout);
         out.write(b"hello ");
         assert_eq!(out.captured(), Captured { text: "hello ".into(), truncated: false });
         out.write(&vec![b'x'; CAPTURE_LIMIT]);

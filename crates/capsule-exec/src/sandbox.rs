@@ -1,21 +1,18 @@
 //! One attempt of one task: a fresh instance of the snapshot, with its own fuel, memory limit
 //! and deadline, that is thrown away afterwards. Nothing a task does survives into the next.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
-use manifest_schema::HostPolicy;
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
 use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use crate::host::{HostState, Phase, linker};
-use crate::net::{HostRequest, Network};
-use crate::output::{Captured, LiveSink, TeeOutput};
-use crate::subtasks::{Scope, Subtasks};
+use crate::cancel::Cancel;
+use crate::events::Stream;
+use crate::host::{HostCalls, RefuseHostCalls, SandboxState, linker};
+use crate::outcome::{Captured, HttpCall};
+use crate::output::TeeOutput;
 
 /// The limits of one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -23,34 +20,6 @@ pub struct Limits {
     pub fuel: u64,
     pub memory_bytes: u64,
     pub timeout: Duration,
-}
-
-/// Where a task's stdout and stderr are shown while it runs.
-#[derive(Debug, Clone, Copy)]
-pub struct Streams {
-    pub stdout: LiveSink,
-    pub stderr: LiveSink,
-}
-
-/// What one attempt did.
-#[derive(Debug)]
-pub struct Attempt {
-    pub result: Result<Value, GuestError>,
-    pub fuel_consumed: u64,
-    pub peak_memory_bytes: u64,
-    pub host_requests: Vec<HostRequest>,
-    pub duration: Duration,
-    pub stdout: Captured,
-    pub stderr: Captured,
-}
-
-/// What a task may reach beyond its own memory.
-#[derive(Clone, Default)]
-pub struct Access {
-    pub hosts: HostPolicy,
-    pub dirs: Vec<Preopen>,
-    /// Where the task is in its run, for calling sub-tasks.
-    pub subtasks: Option<Scope>,
 }
 
 /// A host folder the task sees at `guest`.
@@ -61,9 +30,31 @@ pub struct Preopen {
     pub writable: bool,
 }
 
+/// Everything an attempt runs with besides its request.
+pub struct AttemptSetup<'a> {
+    pub limits: Limits,
+    pub dirs: &'a [Preopen],
+    pub host_calls: Box<dyn HostCalls>,
+    pub stdout: TeeOutput,
+    pub stderr: TeeOutput,
+    pub cancel: &'a Cancel,
+}
+
+/// What one attempt did.
+#[derive(Debug)]
+pub struct Attempt {
+    pub result: Result<Value, GuestError>,
+    pub fuel_consumed: u64,
+    pub peak_memory_bytes: u64,
+    pub http_calls: Vec<HttpCall>,
+    pub duration: Duration,
+    pub stdout: Captured,
+    pub stderr: Captured,
+}
+
 /// An instance held without running; dropping it frees the sandbox.
 pub struct IdleSandbox {
-    _store: Store<HostState>,
+    _store: Store<SandboxState>,
     _instance: wasmtime::Instance,
 }
 
@@ -71,15 +62,14 @@ pub struct IdleSandbox {
 #[derive(Clone)]
 pub struct Program {
     engine: Engine,
-    pre: InstancePre<HostState>,
+    pre: InstancePre<SandboxState>,
 }
 
+const NO_RUN: &str = "this sandbox belongs to no run";
+
 impl Program {
-    pub fn new(engine: &Engine, module: &Module) -> Result<Self> {
-        let pre = linker(engine)?
-            .instantiate_pre(module)
-            .map_err(|e| anyhow!("{e}"))
-            .context("linking the module against the host")?;
+    pub fn new(engine: &Engine, module: &Module) -> wasmtime::Result<Self> {
+        let pre = linker(engine)?.instantiate_pre(module)?;
         Ok(Self { engine: engine.clone(), pre })
     }
 
@@ -94,46 +84,43 @@ impl Program {
 
     fn store(
         &self,
-        limits: &Limits,
-        streams: Streams,
-        network: Network,
+        memory_bytes: u64,
         dirs: &[Preopen],
-    ) -> Result<(Store<HostState>, TeeOutput, TeeOutput)> {
-        let stdout = TeeOutput::new(streams.stdout);
-        let stderr = TeeOutput::new(streams.stderr);
+        host_calls: Box<dyn HostCalls>,
+        stdout: &TeeOutput,
+        stderr: &TeeOutput,
+    ) -> Result<Store<SandboxState>, String> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone()).stderr(stderr.clone());
         for dir in dirs {
             let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
             wasi.preopened_dir(&dir.host, &dir.guest, perms)
-                .map_err(|e| anyhow!("cannot open `{}` for the task: {e}", dir.host.display()))?;
+                .map_err(|e| format!("cannot open `{}` for the task: {e}", dir.host.display()))?;
         }
-        let wasi = wasi.build_p1();
-        let state = HostState::new(wasi, limits.memory_bytes, Phase::Run).with_network(network);
+        let state = SandboxState::new(wasi.build_p1(), memory_bytes, host_calls);
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        Ok((store, stdout, stderr))
+        SandboxState::limit(&mut store);
+        Ok(store)
     }
 
     /// A fresh instance that runs nothing, kept alive by the returned value; what one idle
     /// sandbox costs is measured with it.
-    pub async fn instantiate_idle(&self, limits: &Limits) -> Result<IdleSandbox> {
-        let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, _) =
-            self.store(limits, streams, Network::new(HostPolicy::default(), Instant::now()), &[])?;
-        store.set_fuel(limits.fuel).map_err(|e| anyhow!("{e}"))?;
+    pub async fn instantiate_idle(&self, memory_bytes: u64) -> wasmtime::Result<IdleSandbox> {
+        let (stdout, stderr) = (TeeOutput::quiet(Stream::Stdout), TeeOutput::quiet(Stream::Stderr));
+        let mut store = self
+            .store(memory_bytes, &[], Box::new(RefuseHostCalls(NO_RUN)), &stdout, &stderr)
+            .map_err(wasmtime::Error::msg)?;
+        store.set_fuel(u64::MAX)?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| anyhow!("{e}"))?;
+        let instance = self.pre.instantiate_async(&mut store).await?;
         Ok(IdleSandbox { _store: store, _instance: instance })
     }
 
     /// The tasks the snapshot's Python module registered.
-    pub async fn describe(&self) -> Result<Vec<RegisteredTask>> {
-        let limits = Limits { fuel: u64::MAX, memory_bytes: u64::MAX, timeout: Duration::from_secs(60) };
-        let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let (mut store, _, stderr) =
-            self.store(&limits, streams, Network::new(HostPolicy::default(), Instant::now()), &[])?;
-        store.set_fuel(u64::MAX).map_err(|e| anyhow!("{e}"))?;
+    pub async fn describe(&self) -> Result<Vec<RegisteredTask>, String> {
+        let (stdout, stderr) = (TeeOutput::quiet(Stream::Stdout), TeeOutput::quiet(Stream::Stderr));
+        let mut store = self.store(u64::MAX, &[], Box::new(RefuseHostCalls(NO_RUN)), &stdout, &stderr)?;
+        store.set_fuel(u64::MAX).map_err(|e| e.to_string())?;
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let reply = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
@@ -142,32 +129,24 @@ impl Program {
             read_reply(&mut store, &instance, packed)
         }
         .await
-        .map_err(|e| anyhow!("{e}\n{}", stderr.captured().text))
-        .context("asking the snapshot for its tasks")?;
-        serde_json::from_slice(&reply).context("the runtime described its tasks in an unexpected format")
+        .map_err(|e| format!("asking the snapshot for its tasks: {e}\n{}", stderr.captured().text))?;
+        serde_json::from_slice(&reply)
+            .map_err(|e| format!("the runtime described its tasks in an unexpected format: {e}"))
     }
 
-    /// Runs one attempt of `request` in a fresh instance, with the given access.
-    pub async fn run(&self, request: &InvokeRequest, limits: &Limits, access: &Access, streams: Streams) -> Attempt {
+    /// Runs one attempt of `request` in a fresh instance.
+    pub async fn run(&self, request: &InvokeRequest, setup: AttemptSetup<'_>) -> Attempt {
         let started = Instant::now();
+        let AttemptSetup { limits, dirs, host_calls, stdout, stderr, cancel } = setup;
         let deadline = started + limits.timeout;
-        // Sub-task and HTTP calls of this attempt share one sequence: their positions in it
-        // identify them in the journal.
-        let sequence = Arc::new(AtomicU32::new(0));
-        let journal = access.subtasks.as_ref().and_then(|scope| scope.journal.clone());
-        let network = Network::new(access.hosts.clone(), deadline).with_journal(journal, sequence.clone());
-        let (mut store, stdout, stderr) = match self.store(limits, streams, network, &access.dirs) {
-            Ok((mut store, stdout, stderr)) => {
-                store.data_mut().subtasks =
-                    access.subtasks.clone().map(|scope| Subtasks::new(scope, deadline, sequence.clone()));
-                (store, stdout, stderr)
-            }
-            Err(error) => {
+        let mut store = match self.store(limits.memory_bytes, dirs, host_calls, &stdout, &stderr) {
+            Ok(store) => store,
+            Err(message) => {
                 return Attempt {
-                    result: Err(failure(ErrorKind::Host, format!("{error:#}"), String::new())),
+                    result: Err(GuestError::new(ErrorKind::Host, message)),
                     fuel_consumed: 0,
                     peak_memory_bytes: 0,
-                    host_requests: Vec::new(),
+                    http_calls: Vec::new(),
                     duration: started.elapsed(),
                     stdout: Captured::default(),
                     stderr: Captured::default(),
@@ -175,22 +154,35 @@ impl Program {
             }
         };
         store.set_fuel(limits.fuel).expect("fuel is enabled in the engine config");
-        // CPU-bound code is stopped at the next epoch tick after the deadline; code waiting in
-        // the host (e.g. `time.sleep`) is stopped by the timeout around the whole call.
+        // CPU-bound code is stopped at the next epoch tick after the deadline or a cancel;
+        // code waiting in the host (e.g. `time.sleep`) by the timeout and the cancel around
+        // the whole call.
+        let ticking_cancel = cancel.clone();
         store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+            Ok(if Instant::now() >= deadline || ticking_cancel.is_cancelled() {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
         });
-        let call = tokio::time::timeout(limits.timeout, self.invoke(&mut store, request)).await;
-        let fuel_left = store.get_fuel().unwrap_or(0);
-        let limiter = &store.data().limiter;
-        let result = match call {
-            Err(_elapsed) => Err(timeout_error(limits.timeout)),
-            Ok(Ok(reply)) => reply.into_result(),
-            Ok(Err(error)) => Err(classify_trap(&error, limits, limiter.exceeded(), &stderr.captured())),
+        let call = tokio::select! {
+            call = tokio::time::timeout(limits.timeout, self.invoke(&mut store, request)) => Some(call),
+            () = cancel.cancelled() => None,
         };
+        let fuel_left = store.get_fuel().unwrap_or(0);
+        let memory = store.data().memory();
+        // Once the run is cancelled, whatever failed failed because of it (a parent sees its
+        // cancelled child as an exception, for one).
+        let result = match call {
+            Some(Ok(Ok(reply))) => reply.into_result(),
+            None => Err(cancelled_error()),
+            Some(Err(_elapsed)) => Err(timeout_error(limits.timeout)),
+            Some(Ok(Err(error))) => Err(classify_trap(&error, &limits, memory.exceeded(), &stderr.captured())),
+        }
+        .map_err(|error| if cancel.is_cancelled() { cancelled_error() } else { error });
         // A MemoryError raised because the limiter refused to grow is a memory failure.
         let result = result.map_err(|mut error| {
-            if limiter.exceeded() && error.exc_type == "MemoryError" {
+            if memory.exceeded() && error.exc_type == "MemoryError" {
                 error.kind = ErrorKind::Memory;
             }
             if error.kind == ErrorKind::Memory && error.message.is_empty() {
@@ -198,18 +190,19 @@ impl Program {
             }
             error
         });
+        let peak_memory_bytes = memory.peak();
         Attempt {
             result,
             fuel_consumed: limits.fuel.saturating_sub(fuel_left),
-            peak_memory_bytes: limiter.peak(),
-            host_requests: std::mem::take(&mut store.data_mut().network.requests),
+            peak_memory_bytes,
+            http_calls: store.data_mut().host_calls.take_http_calls(),
             duration: started.elapsed(),
             stdout: stdout.captured(),
             stderr: stderr.captured(),
         }
     }
 
-    async fn invoke(&self, store: &mut Store<HostState>, request: &InvokeRequest) -> wasmtime::Result<InvokeReply> {
+    async fn invoke(&self, store: &mut Store<SandboxState>, request: &InvokeRequest) -> wasmtime::Result<InvokeReply> {
         let instance = self.pre.instantiate_async(&mut *store).await?;
         let alloc: TypedFunc<i32, i32> = instance.get_typed_func(&mut *store, exports::ALLOC)?;
         let free: TypedFunc<i32, ()> = instance.get_typed_func(&mut *store, exports::FREE)?;
@@ -232,7 +225,11 @@ impl Program {
     }
 }
 
-fn read_reply(store: &mut Store<HostState>, instance: &wasmtime::Instance, packed: i64) -> wasmtime::Result<Vec<u8>> {
+fn read_reply(
+    store: &mut Store<SandboxState>,
+    instance: &wasmtime::Instance,
+    packed: i64,
+) -> wasmtime::Result<Vec<u8>> {
     let (pointer, len) = unpack_buffer(packed)
         .ok_or_else(|| wasmtime::format_err!("the sandbox ran out of memory while writing its reply"))?;
     let memory = instance
@@ -243,12 +240,12 @@ fn read_reply(store: &mut Store<HostState>, instance: &wasmtime::Instance, packe
     Ok(reply)
 }
 
-fn failure(kind: ErrorKind, message: String, traceback: String) -> GuestError {
-    GuestError { kind, exc_type: String::new(), message, traceback }
+fn timeout_error(timeout: Duration) -> GuestError {
+    GuestError::new(ErrorKind::Timeout, format!("the task did not finish within its {timeout:?} timeout"))
 }
 
-fn timeout_error(timeout: Duration) -> GuestError {
-    failure(ErrorKind::Timeout, format!("the task did not finish within its {timeout:?} timeout"), String::new())
+fn cancelled_error() -> GuestError {
+    GuestError::new(ErrorKind::Cancelled, "the run was stopped")
 }
 
 /// Turns a trap or host error into the envelope's error kinds.
@@ -260,24 +257,23 @@ fn classify_trap(error: &wasmtime::Error, limits: &Limits, memory_exceeded: bool
         let start = (start..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
         text[start..].to_string()
     };
+    let with_tail = |kind, message: String| GuestError { traceback: tail.clone(), ..GuestError::new(kind, message) };
     match error.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => failure(
-            ErrorKind::Fuel,
-            format!("the task used up its compute budget of {} fuel", limits.fuel),
-            String::new(),
-        ),
+        Some(Trap::OutOfFuel) => {
+            GuestError::new(ErrorKind::Fuel, format!("the task used up its compute budget of {} fuel", limits.fuel))
+        }
         Some(Trap::Interrupt) => timeout_error(limits.timeout),
         Some(Trap::StackOverflow) => GuestError {
-            kind: ErrorKind::Exception,
             exc_type: "StackOverflow".into(),
-            message: "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
-            traceback: tail,
+            ..with_tail(
+                ErrorKind::Exception,
+                "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
+            )
         },
-        _ if memory_exceeded => failure(
+        _ if memory_exceeded => with_tail(
             ErrorKind::Memory,
             format!("the task needed more than its memory limit of {} bytes", limits.memory_bytes),
-            tail,
         ),
-        _ => failure(ErrorKind::Host, format!("the sandbox stopped: {error}"), tail),
+        _ => with_tail(ErrorKind::Host, format!("the sandbox stopped: {error}")),
     }
 }

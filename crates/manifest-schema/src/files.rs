@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::UnitError;
+use crate::problem::Problem;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -15,11 +15,11 @@ pub enum FileMode {
 
 impl FileMode {
     /// `read-only`/`ro` or `read-write`/`rw`.
-    pub fn parse(text: &str) -> Result<Self, UnitError> {
+    pub fn parse(text: &str) -> Result<Self, Problem> {
         match text.trim().to_ascii_lowercase().as_str() {
             "read-only" | "ro" => Ok(Self::ReadOnly),
             "read-write" | "rw" => Ok(Self::ReadWrite),
-            _ => Err(UnitError {
+            _ => Err(Problem {
                 message: format!("`{text}` is not a file mode"),
                 hint: Some("use \"read-only\" (or \"ro\") or \"read-write\" (or \"rw\")".into()),
             }),
@@ -43,8 +43,8 @@ impl FileGrant {
 }
 
 /// Normalises a grant's path, refusing absolute paths and any way out of the project.
-pub fn normalise_grant_path(text: &str) -> Result<String, UnitError> {
-    let refuse = |why: &str| UnitError {
+pub fn normalise_grant_path(text: &str) -> Result<String, Problem> {
+    let refuse = |why: &str| Problem {
         message: format!("`{text}` {why}"),
         hint: Some("give a folder inside the project, relative to it, e.g. \"./data\"".into()),
     };

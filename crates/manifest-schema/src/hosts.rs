@@ -10,7 +10,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::units::UnitError;
+use crate::problem::Problem;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
@@ -39,9 +39,9 @@ fn normalise(host: &str) -> String {
 }
 
 impl HostRule {
-    pub fn parse(text: &str) -> Result<Self, UnitError> {
+    pub fn parse(text: &str) -> Result<Self, Problem> {
         let invalid = |why: &str| {
-            UnitError {
+            Problem {
             message: format!("`{text}` is not a host rule: {why}"),
             hint: Some(
                 "write \"api.example.com\", \"*.example.com\", \"api.example.com:8443\", \"10.0.0.7\", \"[::1]:8080\" or \"*\"".into(),
@@ -163,15 +163,28 @@ fn special_v6(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
-/// A task's rules.
+/// A task's rules. In the manifest, the list of rules as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostPolicy {
     rules: Vec<HostRule>,
 }
 
 impl HostPolicy {
-    pub fn parse(rules: &[String]) -> Result<Self, UnitError> {
+    pub fn parse(rules: &[String]) -> Result<Self, Problem> {
         Ok(Self { rules: rules.iter().map(|r| HostRule::parse(r)).collect::<Result<_, _>>()? })
+    }
+
+    pub fn from_rules(rules: Vec<HostRule>) -> Self {
+        Self { rules }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rules as written.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.text.as_str())
     }
 
     fn listed(&self) -> String {
@@ -210,6 +223,19 @@ impl HostPolicy {
             "`{host}` resolves to {ip}, a {range} address, which is refused unless `allowed_hosts` lists \"{ip}\"{}",
             if ip.is_loopback() { " or \"localhost\"" } else { "" }
         ))
+    }
+}
+
+impl serde::Serialize for HostPolicy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.texts())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for HostPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let rules = Vec::<String>::deserialize(deserializer)?;
+        Self::parse(&rules).map_err(|e| serde::de::Error::custom(e.message))
     }
 }
 

@@ -6,10 +6,11 @@
 
 pub mod files;
 pub mod hosts;
+pub mod options;
+pub mod problem;
 pub mod project;
 pub mod units;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -17,19 +18,13 @@ use thiserror::Error;
 
 pub use files::{FileGrant, FileMode, normalise_grant_path};
 pub use hosts::HostPolicy;
-pub use project::{PROJECT_FILE, ProjectFile, TaskDefaults};
-pub use units::{Compute, UnitError, parse_duration, parse_memory};
+pub use options::{OPTIONS, TaskOptions, TaskSpec, defaults};
+pub use problem::{Explain, Problem};
+pub use project::{PROJECT_FILE, ProjectFile};
+pub use units::{ByteSize, Compute, Timeout, parse_duration, parse_memory};
 
 /// The manifest format this crate reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
-
-/// Default limits for options a task leaves out.
-pub mod defaults {
-    pub const COMPUTE: super::Compute = super::Compute::Medium;
-    /// 256 MiB.
-    pub const MEMORY_BYTES: u64 = 256 << 20;
-    pub const MAX_RETRIES: u32 = 1;
-}
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,26 +68,7 @@ pub struct Task {
     pub name: String,
     /// `module.function` that implements it.
     pub function: String,
-    /// The `compute` option as written (`LOW`, `MEDIUM`, `HIGH` or a number).
-    pub compute: String,
-    pub fuel: u64,
-    pub memory_bytes: u64,
-    /// Wall-clock limit per attempt; absent means the runner's global ceiling.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    pub max_retries: u32,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    /// Names of the runner's environment variables the task also sees (values are read when
-    /// the task runs, never stored).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub env_passthrough: Vec<String>,
-    /// Host rules for HTTP requests (see [`hosts`]); empty means no network at all.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_hosts: Vec<String>,
-    /// Project folders the task may use (see [`files`]); empty means no file system.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_files: Vec<FileGrant>,
+    pub options: TaskOptions,
 }
 
 #[derive(Debug, Error)]
@@ -104,6 +80,8 @@ pub enum ManifestError {
     #[error("`{path}`: {message}")]
     Invalid { path: String, message: String },
 }
+
+impl Explain for ManifestError {}
 
 impl Manifest {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ManifestError> {
@@ -151,22 +129,16 @@ impl Manifest {
             if !names.insert(task.name.as_str()) {
                 return Err(format!("task `{}` appears twice", task.name));
             }
-            if task.fuel == 0 {
-                return Err(format!("task `{}`: `fuel` must be positive", task.name));
-            }
-            if task.memory_bytes < self.artifact.initial_memory_bytes {
+            let options = &task.options;
+            if options.ram.bytes() < self.artifact.initial_memory_bytes {
                 return Err(format!(
-                    "task `{}`: `memory_bytes` {} is below the {} bytes the snapshot needs",
-                    task.name, task.memory_bytes, self.artifact.initial_memory_bytes
+                    "task `{}`: `ram` of {} bytes is below the {} bytes the snapshot needs",
+                    task.name,
+                    options.ram.bytes(),
+                    self.artifact.initial_memory_bytes
                 ));
             }
-            if task.timeout_ms == Some(0) {
-                return Err(format!("task `{}`: `timeout_ms` must be positive", task.name));
-            }
-            if let Err(error) = HostPolicy::parse(&task.allowed_hosts) {
-                return Err(format!("task `{}`: `allowed_hosts`: {}", task.name, error.message));
-            }
-            for grant in &task.allowed_files {
+            for grant in &options.allowed_files {
                 if normalise_grant_path(&grant.path).as_deref() != Ok(grant.path.as_str()) {
                     return Err(format!(
                         "task `{}`: `allowed_files` path `{}` is not a normalised project path",
@@ -174,11 +146,11 @@ impl Manifest {
                     ));
                 }
             }
-            if !task.allowed_files.is_empty() && self.artifact.project_root.is_none() {
+            if !options.allowed_files.is_empty() && self.artifact.project_root.is_none() {
                 return Err(format!("task `{}` has `allowed_files` but `artifact.project_root` is missing", task.name));
             }
-            if let Some(name) = task.env_passthrough.iter().find(|n| task.env.contains_key(*n)) {
-                return Err(format!("task `{}`: `{name}` is both in `env` and in `env_passthrough`", task.name));
+            if let Err((option, problem)) = options.validate() {
+                return Err(format!("task `{}`: `{option}`: {}", task.name, problem.message));
             }
         }
         Ok(())
@@ -210,31 +182,29 @@ mod tests {
                 Task {
                     name: "main".into(),
                     function: "hello.main".into(),
-                    compute: "LOW".into(),
-                    fuel: Compute::LOW_FUEL,
-                    memory_bytes: 64_000_000,
-                    timeout_ms: Some(30_000),
-                    max_retries: 1,
-                    env: BTreeMap::from([("MODE".into(), "test".into())]),
-                    env_passthrough: vec!["API_TOKEN".into()],
-                    allowed_hosts: vec!["api.example.com".into(), "*.example.org:8443".into()],
-                    allowed_files: vec![
-                        FileGrant { path: "data".into(), mode: FileMode::ReadOnly },
-                        FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
-                    ],
+                    options: TaskOptions {
+                        compute: Compute::Low,
+                        ram: ByteSize(64_000_000),
+                        timeout: Some(Timeout(std::time::Duration::from_secs(30))),
+                        max_retries: 1,
+                        env_vars: std::collections::BTreeMap::from([("MODE".into(), "test".into())]),
+                        env_passthrough: vec!["API_TOKEN".into()],
+                        allowed_hosts: HostPolicy::parse(&["api.example.com".into(), "*.example.org:8443".into()])
+                            .unwrap(),
+                        allowed_files: vec![
+                            FileGrant { path: "data".into(), mode: FileMode::ReadOnly },
+                            FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
+                        ],
+                    },
                 },
                 Task {
                     name: "helper".into(),
                     function: "hello.helper".into(),
-                    compute: "1000000".into(),
-                    fuel: 1_000_000,
-                    memory_bytes: defaults::MEMORY_BYTES,
-                    timeout_ms: None,
-                    max_retries: 0,
-                    env: BTreeMap::new(),
-                    env_passthrough: Vec::new(),
-                    allowed_hosts: Vec::new(),
-                    allowed_files: Vec::new(),
+                    options: TaskOptions {
+                        compute: Compute::Fuel(1_000_000),
+                        max_retries: 0,
+                        ..TaskOptions::default()
+                    },
                 },
             ],
         }
@@ -255,20 +225,29 @@ mod tests {
 
     #[test]
     fn refuses_invalid_manifests() {
-        insta::assert_snapshot!(error_for(|m| m.schema_version = 2));
+        insta::assert_snapshot!(error_for(|m| m.schema_version = 1));
         insta::assert_snapshot!(error_for(|m| m.artifact.file = "../../etc/passwd".into()));
         insta::assert_snapshot!(error_for(|m| m.artifact.sha256 = "nothex".into()));
         insta::assert_snapshot!(error_for(|m| m.tasks[1].name = "main".into()));
-        insta::assert_snapshot!(error_for(|m| m.tasks[0].memory_bytes = 1 << 20));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].options.ram = ByteSize(1 << 20)));
         insta::assert_snapshot!(error_for(|m| m.tasks.clear()));
-        insta::assert_snapshot!(error_for(|m| m.tasks[0].allowed_hosts.push("https://x.com".into())));
-        insta::assert_snapshot!(error_for(|m| m.tasks[0].env_passthrough.push("MODE".into())));
-        insta::assert_snapshot!(error_for(|m| m.tasks[0].allowed_files[0].path = "../etc".into()));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].options.env_passthrough.push("MODE".into())));
+        insta::assert_snapshot!(error_for(|m| m.tasks[0].options.allowed_files[0].path = "../etc".into()));
     }
 
     #[test]
     fn refuses_unknown_fields() {
         let text = sample().to_toml().replace("max_retries = 0", "max_retries = 0\nretries = 3");
+        assert_ne!(text, sample().to_toml());
         insta::assert_snapshot!(Manifest::from_toml(&text, "capsule.manifest.toml").unwrap_err().to_string());
+    }
+
+    #[test]
+    fn typed_options_are_checked_when_read() {
+        let text = sample().to_toml().replace("\"api.example.com\",", "\"https://api.example.com\",");
+        let error = Manifest::from_toml(&text, "m.toml").unwrap_err().to_string();
+        assert!(error.contains("`https://api.example.com` is not a host rule"), "{error}");
+        let text = sample().to_toml().replace("compute = 1000000", "compute = 0");
+        assert!(Manifest::from_toml(&text, "m.toml").unwrap_err().to_string().contains("fuel budget of 0"));
     }
 }

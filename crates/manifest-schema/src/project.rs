@@ -6,8 +6,8 @@
 //! version = "0.3.0"
 //! entrypoint = "main.py"      # so that `capsule run` needs no file argument
 //!
-//! [tasks]                     # defaults for options a task leaves out
-//! default_compute = "MEDIUM"
+//! [tasks]                     # defaults for options a task leaves out:
+//! default_compute = "MEDIUM"  # `default_<option>` for any `@task` option but `name`
 //! default_ram = "512MB"
 //! default_timeout = "2m"
 //! default_max_retries = 2
@@ -15,13 +15,13 @@
 //!
 //! Unknown sections and keys are errors, like in the manifest.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::units::{Compute, parse_duration, parse_memory};
-use crate::{ManifestError, defaults};
+use crate::ManifestError;
+use crate::options::{self, Literal, TaskOptions, TaskSpec, Value};
 
 pub const PROJECT_FILE: &str = "capsule.toml";
 
@@ -30,46 +30,19 @@ pub const PROJECT_FILE: &str = "capsule.toml";
 pub struct ProjectFile {
     #[serde(default)]
     pub workflow: Workflow,
+    /// `default_<option> = value`, checked against the option table when read.
     #[serde(default)]
-    tasks: RawTaskDefaults,
+    tasks: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workflow {
+    /// The project's namespace (in `capsule list`); defaults to the folder's name.
     pub name: Option<String>,
     pub version: Option<String>,
     /// The entry Python file, relative to `capsule.toml`.
     pub entrypoint: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTaskDefaults {
-    default_compute: Option<toml::Value>,
-    default_ram: Option<String>,
-    default_timeout: Option<String>,
-    default_max_retries: Option<u32>,
-}
-
-/// Limits for options a task leaves out: Capsule's, or the project's `[tasks]` defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskDefaults {
-    pub compute: Compute,
-    pub memory_bytes: u64,
-    pub timeout: Option<Duration>,
-    pub max_retries: u32,
-}
-
-impl Default for TaskDefaults {
-    fn default() -> Self {
-        Self {
-            compute: defaults::COMPUTE,
-            memory_bytes: defaults::MEMORY_BYTES,
-            timeout: None,
-            max_retries: defaults::MAX_RETRIES,
-        }
-    }
 }
 
 impl ProjectFile {
@@ -90,34 +63,51 @@ impl ProjectFile {
         }
     }
 
-    pub fn task_defaults(&self) -> Result<TaskDefaults, String> {
-        let raw = &self.tasks;
-        let mut defaults = TaskDefaults::default();
-        let field = |name: &str, message: String| format!("`tasks.{name}`: {message}");
-        if let Some(value) = &raw.default_compute {
-            defaults.compute = match value {
-                toml::Value::String(text) => Compute::parse(text),
-                toml::Value::Integer(fuel) => Compute::from_fuel(u64::try_from(*fuel).unwrap_or(0)),
-                other => return Err(field("default_compute", format!("`{other}` is not a compute level"))),
-            }
-            .map_err(|e| field("default_compute", e.message))?;
+    /// The options a task starts from before its own `@task(...)` options apply.
+    pub fn task_defaults(&self) -> Result<TaskOptions, String> {
+        let mut spec = TaskSpec::default();
+        for (key, value) in &self.tasks {
+            let spec_of = key.strip_prefix("default_").and_then(options::option).filter(|o| o.has_default);
+            let Some(option) = spec_of else {
+                let known: Vec<String> = options::OPTIONS
+                    .iter()
+                    .filter(|o| o.has_default)
+                    .map(|o| format!("`default_{}`", o.name))
+                    .collect();
+                return Err(format!("unknown key `tasks.{key}`; `[tasks]` takes {}", known.join(", ")));
+            };
+            option
+                .apply(&mut spec, &literal(value))
+                .map_err(|error| format!("`tasks.{key}`: {}", error.problem.message))?;
         }
-        if let Some(text) = &raw.default_ram {
-            defaults.memory_bytes = parse_memory(text).map_err(|e| field("default_ram", e.message))?;
+        if let Err((option, problem)) = spec.options.validate() {
+            return Err(format!("`tasks.default_{option}`: {}", problem.message));
         }
-        if let Some(text) = &raw.default_timeout {
-            defaults.timeout = Some(parse_duration(text).map_err(|e| field("default_timeout", e.message))?);
-        }
-        if let Some(retries) = raw.default_max_retries {
-            defaults.max_retries = retries;
-        }
-        Ok(defaults)
+        Ok(spec.options)
     }
+}
+
+fn literal(value: &toml::Value) -> Literal {
+    let value = match value {
+        toml::Value::String(text) => Value::Str(text.clone()),
+        toml::Value::Integer(n) => Value::Int(i128::from(*n)),
+        toml::Value::Float(x) => Value::Float(*x),
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(d) => Value::Str(d.to_string()),
+        toml::Value::Array(items) => Value::List(items.iter().map(literal).collect()),
+        toml::Value::Table(table) => Value::Dict(
+            table.iter().map(|(k, v)| (Literal { value: Value::Str(k.clone()), at: 0 }, literal(v))).collect(),
+        ),
+    };
+    Literal { value, at: 0 }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::units::{ByteSize, Compute, Timeout};
 
     #[test]
     fn reads_workflow_and_defaults() {
@@ -129,10 +119,12 @@ mod tests {
         assert_eq!(file.workflow.entrypoint.as_deref(), Some("main.py"));
         let defaults = file.task_defaults().unwrap();
         assert_eq!(defaults.compute, Compute::High);
-        assert_eq!(defaults.memory_bytes, 1 << 30);
-        assert_eq!(defaults.timeout, Some(Duration::from_secs(120)));
+        assert_eq!(defaults.ram, ByteSize(1 << 30));
+        assert_eq!(defaults.timeout, Some(Timeout(Duration::from_secs(120))));
         assert_eq!(defaults.max_retries, 3);
-        assert_eq!(ProjectFile::default().task_defaults().unwrap(), TaskDefaults::default());
+        assert_eq!(ProjectFile::default().task_defaults().unwrap(), TaskOptions::default());
+        let hosts = ProjectFile::parse("[tasks]\ndefault_allowed_hosts = [\"api.example.com\"]\n", "c.toml").unwrap();
+        assert!(!hosts.task_defaults().unwrap().allowed_hosts.is_empty());
     }
 
     #[test]

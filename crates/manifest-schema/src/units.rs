@@ -3,22 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use thiserror::Error;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Why an option value was refused. The message is lowercase and names what was expected.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{message}")]
-pub struct UnitError {
-    pub message: String,
-    /// A `hint:` for the user, if there is a useful one.
-    pub hint: Option<String>,
-}
-
-impl UnitError {
-    fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self { message: message.into(), hint: Some(hint.into()) }
-    }
-}
+use crate::problem::Problem;
 
 /// CPU budget of a task, in Wasm fuel units (about one per Wasm instruction executed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +32,7 @@ impl Compute {
     }
 
     /// Parses `"LOW"`, `"MEDIUM"`, `"HIGH"` (any case) or a positive integer given as text.
-    pub fn parse(text: &str) -> Result<Self, UnitError> {
+    pub fn parse(text: &str) -> Result<Self, Problem> {
         let trimmed = text.trim();
         match trimmed.to_ascii_uppercase().as_str() {
             "LOW" => return Ok(Self::Low),
@@ -56,16 +43,16 @@ impl Compute {
         let digits: String = trimmed.chars().filter(|c| *c != '_').collect();
         match digits.parse::<u64>() {
             Ok(fuel) => Self::from_fuel(fuel),
-            Err(_) => Err(UnitError::new(
+            Err(_) => Err(Problem::hinted(
                 format!("`{text}` is not a compute level"),
                 "use \"LOW\", \"MEDIUM\", \"HIGH\" or a fuel budget such as \"50000000\"",
             )),
         }
     }
 
-    pub fn from_fuel(fuel: u64) -> Result<Self, UnitError> {
+    pub fn from_fuel(fuel: u64) -> Result<Self, Problem> {
         if fuel == 0 {
-            return Err(UnitError::new("a fuel budget of 0 cannot run anything", "give a positive number"));
+            return Err(Problem::hinted("a fuel budget of 0 cannot run anything", "give a positive number"));
         }
         Ok(Self::Fuel(fuel))
     }
@@ -82,9 +69,84 @@ impl fmt::Display for Compute {
     }
 }
 
+/// In the manifest, a level is its name and a budget its number: `"LOW"` or `1000000`.
+impl Serialize for Compute {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Fuel(fuel) => serializer.serialize_u64(*fuel),
+            level => serializer.collect_str(level),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Compute {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Fuel(u64),
+            Level(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Fuel(fuel) => Self::from_fuel(fuel),
+            Raw::Level(text) => Self::parse(&text),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A memory size in bytes; written as an integer in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, Problem> {
+        parse_memory(text).map(Self)
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            b if b >= 1 << 20 && b % (1 << 20) == 0 => write!(f, "{}MiB", b >> 20),
+            b if b >= 1_000_000 && b % 1_000_000 == 0 => write!(f, "{}MB", b / 1_000_000),
+            b => write!(f, "{b}B"),
+        }
+    }
+}
+
+/// A wall-clock limit; written as text in the manifest (`"30s"`, `"500ms"`), read back exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timeout(pub Duration);
+
+impl fmt::Display for Timeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) { write!(f, "{}s", ms / 1000) } else { write!(f, "{ms}ms") }
+    }
+}
+
+impl Serialize for Timeout {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Parses a memory size such as `"64MB"`, `"1.5GiB"` or `"512 KiB"` into bytes.
 /// `KB`/`MB`/`GB` are powers of 1000, `KiB`/`MiB`/`GiB` powers of 1024, `B` is bytes.
-pub fn parse_memory(text: &str) -> Result<u64, UnitError> {
+pub fn parse_memory(text: &str) -> Result<u64, Problem> {
     const UNITS: &[(&str, f64)] = &[
         ("kib", 1024.0),
         ("mib", 1024.0 * 1024.0),
@@ -96,34 +158,34 @@ pub fn parse_memory(text: &str) -> Result<u64, UnitError> {
     ];
     let hint = "write a size such as \"64MB\", \"512MiB\" or \"2GB\" (KB/MB/GB or KiB/MiB/GiB)";
     let (number, unit) =
-        split_number(text).ok_or_else(|| UnitError::new(format!("`{text}` is not a memory size"), hint))?;
+        split_number(text).ok_or_else(|| Problem::hinted(format!("`{text}` is not a memory size"), hint))?;
     let Some((_, scale)) = UNITS.iter().find(|(name, _)| *name == unit.to_ascii_lowercase()) else {
-        return Err(UnitError::new(format!("`{unit}` in `{text}` is not a memory unit"), hint));
+        return Err(Problem::hinted(format!("`{unit}` in `{text}` is not a memory unit"), hint));
     };
     let bytes = number * scale;
     if bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(UnitError::new(format!("`{text}` is out of range"), hint));
+        return Err(Problem::hinted(format!("`{text}` is out of range"), hint));
     }
     Ok(bytes.round() as u64)
 }
 
 /// Parses a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h"` or `"1.5s"`.
-pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
+pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
     let hint = "write a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"";
     let (number, unit) =
-        split_number(text).ok_or_else(|| UnitError::new(format!("`{text}` is not a duration"), hint))?;
+        split_number(text).ok_or_else(|| Problem::hinted(format!("`{text}` is not a duration"), hint))?;
     let seconds = match unit.to_ascii_lowercase().as_str() {
         "ms" => number / 1e3,
         "s" => number,
         "m" => number * 60.0,
         "h" => number * 3600.0,
-        "" => return Err(UnitError::new(format!("`{text}` has no unit"), hint)),
-        _ => return Err(UnitError::new(format!("`{unit}` in `{text}` is not a time unit"), hint)),
+        "" => return Err(Problem::hinted(format!("`{text}` has no unit"), hint)),
+        _ => return Err(Problem::hinted(format!("`{unit}` in `{text}` is not a time unit"), hint)),
     };
     let duration =
-        Duration::try_from_secs_f64(seconds).map_err(|_| UnitError::new(format!("`{text}` is out of range"), hint))?;
+        Duration::try_from_secs_f64(seconds).map_err(|_| Problem::hinted(format!("`{text}` is out of range"), hint))?;
     if duration.is_zero() {
-        return Err(UnitError::new(format!("a timeout of `{text}` leaves no time to run"), hint));
+        return Err(Problem::hinted(format!("a timeout of `{text}` leaves no time to run"), hint));
     }
     Ok(duration)
 }
@@ -165,6 +227,20 @@ mod tests {
         assert!(parse_memory("64XB").unwrap_err().message.contains("`XB`"));
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("0MB").is_err());
+    }
+
+    #[test]
+    fn typed_values_round_trip_as_written() {
+        assert_eq!(Timeout(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(Timeout(Duration::from_secs(120)).to_string(), "120s");
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(ByteSize(64_000_000).to_string(), "64MB");
+        let json = serde_json_like(&Compute::Low);
+        assert_eq!(json, "\"LOW\"");
+    }
+
+    fn serde_json_like(compute: &Compute) -> String {
+        toml::Value::try_from(compute).unwrap().to_string()
     }
 
     #[test]

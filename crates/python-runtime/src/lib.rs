@@ -119,6 +119,8 @@ pub enum ErrorKind {
     Host,
     /// The arguments or the task name were not acceptable.
     InvalidInput,
+    /// The run was stopped from outside (`capsule stop`, a cancelled request).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -130,6 +132,7 @@ impl ErrorKind {
             Self::Memory => "memory",
             Self::Host => "host",
             Self::InvalidInput => "invalid_input",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -147,6 +150,13 @@ pub struct GuestError {
     pub traceback: String,
 }
 
+impl GuestError {
+    /// A failure that did not come from Python code (no exception type, no traceback).
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, exc_type: String::new(), message: message.into(), traceback: String::new() }
+    }
+}
+
 /// The JSON reply of `INVOKE`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvokeReply {
@@ -162,13 +172,131 @@ impl InvokeReply {
         match (self.ok, self.error) {
             (true, _) => Ok(self.result),
             (false, Some(error)) => Err(error),
-            (false, None) => Err(GuestError {
-                kind: ErrorKind::Host,
-                exc_type: String::new(),
-                message: "the runtime reported a failure without details".into(),
-                traceback: String::new(),
-            }),
+            (false, None) => Err(GuestError::new(ErrorKind::Host, "the runtime reported a failure without details")),
         }
+    }
+}
+
+/// A request the guest sends through `capsule.host_call`, tagged by `method`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method")]
+pub enum HostRequest {
+    /// An HTTP request, made by the host under the task's `allowed_hosts`.
+    #[serde(rename = "http.request")]
+    Http { request: HttpRequest },
+    /// Run another task as a sub-task and wait for its result.
+    #[serde(rename = "task.call")]
+    TaskCall(TaskCall),
+    /// Start a sub-task; the reply's value is a handle for `task.wait`.
+    #[serde(rename = "task.spawn")]
+    TaskSpawn(TaskCall),
+    /// Wait for a spawned sub-task; replies like `task.call`.
+    #[serde(rename = "task.wait")]
+    TaskWait { handle: u64 },
+}
+
+impl HostRequest {
+    /// The `method` as the guest wrote it, for messages.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Http { .. } => "http.request",
+            Self::TaskCall(_) => "task.call",
+            Self::TaskSpawn(_) => "task.spawn",
+            Self::TaskWait { .. } => "task.wait",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRequest {
+    pub method: String,
+    pub url: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    /// Seconds.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The URL of the final response, after redirects.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body_base64: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCall {
+    pub task: String,
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+/// Why an HTTP request got no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpErrorKind {
+    /// `allowed_hosts` does not permit the host or its address.
+    Refused,
+    Timeout,
+    /// The response body is larger than the host accepts.
+    TooLarge,
+    /// The request itself is malformed (URL, method, body).
+    Invalid,
+    /// Connecting or reading failed.
+    Connection,
+}
+
+/// Why the host did not do what the guest asked. Serialised as one shape,
+/// `{"type": ..., "message": ..., "exc_type": ..., "traceback": ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum HostError {
+    Http {
+        #[serde(rename = "type")]
+        kind: HttpErrorKind,
+        message: String,
+    },
+    /// A sub-task failed (or could not start), with the envelope's error types.
+    Task(GuestError),
+}
+
+/// The host's answer to a [`HostRequest`]: `{"ok": true, "value": ...}` or
+/// `{"ok": false, "error": {"type": ..., "message": ...}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostReply {
+    Ok(Value),
+    Err(HostError),
+}
+
+impl HostReply {
+    pub fn http(response: &HttpResponse) -> Self {
+        Self::Ok(serde_json::to_value(response).expect("responses serialise"))
+    }
+
+    pub fn http_error(kind: HttpErrorKind, message: impl Into<String>) -> Self {
+        Self::Err(HostError::Http { kind, message: message.into() })
+    }
+
+    pub fn task_error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::Err(HostError::Task(GuestError::new(kind, message)))
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let value = match self {
+            Self::Ok(value) => serde_json::json!({"ok": true, "value": value}),
+            Self::Err(error) => serde_json::json!({"ok": false, "error": error}),
+        };
+        serde_json::to_vec(&value).expect("JSON values serialise")
     }
 }
 
@@ -192,6 +320,30 @@ mod tests {
         let error = reply.into_result().unwrap_err();
         assert_eq!(error.kind, ErrorKind::Exception);
         assert_eq!(error.exc_type, "ValueError");
+    }
+
+    #[test]
+    fn host_calls_have_one_shape_each_way() {
+        let request: HostRequest =
+            serde_json::from_str(r#"{"method": "task.call", "task": "add", "args": [1, 2]}"#).unwrap();
+        assert_eq!(
+            request,
+            HostRequest::TaskCall(TaskCall {
+                task: "add".into(),
+                args: vec![1.into(), 2.into()],
+                kwargs: Default::default()
+            })
+        );
+        assert!(serde_json::from_str::<HostRequest>(r#"{"method": "fs.read"}"#).is_err());
+        let refused = HostReply::http_error(HttpErrorKind::Refused, "no");
+        assert_eq!(
+            String::from_utf8(refused.to_json()).unwrap(),
+            r#"{"error":{"message":"no","type":"refused"},"ok":false}"#
+        );
+        let failed = HostReply::task_error(ErrorKind::Fuel, "out");
+        let json: Value = serde_json::from_slice(&failed.to_json()).unwrap();
+        assert_eq!(json["error"]["type"], "fuel");
+        assert_eq!(HostReply::Ok(7.into()).to_json(), br#"{"ok":true,"value":7}"#);
     }
 
     #[test]

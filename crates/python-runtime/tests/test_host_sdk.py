@@ -54,10 +54,10 @@ class HostSdkTest(unittest.TestCase):
             handle.result()
         self.assertEqual((caught.exception.type, caught.exception.exc_type), ("exception", "ValueError"))
 
-    def test_bad_option_types_are_refused(self):
-        for options in ({"max_retries": -1}, {"env_vars": {"A": 1}}, {"name": ""}):
-            with self.assertRaises(TypeError):
-                task(**options)
+    def test_an_empty_name_is_refused(self):
+        # Other values are checked by `capsule build`, which reads them from the source.
+        with self.assertRaises(TypeError):
+            task(name="")
 
 
 if __name__ == "__main__":

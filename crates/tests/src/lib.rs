@@ -7,15 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use capsule_build::{BuildOptions, BuildOutput, build};
-use capsule_exec::output::LiveSink;
-use capsule_exec::subtasks::{Orchestrator, RunSettings, Scope};
-use capsule_exec::{Call, Outcome, Program, Runner, Streams, run_task};
+use capsule_exec::{Cancel, Engine, Loaded, NoEvents, Outcome, RunRequest, RunSettings, Start};
 use serde_json::Value;
 
-/// The process-wide runner (one engine, as in the real binaries).
-pub fn runner() -> &'static Runner {
-    static RUNNER: OnceLock<Runner> = OnceLock::new();
-    RUNNER.get_or_init(|| capsule_build::build_runner().expect("engine"))
+/// The process-wide engine (one, as in the real binaries).
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| capsule_build::build_engine().expect("engine"))
 }
 
 /// Runs `future` on a multi-threaded runtime, as the binaries do, so that spawned sub-tasks
@@ -27,7 +25,19 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 /// A built fixture, loaded and ready to run.
 pub struct Built {
     pub output: BuildOutput,
-    pub program: Program,
+    pub loaded: Arc<Loaded>,
+}
+
+/// A new, unjournaled run of `task` with its output captured only.
+pub fn quiet_run(task: &str, args: Vec<Value>) -> RunRequest {
+    RunRequest {
+        start: Start::Task { task: Some(task.to_string()), args, kwargs: serde_json::Map::new() },
+        entry: None,
+        settings: RunSettings { workers: 2, ..RunSettings::default() },
+        journal: None,
+        events: Arc::new(NoEvents),
+        cancel: Cancel::default(),
+    }
 }
 
 impl Built {
@@ -37,19 +47,11 @@ impl Built {
 
     /// Runs `task` with `args`, capturing its output instead of printing it.
     pub fn run(&self, task: &str, args: Vec<Value>) -> Outcome {
-        let task = self.output.manifest.task(task).unwrap_or_else(|| panic!("no task {task}"));
-        let streams = Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet };
-        let mut call = Call::new(args);
-        call.project_root = self.output.manifest.artifact.project_root.clone().map(Into::into);
-        let settings = RunSettings {
-            streams,
-            default_timeout: call.default_timeout,
-            project_root: call.project_root.clone(),
-            workers: 2,
-            verbose: false,
-        };
-        let orchestrator = Orchestrator::new(self.program.clone(), self.output.manifest.tasks.clone(), settings);
-        block_on(run_task(&self.program, task, call, streams, Some(Scope::root(orchestrator, None))))
+        self.run_request(quiet_run(task, args))
+    }
+
+    pub fn run_request(&self, request: RunRequest) -> Outcome {
+        block_on(async { engine().submit(&self.loaded, request).expect("the run starts").outcome().await })
     }
 }
 
@@ -60,12 +62,12 @@ pub fn build_into(entry: &Path, out_dir: &Path, force: bool) -> BuildOutput {
         runtime: python_runtime::runtime_path(),
         force,
     };
-    block_on(build(runner(), &options)).unwrap_or_else(|e| panic!("building {}: {e}", entry.display()))
+    block_on(build(engine(), &options)).unwrap_or_else(|e| panic!("building {}: {e}", entry.display()))
 }
 
 pub fn load(output: BuildOutput) -> Built {
-    let (_, program) = runner().load(&output.manifest_path).expect("a fresh build loads");
-    Built { output, program }
+    let loaded = engine().load(&output.manifest_path).expect("a fresh build loads");
+    Built { output, loaded }
 }
 
 /// A fixture built once per test binary (freshly: `--force`), shared by its tests.

@@ -6,7 +6,7 @@ use std::fs;
 use capsule_exec::LoadError;
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::{build_into, load, runner, shared};
+use tests::{build_into, load, shared};
 
 const MULTI: &str = "valid/multi_task.py";
 
@@ -103,6 +103,9 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let manifest_path = copy.path().join(capsule_build::MANIFEST_FILE);
     let manifest_text = fs::read_to_string(&manifest_path).unwrap();
     let artifact = copy.path().join(&built.output.manifest.artifact.file);
+    // A fresh engine each time, as a new process would be: an engine reuses an artifact it
+    // has verified before (by its hash) without reading the file again.
+    let runner = || capsule_exec::Engine::new().unwrap();
     assert!(runner().load(&manifest_path).is_ok(), "an intact copy loads");
 
     // One flipped byte in the native code.
@@ -123,7 +126,7 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let other_hash = "0".repeat(64);
     let message = refuse(manifest_text.replace(&built.output.manifest.artifact.sha256, &other_hash));
     assert!(message.contains("cannot read artifact") || message.contains("does not match"), "{message}");
-    let message = refuse(manifest_text.replace("schema_version = 1", "schema_version = 1\nunsigned = true"));
+    let message = refuse(manifest_text.replace("schema_version = 2", "schema_version = 2\nunsigned = true"));
     assert!(message.contains("unknown field `unsigned`"), "{message}");
     let fingerprint = &built.output.manifest.engine.fingerprint;
     let message = refuse(manifest_text.replace(fingerprint.as_str(), &"1".repeat(64)));

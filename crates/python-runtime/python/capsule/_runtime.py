@@ -37,16 +37,16 @@ class _HostTasks:
     def _unwrap(name, reply):
         if not reply["ok"]:
             raise _task.TaskError(name, reply["error"])
-        return reply
+        return reply["value"]
 
     def call(self, name, args, kwargs):
-        return self._unwrap(name, self._request("task.call", name, args, kwargs))["result"]
+        return self._unwrap(name, self._request("task.call", name, args, kwargs))
 
     def spawn(self, name, args, kwargs):
-        return self._unwrap(name, self._request("task.spawn", name, args, kwargs))["handle"]
+        return self._unwrap(name, self._request("task.spawn", name, args, kwargs))
 
     def wait(self, name, handle):
-        return self._unwrap(name, self._send({"method": "task.wait", "handle": handle}))["result"]
+        return self._unwrap(name, self._send({"method": "task.wait", "handle": handle}))
 
 
 def initialize():

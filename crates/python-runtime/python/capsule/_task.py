@@ -3,8 +3,9 @@
 import difflib
 import functools
 
-# The options `@task` accepts. `capsule build` reads them from the source before any Python
-# runs and checks their values (units, ranges); here we only reject what cannot be right.
+# The options `@task` accepts: the same as `manifest_schema::options::OPTIONS` (a test checks).
+# `capsule build` reads them from the source before any Python runs and checks their values;
+# here only unknown names are refused, so a typo fails under plain Python too.
 TASK_OPTIONS = (
     "name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts",
     "allowed_files",
@@ -24,7 +25,7 @@ class TaskError(Exception):
 
     def __init__(self, task, error):
         self.task = task
-        self.type = error.get("type", "host")
+        self.type = error["type"]
         self.exc_type = error.get("exc_type", "")
         self.message = error.get("message", "")
         self.traceback = error.get("traceback", "")
@@ -104,30 +105,6 @@ def _check_options(options):
     name = options.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError("@task option 'name' must be a non-empty string")
-    retries = options.get("max_retries")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-        raise TypeError("@task option 'max_retries' must be an integer >= 0")
-    env_vars = options.get("env_vars")
-    if env_vars is not None and not (
-        isinstance(env_vars, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())
-    ):
-        raise TypeError("@task option 'env_vars' must be a dict of str to str")
-    for option in ("env_passthrough", "allowed_hosts"):
-        value = options.get(option)
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise TypeError(f"@task option {option!r} must be a list of strings")
-
-
-def _check_files(grants):
-    if grants is None:
-        return
-    ok = isinstance(grants, list) and all(
-        isinstance(g, str) or (isinstance(g, dict) and isinstance(g.get("path"), str) and set(g) <= {"path", "mode"})
-        for g in grants
-    )
-    if not ok:
-        raise TypeError("@task option 'allowed_files' must be a list of paths or {'path': ..., 'mode': ...} dicts")
 
 
 def _register(new):
@@ -147,7 +124,6 @@ def task(function=None, /, **options):
     max_retries=..., env_vars=...)`).
     """
     _check_options(options)
-    _check_files(options.get("allowed_files"))
 
     def decorate(function):
         if not callable(function):

@@ -117,8 +117,9 @@ def request(method, url, *, params=None, headers=None, json=None, data=None, tim
     reply = _json.loads(_capsule.host_call(_json.dumps(call).encode()))
     if not reply["ok"]:
         error = reply["error"]
-        raise _ERRORS.get(error["kind"], HttpError)(f"{method.upper()} {url}: {error['message']}")
-    return Response(reply["status"], reply["url"], reply["headers"], base64.b64decode(reply["body_base64"]))
+        raise _ERRORS.get(error["type"], HttpError)(f"{method.upper()} {url}: {error['message']}")
+    response = reply["value"]
+    return Response(response["status"], response["url"], response["headers"], base64.b64decode(response["body_base64"]))
 
 
 def _request_directly(method, url, headers, body, timeout):

@@ -11,11 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use capsule_exec::output::LiveSink;
-use capsule_exec::run::limits_of;
-use capsule_exec::{Call, Program, Streams, run_task};
+use capsule_exec::{Engine, Loaded, RunRequest};
 use serde_json::{Value, json};
-use tests::{block_on, build_into, load};
+use tests::{block_on, build_into, engine, load, quiet_run};
 
 struct Settings {
     quick: bool,
@@ -87,13 +85,13 @@ fn time_process(mut command: Command, runs: usize) -> Duration {
     median(samples)
 }
 
-fn quiet() -> Streams {
-    Streams { stdout: LiveSink::Quiet, stderr: LiveSink::Quiet }
+async fn run(engine: &Engine, loaded: &Arc<Loaded>, request: RunRequest) -> capsule_exec::Outcome {
+    engine.submit(loaded, request).expect("the run starts").outcome().await
 }
 
-async fn invoke_once(program: &Program, task: &manifest_schema::Task) -> Duration {
+async fn invoke_once(loaded: &Arc<Loaded>) -> Duration {
     let started = Instant::now();
-    let outcome = run_task(program, task, Call::new(vec![]), quiet(), None).await;
+    let outcome = run(engine(), loaded, quiet_run("main", vec![])).await;
     assert!(outcome.success, "{:?}", outcome.error);
     started.elapsed()
 }
@@ -118,15 +116,14 @@ fn mib(bytes: u64) -> String {
 
 /// Child process: hold `count` idle sandboxes of `manifest`; print bytes per sandbox.
 fn idle_sandboxes(manifest: &Path, count: usize) {
-    let runner = capsule_exec::Runner::new().expect("engine");
-    let (artifact, program) = runner.load(manifest).expect("artifact loads");
-    let limits = limits_of(&artifact.manifest.tasks[0], capsule_exec::run::DEFAULT_TIMEOUT);
-    let first = block_on(program.instantiate_idle(&limits)).expect("instance");
+    let engine = Engine::new().expect("engine");
+    let loaded = engine.load(manifest).expect("artifact loads");
+    let first = block_on(loaded.instantiate_idle()).expect("instance");
     let (private_before, rss_before) = (private_bytes(), rss_bytes());
     let held = block_on(async {
         let mut held = vec![first];
         for _ in 1..count {
-            held.push(program.instantiate_idle(&limits).await.expect("instance"));
+            held.push(loaded.instantiate_idle().await.expect("instance"));
         }
         held
     });
@@ -157,7 +154,7 @@ fn main() {
     let cache = bench_dir().join("cache");
     let _ = std::fs::remove_dir_all(&cache);
     // SAFETY: no other thread runs yet.
-    unsafe { std::env::set_var(capsule_build::cache::CACHE_DIR_ENV, &cache) };
+    unsafe { std::env::set_var(capsule_build::CACHE_DIR_ENV, &cache) };
     let mut rows = Vec::new();
     let hello_py = workspace().join("crates/tests/bench/hello.py");
     let python_hello = time_process(python3(&[hello_py.to_str().unwrap()]), settings.count(20));
@@ -209,16 +206,18 @@ fn main() {
     let snapshot_bytes = cold.manifest.artifact.initial_memory_bytes;
 
     let built = load(edited);
-    let manifest = built.output.manifest.clone();
-    let task = manifest.task("main").expect("main").clone();
 
     // 1. In-process invocation latency.
-    block_on(async {
+    let samples: Vec<Duration> = block_on(async {
         for _ in 0..settings.count(50) {
-            invoke_once(&built.program, &task).await;
+            invoke_once(&built.loaded).await;
         }
+        let mut samples = Vec::new();
+        for _ in 0..settings.count(2000) {
+            samples.push(invoke_once(&built.loaded).await);
+        }
+        samples
     });
-    let samples: Vec<Duration> = block_on(async { futures_collect(&built.program, &task, settings.count(2000)).await });
     let p50 = percentile(&samples, 0.5);
     let p99 = percentile(&samples, 0.99);
     rows.push(row(
@@ -239,7 +238,7 @@ fn main() {
     // 2. Sustained invocations per second on all cores.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let window = if settings.quick { Duration::from_millis(200) } else { Duration::from_secs(3) };
-    let rate = throughput(Arc::new(built), &task, cores, window);
+    let rate = throughput(built.loaded.clone(), cores, window);
     rows.push(row(
         &format!("sustained invocations/s on {cores} cores"),
         format!("{rate:.0}/s"),
@@ -267,14 +266,7 @@ fn main() {
     let native = python3(&[kernels_py.to_str().unwrap(), repeat]).output().expect("python3 runs");
     let native: Value = serde_json::from_slice(&native.stdout).expect("kernel timings");
     let kernel_build = load(build_into(&kernels_py, &bench_dir().join("kernels"), true));
-    let kernel_task = kernel_build.output.manifest.task("main").unwrap().clone();
-    let inside = block_on(run_task(
-        &kernel_build.program,
-        &kernel_task,
-        Call::new(vec![json!(repeat.parse::<u32>().unwrap())]),
-        quiet(),
-        None,
-    ));
+    let inside = kernel_build.run("main", vec![json!(repeat.parse::<u32>().unwrap())]);
     assert!(inside.success, "{:?}", inside.error);
     for (name, native_seconds) in native.as_object().unwrap() {
         let native_seconds = native_seconds.as_f64().unwrap();
@@ -331,7 +323,7 @@ fn main() {
     let invoke_many = |count: usize| {
         block_on(async {
             for _ in 0..count {
-                invoke_once(&built.program, &task).await;
+                invoke_once(&built.loaded).await;
             }
         })
     };
@@ -355,25 +347,17 @@ fn main() {
     }
 }
 
-async fn futures_collect(program: &Program, task: &manifest_schema::Task, count: usize) -> Vec<Duration> {
-    let mut samples = Vec::with_capacity(count);
-    for _ in 0..count {
-        samples.push(invoke_once(program, task).await);
-    }
-    samples
-}
-
-fn throughput(built: Arc<tests::Built>, task: &manifest_schema::Task, workers: usize, window: Duration) -> f64 {
+fn throughput(loaded: Arc<Loaded>, workers: usize, window: Duration) -> f64 {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     runtime.block_on(async {
         let mut handles = Vec::new();
         for _ in 0..workers {
-            let (built, task, done) = (built.clone(), task.clone(), done.clone());
+            let (loaded, done) = (loaded.clone(), done.clone());
             handles.push(tokio::spawn(async move {
                 while started.elapsed() < window {
-                    invoke_once(&built.program, &task).await;
+                    invoke_once(&loaded).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }));
@@ -420,6 +404,6 @@ fn render(rows: &[Row], settings: &Settings) -> String {
         "Measured {date} on {} cores ({cpu}), commit {commit}, mode {mode}; native baseline {python}; \
          Capsule's CPython is 3.13.5 in wasmtime {}.\n\n{out}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        capsule_exec::engine::WASMTIME_VERSION,
+        capsule_exec::WASMTIME_VERSION,
     )
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use manifest_schema::Compute;
 use serde_json::Value;
 
 fn capsule() -> Command {
@@ -85,23 +86,23 @@ fn build_then_capsule_exec_with_json_envelope_and_exit_codes() {
 }
 
 #[test]
-fn build_errors_exit_2_with_the_location() {
+fn build_errors_exit_3_with_the_location() {
     let out = tempfile::tempdir().unwrap();
     let (code, _, stderr) =
         run(capsule().arg("build").arg(fixtures::path("invalid/unknown_option.py")).arg("-o").arg(out.path()));
-    assert_eq!(code, 2);
+    assert_eq!(code, 3);
     assert!(stderr.starts_with("error: unknown_option.py:4:21: unknown `@task` option `rma`"), "{stderr}");
     assert!(stderr.contains("hint: did you mean `ram`?"), "{stderr}");
 
     let (code, _, stderr) = run(capsule().args(["run", "does/not/exist.py"]));
-    assert_eq!(code, 2);
+    assert_eq!(code, 3);
     assert!(stderr.contains("cannot read `does/not/exist.py`"), "{stderr}");
 }
 
 #[test]
 fn capsule_exec_refuses_a_missing_manifest() {
     let (code, _, stderr) = run(capsule_exec().arg("nowhere/manifest.toml"));
-    assert_eq!(code, 2);
+    assert_eq!(code, 4, "an artifact that cannot be loaded");
     assert!(stderr.contains("cannot read manifest `nowhere/manifest.toml`"), "{stderr}");
 }
 
@@ -145,8 +146,9 @@ fn capsule_toml_names_the_entry_point_and_task_defaults() {
     let manifest = std::fs::read_to_string(root.join(".capsule/build/app/manifest.toml")).unwrap();
     let manifest = manifest_schema::Manifest::from_toml(&manifest, "manifest.toml").unwrap();
     let main = manifest.task("main").unwrap();
-    assert_eq!((main.compute.as_str(), main.max_retries, main.memory_bytes), ("LOW", 0, 96 << 20));
-    assert_eq!(manifest.task("other").unwrap().max_retries, 2, "a task's own option wins");
+    let options = &main.options;
+    assert_eq!((options.compute, options.max_retries, options.ram.bytes()), (Compute::Low, 0, 96 << 20));
+    assert_eq!(manifest.task("other").unwrap().options.max_retries, 2, "a task's own option wins");
 
     std::fs::write(root.join("capsule.toml"), "[workflow]\nentry = \"app.py\"\n").unwrap();
     let (code, _, stderr) = run(capsule().arg("run").current_dir(root));

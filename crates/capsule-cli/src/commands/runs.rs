@@ -1,25 +1,46 @@
 //! `capsule runs` and `capsule runs show RUN_ID`: what the journal recorded.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::Result;
-use capsule_exec::journal::{CallRecord, Journal, RunRecord};
+use capsule_exec::{CallRecord, Journal, RunRecord};
+use clap::{Args, Subcommand};
 use serde_json::json;
 
-pub fn show(path: &Path, run: Option<&str>, json: bool) -> Result<()> {
-    if !path.exists() {
-        anyhow::bail!(
-            "no journal at `{}`\n  hint: run `capsule runs` in the project folder, or pass `--journal PATH`",
-            path.display()
-        );
+use crate::exit::{Exit, Failure};
+use crate::layout::ProjectLayout;
+
+/// List recent runs of the journal, or show one as a tree.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  capsule runs\n  capsule runs show 19a2b3c4d5e6f7a80 --json")]
+pub struct RunsCommand {
+    #[command(subcommand)]
+    show: Option<Show>,
+    /// The journal [default: `.capsule/journal.db` in the current folder].
+    #[arg(long, value_name = "PATH", global = true)]
+    journal: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Show {
+    /// Show the tree of tasks and HTTP calls of one run.
+    Show { run_id: String },
+}
+
+impl RunsCommand {
+    pub async fn execute(self) -> Result<ExitCode, Failure> {
+        let layout = ProjectLayout::current(self.journal);
+        let journal = Journal::open_existing(&layout.journal)?;
+        match self.show {
+            None => list(&journal.runs(50)?, self.json),
+            Some(Show::Show { run_id }) => tree(&journal.run(&run_id)?, &journal.calls(&run_id)?, self.json),
+        }
+        Ok(Exit::Success.into())
     }
-    let journal = Journal::open(path)?;
-    match run {
-        None => list(&journal.runs(50)?, json),
-        Some(id) => tree(&journal.run(id)?, &journal.calls(id)?, json),
-    }
-    Ok(())
 }
 
 fn duration(run: &RunRecord) -> String {
@@ -35,9 +56,9 @@ fn list(runs: &[RunRecord], json: bool) {
         println!("no runs yet");
         return;
     }
-    println!("{:<18} {:<8} {:<20} {:>10}  ENTRY", "RUN", "STATUS", "TASK", "DURATION");
+    println!("{:<18} {:<11} {:<20} {:>10}  ENTRY", "RUN", "STATUS", "TASK", "DURATION");
     for run in runs {
-        println!("{:<18} {:<8} {:<20} {:>10}  {}", run.id, run.status, run.task, duration(run), run.entry);
+        println!("{:<18} {:<11} {:<20} {:>10}  {}", run.id, run.status, run.task, duration(run), run.entry);
     }
 }
 

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    capsule_cli::capsule_exec_main()
+}

@@ -1,0 +1,45 @@
+//! `capsule-exec MANIFEST [ARGS...]`: the runner on its own, for hosts that never build.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capsule_exec::Engine;
+use clap::Parser;
+
+use crate::exit::Failure;
+use crate::layout::ProjectLayout;
+use crate::run_args::{Journaling, RunArgs, run_and_show};
+
+/// Run a task of a Capsule artifact built by `capsule build`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "capsule-exec",
+    version,
+    after_help = "Examples:\n  capsule-exec .capsule/build/main/manifest.toml Ada\n  capsule-exec manifest.toml --task add --args-json '[1, 2]' --json\n  capsule-exec manifest.toml --journal runs.db --resume 19a2b3c4d5e6f7a80"
+)]
+pub struct ExecCommand {
+    /// The manifest written by `capsule build`.
+    manifest: PathBuf,
+    /// Resume the journaled run RUN_ID (needs `--journal`): finished calls are replayed.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["task", "args_json", "args"])]
+    resume: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+impl ExecCommand {
+    pub async fn execute(self) -> Result<ExitCode, Failure> {
+        let started = std::time::Instant::now();
+        let engine = Engine::new()?;
+        tracing::debug!(elapsed = ?started.elapsed(), "engine ready");
+        let loaded = engine.load(&self.manifest)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "artifact ready");
+        let layout = ProjectLayout::of_file(&self.manifest, self.run.journal.clone());
+        let start = match self.resume {
+            Some(run_id) => capsule_exec::Start::Resume { run_id },
+            None => self.run.start()?,
+        };
+        let entry = std::path::absolute(&self.manifest).unwrap_or(self.manifest.clone());
+        run_and_show(&engine, &loaded, &entry, start, &self.run, &layout, Journaling::OnRequest).await
+    }
+}

@@ -1,0 +1,78 @@
+//! The `capsule` and `capsule-exec` commands. Each command is a thin client of the engine
+//! API of `capsule-exec` (and of `capsule-build` with the `build` feature); what they share
+//! is here: exit codes and error rendering (`exit`), the project's layout (`layout`), the
+//! options of a run (`run_args`) and what a run shows on the terminal (`terminal`).
+
+mod commands;
+mod exit;
+mod layout;
+mod run_args;
+mod terminal;
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit::Failure;
+
+/// Run Python `@task` functions in WebAssembly sandboxes.
+#[derive(Parser)]
+#[command(
+    name = "capsule",
+    version,
+    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[cfg(feature = "build")]
+    Build(commands::build::BuildCommand),
+    Run(commands::run::RunCommand),
+    Resume(commands::resume::ResumeCommand),
+    Runs(commands::runs::RunsCommand),
+}
+
+/// `capsule`'s `main`.
+pub fn capsule_main() -> ExitCode {
+    let cli = Cli::parse();
+    start(async move {
+        match cli.command {
+            #[cfg(feature = "build")]
+            Command::Build(command) => command.execute().await,
+            Command::Run(command) => command.execute().await,
+            Command::Resume(command) => command.execute().await,
+            Command::Runs(command) => command.execute().await,
+        }
+    })
+}
+
+/// `capsule-exec`'s `main`.
+pub fn capsule_exec_main() -> ExitCode {
+    let command = commands::exec::ExecCommand::parse();
+    start(command.execute())
+}
+
+/// What every command shares: logging (`CAPSULE_LOG`), the async runtime, and the one
+/// place where failures are shown.
+fn start(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAPSULE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return exit::Exit::Internal.into();
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(failure) => failure.report(),
+    }
+}

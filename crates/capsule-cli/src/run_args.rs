@@ -1,0 +1,131 @@
+//! The options of running a task, shared by `capsule run`, `capsule resume` and
+//! `capsule-exec`, and the one path from them to the engine and back.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsule_exec::{Cancel, Engine, Journal, Loaded, RunRequest, RunSettings, Start};
+use clap::Args;
+use manifest_schema::Problem;
+use serde_json::Value;
+
+use crate::exit::{Exit, Failure};
+use crate::layout::ProjectLayout;
+use crate::terminal::{Terminal, show};
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The task to run [default: `main`, or the only task].
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Print a JSON envelope (result, error, execution details) instead of the bare result.
+    #[arg(long)]
+    pub json: bool,
+    /// The task's arguments as a JSON array, for typed values: '[1, "two", {"three": 3}]'.
+    #[arg(long, value_name = "JSON", conflicts_with = "args")]
+    pub args_json: Option<String>,
+    /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
+    pub default_timeout: Duration,
+    /// Journal file recording the run [default: `.capsule/journal.db` in the project].
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Print sub-task events as they happen.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+    /// How many spawned sub-tasks run at once [default: the number of cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// The project folder that `allowed_files` paths are relative to [default: where it was built].
+    #[arg(long, value_name = "DIR")]
+    pub project: Option<PathBuf>,
+    /// Arguments passed to the task as strings.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    manifest_schema::parse_duration(text).map_err(|e| match e.hint {
+        Some(hint) => format!("{}\n  hint: {hint}", e.message),
+        None => e.message,
+    })
+}
+
+impl RunArgs {
+    fn args(&self) -> Result<Vec<Value>, Failure> {
+        let Some(text) = &self.args_json else { return Ok(self.args.iter().cloned().map(Value::String).collect()) };
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(values)) => Ok(values),
+            Ok(_) => Err(Failure::problem(
+                Exit::Usage,
+                Problem::hinted("`--args-json` must be a JSON array", "e.g. --args-json '[1, \"two\"]'"),
+            )),
+            Err(error) => {
+                Err(Failure::problem(Exit::Usage, Problem::new(format!("`--args-json` is not valid JSON: {error}"))))
+            }
+        }
+    }
+
+    fn settings(&self) -> RunSettings {
+        let mut settings = RunSettings {
+            default_timeout: self.default_timeout,
+            project_root: self.project.clone(),
+            ..RunSettings::default()
+        };
+        if let Some(workers) = self.workers {
+            settings.workers = workers;
+        }
+        settings
+    }
+
+    /// A new run of the selected task.
+    pub fn start(&self) -> Result<Start, Failure> {
+        Ok(Start::Task { task: self.task.clone(), args: self.args()?, kwargs: serde_json::Map::new() })
+    }
+}
+
+/// Whether runs of this command are journaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journaling {
+    /// Always: in `--journal`, else the project's journal.
+    Project,
+    /// Only when `--journal` is given (`capsule-exec`, which has no project of its own).
+    OnRequest,
+}
+
+/// Runs `start` on `loaded` (built from `entry`), shows what happens, and gives the exit code.
+pub async fn run_and_show(
+    engine: &Engine,
+    loaded: &Arc<Loaded>,
+    entry: &Path,
+    start: Start,
+    args: &RunArgs,
+    layout: &ProjectLayout,
+    journaling: Journaling,
+) -> Result<ExitCode, Failure> {
+    let journal = match (journaling, &args.journal) {
+        (Journaling::OnRequest, None) => None,
+        _ => Some(Arc::new(Journal::open(&layout.journal)?)),
+    };
+    let request = RunRequest {
+        start,
+        entry: Some(entry.display().to_string()),
+        settings: args.settings(),
+        journal,
+        events: Arc::new(Terminal { json: args.json, verbose: args.verbose }),
+        cancel: Cancel::default(),
+    };
+    let handle = engine.submit(loaded, request)?;
+    let run_id = handle.run_id().map(str::to_string);
+    if let (true, Some(run)) = (args.verbose, &run_id) {
+        eprintln!("capsule: run {run}");
+    }
+    let outcome = handle.outcome().await;
+    show(&outcome, args.json);
+    if let (Some(run), true) = (&run_id, outcome.could_succeed_on_resume()) {
+        eprintln!("  hint: resume run {run} with `capsule resume {run}{}`", layout.journal_flag());
+    }
+    Ok(if outcome.success { Exit::Success } else { Exit::TaskFailed }.into())
+}

@@ -1,0 +1,107 @@
+//! What the real binaries print, snapshot by snapshot: exit code, stdout and stderr, with
+//! the parts that change from run to run (folders, run ids, timings) filtered out.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn capsule() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+}
+
+fn capsule_exec() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_capsule-exec"))
+}
+
+/// A project folder with a copy of `files` from the fixtures and examples.
+fn project(files: &[(&str, &Path)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, source) in files {
+        std::fs::copy(source, dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name)
+}
+
+/// Runs `command` in `dir` and renders what a user would see.
+fn transcript(command: &mut Command, dir: &Path) -> String {
+    let output = command.current_dir(dir).env_remove("CAPSULE_LOG").output().expect("the binary starts");
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn settings(dir: &Path) -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    let real = dir.canonicalize().unwrap();
+    for path in [real.display().to_string(), dir.display().to_string()] {
+        settings.add_filter(&regex_escape(&path), "[PROJECT]");
+    }
+    settings.add_filter(r"\b[0-9a-f]{16}\b", "[RUN_ID]");
+    settings.add_filter(r"\b[0-9a-f]{64}\b", "[SHA256]");
+    settings.add_filter(r"\d+ ms\b", "[N] ms");
+    settings.add_filter(r"\d+(\.\d+)?(ms|s|µs)\b", "[DURATION]");
+    settings
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars().fold(String::new(), |mut out, c| {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
+#[test]
+fn run_prints_the_tasks_output_then_its_result() {
+    let dir = project(&[("hello.py", &example("hello.py"))]);
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(capsule().args(["run", "hello.py", "Ada"]), dir.path()));
+    });
+}
+
+#[test]
+fn a_failing_task_shows_its_traceback_the_error_and_how_to_resume() {
+    let dir = project(&[("tasks.py", &fixtures::path("valid/multi_task.py"))]);
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(capsule().args(["run", "tasks.py", "--task", "fail", "boom"]), dir.path()));
+        insta::assert_snapshot!(transcript(capsule().args(["run", "tasks.py", "--task", "nope"]), dir.path()));
+        insta::assert_snapshot!(transcript(capsule().args(["run", "tasks.py", "--args-json", "{}"]), dir.path()));
+    });
+}
+
+#[test]
+fn a_build_error_names_the_place_and_hints_at_the_fix() {
+    let dir = project(&[("unknown_option.py", &fixtures::path("invalid/unknown_option.py"))]);
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(capsule().args(["build", "unknown_option.py"]), dir.path()));
+    });
+}
+
+#[test]
+fn commands_without_their_files_say_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(capsule().args(["runs"]), dir.path()));
+        insta::assert_snapshot!(transcript(capsule().args(["run"]), dir.path()));
+        insta::assert_snapshot!(transcript(capsule_exec().args(["nowhere/manifest.toml"]), dir.path()));
+    });
+}
+
+#[test]
+fn a_deterministic_failure_gets_no_resume_hint() {
+    let dir = project(&[("limits.py", &fixtures::path("valid/limits.py"))]);
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(
+            capsule().args(["run", "limits.py", "--task", "count_custom", "--args-json", "[1000000000]"]),
+            dir.path()
+        ));
+    });
+}

@@ -1,0 +1,107 @@
+//! The one wasmtime configuration shared by `capsule build` (which compiles with it) and the
+//! runner (which loads what was compiled). Anything here that changes compiled code must
+//! change [`ENGINE_SETTINGS`], so old artifacts are refused with a clear message.
+//!
+//! Cancelling a run uses the same epoch interruption as deadlines, so it needs no setting of
+//! its own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// The wasmtime release this build links; recorded in every manifest.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Wasm stack for guest code: at least the C stack the runtime was linked with, so Python's
+/// recursion limits fire before a stack-overflow trap.
+pub const MAX_WASM_STACK: usize = python_runtime::C_STACK_BYTES;
+
+/// How often the epoch advances; deadlines are checked at this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Everything about the configuration that the compiled code depends on.
+const ENGINE_SETTINGS: &str = "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB";
+
+/// Sandboxes that can exist at once in one process; each reserves (but does not commit)
+/// address space for a 4 GiB linear memory and a fiber stack.
+pub const MAX_LIVE_SANDBOXES: u32 = 256;
+
+pub fn config() -> Config {
+    let mut config = Config::new();
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(MAX_WASM_STACK);
+    // Guests run on fibers: the fiber's stack must hold the Wasm stack plus host frames.
+    config.async_stack_size(MAX_WASM_STACK + (1 << 20));
+    // Instances come from preallocated slots, and linear memory starts as a copy-on-write
+    // mapping of the snapshot: instantiation copies nothing and a sandbox only costs the
+    // pages it writes. When a slot is freed, the pages a run dirtied (found with Linux's
+    // PAGEMAP_SCAN where available) are copied back from the snapshot and stay mapped, so
+    // the next run in that slot takes no page faults for them.
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(MAX_LIVE_SANDBOXES)
+        .total_memories(MAX_LIVE_SANDBOXES)
+        .total_tables(MAX_LIVE_SANDBOXES)
+        .total_stacks(MAX_LIVE_SANDBOXES)
+        .max_memory_size(4 << 30)
+        .max_core_instance_size(4 << 20)
+        .table_elements(1 << 16)
+        .async_stack_keep_resident(512 << 10)
+        .table_keep_resident(256 << 10)
+        .linear_memory_keep_resident(4 << 20)
+        .pagemap_scan(Enabled::Auto);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config.memory_init_cow(true);
+    config
+}
+
+/// sha256 of the wasmtime version, the settings above and the target, as written in manifests.
+pub fn fingerprint() -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(WASMTIME_VERSION);
+    hasher.update([0]);
+    hasher.update(ENGINE_SETTINGS);
+    hasher.update([0]);
+    hasher.update(std::env::consts::ARCH);
+    hasher.update(std::env::consts::OS);
+    hex::encode(hasher.finalize())
+}
+
+/// An engine with its epoch ticking in the background for as long as it lives.
+pub struct TickingEngine {
+    engine: Engine,
+    stop: Arc<AtomicBool>,
+}
+
+impl TickingEngine {
+    pub fn new(config: &Config) -> wasmtime::Result<Self> {
+        let engine = Engine::new(config)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let ticker_stop = stop.clone();
+        thread::Builder::new().name("capsule-epoch".into()).spawn(move || {
+            while !ticker_stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match ticker_engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(Self { engine, stop })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Drop for TickingEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

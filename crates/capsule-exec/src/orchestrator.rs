@@ -1,0 +1,407 @@
+//! Sub-tasks and the host calls of a run: a task calling another task (`other(x)`,
+//! `other.spawn(x)`, `other.map(xs)`) runs it in a fresh sandbox with that task's own limits
+//! and retries; HTTP calls go to [`Network`]. With a journal, every call is entered at its
+//! position before it runs and completed before its result goes back, so a resumed run
+//! replays what finished.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use manifest_schema::Task;
+use python_runtime::{ErrorKind, GuestError, HostError, HostReply, HostRequest, HttpErrorKind, HttpRequest, TaskCall};
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::cancel::Cancel;
+use crate::events::{CallId, Event, EventSink};
+use crate::host::{BoxFuture, HostCalls};
+use crate::journal::{Completion, Entered, JournalError, Position, hash_json};
+use crate::net::{Network, without_query};
+use crate::outcome::{HttpCall, Outcome};
+use crate::run::{AttemptHosts, Call, TaskContext, run_task};
+use crate::sandbox::Program;
+
+/// How deep sub-tasks may nest (a task calling a task calling a task ...).
+pub const MAX_DEPTH: u32 = 8;
+/// How many sub-tasks one run may start in all.
+pub const MAX_SUBTASKS: u32 = 1_000;
+/// How many sub-tasks of one run may be unfinished at once (running, waiting for their own
+/// children, or queued for a worker). Each holds a sandbox while it runs, and the process has
+/// `config::MAX_LIVE_SANDBOXES`: one run must not take them all.
+pub const MAX_UNFINISHED_SUBTASKS: u32 = 64;
+
+/// How a run's tasks are run.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Deadline of an attempt for tasks that set no `timeout`.
+    pub default_timeout: Duration,
+    /// The folder `allowed_files` paths are relative to [default: the manifest's].
+    pub project_root: Option<PathBuf>,
+    /// How many spawned sub-tasks run at once.
+    pub workers: usize,
+}
+
+/// The deadline of an attempt for a task that sets no `timeout`, unless the run says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            default_timeout: DEFAULT_TIMEOUT,
+            project_root: None,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Shared by every task of one run.
+pub(crate) struct Orchestrator {
+    program: Program,
+    tasks: Vec<Task>,
+    settings: RunSettings,
+    events: Arc<dyn EventSink>,
+    cancel: Cancel,
+    call_ids: Arc<AtomicU64>,
+    workers: Arc<Semaphore>,
+    started: AtomicU32,
+    unfinished: Arc<Semaphore>,
+}
+
+/// Where a task call is in its run.
+#[derive(Clone)]
+pub(crate) struct Scope {
+    orchestrator: Arc<Orchestrator>,
+    depth: u32,
+    call: CallId,
+    /// The call's row, when the run is journaled.
+    journal: Option<Position>,
+    /// The worker permit of a spawned task, given back while it waits for its own children
+    /// (so a full pool of waiting parents cannot starve their children).
+    permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl Orchestrator {
+    pub fn new(
+        program: Program,
+        tasks: Vec<Task>,
+        settings: RunSettings,
+        events: Arc<dyn EventSink>,
+        cancel: Cancel,
+        call_ids: Arc<AtomicU64>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            program,
+            tasks,
+            workers: Arc::new(Semaphore::new(settings.workers.max(1))),
+            settings,
+            events,
+            cancel,
+            call_ids,
+            started: AtomicU32::new(0),
+            unfinished: Arc::new(Semaphore::new(MAX_UNFINISHED_SUBTASKS as usize)),
+        })
+    }
+
+    /// The scope of the run's top-level task.
+    pub fn root(self: &Arc<Self>, journal: Option<Position>) -> Scope {
+        Scope {
+            orchestrator: self.clone(),
+            depth: 0,
+            call: self.call_ids.fetch_add(1, Ordering::Relaxed),
+            journal,
+            permit: Arc::default(),
+        }
+    }
+
+    pub fn call(&self, args: Vec<Value>, kwargs: serde_json::Map<String, Value>) -> Call {
+        Call {
+            args,
+            kwargs,
+            default_timeout: self.settings.default_timeout,
+            project_root: self.settings.project_root.clone(),
+        }
+    }
+}
+
+impl Scope {
+    /// Runs `task` here: reports its start and end, and completes its journal row.
+    pub async fn run(self, task: &Task, call: Call, parent: Option<CallId>) -> Outcome {
+        let orchestrator = self.orchestrator.clone();
+        let events = &orchestrator.events;
+        events.event(&Event::TaskStarted { call: self.call, parent, task: &task.name, depth: self.depth });
+        let context = TaskContext {
+            call: self.call,
+            events,
+            cancel: &orchestrator.cancel,
+            journal: self.journal.as_ref(),
+            hosts: &self,
+        };
+        let mut outcome = run_task(&orchestrator.program, task, call, &context).await;
+        if let Some(position) = &self.journal
+            && let Err(error) = complete_task(position, &outcome)
+        {
+            outcome = unrecorded(outcome, &error);
+        }
+        events.event(&Event::TaskFinished { call: self.call, depth: self.depth, outcome: &outcome });
+        outcome
+    }
+}
+
+impl AttemptHosts for Scope {
+    fn for_attempt(&self, task: &Task, deadline: Instant) -> Box<dyn HostCalls> {
+        Box::new(AttemptHost {
+            scope: self.clone(),
+            deadline,
+            network: Network::new(task.options.allowed_hosts.clone(), deadline),
+            http_calls: Vec::new(),
+            handles: HashMap::new(),
+            next_handle: 1,
+            sequence: 0,
+        })
+    }
+}
+
+/// Records how a task call ended, before its result goes anywhere.
+fn complete_task(position: &Position, outcome: &Outcome) -> Result<(), JournalError> {
+    let error = outcome.error.as_ref().map(|e| serde_json::to_value(e).expect("errors serialise"));
+    let how = Completion {
+        ok: outcome.success,
+        result: &outcome.result,
+        error: error.as_ref(),
+        attempts: Some(outcome.execution.attempts),
+        fuel: Some(outcome.execution.fuel_consumed),
+        peak_memory_bytes: Some(outcome.execution.peak_memory_bytes),
+        duration_ms: outcome.execution.duration_ms,
+    };
+    position.journal.complete(position.call, &how)
+}
+
+/// Fail closed: a result that could not be journaled is not handed back.
+fn unrecorded(mut outcome: Outcome, error: &JournalError) -> Outcome {
+    let failure = GuestError::new(ErrorKind::Host, format!("the result could not be recorded in the journal: {error}"));
+    outcome.success = false;
+    outcome.result = Value::Null;
+    outcome.execution.attempt_errors.push(failure.clone());
+    outcome.error = Some(failure);
+    outcome
+}
+
+/// The host calls of one attempt: its HTTP calls and sub-tasks, numbered in one sequence
+/// (their positions identify them in the journal).
+struct AttemptHost {
+    scope: Scope,
+    deadline: Instant,
+    network: Network,
+    http_calls: Vec<HttpCall>,
+    handles: HashMap<u64, JoinHandle<Outcome>>,
+    next_handle: u64,
+    sequence: u32,
+}
+
+/// A prepared sub-task call: either replayed from the journal or to run for real.
+enum Prepared {
+    Replay(Value),
+    Run { task: Box<Task>, call: Call, child: Scope, slot: OwnedSemaphorePermit },
+}
+
+fn refused(kind: ErrorKind, message: String) -> HostReply {
+    HostReply::task_error(kind, message)
+}
+
+fn reply(outcome: &Outcome) -> HostReply {
+    match &outcome.error {
+        None => HostReply::Ok(outcome.result.clone()),
+        Some(error) => HostReply::Err(HostError::Task(error.clone())),
+    }
+}
+
+impl HostCalls for AttemptHost {
+    fn call(&mut self, request: HostRequest) -> BoxFuture<'_, HostReply> {
+        Box::pin(async move {
+            match request {
+                HostRequest::Http { request } => self.http(request).await,
+                HostRequest::TaskCall(call) => self.call_task(call).await,
+                HostRequest::TaskSpawn(call) => self.spawn(call),
+                HostRequest::TaskWait { handle } => self.wait(handle).await,
+            }
+        })
+    }
+
+    fn take_http_calls(&mut self) -> Vec<HttpCall> {
+        std::mem::take(&mut self.http_calls)
+    }
+}
+
+impl AttemptHost {
+    fn next_position(&mut self) -> u32 {
+        self.sequence += 1;
+        self.sequence
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    async fn http(&mut self, request: HttpRequest) -> HostReply {
+        let seq = self.next_position();
+        let mut row = None;
+        if let Some(position) = &self.scope.journal {
+            let method = request.method.to_ascii_uppercase();
+            // Headers are left out of the identity: they may carry credentials that change.
+            let identity = json!([method, request.url, request.body_base64]);
+            match position.enter(seq, "http", &method, &without_query(&request.url), &hash_json(&identity)) {
+                Ok(Entered::Replay { result, .. }) => return HostReply::Ok(result),
+                Ok(Entered::Run { id }) => row = Some(position.at(id)),
+                Err(error) => return HostReply::http_error(HttpErrorKind::Refused, error.to_string()),
+            }
+        }
+        let cancel = self.scope.orchestrator.cancel.clone();
+        let (reply, record) = tokio::select! {
+            done = self.network.request(request) => done,
+            () = cancel.cancelled() => return refused(ErrorKind::Cancelled, "the run was stopped".into()),
+        };
+        self.scope.orchestrator.events.event(&Event::Http { call: self.scope.call, request: &record });
+        let duration_ms = record.duration_ms;
+        self.http_calls.push(record);
+        if let Some(row) = row {
+            let (ok, result, error) = match &reply {
+                HostReply::Ok(value) => (true, value.clone(), None),
+                HostReply::Err(error) => (false, Value::Null, Some(serde_json::to_value(error).expect("serialises"))),
+            };
+            let how = Completion {
+                ok,
+                result: &result,
+                error: error.as_ref(),
+                attempts: None,
+                fuel: None,
+                peak_memory_bytes: None,
+                duration_ms,
+            };
+            if let Err(error) = row.journal.complete(row.call, &how) {
+                return refused(ErrorKind::Host, format!("the response could not be recorded in the journal: {error}"));
+            }
+        }
+        reply
+    }
+
+    /// Checks the guards, consults the journal, and prepares the call of a sub-task.
+    fn prepare(&mut self, request: TaskCall) -> Result<Prepared, HostReply> {
+        let seq = self.next_position();
+        let orchestrator = &self.scope.orchestrator;
+        let task = orchestrator
+            .tasks
+            .iter()
+            .find(|t| t.name == request.task)
+            .cloned()
+            .ok_or_else(|| refused(ErrorKind::InvalidInput, format!("no task named `{}`", request.task)))?;
+        if self.scope.depth + 1 > MAX_DEPTH {
+            return Err(refused(ErrorKind::InvalidInput, format!("sub-tasks may nest {MAX_DEPTH} deep at most")));
+        }
+        if orchestrator.started.fetch_add(1, Ordering::SeqCst) >= MAX_SUBTASKS {
+            return Err(refused(ErrorKind::InvalidInput, format!("a run may start {MAX_SUBTASKS} sub-tasks at most")));
+        }
+        let slot = orchestrator.unfinished.clone().try_acquire_owned().map_err(|_| {
+            refused(
+                ErrorKind::InvalidInput,
+                format!("a run may have {MAX_UNFINISHED_SUBTASKS} unfinished sub-tasks at most; wait for some before starting more"),
+            )
+        })?;
+        let mut child = Scope {
+            orchestrator: orchestrator.clone(),
+            depth: self.scope.depth + 1,
+            call: orchestrator.call_ids.fetch_add(1, Ordering::Relaxed),
+            journal: None,
+            permit: Arc::default(),
+        };
+        if let Some(position) = &self.scope.journal {
+            let args_hash = hash_json(&json!([request.args, request.kwargs]));
+            match position.enter(seq, "task", &task.name, "", &args_hash) {
+                Ok(Entered::Replay { result, .. }) => {
+                    let replayed =
+                        Event::TaskReplayed { parent: self.scope.call, task: &task.name, depth: child.depth };
+                    orchestrator.events.event(&replayed);
+                    return Ok(Prepared::Replay(result));
+                }
+                Ok(Entered::Run { id }) => child.journal = Some(position.at(id)),
+                Err(error) => return Err(refused(ErrorKind::Host, error.to_string())),
+            }
+        }
+        let call = orchestrator.call(request.args, request.kwargs);
+        Ok(Prepared::Run { task: Box::new(task), call, child, slot })
+    }
+
+    /// `task.call`: run a sub-task now and wait for it (the caller is blocked meanwhile).
+    async fn call_task(&mut self, request: TaskCall) -> HostReply {
+        let (task, call, child, _slot) = match self.prepare(request) {
+            Ok(Prepared::Run { task, call, child, slot }) => (task, call, child, slot),
+            Ok(Prepared::Replay(result)) => return HostReply::Ok(result),
+            Err(reply) => return reply,
+        };
+        let parent = Some(self.scope.call);
+        match tokio::time::timeout(self.remaining(), Box::pin(child.run(&task, call, parent))).await {
+            Ok(outcome) => reply(&outcome),
+            Err(_) => refused(ErrorKind::Timeout, format!("the caller's deadline passed while `{}` ran", task.name)),
+        }
+    }
+
+    /// `task.spawn`: start a sub-task on the worker pool; the reply is its handle.
+    fn spawn(&mut self, request: TaskCall) -> HostReply {
+        let parent = Some(self.scope.call);
+        let handle = match self.prepare(request) {
+            Ok(Prepared::Run { task, call, child, slot }) => {
+                let workers = self.scope.orchestrator.workers.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let permit = workers.acquire_owned().await.expect("the pool is never closed");
+                    *child.permit.lock().await = Some(permit);
+                    let permit_slot = child.permit.clone();
+                    let outcome = child.run(&task, call, parent).await;
+                    permit_slot.lock().await.take();
+                    outcome
+                })
+            }
+            Ok(Prepared::Replay(result)) => {
+                let task = String::new();
+                tokio::spawn(async move { Outcome::without_attempts(&task, Ok(result)) })
+            }
+            Err(reply) => return reply,
+        };
+        let id = self.next_handle;
+        self.next_handle += 1;
+        self.handles.insert(id, handle);
+        HostReply::Ok(id.into())
+    }
+
+    /// `task.wait`: the result of a spawned sub-task, within the caller's deadline.
+    async fn wait(&mut self, handle: u64) -> HostReply {
+        let Some(handle) = self.handles.remove(&handle) else {
+            return refused(ErrorKind::InvalidInput, "no such sub-task handle (each is waited for once)".into());
+        };
+        // Give the worker back while waiting, so children can run even when every worker is
+        // taken by a waiting parent.
+        let released = self.scope.permit.lock().await.take().is_some();
+        let waited = tokio::time::timeout(self.remaining(), handle).await;
+        if released {
+            let permit = self.scope.orchestrator.workers.clone().acquire_owned().await.expect("never closed");
+            *self.scope.permit.lock().await = Some(permit);
+        }
+        match waited {
+            Ok(Ok(outcome)) => reply(&outcome),
+            Ok(Err(join_error)) => refused(ErrorKind::Host, format!("the sub-task's runner failed: {join_error}")),
+            Err(_) => refused(ErrorKind::Timeout, "the caller's deadline passed while waiting for a sub-task".into()),
+        }
+    }
+}
+
+impl Drop for AttemptHost {
+    /// Sub-tasks nobody waited for end with the attempt that spawned them.
+    fn drop(&mut self) {
+        for handle in self.handles.values() {
+            handle.abort();
+        }
+    }
+}
