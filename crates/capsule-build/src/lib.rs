@@ -4,6 +4,7 @@
 mod cache;
 mod discover;
 mod error;
+mod fingerprint;
 mod project;
 mod snapshot;
 
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 pub use cache::{CACHE_DIR_ENV, cache_dir};
 pub use discover::{Diagnostic, Diagnostics};
 pub use error::BuildError;
+pub use fingerprint::{FINGERPRINT_FILE, Fingerprint};
 pub use project::Project;
 pub use python_runtime::runtime_path;
 
@@ -82,8 +84,39 @@ pub fn build_engine() -> Result<Engine, BuildError> {
     Engine::with_config(&config).map_err(|e| BuildError::message(e.to_string()))
 }
 
+/// The output folder of a build of `entry`: `out_dir`, else `.capsule/build/<stem>/` beside it.
+fn out_dir_of(options: &BuildOptions) -> PathBuf {
+    options.out_dir.clone().unwrap_or_else(|| {
+        let stem = options.entry.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        options.entry.parent().unwrap_or(Path::new("")).join(".capsule/build").join(stem)
+    })
+}
+
+/// The previous build, if nothing it read has changed since (see [`fingerprint`]): no
+/// parsing, no hashing, no engine. `None` means "build to know".
+pub fn up_to_date(options: &BuildOptions) -> Option<BuildOutput> {
+    if options.force {
+        return None;
+    }
+    let started = Instant::now();
+    let out_dir = out_dir_of(options);
+    if !Fingerprint::read(&out_dir)?.holds() {
+        return None;
+    }
+    let manifest_path = out_dir.join(MANIFEST_FILE);
+    let manifest = Manifest::load(&manifest_path).ok()?;
+    out_dir.join(&manifest.artifact.file).is_file().then(|| {
+        let timings = Timings { total: started.elapsed(), ..Timings::default() };
+        BuildOutput { manifest_path, manifest, cache_hit: true, timings }
+    })
+}
+
 /// Builds `options.entry`, or finds the identical previous build.
 pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutput, BuildError> {
+    if let Some(output) = up_to_date(options) {
+        tracing::info!(manifest = %output.manifest_path.display(), "build up to date (fingerprint)");
+        return Ok(output);
+    }
     let started = Instant::now();
     let project = Project::load(&options.entry)?;
     let runtime = fs::read(&options.runtime).map_err(|e| {
@@ -93,14 +126,17 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         )
     })?;
     let key = build_key(&project, &runtime);
-    let out_dir =
-        options.out_dir.clone().unwrap_or_else(|| project.root.join(".capsule/build").join(&project.entry_module));
+    let out_dir = out_dir_of(options);
     let manifest_path = out_dir.join(MANIFEST_FILE);
+    let fingerprint = project.fingerprint(&options.runtime);
 
     if !options.force
         && let Some(manifest) = cached(&out_dir, &key)
     {
         tracing::info!(manifest = %manifest_path.display(), "build cache hit");
+        if let Err(error) = fingerprint.write(&out_dir) {
+            tracing::warn!(%error, "could not record the build's fingerprint");
+        }
         let timings = Timings { total: started.elapsed(), ..Timings::default() };
         return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings });
     }
@@ -147,6 +183,8 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     };
     manifest.validate().map_err(BuildError::message)?;
     write_output(&out_dir, &manifest, &compiled, &key)?;
+    // Last: a fingerprint only ever describes a complete build.
+    fingerprint.write(&out_dir).map_err(|e| BuildError::io("cannot record the build's fingerprint", e))?;
     let timings = Timings { snapshot: snapshot_time, compile: compile_time, total: started.elapsed() };
     tracing::info!(
         ?timings,

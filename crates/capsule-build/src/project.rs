@@ -85,6 +85,23 @@ impl Project {
     }
 }
 
+impl Project {
+    /// The fingerprint of everything the build of this project reads: its modules, its
+    /// `capsule.toml` (or that there is none) and the runtime.
+    pub fn fingerprint(&self, runtime: &Path) -> crate::Fingerprint {
+        let config = self.root.join(manifest_schema::PROJECT_FILE);
+        let mut files: Vec<PathBuf> = self.modules.iter().map(|m| self.root.join(&m.path)).collect();
+        files.push(std::path::absolute(runtime).unwrap_or_else(|_| runtime.to_path_buf()));
+        let absent = if config.exists() {
+            files.push(config);
+            None
+        } else {
+            Some(config)
+        };
+        crate::Fingerprint::of(files, absent)
+    }
+}
+
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_')

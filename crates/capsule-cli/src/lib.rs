@@ -6,6 +6,7 @@
 mod commands;
 mod exit;
 mod layout;
+mod remote;
 mod run_args;
 mod terminal;
 
@@ -21,7 +22,7 @@ use crate::exit::Failure;
 #[command(
     name = "capsule",
     version,
-    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run"
+    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,35 +36,54 @@ enum Command {
     Run(commands::run::RunCommand),
     Resume(commands::resume::ResumeCommand),
     Runs(commands::runs::RunsCommand),
+    Daemon(commands::daemon::DaemonCommand),
+    List(commands::list::ListCommand),
+    Stop(commands::stop::StopCommand),
+    Restart(commands::restart::RestartCommand),
+    Logs(commands::logs::LogsCommand),
 }
 
 /// `capsule`'s `main`.
 pub fn capsule_main() -> ExitCode {
     let cli = Cli::parse();
-    start(async move {
-        match cli.command {
-            #[cfg(feature = "build")]
-            Command::Build(command) => command.execute().await,
-            Command::Run(command) => command.execute().await,
-            Command::Resume(command) => command.execute().await,
-            Command::Runs(command) => command.execute().await,
-        }
-    })
+    init_logging();
+    match cli.command {
+        // The daemon sets up its own runtimes.
+        Command::Daemon(command) => command.execute().unwrap_or_else(|failure| failure.report()),
+        command => block_on(async move {
+            match command {
+                #[cfg(feature = "build")]
+                Command::Build(command) => command.execute().await,
+                Command::Run(command) => command.execute().await,
+                Command::Resume(command) => command.execute().await,
+                Command::Runs(command) => command.execute().await,
+                Command::List(command) => command.execute().await,
+                Command::Stop(command) => command.execute().await,
+                Command::Restart(command) => command.execute().await,
+                Command::Logs(command) => command.execute().await,
+                Command::Daemon(_) => unreachable!("handled above"),
+            }
+        }),
+    }
 }
 
 /// `capsule-exec`'s `main`.
 pub fn capsule_exec_main() -> ExitCode {
     let command = commands::exec::ExecCommand::parse();
-    start(command.execute())
+    init_logging();
+    block_on(command.execute())
 }
 
-/// What every command shares: logging (`CAPSULE_LOG`), the async runtime, and the one
-/// place where failures are shown.
-fn start(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
+/// Capsule's own diagnostics on stderr, filtered by `CAPSULE_LOG`.
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAPSULE_LOG"))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// What every command shares: the async runtime, and the one place where failures are shown.
+fn block_on(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsule_exec::{Cancel, Engine, Journal, Loaded, RunRequest, RunSettings, Start};
+use capsule_daemon::{Client, Target, default_socket};
+use capsule_exec::{Cancel, Engine, Journal, Loaded, Outcome, RunRequest, RunSettings, Start};
 use clap::Args;
 use manifest_schema::Problem;
 use serde_json::Value;
@@ -27,7 +28,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "JSON", conflicts_with = "args")]
     pub args_json: Option<String>,
     /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub default_timeout: Duration,
     /// Journal file recording the run [default: `.capsule/journal.db` in the project].
     #[arg(long, value_name = "PATH")]
@@ -41,12 +42,22 @@ pub struct RunArgs {
     /// The project folder that `allowed_files` paths are relative to [default: where it was built].
     #[arg(long, value_name = "DIR")]
     pub project: Option<PathBuf>,
+    /// Run through the daemon (fail if none answers) [default: through it when one answers].
+    #[arg(long, conflicts_with = "no_daemon")]
+    pub daemon: bool,
+    /// Run in this process even when a daemon answers.
+    #[arg(long)]
+    pub no_daemon: bool,
+    /// Start the run in the daemon and print its id instead of waiting (see `capsule list`, `logs`).
+    #[arg(long, conflicts_with_all = ["no_daemon", "json"])]
+    pub detach: bool,
     /// Arguments passed to the task as strings.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
 
-fn parse_timeout(text: &str) -> Result<Duration, String> {
+/// A duration option's value, with the unit's hint in clap's error.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     manifest_schema::parse_duration(text).map_err(|e| match e.hint {
         Some(hint) => format!("{}\n  hint: {hint}", e.message),
         None => e.message,
@@ -68,7 +79,7 @@ impl RunArgs {
         }
     }
 
-    fn settings(&self) -> RunSettings {
+    pub fn settings(&self) -> RunSettings {
         let mut settings = RunSettings {
             default_timeout: self.default_timeout,
             project_root: self.project.clone(),
@@ -95,8 +106,44 @@ pub enum Journaling {
     OnRequest,
 }
 
-/// Runs `start` on `loaded` (built from `entry`), shows what happens, and gives the exit code.
-pub async fn run_and_show(
+/// Runs `start` of the built `manifest` (from `entry`), through the daemon when one is to be
+/// used, else in this process; shows what happens and gives the exit code. `built_with` is
+/// the engine that built it, if this process built it (reused rather than made twice).
+pub async fn launch(
+    manifest: &Path,
+    entry: &Path,
+    built_with: Option<Engine>,
+    start: Start,
+    args: &RunArgs,
+    layout: &ProjectLayout,
+    journaling: Journaling,
+) -> Result<ExitCode, Failure> {
+    if let Some(client) = daemon(args).await? {
+        return crate::remote::run(client, manifest, entry, start, args, layout, journaling).await;
+    }
+    let engine = match built_with {
+        Some(engine) => engine,
+        None => Engine::new()?,
+    };
+    let loaded = engine.load(manifest)?;
+    run_in_process(&engine, &loaded, entry, start, args, layout, journaling).await
+}
+
+/// The daemon to run through: none with `--no-daemon`; required with `--daemon` or
+/// `--detach`; else the one that answers on the socket, if any.
+async fn daemon(args: &RunArgs) -> Result<Option<Client>, Failure> {
+    if args.no_daemon {
+        return Ok(None);
+    }
+    match Client::connect(Target::Unix(default_socket())).await {
+        Ok(client) => Ok(Some(client)),
+        Err(error) if args.daemon || args.detach => Err(Failure::usage(&error)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Runs `start` on `loaded` in this process.
+async fn run_in_process(
     engine: &Engine,
     loaded: &Arc<Loaded>,
     entry: &Path,
@@ -117,15 +164,20 @@ pub async fn run_and_show(
         events: Arc::new(Terminal { json: args.json, verbose: args.verbose }),
         cancel: Cancel::default(),
     };
-    let handle = engine.submit(loaded, request)?;
-    let run_id = handle.run_id().map(str::to_string);
+    let prepared = engine.prepare(loaded, request)?;
+    let run_id = prepared.run_id().map(str::to_string);
     if let (true, Some(run)) = (args.verbose, &run_id) {
         eprintln!("capsule: run {run}");
     }
-    let outcome = handle.outcome().await;
-    show(&outcome, args.json);
-    if let (Some(run), true) = (&run_id, outcome.could_succeed_on_resume()) {
+    let outcome = prepared.run().await;
+    Ok(finish(&outcome, run_id.as_deref(), args, layout))
+}
+
+/// Shows the outcome of a run, with how to resume it when that could help.
+pub fn finish(outcome: &Outcome, run_id: Option<&str>, args: &RunArgs, layout: &ProjectLayout) -> ExitCode {
+    show(outcome, args.json);
+    if let (Some(run), true) = (run_id, outcome.could_succeed_on_resume()) {
         eprintln!("  hint: resume run {run} with `capsule resume {run}{}`", layout.journal_flag());
     }
-    Ok(if outcome.success { Exit::Success } else { Exit::TaskFailed }.into())
+    if outcome.success { Exit::Success } else { Exit::TaskFailed }.into()
 }

@@ -6,15 +6,17 @@ use std::process::{Command, Output};
 use manifest_schema::Compute;
 use serde_json::Value;
 
+/// `capsule` in-process: no daemon answers on this socket.
 fn capsule() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+    command.env("CAPSULE_SOCKET", "/nonexistent/capsule.sock");
+    command
 }
 
-/// `cargo test --workspace` builds every binary into the same folder.
 fn capsule_exec() -> Command {
-    let path = Path::new(env!("CARGO_BIN_EXE_capsule")).with_file_name("capsule-exec");
-    assert!(path.exists(), "build the binaries first (`cargo build --workspace --bins`), or run `cargo xtask ci`");
-    Command::new(path)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule-exec"));
+    command.env("CAPSULE_SOCKET", "/nonexistent/capsule.sock");
+    command
 }
 
 fn text(bytes: &[u8]) -> String {

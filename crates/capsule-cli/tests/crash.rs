@@ -1,83 +1,16 @@
 //! A real `capsule run` is killed with SIGKILL in the middle of a workflow; `capsule resume`
 //! finishes it without running again what had finished, and the journal is intact.
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-/// Counts the hits on each path; `/block` does not answer while `blocking` is set.
-struct Server {
-    base: String,
-    hits: Arc<Mutex<HashMap<String, u32>>>,
-    blocking: Arc<AtomicBool>,
-}
-
-fn start_server() -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let hits: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let blocking = Arc::new(AtomicBool::new(true));
-    let (shared_hits, shared_blocking) = (hits.clone(), blocking.clone());
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let (hits, blocking) = (shared_hits.clone(), shared_blocking.clone());
-            thread::spawn(move || answer(stream, &hits, &blocking));
-        }
-    });
-    Server { base, hits, blocking }
-}
-
-fn answer(stream: TcpStream, hits: &Mutex<HashMap<String, u32>>, blocking: &AtomicBool) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut length = 0;
-    loop {
-        let mut header = String::new();
-        reader.read_line(&mut header).unwrap();
-        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap();
-        }
-        if header == "\r\n" || header.is_empty() {
-            break;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    let count = {
-        let mut hits = hits.lock().unwrap();
-        let count = hits.entry(path.clone()).or_insert(0);
-        *count += 1;
-        *count
-    };
-    if path == "/block" {
-        let until = Instant::now() + Duration::from_secs(100);
-        while blocking.load(Ordering::SeqCst) && Instant::now() < until {
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let text = format!("ok:{path}:{count}");
-    let mut stream = stream;
-    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
-}
-
-fn finished_fetches(journal: &std::path::Path) -> u32 {
-    let Ok(db) = rusqlite::Connection::open_with_flags(journal, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return 0;
-    };
-    db.query_row("SELECT COUNT(*) FROM calls WHERE kind = 'task' AND name = 'fetch' AND status = 'ok'", [], |r| {
-        r.get(0)
-    })
-    .unwrap_or(0)
-}
+use support::{finished_fetches, start_server};
 
 #[test]
 fn a_killed_run_resumes_without_redoing_finished_work() {
@@ -88,6 +21,7 @@ fn a_killed_run_resumes_without_redoing_finished_work() {
     let journal = root.join(".capsule/journal.db");
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .env("CAPSULE_SOCKET", "/nonexistent/capsule.sock")
         .args(["run", "crash.py", &server.base])
         .current_dir(root)
         .stdout(Stdio::null())
@@ -112,6 +46,7 @@ fn a_killed_run_resumes_without_redoing_finished_work() {
 
     server.blocking.store(false, Ordering::SeqCst);
     let output = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .env("CAPSULE_SOCKET", "/nonexistent/capsule.sock")
         .args(["resume", &run_id, "--json"])
         .current_dir(root)
         .output()

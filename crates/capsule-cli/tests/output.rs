@@ -4,12 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The commands in-process: no daemon answers on their socket.
 fn capsule() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+    command.env("CAPSULE_SOCKET", "/nonexistent/capsule.sock");
+    command
 }
 
 fn capsule_exec() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_capsule-exec"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule-exec"));
+    command.env("CAPSULE_SOCKET", "/nonexistent/capsule.sock");
+    command
 }
 
 /// A project folder with a copy of `files` from the fixtures and examples.

@@ -16,8 +16,9 @@ use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
 use crate::events::EventSink;
 use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, hash_json};
-use crate::orchestrator::{Orchestrator, RunSettings};
+use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
+use crate::run::Call;
 use crate::sandbox::Program;
 
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
@@ -115,7 +116,64 @@ pub struct RunRequest {
     pub cancel: Cancel,
 }
 
-/// A submitted run.
+/// A run ready to start: its journal entry exists, nothing has run yet.
+pub struct PreparedRun {
+    run_id: Option<String>,
+    task: String,
+    cancel: Cancel,
+    body: Body,
+}
+
+enum Body {
+    /// The journal shows the whole run finished: its result, without running anything.
+    Replayed(Outcome),
+    Run {
+        scope: Scope,
+        task: Box<Task>,
+        call: Call,
+        journal_run: Option<(Arc<Journal>, String)>,
+    },
+}
+
+impl PreparedRun {
+    /// The run's id in the journal, when it is journaled.
+    pub fn run_id(&self) -> Option<&str> {
+        self.run_id.as_deref()
+    }
+
+    /// The task it runs.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// Runs it to the end in the calling task.
+    pub async fn run(self) -> Outcome {
+        let (scope, task, call, journal_run) = match self.body {
+            Body::Replayed(outcome) => return outcome,
+            Body::Run { scope, task, call, journal_run } => (scope, task, call, journal_run),
+        };
+        let outcome = scope.run(&task, call, None).await;
+        if let Some((journal, run)) = journal_run {
+            let status = match outcome.error_kind() {
+                None => RunStatus::Ok,
+                Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
+                Some(_) => RunStatus::Failed,
+            };
+            if let Err(error) = journal.finish_run(&run, status) {
+                tracing::error!(%error, run, "could not record the end of the run");
+            }
+        }
+        outcome
+    }
+
+    /// Runs it on the current tokio runtime; the handle follows it.
+    pub fn spawn(self) -> RunHandle {
+        let (run_id, task, cancel) = (self.run_id.clone(), self.task.clone(), self.cancel.clone());
+        RunHandle { run_id, task, cancel, join: tokio::spawn(self.run()) }
+    }
+}
+
+/// A run started with [`PreparedRun::spawn`] or [`Engine::submit`].
 pub struct RunHandle {
     run_id: Option<String>,
     task: String,
@@ -206,6 +264,11 @@ impl Engine {
 
     /// Starts a run on the current tokio runtime.
     pub fn submit(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<RunHandle, EngineError> {
+        Ok(self.prepare(loaded, request)?.spawn())
+    }
+
+    /// Checks a run request and enters it in the journal, without running anything.
+    pub fn prepare(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<PreparedRun, EngineError> {
         let RunRequest { start, entry, mut settings, journal, events, cancel } = request;
         let manifest = &loaded.manifest;
         let (task, args, kwargs, run_id) = match (start, &journal) {
@@ -243,13 +306,8 @@ impl Engine {
             match journal.enter(run, 0, 0, "task", &task.name, "", &args_hash)? {
                 Entered::Replay { result, .. } => {
                     journal.finish_run(run, RunStatus::Ok)?;
-                    let outcome = Outcome::without_attempts(&task.name, Ok(result));
-                    return Ok(RunHandle {
-                        run_id,
-                        task: task.name.clone(),
-                        cancel,
-                        join: tokio::spawn(async move { outcome }),
-                    });
+                    let body = Body::Replayed(Outcome::without_attempts(&task.name, Ok(result)));
+                    return Ok(PreparedRun { run_id, task: task.name.clone(), cancel, body });
                 }
                 Entered::Run { id } => {
                     position = Some(Position { journal: journal.clone(), run: run.as_str().into(), call: id })
@@ -266,23 +324,8 @@ impl Engine {
         );
         let call = orchestrator.call(args, kwargs);
         let scope = orchestrator.root(position);
-        let (task, journal_run) = (task.clone(), journal.zip(run_id.clone()));
-        let name = task.name.clone();
-        let join = tokio::spawn(async move {
-            let outcome = scope.run(&task, call, None).await;
-            if let Some((journal, run)) = journal_run {
-                let status = match outcome.error_kind() {
-                    None => RunStatus::Ok,
-                    Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
-                    Some(_) => RunStatus::Failed,
-                };
-                if let Err(error) = journal.finish_run(&run, status) {
-                    tracing::error!(%error, run, "could not record the end of the run");
-                }
-            }
-            outcome
-        });
-        Ok(RunHandle { run_id, task: name, cancel, join })
+        let body = Body::Run { scope, task: Box::new(task.clone()), call, journal_run: journal.zip(run_id.clone()) };
+        Ok(PreparedRun { run_id, task: task.name.clone(), cancel, body })
     }
 }
 

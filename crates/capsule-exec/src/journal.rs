@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// The journal's format; a journal written in another is refused rather than misread.
-const FORMAT_VERSION: i64 = 2;
+const FORMAT_VERSION: i64 = 3;
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -105,6 +105,10 @@ pub struct CallRecord {
     pub peak_memory_bytes: Option<u64>,
     pub duration_ms: Option<u64>,
     pub error: Option<Value>,
+    /// What the call printed, for `capsule logs`.
+    pub stdout: String,
+    pub stderr: String,
+    pub started_at_ms: i64,
 }
 
 /// What `enter` found at a call's position.
@@ -125,6 +129,8 @@ pub struct Completion<'a> {
     pub fuel: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     pub duration_ms: u64,
+    /// What a task call printed (its last attempt); none for HTTP calls.
+    pub output: Option<(&'a str, &'a str)>,
 }
 
 pub struct Journal {
@@ -170,7 +176,7 @@ impl Journal {
                     parent INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
                     detail TEXT NOT NULL, args_hash TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
                     attempts INTEGER, fuel INTEGER, peak_memory INTEGER, duration_ms INTEGER,
-                    started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));
+                    stdout TEXT, stderr TEXT, started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));
                  CREATE TABLE IF NOT EXISTS attempts (
                     call_id INTEGER NOT NULL REFERENCES calls(id), attempt INTEGER NOT NULL, status TEXT NOT NULL,
                     error TEXT, fuel INTEGER NOT NULL, peak_memory INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
@@ -214,12 +220,15 @@ impl Journal {
         Ok(id)
     }
 
+    /// Records how a run ended. Calls still running then were abandoned with it (spawned
+    /// sub-tasks nobody waited for, or everything of a stopped run): they are marked so.
     pub fn finish_run(&self, id: &str, status: RunStatus) -> Result<(), JournalError> {
         self.with(|c| {
             c.execute(
                 "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
                 params![id, status.as_str(), now_ms()],
-            )
+            )?;
+            c.execute("UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])
         })
         .map(drop)
     }
@@ -254,7 +263,8 @@ impl Journal {
     pub fn calls(&self, run: &str) -> Result<Vec<CallRecord>, JournalError> {
         self.with(|c| {
             let mut statement = c.prepare(
-                "SELECT id, parent, seq, kind, name, detail, status, attempts, fuel, peak_memory, duration_ms, error
+                "SELECT id, parent, seq, kind, name, detail, status, attempts, fuel, peak_memory, duration_ms, error,
+                        stdout, stderr, started_at
                  FROM calls WHERE run_id = ?1 ORDER BY parent, seq",
             )?;
             statement
@@ -272,6 +282,9 @@ impl Journal {
                         peak_memory_bytes: row.get::<_, Option<i64>>(9)?.map(|v| v as u64),
                         duration_ms: row.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                         error: row.get::<_, Option<String>>(11)?.and_then(|e| serde_json::from_str(&e).ok()),
+                        stdout: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
+                        stderr: row.get::<_, Option<String>>(13)?.unwrap_or_default(),
+                        started_at_ms: row.get(14)?,
                     })
                 })?
                 .collect()
@@ -377,8 +390,8 @@ impl Journal {
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
         self.with(|c| {
             c.execute(
-                "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8
-                 WHERE id = ?1",
+                "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8,
+                 stdout = ?9, stderr = ?10 WHERE id = ?1",
                 params![
                     id,
                     if how.ok { "ok" } else { "failed" },
@@ -388,6 +401,8 @@ impl Journal {
                     how.fuel.map(|v| v as i64),
                     how.peak_memory_bytes.map(|v| v as i64),
                     how.duration_ms as i64,
+                    how.output.map(|o| o.0),
+                    how.output.map(|o| o.1),
                 ],
             )
         })
@@ -464,6 +479,7 @@ mod tests {
             fuel: Some(7),
             peak_memory_bytes: None,
             duration_ms: 3,
+            output: Some(("printed\n", "")),
         };
         journal.complete(id, &done).unwrap();
 
@@ -476,7 +492,9 @@ mod tests {
         // Different arguments at the same position: diverged.
         let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
         assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");
-        assert_eq!(journal.calls(&run).unwrap().len(), 2);
+        let calls = journal.calls(&run).unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].stdout, "printed\n");
         journal.finish_run(&run, RunStatus::Ok).unwrap();
         assert_eq!(journal.runs(10).unwrap()[0].status, "ok");
         assert!(matches!(journal.run("nope"), Err(JournalError::NoSuchRun(_))));

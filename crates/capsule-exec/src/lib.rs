@@ -29,7 +29,7 @@ mod sandbox;
 pub use artifact::{LoadError, sha256_hex};
 pub use cancel::Cancel;
 pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, TickingEngine, WASMTIME_VERSION, config, fingerprint};
-pub use engine::{Engine, EngineError, Inspection, Loaded, RunHandle, RunRequest, Start, select_task};
+pub use engine::{Engine, EngineError, Inspection, Loaded, PreparedRun, RunHandle, RunRequest, Start, select_task};
 pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
 pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus};

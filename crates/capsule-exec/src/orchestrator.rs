@@ -4,6 +4,7 @@
 //! position before it runs and completed before its result goes back, so a resumed run
 //! replays what finished.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,7 +133,12 @@ impl Scope {
     pub async fn run(self, task: &Task, call: Call, parent: Option<CallId>) -> Outcome {
         let orchestrator = self.orchestrator.clone();
         let events = &orchestrator.events;
-        events.event(&Event::TaskStarted { call: self.call, parent, task: &task.name, depth: self.depth });
+        events.event(&Event::TaskStarted {
+            call: self.call,
+            parent,
+            task: Cow::Borrowed(&task.name),
+            depth: self.depth,
+        });
         let context = TaskContext {
             call: self.call,
             events,
@@ -146,7 +152,7 @@ impl Scope {
         {
             outcome = unrecorded(outcome, &error);
         }
-        events.event(&Event::TaskFinished { call: self.call, depth: self.depth, outcome: &outcome });
+        events.event(&Event::TaskFinished { call: self.call, depth: self.depth, outcome: Cow::Borrowed(&outcome) });
         outcome
     }
 }
@@ -176,6 +182,7 @@ fn complete_task(position: &Position, outcome: &Outcome) -> Result<(), JournalEr
         fuel: Some(outcome.execution.fuel_consumed),
         peak_memory_bytes: Some(outcome.execution.peak_memory_bytes),
         duration_ms: outcome.execution.duration_ms,
+        output: Some((&outcome.output.stdout.text, &outcome.output.stderr.text)),
     };
     position.journal.complete(position.call, &how)
 }
@@ -264,7 +271,7 @@ impl AttemptHost {
             done = self.network.request(request) => done,
             () = cancel.cancelled() => return refused(ErrorKind::Cancelled, "the run was stopped".into()),
         };
-        self.scope.orchestrator.events.event(&Event::Http { call: self.scope.call, request: &record });
+        self.scope.orchestrator.events.event(&Event::Http { call: self.scope.call, request: Cow::Borrowed(&record) });
         let duration_ms = record.duration_ms;
         self.http_calls.push(record);
         if let Some(row) = row {
@@ -280,6 +287,7 @@ impl AttemptHost {
                 fuel: None,
                 peak_memory_bytes: None,
                 duration_ms,
+                output: None,
             };
             if let Err(error) = row.journal.complete(row.call, &how) {
                 return refused(ErrorKind::Host, format!("the response could not be recorded in the journal: {error}"));
@@ -321,8 +329,11 @@ impl AttemptHost {
             let args_hash = hash_json(&json!([request.args, request.kwargs]));
             match position.enter(seq, "task", &task.name, "", &args_hash) {
                 Ok(Entered::Replay { result, .. }) => {
-                    let replayed =
-                        Event::TaskReplayed { parent: self.scope.call, task: &task.name, depth: child.depth };
+                    let replayed = Event::TaskReplayed {
+                        parent: self.scope.call,
+                        task: Cow::Borrowed(&task.name),
+                        depth: child.depth,
+                    };
                     orchestrator.events.event(&replayed);
                     return Ok(Prepared::Replay(result));
                 }

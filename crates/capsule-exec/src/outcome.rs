@@ -1,11 +1,11 @@
 //! The result envelope of a task call, as `--json` prints it and every front door returns it.
 
 use python_runtime::{ErrorKind, GuestError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The result envelope.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub success: bool,
     pub result: Value,
@@ -15,7 +15,7 @@ pub struct Outcome {
     pub output: Output,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Execution {
     pub task: String,
     pub duration_ms: u64,
@@ -30,14 +30,14 @@ pub struct Execution {
     pub host_requests: Vec<HttpCall>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Output {
     pub stdout: Captured,
     pub stderr: Captured,
 }
 
 /// What a task printed on one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Captured {
     pub text: String,
     /// More was printed than the capture keeps; the rest was streamed but not kept.
@@ -45,7 +45,7 @@ pub struct Captured {
 }
 
 /// One HTTP call, as reported in the envelope: never headers, never the query string.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HttpCall {
     pub method: String,
     pub url: String,
@@ -56,6 +56,11 @@ pub struct HttpCall {
 }
 
 impl Outcome {
+    /// The outcome of a call that never ran, failing with `error`.
+    pub fn not_run(task: &str, error: GuestError) -> Self {
+        Self::without_attempts(task, Err(error))
+    }
+
     /// An outcome without any attempt: the task was not (or need not be) run.
     pub(crate) fn without_attempts(task: &str, result: Result<Value, GuestError>) -> Self {
         let (success, result, error) = match result {

@@ -45,7 +45,7 @@ impl TeeOutput {
 
     fn write(&self, data: &[u8]) {
         if let Some((sink, call)) = &self.live {
-            sink.event(&Event::Output { call: *call, stream: self.stream, text: data });
+            sink.event(&Event::Output { call: *call, stream: self.stream, text: data.into() });
         }
         let mut buffer = self.buffer.lock().expect("capture lock");
         let room = CAPTURE_LIMIT.saturating_sub(buffer.bytes.len());

@@ -176,7 +176,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, context: &Task
             context.events.event(&Event::AttemptFailed {
                 call: context.call,
                 attempt: execution.attempts,
-                error,
+                error: std::borrow::Cow::Borrowed(error),
                 retrying,
             });
             execution.attempt_errors.push(error.clone());

@@ -63,6 +63,16 @@ impl ProjectFile {
         }
     }
 
+    /// The namespace of the project in `dir` (how `capsule list` groups runs): `[workflow]
+    /// name` of its capsule.toml, else the folder's name.
+    pub fn namespace(dir: &Path) -> Result<String, ManifestError> {
+        let named = Self::find(dir)?.and_then(|file| file.workflow.name);
+        Ok(named.unwrap_or_else(|| {
+            let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+            absolute.file_name().map_or_else(|| "/".into(), |n| n.to_string_lossy().into_owned())
+        }))
+    }
+
     /// The options a task starts from before its own `@task(...)` options apply.
     pub fn task_defaults(&self) -> Result<TaskOptions, String> {
         let mut spec = TaskSpec::default();

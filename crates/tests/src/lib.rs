@@ -51,7 +51,7 @@ impl Built {
     }
 
     pub fn run_request(&self, request: RunRequest) -> Outcome {
-        block_on(async { engine().submit(&self.loaded, request).expect("the run starts").outcome().await })
+        block_on(async { engine().prepare(&self.loaded, request).expect("the run starts").run().await })
     }
 }
 

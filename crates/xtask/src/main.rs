@@ -1,5 +1,6 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+mod peers;
 mod runtime;
 mod toolchain;
 mod util;
@@ -90,12 +91,22 @@ const BENCH_END: &str = "<!-- bench:end -->";
 
 fn bench(quick: bool, write: bool) -> Result<()> {
     runtime::build_runtime(false)?;
-    run(cargo().args(["build", "-p", "capsule-cli", "-p", "tests", "--bins"]))?;
+    // Figures are of release builds, as users run them; the quick pass only checks that the
+    // benchmark still works, on the debug build CI already has.
+    let profile = if quick { "debug" } else { "release" };
+    let mut build = cargo();
+    build.args(["build", "-p", "capsule-cli", "-p", "tests", "--bins"]);
+    if !quick {
+        build.arg("--release");
+    }
+    run(&mut build)?;
     let report_file = util::target_dir().join("bench/report.md");
-    let mut command = Command::new(util::target_dir().join("debug/capsule-bench"));
+    let mut command = Command::new(util::target_dir().join(profile).join("capsule-bench"));
     command.current_dir(workspace_root()).arg("--write").arg(&report_file);
     if quick {
         command.arg("--quick");
+    } else {
+        command.arg("--venv").arg(peers::bench_venv()?);
     }
     run(&mut command)?;
     if write {

@@ -47,31 +47,33 @@ impl BuildCommand {
             Some(file) => file,
             None => entry_from_project()?,
         };
-        let engine = super::engine()?;
         let layout = ProjectLayout::of_file(&entry, None);
-        let output = build_quietly(&engine, &entry, &layout, &self.output.choice()).await?;
+        let options = options(&entry, &layout, &self.output.choice());
+        let output = match capsule_build::up_to_date(&options) {
+            Some(output) => output,
+            None => build_with_progress(&capsule_build::build_engine()?, &options).await?,
+        };
         let status = if output.cache_hit { "up to date" } else { "built" };
         println!("{status}: {}", output.manifest_path.display());
         Ok(Exit::Success.into())
     }
 }
 
-/// Builds `entry` (or finds it built), telling a person at a terminal that it may take a while.
-pub async fn build_quietly(
-    engine: &Engine,
-    entry: &Path,
-    layout: &ProjectLayout,
-    choice: &BuildChoice,
-) -> Result<BuildOutput, Failure> {
+/// How `entry` is built: into `--out-dir`, else the project's build folder.
+pub fn options(entry: &Path, layout: &ProjectLayout, choice: &BuildChoice) -> BuildOptions {
     let stem = entry.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let options = BuildOptions {
+    BuildOptions {
         entry: entry.to_path_buf(),
         out_dir: Some(choice.out_dir.clone().unwrap_or_else(|| layout.build_dir(&stem))),
         runtime: capsule_build::runtime_path(),
         force: choice.force,
-    };
-    let progress = std::io::stderr().is_terminal().then(|| Progress::start(entry));
-    let output = capsule_build::build(engine, &options).await;
+    }
+}
+
+/// Builds (or finds built), telling a person at a terminal that it may take a while.
+pub async fn build_with_progress(engine: &Engine, options: &BuildOptions) -> Result<BuildOutput, Failure> {
+    let progress = std::io::stderr().is_terminal().then(|| Progress::start(&options.entry));
+    let output = capsule_build::build(engine, options).await;
     drop(progress);
     Ok(output?)
 }

@@ -3,12 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule_exec::Engine;
 use clap::Parser;
 
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, run_and_show};
+use crate::run_args::{Journaling, RunArgs, launch};
 
 /// Run a task of a Capsule artifact built by `capsule build`.
 #[derive(Debug, Parser)]
@@ -29,17 +28,12 @@ pub struct ExecCommand {
 
 impl ExecCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
-        let started = std::time::Instant::now();
-        let engine = Engine::new()?;
-        tracing::debug!(elapsed = ?started.elapsed(), "engine ready");
-        let loaded = engine.load(&self.manifest)?;
-        tracing::debug!(elapsed = ?started.elapsed(), "artifact ready");
         let layout = ProjectLayout::of_file(&self.manifest, self.run.journal.clone());
         let start = match self.resume {
             Some(run_id) => capsule_exec::Start::Resume { run_id },
             None => self.run.start()?,
         };
         let entry = std::path::absolute(&self.manifest).unwrap_or(self.manifest.clone());
-        run_and_show(&engine, &loaded, &entry, start, &self.run, &layout, Journaling::OnRequest).await
+        launch(&self.manifest, &entry, None, start, &self.run, &layout, Journaling::OnRequest).await
     }
 }

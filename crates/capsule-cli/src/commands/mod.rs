@@ -2,15 +2,19 @@
 
 #[cfg(feature = "build")]
 pub mod build;
+pub mod daemon;
 pub mod exec;
+pub mod list;
+pub mod logs;
+pub mod restart;
 pub mod resume;
 pub mod run;
 pub mod runs;
+pub mod stop;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use capsule_exec::{Engine, Loaded};
+use capsule_exec::Engine;
 use manifest_schema::Problem;
 
 use crate::exit::{Exit, Failure};
@@ -47,41 +51,36 @@ pub struct BuildChoice {
     pub force: bool,
 }
 
-/// The engine for commands that may build: with the builder's compilation caches.
-pub fn engine() -> Result<Engine, Failure> {
-    #[cfg(feature = "build")]
-    return capsule_build::build_engine().map_err(Failure::from);
-    #[cfg(not(feature = "build"))]
-    return Engine::new().map_err(Failure::from);
-}
-
-/// Loads `source`, building it first (cached) if it is Python.
-pub async fn load(
-    engine: &Engine,
+/// The manifest of `source`, building it first (cached) if it is Python, and the engine that
+/// built it if it had to be built (a cache hit makes none).
+pub async fn manifest_of(
     source: &Source,
     layout: &ProjectLayout,
-    build: &BuildChoice,
-) -> Result<Arc<Loaded>, Failure> {
-    let manifest = match source {
-        Source::Manifest(path) => path.clone(),
-        Source::Python(entry) => build_entry(engine, entry, layout, build).await?,
-    };
-    Ok(engine.load(&manifest)?)
+    choice: &BuildChoice,
+) -> Result<(PathBuf, Option<Engine>), Failure> {
+    match source {
+        Source::Manifest(path) => Ok((path.clone(), None)),
+        Source::Python(entry) => build_entry(entry, layout, choice).await,
+    }
 }
 
 #[cfg(feature = "build")]
 async fn build_entry(
-    engine: &Engine,
     entry: &Path,
     layout: &ProjectLayout,
     choice: &BuildChoice,
-) -> Result<PathBuf, Failure> {
-    let output = build::build_quietly(engine, entry, layout, choice).await?;
-    Ok(output.manifest_path)
+) -> Result<(PathBuf, Option<Engine>), Failure> {
+    let options = build::options(entry, layout, choice);
+    if let Some(output) = capsule_build::up_to_date(&options) {
+        return Ok((output.manifest_path, None));
+    }
+    let engine = capsule_build::build_engine()?;
+    let output = build::build_with_progress(&engine, &options).await?;
+    Ok((output.manifest_path, Some(engine)))
 }
 
 #[cfg(not(feature = "build"))]
-async fn build_entry(_: &Engine, entry: &Path, _: &ProjectLayout, _: &BuildChoice) -> Result<PathBuf, Failure> {
+async fn build_entry(entry: &Path, _: &ProjectLayout, _: &BuildChoice) -> Result<(PathBuf, Option<Engine>), Failure> {
     Err(Failure::problem(
         Exit::Usage,
         Problem::hinted(

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{BuildChoice, Source};
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, run_and_show};
+use crate::run_args::{Journaling, RunArgs, launch};
 
 /// Resume a journaled run: what finished is replayed, the rest runs.
 #[derive(Debug, Args)]
@@ -56,8 +56,7 @@ pub async fn resume(
             Source::of(layout.root.join(Path::new(&record.entry)))
         }
     };
-    let engine = super::engine()?;
-    let loaded = super::load(&engine, &source, &layout, choice).await?;
+    let (manifest, built_with) = super::manifest_of(&source, &layout, choice).await?;
     let start = Start::Resume { run_id: run_id.to_string() };
-    run_and_show(&engine, &loaded, &source.absolute(), start, run, &layout, Journaling::Project).await
+    launch(&manifest, &source.absolute(), built_with, start, run, &layout, Journaling::Project).await
 }

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{BuildChoice, Source, entry_from_project};
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, run_and_show};
+use crate::run_args::{Journaling, RunArgs, launch};
 
 /// Build FILE (cached) and run one of its tasks, journaled in `.capsule/journal.db`.
 #[derive(Debug, Args)]
@@ -46,10 +46,9 @@ impl RunCommand {
             }
         };
         let layout = ProjectLayout::of_file(source.path(), self.run.journal.clone());
-        let engine = super::engine()?;
-        let loaded = super::load(&engine, &source, &layout, &self.build_choice()).await?;
+        let (manifest, built_with) = super::manifest_of(&source, &layout, &self.build_choice()).await?;
         let start: Start = self.run.start()?;
-        run_and_show(&engine, &loaded, &source.absolute(), start, &self.run, &layout, Journaling::Project).await
+        launch(&manifest, &source.absolute(), built_with, start, &self.run, &layout, Journaling::Project).await
     }
 
     fn build_choice(&self) -> BuildChoice {

@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod peers;
+mod service;
+
 use capsule_exec::{Engine, Loaded, RunRequest};
 use serde_json::{Value, json};
 use tests::{block_on, build_into, engine, load, quiet_run};
@@ -18,6 +21,8 @@ use tests::{block_on, build_into, engine, load, quiet_run};
 struct Settings {
     quick: bool,
     write: Option<PathBuf>,
+    /// The bench's virtual environment with the peers (`cargo xtask bench` makes it).
+    venv: Option<PathBuf>,
 }
 
 impl Settings {
@@ -60,6 +65,11 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A binary built beside this one (the same profile).
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe().expect("own path").with_file_name(name)
+}
+
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace")
 }
@@ -74,7 +84,10 @@ fn python3(args: &[&str]) -> Command {
     command
 }
 
+/// The median wall time of `runs` runs of `command`, after one run not counted.
 fn time_process(mut command: Command, runs: usize) -> Duration {
+    let warm_up = command.output().expect("process starts");
+    assert!(warm_up.status.success(), "{:?} failed: {}", command, String::from_utf8_lossy(&warm_up.stderr));
     let mut samples = Vec::new();
     for _ in 0..runs {
         let started = Instant::now();
@@ -86,7 +99,7 @@ fn time_process(mut command: Command, runs: usize) -> Duration {
 }
 
 async fn run(engine: &Engine, loaded: &Arc<Loaded>, request: RunRequest) -> capsule_exec::Outcome {
-    engine.submit(loaded, request).expect("the run starts").outcome().await
+    engine.prepare(loaded, request).expect("the run starts").run().await
 }
 
 async fn invoke_once(loaded: &Arc<Loaded>) -> Duration {
@@ -142,14 +155,16 @@ fn main() {
         idle_sandboxes(&manifest, std::env::args().nth(3).and_then(|n| n.parse().ok()).expect("count"));
         return;
     }
-    let mut settings = Settings { quick: false, write: None };
+    let mut settings = Settings { quick: false, write: None, venv: None };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => settings.quick = true,
             "--write" => settings.write = Some(PathBuf::from(args.next().expect("--write FILE"))),
-            other => panic!("unknown argument {other}; use --quick and/or --write FILE"),
+            "--venv" => settings.venv = Some(PathBuf::from(args.next().expect("--venv DIR"))),
+            other => panic!("unknown argument {other}; use --quick, --write FILE, --venv DIR"),
         }
     }
+    let peers = peers::Peers::new(settings.venv.clone());
     // Start from empty build caches, so that the cold build is really cold.
     let cache = bench_dir().join("cache");
     let _ = std::fs::remove_dir_all(&cache);
@@ -235,6 +250,9 @@ fn main() {
         "",
     ));
 
+    // The daemon: whole processes through it, the API's cost, its throughput and memory.
+    service::measure(&settings, &mut rows, &sibling("capsule"), &project, &out.join("manifest.toml"), p50, &peers);
+
     // 2. Sustained invocations per second on all cores.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let window = if settings.quick { Duration::from_millis(200) } else { Duration::from_secs(3) };
@@ -247,10 +265,9 @@ fn main() {
         ">= 4,000/s",
     ));
 
-    // 3. The runner as a process.
-    let exec_bin = workspace().join("target/debug/capsule-exec");
-    let mut exec = Command::new(&exec_bin);
-    exec.arg(out.join("manifest.toml"));
+    // 3. The runner as a process (in-process: no daemon answers on its socket).
+    let mut exec = Command::new(sibling("capsule-exec"));
+    exec.arg(out.join("manifest.toml")).env("CAPSULE_SOCKET", bench_dir().join("no-daemon.sock"));
     let exec_time = time_process(exec, settings.count(20));
     rows.push(row(
         "`capsule-exec manifest.toml` process",

@@ -1,0 +1,94 @@
+//! The cheap check that a build is still up to date, made before anything is parsed or
+//! hashed: like cargo, by the sizes and times of the files the build read.
+//!
+//! Beside each build's manifest, `fingerprint.json` lists every file the build depended on
+//! with its size, modification and change times (nanoseconds since the epoch), and the files
+//! whose absence it depended on (a `capsule.toml` that did not exist):
+//!
+//! ```json
+//! {"version": 1, "capsule": "0.1.0",
+//!  "files": [["/abs/main.py", 812, 1732612345000000000, 1732612345000000000], ...],
+//!  "absent": ["/abs/capsule.toml"]}
+//! ```
+//!
+//! If every file still has its recorded size and times, and every absent file is still
+//! absent, the build is up to date. Otherwise the full check runs (parse the sources, hash
+//! every input into the build key), which also catches a file touched but not changed.
+//! The Python SDK reads this same file to skip a build without starting a process.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FINGERPRINT_FILE: &str = "fingerprint.json";
+const VERSION: u32 = 1;
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    version: u32,
+    capsule: String,
+    files: Vec<(PathBuf, u64, i128, i128)>,
+    absent: Vec<PathBuf>,
+}
+
+fn stamp(path: &Path) -> Option<(u64, i128, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = fs::metadata(path).ok()?;
+    let nanos = |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+    Some((
+        metadata.len(),
+        nanos(metadata.mtime(), metadata.mtime_nsec()),
+        nanos(metadata.ctime(), metadata.ctime_nsec()),
+    ))
+}
+
+impl Fingerprint {
+    /// The fingerprint of `files` as they are now, and of `absent` files being absent.
+    pub fn of(files: impl IntoIterator<Item = PathBuf>, absent: impl IntoIterator<Item = PathBuf>) -> Self {
+        let files = files.into_iter().filter_map(|path| stamp(&path).map(|(size, m, c)| (path, size, m, c))).collect();
+        Self {
+            version: VERSION,
+            capsule: env!("CARGO_PKG_VERSION").to_string(),
+            files,
+            absent: absent.into_iter().collect(),
+        }
+    }
+
+    pub fn read(out_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&fs::read(out_dir.join(FINGERPRINT_FILE)).ok()?).ok()
+    }
+
+    pub fn write(&self, out_dir: &Path) -> std::io::Result<()> {
+        crate::cache::write_atomic(&out_dir.join(FINGERPRINT_FILE), &serde_json::to_vec(self).expect("serialises"))
+    }
+
+    /// Whether every file is as recorded.
+    pub fn holds(&self) -> bool {
+        self.version == VERSION
+            && self.capsule == env!("CARGO_PKG_VERSION")
+            && self.files.iter().all(|(path, size, m, c)| stamp(path) == Some((*size, *m, *c)))
+            && self.absent.iter().all(|path| !path.exists())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_change_of_a_file_or_an_absence_breaks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, absent) = (dir.path().join("main.py"), dir.path().join("capsule.toml"));
+        fs::write(&file, "x = 1\n").unwrap();
+        let print = Fingerprint::of([file.clone()], [absent.clone()]);
+        print.write(dir.path()).unwrap();
+        assert!(Fingerprint::read(dir.path()).unwrap().holds());
+        fs::write(&file, "x = 2\n").unwrap();
+        assert!(!print.holds(), "same size, new times");
+        let print = Fingerprint::of([file.clone()], [absent.clone()]);
+        fs::write(&absent, "").unwrap();
+        assert!(!print.holds(), "a file that appeared");
+    }
+}

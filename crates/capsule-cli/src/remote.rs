@@ -1,0 +1,88 @@
+//! Running through the daemon: the same output, envelope and exit codes as in-process.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use capsule_daemon::api::{ErrorKind, Line, SubmitRun};
+use capsule_daemon::{Client, ClientError};
+use capsule_exec::{EventSink, Start};
+use manifest_schema::{Problem, Timeout};
+
+use crate::exit::{Exit, Failure};
+use crate::layout::ProjectLayout;
+use crate::run_args::{Journaling, RunArgs, finish};
+use crate::terminal::Terminal;
+
+/// `path` made absolute (the daemon does not share this process's current folder).
+fn absolute(path: &Path) -> std::path::PathBuf {
+    if path.as_os_str().is_empty() {
+        return std::env::current_dir().unwrap_or_default();
+    }
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// What the daemon says went wrong, as the in-process path would say it.
+pub fn failure(error: ClientError) -> Failure {
+    let exit = match &error {
+        ClientError::Api(api) => match api.kind {
+            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::Conflict | ErrorKind::TooLarge => Exit::Usage,
+            ErrorKind::Load => Exit::Load,
+            ErrorKind::Unauthorized | ErrorKind::Busy | ErrorKind::Internal => Exit::Internal,
+        },
+        ClientError::Unreachable { .. } => Exit::Usage,
+        ClientError::Protocol { .. } => Exit::Internal,
+    };
+    Failure::new(exit, &error)
+}
+
+pub async fn run(
+    mut client: Client,
+    manifest: &Path,
+    entry: &Path,
+    start: Start,
+    args: &RunArgs,
+    layout: &ProjectLayout,
+    journaling: Journaling,
+) -> Result<ExitCode, Failure> {
+    let project = absolute(args.project.as_deref().unwrap_or(&layout.root));
+    let journaled = journaling == Journaling::Project || args.journal.is_some();
+    let mut request = SubmitRun {
+        manifest: absolute(manifest),
+        entry: Some(absolute(entry)),
+        project: Some(project),
+        journal: journaled.then(|| absolute(&layout.journal)),
+        files_root: args.project.as_deref().map(absolute),
+        default_timeout: Some(Timeout(args.default_timeout).to_string()),
+        workers: args.workers,
+        stop_on_disconnect: true,
+        ..SubmitRun::default()
+    };
+    match start {
+        Start::Task { task, args, kwargs } => (request.task, request.args, request.kwargs) = (task, args, kwargs),
+        Start::Resume { run_id } => request.resume = Some(run_id),
+    }
+    if args.detach {
+        let run = client.submit(&request).await.map_err(failure)?;
+        println!("{}", run.id);
+        return Ok(Exit::Success.into());
+    }
+    let terminal = Terminal { json: args.json, verbose: args.verbose };
+    let (mut run_id, mut outcome) = (None, None);
+    client
+        .submit_and_follow(&request, |line| match line {
+            Line::Accepted { run } => {
+                if args.verbose {
+                    eprintln!("capsule: run {} (in the daemon)", run.id);
+                }
+                run_id = Some(run.id);
+            }
+            Line::Event { event } => terminal.event(&event),
+            Line::Outcome { outcome: last } => outcome = Some(last),
+        })
+        .await
+        .map_err(failure)?;
+    let outcome = outcome.ok_or_else(|| {
+        Failure::problem(Exit::Internal, Problem::new("the daemon ended the run's stream without its outcome"))
+    })?;
+    Ok(finish(&outcome, run_id.as_deref(), args, layout))
+}

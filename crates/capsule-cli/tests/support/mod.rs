@@ -1,0 +1,163 @@
+// Each test file uses a part of this module.
+#![allow(dead_code)]
+
+//! What the tests of the real binaries share: a local HTTP server that counts hits, the
+//! journal's view of a run, and a daemon on a temporary socket.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Counts the hits on each path; `/block` does not answer while `blocking` is set.
+pub struct Server {
+    pub base: String,
+    pub hits: Arc<Mutex<HashMap<String, u32>>>,
+    pub blocking: Arc<AtomicBool>,
+}
+
+pub fn start_server() -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hits: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let blocking = Arc::new(AtomicBool::new(true));
+    let (shared_hits, shared_blocking) = (hits.clone(), blocking.clone());
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (hits, blocking) = (shared_hits.clone(), shared_blocking.clone());
+            thread::spawn(move || answer(stream, &hits, &blocking));
+        }
+    });
+    Server { base, hits, blocking }
+}
+
+fn answer(stream: TcpStream, hits: &Mutex<HashMap<String, u32>>, blocking: &AtomicBool) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        if header == "\r\n" || header.is_empty() {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let count = {
+        let mut hits = hits.lock().unwrap();
+        let count = hits.entry(path.clone()).or_insert(0);
+        *count += 1;
+        *count
+    };
+    if path == "/block" {
+        let until = Instant::now() + Duration::from_secs(100);
+        while blocking.load(Ordering::SeqCst) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let text = format!("ok:{path}:{count}");
+    let mut stream = stream;
+    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+}
+
+pub fn finished_fetches(journal: &std::path::Path) -> u32 {
+    let Ok(db) = rusqlite::Connection::open_with_flags(journal, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    db.query_row("SELECT COUNT(*) FROM calls WHERE kind = 'task' AND name = 'fetch' AND status = 'ok'", [], |r| {
+        r.get(0)
+    })
+    .unwrap_or(0)
+}
+
+/// A `capsule daemon` on a socket of its own, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, state) = (dir.path().join("d.sock"), dir.path().join("state"));
+        let child = Self::spawn(&socket, &state, extra);
+        Self { child, socket, state, _dir: dir }
+    }
+
+    fn spawn(socket: &Path, state: &Path, extra: &[&str]) -> Child {
+        let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+            .arg("daemon")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Kills this daemon (SIGKILL) and starts another on the same socket and state.
+    pub fn kill_and_restart(&mut self, extra: &[&str]) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.socket, &self.state, extra);
+    }
+
+    /// `capsule` talking to this daemon.
+    pub fn capsule(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+        command.env("CAPSULE_SOCKET", &self.socket);
+        command
+    }
+
+    /// One HTTP/1.1 request over the socket, written by hand: (status, body).
+    pub fn http(&self, request: &str) -> (u16, String) {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        // The daemon may answer (and close) before reading all of a body it refuses.
+        let _ = stream.write_all(request.as_bytes());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split_whitespace().nth(1).unwrap_or("0").parse().unwrap();
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `command`: (exit code, stdout, stderr).
+pub fn run(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().expect("the binary starts");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

