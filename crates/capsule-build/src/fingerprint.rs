@@ -7,7 +7,7 @@
 //!
 //! ```json
 //! {"version": 1, "capsule": "0.1.0",
-//!  "files": [["/abs/main.py", 812, 1732612345000000000, 1732612345000000000], ...],
+//!  "files": [["/abs/main.py", [812, 1732612345000000000, 1732612345000000000]], ...],
 //!  "absent": ["/abs/capsule.toml"]}
 //! ```
 //!
@@ -19,6 +19,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use capsule_exec::FileStamp;
 use serde::{Deserialize, Serialize};
 
 pub const FINGERPRINT_FILE: &str = "fingerprint.json";
@@ -29,25 +30,14 @@ const VERSION: u32 = 1;
 pub struct Fingerprint {
     version: u32,
     capsule: String,
-    files: Vec<(PathBuf, u64, i128, i128)>,
+    files: Vec<(PathBuf, FileStamp)>,
     absent: Vec<PathBuf>,
-}
-
-fn stamp(path: &Path) -> Option<(u64, i128, i128)> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = fs::metadata(path).ok()?;
-    let nanos = |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
-    Some((
-        metadata.len(),
-        nanos(metadata.mtime(), metadata.mtime_nsec()),
-        nanos(metadata.ctime(), metadata.ctime_nsec()),
-    ))
 }
 
 impl Fingerprint {
     /// The fingerprint of `files` as they are now, and of `absent` files being absent.
     pub fn of(files: impl IntoIterator<Item = PathBuf>, absent: impl IntoIterator<Item = PathBuf>) -> Self {
-        let files = files.into_iter().filter_map(|path| stamp(&path).map(|(size, m, c)| (path, size, m, c))).collect();
+        let files = files.into_iter().filter_map(|path| FileStamp::of(&path).map(|stamp| (path, stamp))).collect();
         Self {
             version: VERSION,
             capsule: env!("CARGO_PKG_VERSION").to_string(),
@@ -68,7 +58,7 @@ impl Fingerprint {
     pub fn holds(&self) -> bool {
         self.version == VERSION
             && self.capsule == env!("CARGO_PKG_VERSION")
-            && self.files.iter().all(|(path, size, m, c)| stamp(path) == Some((*size, *m, *c)))
+            && self.files.iter().all(|(path, stamp)| FileStamp::of(path) == Some(*stamp))
             && self.absent.iter().all(|path| !path.exists())
     }
 }

@@ -15,7 +15,7 @@ pub const PREFIX: &str = "/v1";
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
 /// `POST /v1/runs`: start a run of a built manifest.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRun {
     /// The `manifest.toml` written by `capsule build` (absolute path).
@@ -52,13 +52,45 @@ pub struct SubmitRun {
     /// How many of the run's spawned sub-tasks run at once [default: the number of cores].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
-    /// Answer with the run's events as they happen, ending with its outcome (NDJSON);
-    /// otherwise answer at once with the run.
+    /// Answer once the run has ended, instead of at once with the run.
     #[serde(default)]
     pub wait: bool,
+    /// With `wait`: stream the run's events as they happen, ending with its outcome
+    /// (NDJSON, the default), or answer with the run and its outcome only (one JSON object).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub stream: bool,
     /// With `wait`: stop the run if the client goes away before it ends.
     #[serde(default)]
     pub stop_on_disconnect: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+impl Default for SubmitRun {
+    fn default() -> Self {
+        Self {
+            manifest: PathBuf::new(),
+            entry: None,
+            project: None,
+            task: None,
+            args: Vec::new(),
+            kwargs: serde_json::Map::new(),
+            resume: None,
+            journal: None,
+            files_root: None,
+            default_timeout: None,
+            workers: None,
+            wait: false,
+            stream: true,
+            stop_on_disconnect: false,
+        }
+    }
 }
 
 /// A run as the daemon shows it.
@@ -209,4 +241,11 @@ pub struct Health {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Accepted {
     pub run: RunView,
+}
+
+/// `POST /v1/runs` with `wait` and without `stream`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    pub run: RunView,
+    pub outcome: Outcome,
 }

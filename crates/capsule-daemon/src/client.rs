@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{Accepted, ApiError, ErrorBody, Health, Line, RunView, SubmitRun};
+use crate::api::{Accepted, ApiError, ErrorBody, Finished, Health, Line, RunView, SubmitRun};
 
 /// Where a daemon listens.
 #[derive(Debug, Clone)]
@@ -138,13 +138,19 @@ impl Client {
         Ok(self.post::<Accepted>("/v1/runs", &request).await?.run)
     }
 
+    /// Starts a run and waits for its outcome (one answer, no events).
+    pub async fn submit_and_wait(&mut self, request: &SubmitRun) -> Result<Finished, ClientError> {
+        let request = SubmitRun { wait: true, stream: false, ..request.clone() };
+        self.post("/v1/runs", &request).await
+    }
+
     /// Starts a run and follows it: every line until its outcome.
     pub async fn submit_and_follow(
         &mut self,
         request: &SubmitRun,
         on_line: impl FnMut(Line),
     ) -> Result<(), ClientError> {
-        let request = SubmitRun { wait: true, ..request.clone() };
+        let request = SubmitRun { wait: true, stream: true, ..request.clone() };
         self.stream(Method::POST, "/v1/runs", Some(&request), on_line).await
     }
 

@@ -54,7 +54,7 @@ impl Registry {
     pub fn add(&self, run: &Registered) -> Result<(), rusqlite::Error> {
         let request = serde_json::to_string(&run.request).expect("requests serialise");
         self.with(|c| {
-            c.execute(
+            execute(c, 
                 "INSERT OR REPLACE INTO runs (id, request, status, restarted_from, submitted_at) VALUES (?1, ?2, 'queued', ?3, ?4)",
                 params![run.id, request, run.restarted_from, now_ms()],
             )
@@ -65,7 +65,7 @@ impl Registry {
     pub fn set_status(&self, id: &str, status: &str, finished: bool) -> Result<(), rusqlite::Error> {
         let finished_at = finished.then(now_ms);
         self.with(|c| {
-            c.execute("UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status, finished_at])
+            execute(c, "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status, finished_at])
         })
         .map(drop)
     }
@@ -73,7 +73,7 @@ impl Registry {
     /// Runs that were queued or running when the last daemon stopped.
     pub fn unfinished(&self) -> Result<Vec<Registered>, rusqlite::Error> {
         self.with(|c| {
-            let mut statement = c.prepare(
+            let mut statement = c.prepare_cached(
                 "SELECT id, request, restarted_from FROM runs
                  WHERE status IN ('queued', 'running', 'interrupted') ORDER BY submitted_at",
             )?;
@@ -96,7 +96,7 @@ impl Registry {
     pub fn get(&self, id: &str) -> Result<Option<Registered>, rusqlite::Error> {
         use rusqlite::OptionalExtension;
         let row = self.with(|c| {
-            c.query_row("SELECT request, restarted_from FROM runs WHERE id = ?1", [id], |row| {
+            query_row(c, "SELECT request, restarted_from FROM runs WHERE id = ?1", [id], |row| {
                 Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
             })
             .optional()
@@ -109,6 +109,21 @@ impl Registry {
             })
         }))
     }
+}
+
+/// `Connection::execute` through the statement cache: the SQL is compiled once per connection.
+fn execute(c: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(params)
+}
+
+/// `Connection::query_row` through the statement cache.
+fn query_row<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(params, f)
 }
 
 #[cfg(test)]

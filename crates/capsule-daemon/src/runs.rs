@@ -330,6 +330,23 @@ impl Runs {
         request: SubmitRun,
         restarted_from: Option<String>,
     ) -> Result<Arc<RunEntry>, ApiError> {
+        self.admit()?;
+        let (ready, accepted) = tokio::sync::oneshot::channel();
+        self.launch(request, restarted_from, None, Answer::Accepted(ready));
+        accepted.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "preparing the run failed")))
+    }
+
+    /// Starts a run and answers once it has ended, with its view and outcome: the API's
+    /// thread wakes once per run.
+    pub async fn submit_and_wait(self: &Arc<Self>, request: SubmitRun) -> Result<(RunView, Outcome), ApiError> {
+        self.admit()?;
+        let (ready, finished) = tokio::sync::oneshot::channel();
+        self.launch(request, None, None, Answer::Finished(ready));
+        finished.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "the run's task failed")))
+    }
+
+    /// Counts a new run as active, unless the daemon is closing or full.
+    fn admit(&self) -> Result<(), ApiError> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(ApiError::new(ErrorKind::Busy, "the daemon is shutting down"));
         }
@@ -342,24 +359,47 @@ impl Runs {
                 "try again when some have finished, or start the daemon with a larger `--queue`",
             ));
         }
-        let this = self.clone();
-        let prepared = self.engine_runtime.spawn_blocking(move || this.prepare(request, restarted_from, None)).await;
-        let (entry, prepared) = match prepared {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(error)) => {
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                return Err(error);
-            }
-            Err(join) => {
-                self.active.fetch_sub(1, Ordering::SeqCst);
-                return Err(ApiError::new(ErrorKind::Internal, format!("preparing the run failed: {join}")));
-            }
-        };
-        self.start(entry.clone(), prepared);
-        Ok(entry)
+        Ok(())
     }
 
-    /// Loads the manifest, opens the journal and enters the run (blocking: file and database work).
+    /// Prepares and runs a run on the engine's runtime (one hop from the API's thread).
+    fn launch(
+        self: &Arc<Self>,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+        resume_id: Option<String>,
+        answer: Answer,
+    ) {
+        let this = self.clone();
+        self.engine_runtime.spawn(async move {
+            match this.prepare(request, restarted_from, resume_id) {
+                Ok((entry, prepared)) => {
+                    this.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
+                    let finished = match answer {
+                        Answer::Accepted(ready) => {
+                            let _ = ready.send(Ok(entry.clone()));
+                            None
+                        }
+                        Answer::Finished(ready) => Some(ready),
+                    };
+                    let outcome = this.execute(entry.clone(), prepared).await;
+                    if let Some(ready) = finished {
+                        let _ = ready.send(Ok((entry.view(true), outcome)));
+                    }
+                }
+                Err(error) => {
+                    this.active.fetch_sub(1, Ordering::SeqCst);
+                    match answer {
+                        Answer::Accepted(ready) => drop(ready.send(Err(error))),
+                        Answer::Finished(ready) => drop(ready.send(Err(error))),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Loads the manifest, opens the journal and enters the run (file and database work, on
+    /// the engine's runtime).
     fn prepare(
         &self,
         request: SubmitRun,
@@ -467,27 +507,24 @@ impl Runs {
     }
 
     /// Holds the entry and runs it when a worker is free.
-    fn start(self: &Arc<Self>, entry: Arc<RunEntry>, prepared: capsule_exec::PreparedRun) {
-        self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
-        let this = self.clone();
-        self.engine_runtime.spawn(async move {
-            let permit = tokio::select! {
-                permit = this.slots.clone().acquire_owned() => permit.expect("never closed"),
-                () = entry.cancel.cancelled() => {
-                    let stopped = python_runtime::GuestError::new(GuestKind::Cancelled, "the run was stopped before it started");
-                    let outcome = Outcome::not_run(&entry.task, stopped);
-                    this.finished(&entry, outcome);
-                    return;
-                }
-            };
-            this.running.fetch_add(1, Ordering::SeqCst);
-            entry.set_status("running");
-            let _ = this.registry.set_status(&entry.id, "running", false);
-            let outcome = prepared.run().await;
-            this.running.fetch_sub(1, Ordering::SeqCst);
-            drop(permit);
-            this.finished(&entry, outcome);
-        });
+    /// Runs a prepared run when a worker is free; gives its outcome.
+    async fn execute(&self, entry: Arc<RunEntry>, prepared: capsule_exec::PreparedRun) -> Outcome {
+        let permit = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
+            () = entry.cancel.cancelled() => {
+                let stopped = python_runtime::GuestError::new(GuestKind::Cancelled, "the run was stopped before it started");
+                let outcome = Outcome::not_run(&entry.task, stopped);
+                self.finished(&entry, outcome.clone());
+                return outcome;
+            }
+        };
+        self.running.fetch_add(1, Ordering::SeqCst);
+        entry.set_status("running");
+        let outcome = prepared.run().await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        drop(permit);
+        self.finished(&entry, outcome.clone());
+        outcome
     }
 
     fn finished(&self, entry: &Arc<RunEntry>, outcome: Outcome) {
@@ -569,25 +606,15 @@ impl Runs {
         };
         for run in unfinished {
             self.active.fetch_add(1, Ordering::SeqCst);
-            let this = self.clone();
             let id = run.id.clone();
-            let prepared = self
-                .engine_runtime
-                .spawn_blocking(move || this.prepare(run.request, run.restarted_from, Some(run.id)))
-                .await;
-            match prepared {
-                Ok(Ok((entry, prepared))) => {
-                    tracing::info!(run = %entry.id, "resuming a run the previous daemon did not finish");
-                    self.start(entry, prepared);
-                }
-                failed => {
-                    self.active.fetch_sub(1, Ordering::SeqCst);
-                    let why = match failed {
-                        Ok(Err(error)) => error.message,
-                        Err(join) => join.to_string(),
-                        Ok(Ok(_)) => unreachable!(),
-                    };
-                    tracing::error!(run = %id, %why, "cannot resume a run");
+            let (ready, accepted) = tokio::sync::oneshot::channel();
+            self.launch(run.request, run.restarted_from, Some(run.id), Answer::Accepted(ready));
+            let launched =
+                accepted.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "preparing failed")));
+            match launched {
+                Ok(entry) => tracing::info!(run = %entry.id, "resuming a run the previous daemon did not finish"),
+                Err(error) => {
+                    tracing::error!(run = %id, why = %error.message, "cannot resume a run");
                     let _ = self.registry.set_status(&id, "failed", true);
                 }
             }
@@ -612,6 +639,14 @@ impl Runs {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// When a launched run answers its submitter.
+enum Answer {
+    /// As soon as it has an id.
+    Accepted(tokio::sync::oneshot::Sender<Result<Arc<RunEntry>, ApiError>>),
+    /// When it has ended.
+    Finished(tokio::sync::oneshot::Sender<Result<(RunView, Outcome), ApiError>>),
 }
 
 /// The events of a run, recorded once its entry exists (nothing runs before).

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use futures_util::stream;
 use serde::Deserialize;
 
-use crate::api::{Accepted, ApiError, ErrorBody, ErrorKind, Health, Line, MAX_REQUEST_BYTES, SubmitRun};
+use crate::api::{Accepted, ApiError, ErrorBody, ErrorKind, Finished, Health, Line, MAX_REQUEST_BYTES, SubmitRun};
 use crate::runs::{RunEntry, Runs};
 
 /// How long `stop` waits for the run to end before answering.
@@ -101,7 +101,12 @@ fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>
 
 async fn submit(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let request: SubmitRun = json_body(body)?;
-    let (wait, stop_on_disconnect) = (request.wait, request.stop_on_disconnect);
+    let (wait, stream, stop_on_disconnect) = (request.wait, request.stream, request.stop_on_disconnect);
+    if wait && !stream {
+        // (A client that goes away is not noticed until the run ends: use `stream` for that.)
+        let (run, outcome) = runs.submit_and_wait(request).await?;
+        return Ok(Json(Finished { run, outcome }).into_response());
+    }
     let entry = runs.submit(request, None).await?;
     if !wait {
         return Ok((StatusCode::ACCEPTED, Json(Accepted { run: entry.view(false) })).into_response());

@@ -1,7 +1,8 @@
 //! The engine API every front door uses: load verified artifacts, submit runs, observe them
 //! through events, cancel them.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +21,7 @@ use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
 use crate::run::Call;
 use crate::sandbox::Program;
+use crate::stamp::FileStamp;
 
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
 const LOADED_ARTIFACTS: usize = 64;
@@ -210,7 +212,11 @@ impl RunHandle {
 /// One wasmtime engine (with its epoch ticker) and the artifacts loaded on it.
 pub struct Engine {
     engine: TickingEngine,
+    /// Verified artifacts by sha256, oldest first.
     loaded: Mutex<Vec<(String, Arc<Loaded>)>>,
+    /// Manifests read before, by path, with the size and times of the file then: a manifest
+    /// unchanged since is not read again.
+    manifests: Mutex<HashMap<PathBuf, (FileStamp, Arc<Loaded>)>>,
     call_ids: Arc<AtomicU64>,
 }
 
@@ -226,7 +232,12 @@ impl Engine {
         // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let engine = TickingEngine::new(config).map_err(|e| EngineError::Setup(e.to_string()))?;
-        Ok(Self { engine, loaded: Mutex::default(), call_ids: Arc::new(AtomicU64::new(1)) })
+        Ok(Self {
+            engine,
+            loaded: Mutex::default(),
+            manifests: Mutex::default(),
+            call_ids: Arc::new(AtomicU64::new(1)),
+        })
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -234,8 +245,28 @@ impl Engine {
     }
 
     /// Loads the artifact of the manifest at `path`, verified; an artifact with the same
-    /// hash loaded before is reused without reading it again.
+    /// hash loaded before is reused without reading it again, and so is a manifest that has
+    /// not changed since it was read.
     pub fn load(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
+        let stamp = FileStamp::of(path);
+        let remembered = self.manifests.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned();
+        if let (Some(stamp), Some((known, loaded))) = (stamp, remembered)
+            && stamp == known
+        {
+            return Ok(loaded);
+        }
+        let loaded = self.load_manifest(path)?;
+        if let Some(stamp) = stamp {
+            let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+            if manifests.len() >= LOADED_ARTIFACTS {
+                manifests.clear();
+            }
+            manifests.insert(path.to_path_buf(), (stamp, loaded.clone()));
+        }
+        Ok(loaded)
+    }
+
+    fn load_manifest(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
         let manifest = Artifact::manifest(path)?;
         let sha256 = manifest.artifact.sha256.clone();
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,7 +302,8 @@ impl Engine {
     pub fn prepare(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<PreparedRun, EngineError> {
         let RunRequest { start, entry, mut settings, journal, events, cancel } = request;
         let manifest = &loaded.manifest;
-        let (task, args, kwargs, run_id) = match (start, &journal) {
+        // The run's id and its top-level call's row, when journaled.
+        let (task, args, kwargs, journaled) = match (start, &journal) {
             (Start::Resume { run_id }, Some(journal)) => {
                 let record = journal.run(&run_id)?;
                 let task = manifest.task(&record.task).ok_or_else(|| EngineError::ResumedTaskMissing {
@@ -279,12 +311,20 @@ impl Engine {
                     task: record.task.clone(),
                 })?;
                 journal.reopen_run(&run_id)?;
-                (task, record.args, record.kwargs, Some(run_id))
+                let args_hash = hash_json(&serde_json::json!([record.args, record.kwargs]));
+                match journal.enter(&run_id, 0, 0, "task", &task.name, "", &args_hash)? {
+                    Entered::Replay { result, .. } => {
+                        journal.finish_run(&run_id, RunStatus::Ok)?;
+                        let body = Body::Replayed(Outcome::without_attempts(&task.name, Ok(result)));
+                        return Ok(PreparedRun { run_id: Some(run_id), task: task.name.clone(), cancel, body });
+                    }
+                    Entered::Run { id } => (task, record.args, record.kwargs, Some((run_id, id))),
+                }
             }
             (Start::Resume { .. }, None) => return Err(EngineError::ResumeWithoutJournal),
             (Start::Task { task, args, kwargs }, journal) => {
                 let task = select_task(manifest, task.as_deref())?;
-                let run_id = match journal {
+                let journaled = match journal {
                     Some(journal) => Some(journal.start_run(
                         entry.as_deref().unwrap_or(&manifest.artifact.source),
                         &manifest.artifact.sha256,
@@ -294,26 +334,18 @@ impl Engine {
                     )?),
                     None => None,
                 };
-                (task, args, kwargs, run_id)
+                (task, args, kwargs, journaled)
             }
         };
         if settings.project_root.is_none() {
             settings.project_root = manifest.artifact.project_root.clone().map(Into::into);
         }
-        let mut position = None;
-        if let (Some(journal), Some(run)) = (&journal, &run_id) {
-            let args_hash = hash_json(&serde_json::json!([args, kwargs]));
-            match journal.enter(run, 0, 0, "task", &task.name, "", &args_hash)? {
-                Entered::Replay { result, .. } => {
-                    journal.finish_run(run, RunStatus::Ok)?;
-                    let body = Body::Replayed(Outcome::without_attempts(&task.name, Ok(result)));
-                    return Ok(PreparedRun { run_id, task: task.name.clone(), cancel, body });
-                }
-                Entered::Run { id } => {
-                    position = Some(Position { journal: journal.clone(), run: run.as_str().into(), call: id })
-                }
-            }
-        }
+        let run_id = journaled.as_ref().map(|(run, _)| run.clone());
+        let position = journal.as_ref().zip(journaled).map(|(journal, (run, call))| Position {
+            journal: journal.clone(),
+            run: run.into(),
+            call,
+        });
         let orchestrator = Orchestrator::new(
             loaded.program.clone(),
             manifest.tasks.clone(),

@@ -157,7 +157,7 @@ impl Journal {
             Self { path: path.to_path_buf(), connection: Mutex::new(Connection::open(path).map_err(|e| db(path, e))?) };
         let found: i64 = journal.with(|c| c.query_row("PRAGMA user_version", [], |row| row.get(0)))?;
         let fresh: bool = journal.with(|c| {
-            c.query_row("SELECT count(*) = 0 FROM sqlite_master WHERE type = 'table'", [], |row| row.get(0))
+            query_row(c, "SELECT count(*) = 0 FROM sqlite_master WHERE type = 'table'", [], |row| row.get(0))
         })?;
         if !fresh && found != FORMAT_VERSION {
             return Err(JournalError::Format { path: path.display().to_string(), found });
@@ -199,6 +199,19 @@ impl Journal {
         f(&connection).map_err(|e| db(&self.path, e))
     }
 
+    /// Like `with`, in one transaction: all of `f` is committed, or none of it.
+    fn atomically<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, JournalError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        let work = |connection: &mut Connection| {
+            let transaction = connection.transaction()?;
+            let value = f(&transaction)?;
+            transaction.commit()?;
+            Ok(value)
+        };
+        work(&mut connection).map_err(|e| db(&self.path, e))
+    }
+
+    /// Enters a new run and its top-level task call (to run): the run's id and the call's.
     pub fn start_run(
         &self,
         entry: &str,
@@ -206,43 +219,46 @@ impl Journal {
         task: &str,
         args: &[Value],
         kwargs: &serde_json::Map<String, Value>,
-    ) -> Result<String, JournalError> {
+    ) -> Result<(String, i64), JournalError> {
         use std::hash::{BuildHasher, RandomState};
         let id = format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff);
+        let args_hash = hash_json(&serde_json::json!([args, kwargs]));
         let (args, kwargs) = (Value::from(args).to_string(), Value::from(kwargs.clone()).to_string());
-        self.with(|c| {
-            c.execute(
+        let call = self.atomically(|c| {
+            execute(
+                c,
                 "INSERT INTO runs (id, entry, artifact, task, args, kwargs, status, started_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
                 params![id, entry, artifact, task, args, kwargs, now_ms()],
-            )
+            )?;
+            insert_call(c, &id, 0, 0, "task", task, "", &args_hash)
         })?;
-        Ok(id)
+        Ok((id, call))
     }
 
     /// Records how a run ended. Calls still running then were abandoned with it (spawned
     /// sub-tasks nobody waited for, or everything of a stopped run): they are marked so.
     pub fn finish_run(&self, id: &str, status: RunStatus) -> Result<(), JournalError> {
-        self.with(|c| {
-            c.execute(
+        self.atomically(|c| {
+            execute(
+                c,
                 "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
                 params![id, status.as_str(), now_ms()],
             )?;
-            c.execute("UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])
+            execute(c, "UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])
         })
         .map(drop)
     }
 
     /// Marks a run as running again (it is being resumed).
     pub fn reopen_run(&self, id: &str) -> Result<(), JournalError> {
-        self.with(|c| c.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?1", params![id]))
+        self.with(|c| execute(c, "UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?1", params![id]))
             .map(drop)
     }
 
     pub fn run(&self, id: &str) -> Result<RunRecord, JournalError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT id, entry, artifact, task, args, kwargs, status, started_at, finished_at FROM runs WHERE id = ?1",
+            query_row(c, "SELECT id, entry, artifact, task, args, kwargs, status, started_at, finished_at FROM runs WHERE id = ?1",
                 [id],
                 run_record,
             )
@@ -253,7 +269,7 @@ impl Journal {
 
     pub fn runs(&self, limit: u32) -> Result<Vec<RunRecord>, JournalError> {
         self.with(|c| {
-            let mut statement = c.prepare(
+            let mut statement = c.prepare_cached(
                 "SELECT id, entry, artifact, task, args, kwargs, status, started_at, finished_at FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1",
             )?;
             statement.query_map([limit], run_record)?.collect()
@@ -262,7 +278,7 @@ impl Journal {
 
     pub fn calls(&self, run: &str) -> Result<Vec<CallRecord>, JournalError> {
         self.with(|c| {
-            let mut statement = c.prepare(
+            let mut statement = c.prepare_cached(
                 "SELECT id, parent, seq, kind, name, detail, status, attempts, fuel, peak_memory, duration_ms, error,
                         stdout, stderr, started_at
                  FROM calls WHERE run_id = ?1 ORDER BY parent, seq",
@@ -304,8 +320,7 @@ impl Journal {
         args_hash: &str,
     ) -> Result<Entered, JournalError> {
         let existing = self.with(|c| {
-            c.query_row(
-                "SELECT id, kind, name, args_hash, status, result FROM calls WHERE run_id = ?1 AND parent = ?2 AND seq = ?3",
+            query_row(c, "SELECT id, kind, name, args_hash, status, result FROM calls WHERE run_id = ?1 AND parent = ?2 AND seq = ?3",
                 params![run, parent, seq],
                 |row| {
                     Ok((
@@ -335,7 +350,8 @@ impl Journal {
                     return Ok(Entered::Replay { id, result });
                 }
                 self.with(|c| {
-                    c.execute(
+                    execute(
+                        c,
                         "UPDATE calls SET status = 'running', started_at = ?2 WHERE id = ?1",
                         params![id, now_ms()],
                     )
@@ -343,14 +359,7 @@ impl Journal {
                 Ok(Entered::Run { id })
             }
             None => {
-                let id = self.with(|c| {
-                    c.execute(
-                        "INSERT INTO calls (run_id, parent, seq, kind, name, detail, args_hash, status, started_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
-                        params![run, parent, seq, kind, name, detail, args_hash, now_ms()],
-                    )?;
-                    Ok(c.last_insert_rowid())
-                })?;
+                let id = self.with(|c| insert_call(c, run, parent, seq, kind, name, detail, args_hash))?;
                 Ok(Entered::Run { id })
             }
         }
@@ -368,7 +377,8 @@ impl Journal {
         duration_ms: u64,
     ) -> Result<(), JournalError> {
         self.with(|c| {
-            c.execute(
+            execute(
+                c,
                 "INSERT INTO attempts (call_id, attempt, status, error, fuel, peak_memory, duration_ms, finished_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
@@ -389,7 +399,7 @@ impl Journal {
     /// Records how a call ended; committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
         self.with(|c| {
-            c.execute(
+            execute(c, 
                 "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8,
                  stdout = ?9, stderr = ?10 WHERE id = ?1",
                 params![
@@ -455,6 +465,42 @@ fn run_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     })
 }
 
+/// Enters a call as running; its row id.
+#[allow(clippy::too_many_arguments)]
+fn insert_call(
+    c: &Connection,
+    run: &str,
+    parent: i64,
+    seq: u32,
+    kind: &str,
+    name: &str,
+    detail: &str,
+    args_hash: &str,
+) -> rusqlite::Result<i64> {
+    execute(
+        c,
+        "INSERT INTO calls (run_id, parent, seq, kind, name, detail, args_hash, status, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
+        params![run, parent, seq, kind, name, detail, args_hash, now_ms()],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+/// `Connection::execute` through the statement cache: the SQL is compiled once per connection.
+fn execute(c: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(params)
+}
+
+/// `Connection::query_row` through the statement cache.
+fn query_row<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(params, f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,11 +510,12 @@ mod tests {
     fn replays_finished_calls_and_detects_divergence() {
         let dir = std::env::temp_dir().join(format!("capsule-journal-{}", std::process::id()));
         let journal = Journal::open(&dir.join("journal.db")).unwrap();
-        let run = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
-        let top = match journal.enter(&run, 0, 0, "task", "main", "", &hash_json(&json!([]))).unwrap() {
-            Entered::Run { id } => id,
-            other => panic!("{other:?}"),
-        };
+        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
+        assert_eq!(
+            journal.enter(&run, 0, 0, "task", "main", "", &hash_json(&json!([[], {}]))).unwrap(),
+            Entered::Run { id: top },
+            "the top-level call is entered with the run"
+        );
         let step = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap();
         let Entered::Run { id } = step else { panic!() };
         let done = Completion {

@@ -8,7 +8,7 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `outcome`, `events`, `cancel`, `journal`, `net` (leaves); `artifact`, `output`,
+//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `engine` (the API).
 
@@ -25,6 +25,7 @@ mod outcome;
 mod output;
 mod run;
 mod sandbox;
+mod stamp;
 
 pub use artifact::{LoadError, sha256_hex};
 pub use cancel::Cancel;
@@ -37,3 +38,4 @@ pub use orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
+pub use stamp::FileStamp;

@@ -23,6 +23,8 @@ struct Settings {
     write: Option<PathBuf>,
     /// The bench's virtual environment with the peers (`cargo xtask bench` makes it).
     venv: Option<PathBuf>,
+    /// Measure the daemon only (while working on it; the report is then partial).
+    only_service: bool,
 }
 
 impl Settings {
@@ -155,13 +157,14 @@ fn main() {
         idle_sandboxes(&manifest, std::env::args().nth(3).and_then(|n| n.parse().ok()).expect("count"));
         return;
     }
-    let mut settings = Settings { quick: false, write: None, venv: None };
+    let mut settings = Settings { quick: false, write: None, venv: None, only_service: false };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => settings.quick = true,
             "--write" => settings.write = Some(PathBuf::from(args.next().expect("--write FILE"))),
             "--venv" => settings.venv = Some(PathBuf::from(args.next().expect("--venv DIR"))),
-            other => panic!("unknown argument {other}; use --quick, --write FILE, --venv DIR"),
+            "--only-service" => settings.only_service = true,
+            other => panic!("unknown argument {other}; use --quick, --write FILE, --venv DIR, --only-service"),
         }
     }
     let peers = peers::Peers::new(settings.venv.clone());
@@ -172,6 +175,31 @@ fn main() {
     unsafe { std::env::set_var(capsule_build::CACHE_DIR_ENV, &cache) };
     let mut rows = Vec::new();
     let hello_py = workspace().join("crates/tests/bench/hello.py");
+    if settings.only_service {
+        let project = bench_dir().join("service-project");
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::copy(&hello_py, project.join("hello.py")).unwrap();
+        let built = load(build_into(&project.join("hello.py"), &project.join("out"), false));
+        let samples = block_on(async {
+            let mut samples = Vec::new();
+            for _ in 0..500 {
+                samples.push(invoke_once(&built.loaded).await);
+            }
+            samples
+        });
+        let manifest = project.join("out/manifest.toml");
+        service::measure(
+            &settings,
+            &mut rows,
+            &sibling("capsule"),
+            &project,
+            &manifest,
+            percentile(&samples, 0.5),
+            &peers,
+        );
+        println!("{}", render(&rows, &settings));
+        return;
+    }
     let python_hello = time_process(python3(&[hello_py.to_str().unwrap()]), settings.count(20));
 
     // Builds: cold (nothing cached but the runtime), after an edit, unchanged.

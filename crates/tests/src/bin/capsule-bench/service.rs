@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use capsule_daemon::api::{Line, SubmitRun};
+use capsule_daemon::api::SubmitRun;
 use capsule_daemon::{Client, Target};
 
 use crate::peers::Peers;
@@ -55,17 +55,10 @@ fn rss_of(pid: u32) -> u64 {
     line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") * 1024
 }
 
+/// One run as an API client makes it (the Python SDK's way): submit and wait for the outcome.
 async fn one_run(client: &mut Client, request: &SubmitRun) {
-    let mut ok = false;
-    client
-        .submit_and_follow(request, |line| {
-            if let Line::Outcome { outcome } = line {
-                ok = outcome.success;
-            }
-        })
-        .await
-        .expect("the daemon answers");
-    assert!(ok, "hello failed in the daemon");
+    let finished = client.submit_and_wait(request).await.expect("the daemon answers");
+    assert!(finished.outcome.success, "hello failed in the daemon");
 }
 
 /// `project` holds `hello.py`, built; `invoke_p50` is the in-process invoke of the same task.
