@@ -54,7 +54,8 @@ impl Registry {
     pub fn add(&self, run: &Registered) -> Result<(), rusqlite::Error> {
         let request = serde_json::to_string(&run.request).expect("requests serialise");
         self.with(|c| {
-            execute(c, 
+            execute(
+                c,
                 "INSERT OR REPLACE INTO runs (id, request, status, restarted_from, submitted_at) VALUES (?1, ?2, 'queued', ?3, ?4)",
                 params![run.id, request, run.restarted_from, now_ms()],
             )

@@ -399,7 +399,8 @@ impl Journal {
     /// Records how a call ended; committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
         self.with(|c| {
-            execute(c, 
+            execute(
+                c,
                 "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8,
                  stdout = ?9, stderr = ?10 WHERE id = ?1",
                 params![
