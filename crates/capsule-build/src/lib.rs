@@ -117,6 +117,11 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         tracing::info!(manifest = %output.manifest_path.display(), "build up to date (fingerprint)");
         return Ok(output);
     }
+    // Builds into one folder take turns; one that waited finds the other's build done.
+    let _turn = take_turn(&out_dir_of(options))?;
+    if let Some(output) = up_to_date(options) {
+        return Ok(output);
+    }
     let started = Instant::now();
     let project = Project::load(&options.entry)?;
     let runtime = fs::read(&options.runtime).map_err(|e| {
@@ -125,7 +130,9 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
             "build it once with `cargo xtask build-runtime`, or point `CAPSULE_RUNTIME` at a built `capsule-python.wasm`",
         )
     })?;
-    let key = build_key(&project, &runtime);
+    let runtime_sha256 = sha256_hex(&runtime);
+    check_runtime(&options.runtime, &runtime_sha256)?;
+    let key = build_key(&project, &runtime_sha256);
     let out_dir = out_dir_of(options);
     let manifest_path = out_dir.join(MANIFEST_FILE);
     let fingerprint = project.fingerprint(&options.runtime);
@@ -197,8 +204,27 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     Ok(BuildOutput { manifest_path, manifest, cache_hit: false, timings })
 }
 
+/// An installed runtime comes with `<file>.sha256`: a runtime that does not match it was
+/// damaged or swapped, and is not built with.
+fn check_runtime(path: &Path, actual: &str) -> Result<(), BuildError> {
+    let sidecar = PathBuf::from(format!("{}.sha256", path.display()));
+    let Ok(expected) = fs::read_to_string(&sidecar) else { return Ok(()) };
+    let expected = expected.split_whitespace().next().unwrap_or_default();
+    if actual != expected {
+        return Err(BuildError::usage(
+            format!(
+                "the CPython runtime `{}` does not match `{}` (sha256 {actual})",
+                path.display(),
+                sidecar.display()
+            ),
+            "reinstall Capsule, or point `CAPSULE_RUNTIME` at a runtime built with `cargo xtask build-runtime`",
+        ));
+    }
+    Ok(())
+}
+
 /// sha256 over everything the artifact depends on.
-fn build_key(project: &Project, runtime: &[u8]) -> String {
+fn build_key(project: &Project, runtime_sha256: &str) -> String {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_le_bytes());
@@ -206,7 +232,7 @@ fn build_key(project: &Project, runtime: &[u8]) -> String {
     };
     field(b"capsule-build/1");
     field(env!("CARGO_PKG_VERSION").as_bytes());
-    field(&Sha256::digest(runtime));
+    field(runtime_sha256.as_bytes());
     field(capsule_exec::fingerprint().as_bytes());
     field(project.entry_module.as_bytes());
     field(project.root.as_os_str().as_encoded_bytes());
@@ -296,6 +322,20 @@ fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task>
         .collect()
 }
 
+/// Waits for the lock on `out_dir` (held until the returned file is dropped, or the process ends).
+fn take_turn(out_dir: &Path) -> Result<fs::File, BuildError> {
+    fs::create_dir_all(out_dir).map_err(|e| BuildError::io(format!("cannot create `{}`", out_dir.display()), e))?;
+    let path = out_dir.join(".lock");
+    let lock = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| BuildError::io(format!("cannot open `{}`", path.display()), e))?;
+    lock.lock().map_err(|e| BuildError::io(format!("cannot lock `{}`", path.display()), e))?;
+    Ok(lock)
+}
+
 /// Writes the artifact, then the manifest, then the key, each atomically; removes artifacts
 /// of earlier builds. A reader never sees a manifest whose artifact is missing.
 fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str) -> Result<(), BuildError> {
@@ -303,7 +343,7 @@ fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str)
     fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), BuildError> {
         let path = out_dir.join(name);
-        let tmp = out_dir.join(format!(".{name}.tmp"));
+        let tmp = out_dir.join(format!(".{name}.{}.tmp", std::process::id()));
         fs::write(&tmp, bytes).map_err(|e| io("cannot write", &tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))
     };

@@ -218,3 +218,32 @@ fn the_fan_out_example_collects_results_and_failures() {
     assert_eq!(result["total"], 6);
     assert_eq!(result["failures"][0]["message"], "empty document");
 }
+
+#[test]
+fn eight_concurrent_builds_of_one_new_file_all_succeed_with_the_same_artifact() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::copy(examples().join("hello.py"), project.path().join("hello.py")).unwrap();
+    let builds: Vec<_> = (0..8)
+        .map(|_| {
+            capsule()
+                .args(["build", "hello.py"])
+                .current_dir(project.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for build in builds {
+        let output = build.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let (code, stdout, stderr) = run(capsule().args(["run", "hello.py", "Ada"]).current_dir(project.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.ends_with("Hello, Ada, from Capsule!\n"), "{stdout}");
+    let artifacts = std::fs::read_dir(project.path().join(".capsule/build/hello"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".cwasm"))
+        .count();
+    assert_eq!(artifacts, 1, "one artifact, no leftovers");
+}

@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub resume: bool,
     /// How long a shutdown lets running runs finish before stopping them.
     pub grace: Duration,
+    /// Shut down when this process is gone (a daemon started for one client process).
+    pub exit_with: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,15 @@ impl manifest_schema::Explain for DaemonError {
             ),
             _ => None,
         }
+    }
+}
+
+/// Resolves when process `pid` no longer exists (never, without one).
+async fn gone(pid: Option<u32>) {
+    let Some(pid) = pid else { return std::future::pending().await };
+    let process = PathBuf::from(format!("/proc/{pid}"));
+    while process.exists() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -115,6 +126,7 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
+                () = gone(config.exit_with) => tracing::info!("the process this daemon served is gone"),
             }
             tracing::info!("shutting down: no new runs; running ones get {:?}", config.grace);
             runs.shutdown(config.grace).await;

@@ -44,6 +44,9 @@ impl Registry {
                     restarted_from TEXT, submitted_at INTEGER NOT NULL, finished_at INTEGER);",
             )
             .map_err(error)?;
+        // Runs known to have ended a month ago are of no more use.
+        let month_ago = now_ms() - 30 * 24 * 3600 * 1000;
+        execute(&connection, "DELETE FROM runs WHERE finished_at < ?1", params![month_ago]).map_err(error)?;
         Ok(Self { connection: Mutex::new(connection) })
     }
 

@@ -434,13 +434,7 @@ impl Runs {
         };
         let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
         let loaded = self.engine.load(&request.manifest).map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
-        let journal_path = self
-            .limits
-            .journal
-            .clone()
-            .or_else(|| request.journal.clone())
-            .unwrap_or_else(|| project.join(".capsule/journal.db"));
-        let journal = self.journal(&journal_path)?;
+        let journal = self.journal(&self.journal_path(&request))?;
         let entry = request.entry.clone().unwrap_or_else(|| request.manifest.clone());
         let start = match (&resume_id, &request.resume) {
             (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
@@ -541,7 +535,8 @@ impl Runs {
                 let _ = journal.finish_run(&entry.id, RunStatus::Interrupted);
             }
         }
-        let _ = self.registry.set_status(&entry.id, status, !interrupted);
+        // The journal says how the run ended; the registry only learns it when the next
+        // daemon looks (one write less per run).
         entry.finish(outcome, status);
         self.active.fetch_sub(1, Ordering::SeqCst);
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
@@ -553,14 +548,17 @@ impl Runs {
         }
     }
 
-    fn journal_of(&self, entry: &RunEntry) -> Option<Arc<Journal>> {
-        let journals = self.journals.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self.limits.journal.clone().or_else(|| entry.request.journal.clone()).unwrap_or_else(|| {
-            let project =
-                entry.request.project.clone().or_else(|| entry.request.manifest.parent().map(Path::to_path_buf));
+    /// Where a run of `request` is journaled: the daemon's `--journal`, else the request's,
+    /// else its project's.
+    fn journal_path(&self, request: &SubmitRun) -> PathBuf {
+        self.limits.journal.clone().or_else(|| request.journal.clone()).unwrap_or_else(|| {
+            let project = request.project.clone().or_else(|| request.manifest.parent().map(Path::to_path_buf));
             project.unwrap_or_default().join(".capsule/journal.db")
-        });
-        journals.get(&path).cloned()
+        })
+    }
+
+    fn journal_of(&self, entry: &RunEntry) -> Option<Arc<Journal>> {
+        self.journal(&self.journal_path(&entry.request)).ok()
     }
 
     /// Stops a run and every sub-task under it; answers once it has ended (or after `wait`).
@@ -605,6 +603,11 @@ impl Runs {
             }
         };
         for run in unfinished {
+            let ended = self.journal(&self.journal_path(&run.request)).ok().and_then(|j| j.run(&run.id).ok());
+            if let Some(record) = ended.filter(|r| !matches!(r.status.as_str(), "running" | "interrupted")) {
+                let _ = self.registry.set_status(&run.id, &record.status, true);
+                continue;
+            }
             self.active.fetch_add(1, Ordering::SeqCst);
             let id = run.id.clone();
             let (ready, accepted) = tokio::sync::oneshot::channel();

@@ -129,12 +129,8 @@ pub struct PreparedRun {
 enum Body {
     /// The journal shows the whole run finished: its result, without running anything.
     Replayed(Outcome),
-    Run {
-        scope: Scope,
-        task: Box<Task>,
-        call: Call,
-        journal_run: Option<(Arc<Journal>, String)>,
-    },
+    /// The top-level call, which also records the run's end in the journal.
+    Run { scope: Scope, task: Box<Task>, call: Call },
 }
 
 impl PreparedRun {
@@ -150,22 +146,10 @@ impl PreparedRun {
 
     /// Runs it to the end in the calling task.
     pub async fn run(self) -> Outcome {
-        let (scope, task, call, journal_run) = match self.body {
-            Body::Replayed(outcome) => return outcome,
-            Body::Run { scope, task, call, journal_run } => (scope, task, call, journal_run),
-        };
-        let outcome = scope.run(&task, call, None).await;
-        if let Some((journal, run)) = journal_run {
-            let status = match outcome.error_kind() {
-                None => RunStatus::Ok,
-                Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
-                Some(_) => RunStatus::Failed,
-            };
-            if let Err(error) = journal.finish_run(&run, status) {
-                tracing::error!(%error, run, "could not record the end of the run");
-            }
+        match self.body {
+            Body::Replayed(outcome) => outcome,
+            Body::Run { scope, task, call } => scope.run(&task, call, None).await,
         }
-        outcome
     }
 
     /// Runs it on the current tokio runtime; the handle follows it.
@@ -356,7 +340,7 @@ impl Engine {
         );
         let call = orchestrator.call(args, kwargs);
         let scope = orchestrator.root(position);
-        let body = Body::Run { scope, task: Box::new(task.clone()), call, journal_run: journal.zip(run_id.clone()) };
+        let body = Body::Run { scope, task: Box::new(task.clone()), call };
         Ok(PreparedRun { run_id, task: task.name.clone(), cancel, body })
     }
 }

@@ -120,17 +120,36 @@ pub enum Entered {
     Run { id: i64 },
 }
 
+/// One attempt of a task call, as it ended.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub error: Option<Value>,
+    pub fuel: u64,
+    pub peak_memory_bytes: u64,
+    pub duration_ms: u64,
+    pub finished_at_ms: i64,
+}
+
+impl AttemptRecord {
+    pub fn now(error: Option<Value>, fuel: u64, peak_memory_bytes: u64, duration_ms: u64) -> Self {
+        Self { error, fuel, peak_memory_bytes, duration_ms, finished_at_ms: now_ms() }
+    }
+}
+
 /// How a call ended, for `complete`.
 pub struct Completion<'a> {
     pub ok: bool,
     pub result: &'a Value,
     pub error: Option<&'a Value>,
-    pub attempts: Option<u32>,
+    /// A task call's attempts, in order; none for an HTTP call.
+    pub attempts: Option<&'a [AttemptRecord]>,
     pub fuel: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
     pub duration_ms: u64,
     /// What a task call printed (its last attempt); none for HTTP calls.
     pub output: Option<(&'a str, &'a str)>,
+    /// For a run's top-level call: the run, and how it ended.
+    pub run_ended: Option<(&'a str, RunStatus)>,
 }
 
 pub struct Journal {
@@ -236,18 +255,9 @@ impl Journal {
         Ok((id, call))
     }
 
-    /// Records how a run ended. Calls still running then were abandoned with it (spawned
-    /// sub-tasks nobody waited for, or everything of a stopped run): they are marked so.
+    /// Records how a run ended (see [`end_run`]).
     pub fn finish_run(&self, id: &str, status: RunStatus) -> Result<(), JournalError> {
-        self.atomically(|c| {
-            execute(
-                c,
-                "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
-                params![id, status.as_str(), now_ms()],
-            )?;
-            execute(c, "UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])
-        })
-        .map(drop)
+        self.atomically(|c| end_run(c, id, status))
     }
 
     /// Marks a run as running again (it is being resumed).
@@ -365,40 +375,10 @@ impl Journal {
         }
     }
 
-    /// Records one attempt of a task call, as it ends.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_attempt(
-        &self,
-        call: i64,
-        attempt: u32,
-        error: Option<&Value>,
-        fuel: u64,
-        peak_memory_bytes: u64,
-        duration_ms: u64,
-    ) -> Result<(), JournalError> {
-        self.with(|c| {
-            execute(
-                c,
-                "INSERT INTO attempts (call_id, attempt, status, error, fuel, peak_memory, duration_ms, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    call,
-                    attempt,
-                    if error.is_none() { "ok" } else { "failed" },
-                    error.map(Value::to_string),
-                    fuel as i64,
-                    peak_memory_bytes as i64,
-                    duration_ms as i64,
-                    now_ms(),
-                ],
-            )
-        })
-        .map(drop)
-    }
-
-    /// Records how a call ended; committed before the result goes back to the caller.
+    /// Records how a call ended, with its attempts, and for a run's top-level call how the
+    /// run ended: one transaction, committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
-        self.with(|c| {
+        self.atomically(|c| {
             execute(
                 c,
                 "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8,
@@ -408,16 +388,36 @@ impl Journal {
                     if how.ok { "ok" } else { "failed" },
                     how.result.to_string(),
                     how.error.map(Value::to_string),
-                    how.attempts,
+                    how.attempts.map(|a| a.len() as u32),
                     how.fuel.map(|v| v as i64),
                     how.peak_memory_bytes.map(|v| v as i64),
                     how.duration_ms as i64,
                     how.output.map(|o| o.0),
                     how.output.map(|o| o.1),
                 ],
-            )
+            )?;
+            for (number, attempt) in how.attempts.unwrap_or_default().iter().enumerate() {
+                execute(
+                    c,
+                    "INSERT INTO attempts (call_id, attempt, status, error, fuel, peak_memory, duration_ms, finished_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        id,
+                        number as u32 + 1,
+                        if attempt.error.is_none() { "ok" } else { "failed" },
+                        attempt.error.as_ref().map(Value::to_string),
+                        attempt.fuel as i64,
+                        attempt.peak_memory_bytes as i64,
+                        attempt.duration_ms as i64,
+                        attempt.finished_at_ms,
+                    ],
+                )?;
+            }
+            if let Some((run, status)) = how.run_ended {
+                end_run(c, run, status)?;
+            }
+            Ok(())
         })
-        .map(drop)
     }
 }
 
@@ -464,6 +464,14 @@ fn run_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         started_at_ms: row.get(7)?,
         finished_at_ms: row.get(8)?,
     })
+}
+
+/// Records how a run ended. Calls still running then were abandoned with it (spawned
+/// sub-tasks nobody waited for, or everything of a stopped run): they are marked so.
+fn end_run(c: &Connection, id: &str, status: RunStatus) -> rusqlite::Result<()> {
+    execute(c, "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status.as_str(), now_ms()])?;
+    execute(c, "UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])?;
+    Ok(())
 }
 
 /// Enters a call as running; its row id.
@@ -519,15 +527,17 @@ mod tests {
         );
         let step = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap();
         let Entered::Run { id } = step else { panic!() };
+        let attempts = [AttemptRecord::now(None, 7, 0, 3)];
         let done = Completion {
             ok: true,
             result: &json!(42),
             error: None,
-            attempts: Some(1),
+            attempts: Some(&attempts),
             fuel: Some(7),
             peak_memory_bytes: None,
             duration_ms: 3,
             output: Some(("printed\n", "")),
+            run_ended: None,
         };
         journal.complete(id, &done).unwrap();
 
@@ -536,7 +546,6 @@ mod tests {
             journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap(),
             Entered::Replay { id, result: json!(42) }
         );
-        journal.record_attempt(id, 1, None, 7, 0, 3).unwrap();
         // Different arguments at the same position: diverged.
         let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([2]))).unwrap_err();
         assert!(error.to_string().contains("workflow diverged at step 1"), "{error}");

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::cancel::Cancel;
 use crate::events::{CallId, Event, EventSink};
 use crate::host::{BoxFuture, HostCalls};
-use crate::journal::{Completion, Entered, JournalError, Position, hash_json};
+use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, RunStatus, hash_json};
 use crate::net::{Network, without_query};
 use crate::outcome::{HttpCall, Outcome};
 use crate::run::{AttemptHosts, Call, TaskContext, run_task};
@@ -139,16 +139,10 @@ impl Scope {
             task: Cow::Borrowed(&task.name),
             depth: self.depth,
         });
-        let context = TaskContext {
-            call: self.call,
-            events,
-            cancel: &orchestrator.cancel,
-            journal: self.journal.as_ref(),
-            hosts: &self,
-        };
-        let mut outcome = run_task(&orchestrator.program, task, call, &context).await;
+        let context = TaskContext { call: self.call, events, cancel: &orchestrator.cancel, hosts: &self };
+        let (mut outcome, attempts) = run_task(&orchestrator.program, task, call, &context).await;
         if let Some(position) = &self.journal
-            && let Err(error) = complete_task(position, &outcome)
+            && let Err(error) = complete_task(position, &outcome, &attempts, self.depth == 0)
         {
             outcome = unrecorded(outcome, &error);
         }
@@ -171,18 +165,30 @@ impl AttemptHosts for Scope {
     }
 }
 
-/// Records how a task call ended, before its result goes anywhere.
-fn complete_task(position: &Position, outcome: &Outcome) -> Result<(), JournalError> {
+/// Records how a task call ended, with its attempts (and, for the top-level call, how the run
+/// ended), before its result goes anywhere.
+fn complete_task(
+    position: &Position,
+    outcome: &Outcome,
+    attempts: &[AttemptRecord],
+    top_level: bool,
+) -> Result<(), JournalError> {
     let error = outcome.error.as_ref().map(|e| serde_json::to_value(e).expect("errors serialise"));
+    let run_status = match outcome.error_kind() {
+        None => RunStatus::Ok,
+        Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
+        Some(_) => RunStatus::Failed,
+    };
     let how = Completion {
         ok: outcome.success,
         result: &outcome.result,
         error: error.as_ref(),
-        attempts: Some(outcome.execution.attempts),
+        attempts: Some(attempts),
         fuel: Some(outcome.execution.fuel_consumed),
         peak_memory_bytes: Some(outcome.execution.peak_memory_bytes),
         duration_ms: outcome.execution.duration_ms,
         output: Some((&outcome.output.stdout.text, &outcome.output.stderr.text)),
+        run_ended: top_level.then_some((&*position.run, run_status)),
     };
     position.journal.complete(position.call, &how)
 }
@@ -288,6 +294,7 @@ impl AttemptHost {
                 peak_memory_bytes: None,
                 duration_ms,
                 output: None,
+                run_ended: None,
             };
             if let Err(error) = row.journal.complete(row.call, &how) {
                 return refused(ErrorKind::Host, format!("the response could not be recorded in the journal: {error}"));

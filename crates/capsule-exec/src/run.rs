@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::cancel::Cancel;
 use crate::events::{CallId, Event, EventSink, Stream};
 use crate::host::HostCalls;
-use crate::journal::Position;
+use crate::journal::AttemptRecord;
 use crate::outcome::{Execution, Outcome, Output, duration_ms, is_retryable};
 use crate::output::TeeOutput;
 use crate::sandbox::{Attempt, AttemptSetup, Limits, Preopen, Program};
@@ -44,8 +44,6 @@ pub struct TaskContext<'a> {
     pub call: CallId,
     pub events: &'a Arc<dyn EventSink>,
     pub cancel: &'a Cancel,
-    /// The call's row, when the run is journaled: each attempt is recorded there.
-    pub journal: Option<&'a Position>,
     pub hosts: &'a dyn AttemptHosts,
 }
 
@@ -114,13 +112,21 @@ fn rand_fraction() -> f64 {
     (RandomState::new().hash_one(Instant::now()) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Runs `task` with retries and reports everything that happened.
-pub async fn run_task(program: &Program, task: &Task, call: Call, context: &TaskContext<'_>) -> Outcome {
+/// Runs `task` with retries and reports everything that happened, with a record of each
+/// attempt for the journal.
+pub async fn run_task(
+    program: &Program,
+    task: &Task,
+    call: Call,
+    context: &TaskContext<'_>,
+) -> (Outcome, Vec<AttemptRecord>) {
     let started = Instant::now();
     let limits = limits_of(task, call.default_timeout);
     let dirs = match preopens_of(task, call.project_root.as_deref()) {
         Ok(dirs) => dirs,
-        Err(message) => return Outcome::without_attempts(&task.name, Err(GuestError::new(ErrorKind::Host, message))),
+        Err(message) => {
+            return (Outcome::without_attempts(&task.name, Err(GuestError::new(ErrorKind::Host, message))), Vec::new());
+        }
     };
     let mut request = InvokeRequest {
         task: task.name.clone(),
@@ -138,6 +144,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, context: &Task
         attempt_errors: Vec::new(),
         host_requests: Vec::new(),
     };
+    let mut records = Vec::new();
     loop {
         execution.attempts += 1;
         request.attempt = execution.attempts;
@@ -155,21 +162,8 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, context: &Task
         execution.fuel_consumed = execution.fuel_consumed.saturating_add(fuel_consumed);
         execution.peak_memory_bytes = execution.peak_memory_bytes.max(peak_memory_bytes);
         let mut result = result;
-        if let Some(position) = context.journal {
-            let error = result.as_ref().err().map(|e| serde_json::to_value(e).expect("errors serialise"));
-            let recorded = position.journal.record_attempt(
-                position.call,
-                execution.attempts,
-                error.as_ref(),
-                fuel_consumed,
-                peak_memory_bytes,
-                duration_ms(duration),
-            );
-            if let Err(error) = recorded {
-                // Fail closed: nothing goes back unrecorded.
-                result = Err(GuestError::new(ErrorKind::Host, format!("could not record the attempt: {error}")));
-            }
-        }
+        let error = result.as_ref().err().map(|e| serde_json::to_value(e).expect("errors serialise"));
+        records.push(AttemptRecord::now(error, fuel_consumed, peak_memory_bytes, duration_ms(duration)));
         let mut retrying = false;
         if let Err(error) = &result {
             retrying = is_retryable(error.kind) && execution.attempts <= task.options.max_retries;
@@ -195,7 +189,7 @@ pub async fn run_task(program: &Program, task: &Task, call: Call, context: &Task
             Ok(value) => (true, value, None),
             Err(error) => (false, Value::Null, Some(error)),
         };
-        return Outcome { success, result, error, execution, output: Output { stdout, stderr } };
+        return (Outcome { success, result, error, execution, output: Output { stdout, stderr } }, records);
     }
 }
 

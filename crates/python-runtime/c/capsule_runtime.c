@@ -211,8 +211,8 @@ EXPORT("capsule_initialize") void capsule_initialize(void) {
     if (PyImport_AppendInittab("_capsule", init_capsule_module) < 0)
         fatal_status("registering `_capsule`", PyStatus_Error("PyImport_AppendInittab failed"));
     start_interpreter();
-    runtime_module = PyImport_ImportModule("capsule._runtime");
-    if (runtime_module == NULL) fatal_python_error("importing capsule._runtime");
+    runtime_module = PyImport_ImportModule("_capsule_dispatch");
+    if (runtime_module == NULL) fatal_python_error("importing _capsule_dispatch");
     PyObject *failure = call_runtime("initialize", NULL);
     if (failure == NULL) fatal_python_error("initialising the user module");
     if (failure != Py_None) {

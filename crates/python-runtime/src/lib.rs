@@ -11,13 +11,24 @@ use serde_json::Value;
 /// File name of the built runtime module.
 pub const RUNTIME_FILE: &str = "capsule-python.wasm";
 
-/// Environment variable naming a runtime module to use instead of the workspace's build.
+/// Environment variable naming a runtime module to use instead of the installed one.
 pub const RUNTIME_ENV: &str = "CAPSULE_RUNTIME";
 
-/// Where the runtime is: `$CAPSULE_RUNTIME`, else the one `cargo xtask build-runtime` wrote.
+/// Where an installation keeps the runtime, relative to the folder of the `capsule` binary
+/// (`<prefix>/bin/capsule` and `<prefix>/share/capsule/capsule-python.wasm`: the wheel, the
+/// tarball, `cargo xtask install`). A `capsule-python.wasm.sha256` beside it is checked.
+pub const INSTALLED_RUNTIME: &str = "../share/capsule/capsule-python.wasm";
+
+/// Where the runtime is: `$CAPSULE_RUNTIME`; else the one installed beside the running
+/// binary; else, for a binary built in this checkout, the one `cargo xtask build-runtime`
+/// wrote there.
 pub fn runtime_path() -> PathBuf {
     if let Some(path) = std::env::var_os(RUNTIME_ENV) {
         return PathBuf::from(path);
+    }
+    let installed = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(INSTALLED_RUNTIME)));
+    if let Some(installed) = installed.filter(|path| path.is_file()) {
+        return installed;
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")), PathBuf::from);

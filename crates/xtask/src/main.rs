@@ -1,9 +1,12 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+mod dist;
 mod peers;
 mod runtime;
 mod toolchain;
 mod util;
+mod venv;
+mod wheel_test;
 
 use std::process::Command;
 
@@ -33,6 +36,23 @@ enum Task {
     },
     /// Rebuild the runtime in another directory and check the result is byte-identical.
     CheckReproducible,
+    /// Build the Python wheel and the tar.gz of the commands and runtime (target/dist/).
+    Dist {
+        /// Release binaries (published), or the debug build (quick, for testing the packaging).
+        #[arg(long, value_enum, default_value = "release")]
+        profile: dist::Profile,
+        /// Build twice and check the wheel and tarball come out byte-identical.
+        #[arg(long)]
+        check_reproducible: bool,
+    },
+    /// `cargo install` the commands into ROOT/bin and the runtime into ROOT/share/capsule/.
+    Install {
+        #[arg(long, value_name = "ROOT")]
+        root: std::path::PathBuf,
+    },
+    /// Install the wheel in a fresh virtual environment outside the checkout and use it as a
+    /// new user would (the CLI, `capsule.run`, the SDK's tests, `cargo install`).
+    TestWheel,
     /// Measure Capsule against native `python3` (see BENCHMARKS.md).
     Bench {
         /// One iteration of everything: checks the benchmark still runs, measures nothing.
@@ -50,8 +70,27 @@ fn main() -> Result<()> {
         Task::Ci => ci(),
         Task::BuildRuntime { force } => runtime::build_runtime(force).map(drop),
         Task::CheckReproducible => runtime::check_reproducible(),
+        Task::Dist { profile, check_reproducible } => make_dist(profile, check_reproducible),
+        Task::Install { root } => dist::install(&root),
+        Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
         Task::Bench { quick, write } => bench(quick, write),
     }
+}
+
+fn make_dist(profile: dist::Profile, check_reproducible: bool) -> Result<()> {
+    let first = dist::dist(profile)?;
+    if check_reproducible {
+        let hashes = |d: &dist::Dist| -> Result<(String, String)> {
+            Ok((util::sha256_file(&d.wheel)?, util::sha256_file(&d.tarball)?))
+        };
+        let before = hashes(&first)?;
+        let again = dist::dist(profile)?;
+        if hashes(&again)? != before {
+            bail!("two `dist` runs made different wheels or tarballs");
+        }
+        eprintln!("xtask: dist is reproducible (wheel {}, tarball {})", before.0, before.1);
+    }
+    Ok(())
 }
 
 fn cargo() -> Command {
@@ -77,10 +116,9 @@ fn ci() -> Result<()> {
     runtime::build_runtime(false)?;
     runtime::check_reproducible()?;
     check_exec_has_no_compiler()?;
-    // The CLI tests of `capsule` also run `capsule-exec`, which cargo only builds for its own
-    // package's tests: build every binary first.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    // What a new user installs, used as a new user would.
+    wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)?;
     // Last, so its output does not hide the tests' summary lines.
     bench(true, false)
 }
@@ -109,6 +147,13 @@ fn bench(quick: bool, write: bool) -> Result<()> {
         command.arg("--venv").arg(peers::bench_venv()?);
     }
     run(&mut command)?;
+    if !quick {
+        // What installing costs a user: the wheel's size, `pip install` and the first run.
+        let rows = wheel_test::install_figures(&dist::dist(dist::Profile::Release)?.wheel)?;
+        let mut report = std::fs::read_to_string(&report_file)?;
+        report.push_str(&rows);
+        std::fs::write(&report_file, report)?;
+    }
     if write {
         let path = workspace_root().join("BENCHMARKS.md");
         let text = std::fs::read_to_string(&path)?;

@@ -46,6 +46,9 @@ pub struct DaemonCommand {
     /// On SIGTERM, how long running runs may go on before they are stopped (and resumed by the next daemon).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::run_args::parse_duration)]
     grace: Duration,
+    /// Shut down when the process PID ends (for a daemon started by one program, e.g. the Python SDK).
+    #[arg(long, value_name = "PID")]
+    exit_with: Option<u32>,
     /// Start in the background and return once it answers; its log goes to `daemon.log` in the state folder.
     #[arg(long)]
     detach: bool,
@@ -98,6 +101,7 @@ impl DaemonCommand {
             state_dir: absolute(self.state_dir.clone().unwrap_or_else(default_state_dir)),
             resume: !self.no_resume,
             grace: self.grace,
+            exit_with: self.exit_with,
         })
     }
 }

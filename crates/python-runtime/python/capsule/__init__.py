@@ -1,11 +1,53 @@
 """Capsule: run Python functions marked `@task` in WebAssembly sandboxes.
 
-Inside `capsule run` or `capsule-exec` each task runs in its own sandbox with the limits given
-to `@task`. Under a plain Python interpreter (for example in your unit tests) a task is an
-ordinary function call, so the same code can be tested with pytest.
+Write tasks with `@task` (and `http`, `gather`, `attempt`, `TaskError`). Inside Capsule each
+task runs in its own sandbox with the limits given to `@task`; under a plain Python
+interpreter (for example in your unit tests) a task is an ordinary function call.
+
+From your own Python code, `capsule.run("tasks.py", "main", args=[...])` runs a task in its
+sandbox and returns a `Result` (`await capsule.run_async(...)` for asyncio); `capsule.build`
+builds a file. These talk to the Capsule daemon (started for you when none is running).
 """
 
 from capsule._context import attempt
 from capsule._task import TASK_OPTIONS, Handle, Task, TaskError, gather, registered_tasks, task
 
-__all__ = ["TASK_OPTIONS", "Handle", "Task", "TaskError", "attempt", "gather", "registered_tasks", "task"]
+# Type checkers see the host API here; at run time it loads on first use (`__getattr__`), and
+# `typing` itself is not imported (it would weigh on every task's snapshot).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from capsule import http
+    from capsule._host import (
+        BuildError, CapsuleError, DaemonError, ErrorInfo, Execution, Manifest, Output, Result, TaskFailed,
+        UsageError, build, run, run_async,
+    )
+
+# The host API is imported on first use: a task inside the sandbox never needs it.
+_HOST_API = (
+    "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
+    "Result", "TaskFailed", "UsageError", "build", "run", "run_async",
+)
+
+__all__ = [
+    "TASK_OPTIONS", "Handle", "Task", "TaskError", "attempt", "gather", "http", "registered_tasks", "task",
+    *_HOST_API,
+]
+
+
+def __getattr__(name):
+    if name in _HOST_API:
+        from capsule import _host
+
+        return getattr(_host, name)
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("capsule-sandbox")
+        except PackageNotFoundError:
+            return None
+    raise AttributeError(f"module 'capsule' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

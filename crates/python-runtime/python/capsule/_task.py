@@ -13,7 +13,7 @@ TASK_OPTIONS = (
 
 _registry = {}
 
-# Inside the sandbox, `capsule._runtime` sets this to the host's sub-task interface; under
+# Inside the sandbox, `_capsule_dispatch` sets this to the host's sub-task interface; under
 # plain Python it stays None and tasks are ordinary function calls.
 _host = None
 _NOT_YET = object()

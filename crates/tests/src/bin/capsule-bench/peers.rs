@@ -35,11 +35,22 @@ impl Peers {
 
     /// The reference implementation's `capsule` command, run as from its activated venv.
     pub fn reference_cli(&self, project: &Path) -> Option<Command> {
-        let bin = self.bin("capsule")?;
-        let venv = self.venv.as_ref()?;
-        let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
-        let mut command = Command::new(bin);
-        command.current_dir(project).env("PATH", path).env("VIRTUAL_ENV", venv);
+        let mut command = self.in_venv(Command::new(self.bin("capsule")?));
+        command.current_dir(project);
         Some(command)
+    }
+
+    /// The venv's Python, with the peers importable.
+    pub fn python(&self) -> Option<Command> {
+        self.bin("python").map(Command::new)
+    }
+
+    /// `command` as from the activated venv (its tools first on PATH).
+    pub fn in_venv(&self, mut command: Command) -> Command {
+        if let Some(venv) = &self.venv {
+            let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+            command.env("PATH", path).env("VIRTUAL_ENV", venv);
+        }
+        command
     }
 }

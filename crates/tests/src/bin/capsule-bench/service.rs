@@ -61,6 +61,84 @@ async fn one_run(client: &mut Client, request: &SubmitRun) {
     assert!(finished.outcome.success, "hello failed in the daemon");
 }
 
+/// What `bench/sdk.py` printed.
+fn python_timing(mut command: Command) -> Option<serde_json::Value> {
+    let output = command.output().expect("python starts");
+    if !output.status.success() {
+        eprintln!("bench: {command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// `capsule.run("hello.py")` from a Python process, against the reference implementation's
+/// `run()` and pydantic-monty's checkout-and-run; and many `run_async` at once.
+fn sdk(
+    settings: &Settings,
+    rows: &mut Vec<Row>,
+    capsule: &Path,
+    socket: &Path,
+    project: &Path,
+    reference_project: &Path,
+    peers: &Peers,
+) {
+    let script = crate::workspace().join("crates/tests/bench/sdk.py");
+    let n = settings.count(1_000).to_string();
+    let ours = |mode: &str, count: &str| {
+        let mut command = Command::new("python3");
+        command
+            .arg(&script)
+            .args([mode, project.join("hello.py").to_str().unwrap(), count])
+            .env("PYTHONPATH", crate::workspace().join("crates/python-runtime/python"))
+            .env("CAPSULE_BIN", capsule)
+            .env("CAPSULE_SOCKET", socket);
+        python_timing(command)
+    };
+    let ms_of = |v: &serde_json::Value| Duration::from_secs_f64(v["p50_ms"].as_f64().unwrap() / 1e3);
+    let Some(ours_p50) = ours("capsule", &n).as_ref().map(ms_of) else { return };
+    let reference = peers.python().and_then(|mut python| {
+        python
+            .arg(&script)
+            .args(["reference", reference_project.join("hello.py").to_str().unwrap(), &settings.count(200).to_string()])
+            .current_dir(reference_project);
+        python_timing(peers.in_venv(python))
+    });
+    let (baseline, ratio) = match reference.as_ref().map(ms_of) {
+        Some(p50) => {
+            (format!("{} (reference `await capsule.run()`)", ms(p50)), Some(ours_p50.as_secs_f64() / p50.as_secs_f64()))
+        }
+        None => (peers.missing("capsule-run"), None),
+    };
+    rows.push(row("`capsule.run(\"hello.py\")` from Python, warm, p50", ms(ours_p50), baseline, ratio, "<= 0.2x"));
+    let monty = peers.python().and_then(|mut python| {
+        python.arg(&script).args(["monty", "-", &n]);
+        python_timing(python)
+    });
+    let (baseline, ratio) = match monty.as_ref().map(ms_of) {
+        Some(p50) => {
+            (format!("{} (pydantic-monty checkout and run)", ms(p50)), Some(ours_p50.as_secs_f64() / p50.as_secs_f64()))
+        }
+        None => (peers.missing("pydantic-monty"), None),
+    };
+    rows.push(row(
+        "`capsule.run(\"hello.py\")` against a small interpreter's pool",
+        ms(ours_p50),
+        baseline,
+        ratio,
+        "<= 1.0x",
+    ));
+    let many = settings.count(1_000);
+    if let Some(done) = ours("async", &many.to_string()) {
+        rows.push(row(
+            &format!("{many} concurrent `capsule.run_async` calls"),
+            format!("{} of {many} completed in {:.2} s", done["completed"], done["seconds"].as_f64().unwrap_or(0.0)),
+            String::new(),
+            None,
+            "all complete",
+        ));
+    }
+}
+
 /// `project` holds `hello.py`, built; `invoke_p50` is the in-process invoke of the same task.
 pub fn measure(
     settings: &Settings,
@@ -152,6 +230,8 @@ pub fn measure(
         None,
         ">= 3,000/s",
     ));
+
+    sdk(settings, rows, capsule, &daemon.socket, project, &reference_project, peers);
 
     // The daemon's memory over many runs.
     let (warm_up, many) = if settings.quick { (50, 200) } else { (10_000, 100_000) };

@@ -1,4 +1,5 @@
-"""The dispatcher inside the sandbox; the C runtime calls these functions.
+"""The dispatcher inside the sandbox; the C runtime calls these functions. Users never import
+it, and it is not part of the `capsule` package that Python installs.
 
 Not for use outside the sandbox: it relies on the in-memory importer (`_capsule_bootstrap`).
 """

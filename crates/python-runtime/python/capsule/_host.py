@@ -1,0 +1,593 @@
+"""Running tasks from your own Python process: `capsule.run`, `capsule.run_async`, `capsule.build`.
+
+A run goes to the Capsule daemon over its Unix socket (`CAPSULE_SOCKET`, else
+`$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`). When none answers, a
+private daemon is started for this process; it stops when the process exits (or dies). The
+file is built first if it changed, by the `capsule` command installed with this package; an
+unchanged build is recognised from its `fingerprint.json` without starting any process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
+    "Result", "TaskFailed", "UsageError", "build", "run", "run_async",
+]
+
+
+class CapsuleError(Exception):
+    """Something went wrong before or around a task (not in it: see `Result.error`)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message}\n  hint: {self.hint}"
+
+
+class BuildError(CapsuleError):
+    """The file could not be built, or its artifact not loaded (as `capsule build` says)."""
+
+
+class UsageError(CapsuleError, ValueError):
+    """The call asked for something that is not there: an unknown task, arguments that are not JSON."""
+
+
+class DaemonError(CapsuleError):
+    """The daemon could not be started or reached, or broke off."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a task failed: `type` is `exception`, `timeout`, `fuel`, `memory`, `host`,
+    `invalid_input` or `cancelled`."""
+
+    type: str
+    message: str
+    exc_type: str = ""
+    traceback: str = ""
+
+    @classmethod
+    def _from(cls, error: Mapping[str, Any]) -> ErrorInfo:
+        return cls(error["type"], error.get("message", ""), error.get("exc_type", ""), error.get("traceback", ""))
+
+
+class TaskFailed(CapsuleError):
+    """Raised by `Result.unwrap()` when the task failed."""
+
+    def __init__(self, result: Result):
+        error = result.error
+        assert error is not None
+        what = f"{error.exc_type}: {error.message}" if error.exc_type else error.message
+        super().__init__(f"task `{result.execution.task}` failed ({error.type}): {what}")
+        self.result = result
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Execution:
+    task: str
+    duration_ms: int
+    attempts: int
+    fuel_consumed: int
+    peak_memory_bytes: int
+    attempt_errors: tuple[ErrorInfo, ...] = ()
+    host_requests: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Output:
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run did: the same envelope as `capsule run --json`."""
+
+    success: bool
+    result: Any
+    error: ErrorInfo | None
+    execution: Execution
+    output: Output
+    run_id: str | None = None
+
+    def unwrap(self) -> Any:
+        """The task's result, or `TaskFailed` if it failed."""
+        if not self.success:
+            raise TaskFailed(self)
+        return self.result
+
+    @classmethod
+    def _from(cls, envelope: Mapping[str, Any], run_id: str | None) -> Result:
+        execution = envelope["execution"]
+        output = envelope["output"]
+        return cls(
+            success=envelope["success"],
+            result=envelope["result"],
+            error=ErrorInfo._from(envelope["error"]) if envelope.get("error") else None,
+            execution=Execution(
+                task=execution["task"],
+                duration_ms=execution["duration_ms"],
+                attempts=execution["attempts"],
+                fuel_consumed=execution["fuel_consumed"],
+                peak_memory_bytes=execution["peak_memory_bytes"],
+                attempt_errors=tuple(ErrorInfo._from(e) for e in execution.get("attempt_errors", ())),
+                host_requests=tuple(execution.get("host_requests", ())),
+            ),
+            output=Output(
+                stdout=output["stdout"]["text"],
+                stderr=output["stderr"]["text"],
+                stdout_truncated=output["stdout"]["truncated"],
+                stderr_truncated=output["stderr"]["truncated"],
+            ),
+            run_id=run_id,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A build: its `manifest.toml` and what it says."""
+
+    path: pathlib.Path
+    tasks: tuple[str, ...]
+    sha256: str
+    source: str
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> Manifest:
+        import tomllib
+
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+        tasks = data.get("tasks", [])
+        return cls(
+            path=path,
+            tasks=tuple(t["name"] for t in tasks),
+            sha256=data["artifact"]["sha256"],
+            source=data["artifact"]["source"],
+            options={t["name"]: t.get("options", {}) for t in tasks},
+        )
+
+
+# --- Finding things -------------------------------------------------------------------------
+
+
+def _capsule_command() -> str:
+    """The `capsule` command: `$CAPSULE_BIN`, the one installed with this package, or on PATH."""
+    explicit = os.environ.get("CAPSULE_BIN")
+    if explicit:
+        return explicit
+    beside = pathlib.Path(sysconfig.get_path("scripts")) / "capsule"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("capsule")
+    if found:
+        return found
+    raise DaemonError(
+        "cannot find the `capsule` command",
+        "install Capsule's wheel (`pip install capsule-...whl`), or set CAPSULE_BIN",
+    )
+
+
+def _default_socket() -> pathlib.Path:
+    if os.environ.get("CAPSULE_SOCKET"):
+        return pathlib.Path(os.environ["CAPSULE_SOCKET"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return pathlib.Path(os.environ["XDG_RUNTIME_DIR"]) / "capsule" / "daemon.sock"
+    return pathlib.Path.home() / ".capsule" / "daemon.sock"
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+_fingerprints: dict[str, tuple[list[int] | None, Any]] = {}
+
+
+def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
+    """The manifest in `out_dir` if its build's `fingerprint.json` still holds (see
+    `capsule-build`'s `fingerprint.rs`: every file with the same size and times, every absent
+    file still absent). The file is read again only when it changed."""
+    path = os.path.join(out_dir, "fingerprint.json")
+    stamp = _stamp(path)
+    known = _fingerprints.get(path)
+    if known is None or known[0] != stamp:
+        try:
+            with open(path, "rb") as file:
+                known = _fingerprints[path] = (stamp, json.load(file))
+        except (OSError, ValueError):
+            return None
+    fingerprint = known[1]
+    if fingerprint.get("version") != 1:
+        return None
+    for file, file_stamp in fingerprint["files"]:
+        if _stamp(file) != file_stamp:
+            return None
+    if any(os.path.exists(file) for file in fingerprint["absent"]):
+        return None
+    manifest = os.path.join(out_dir, "manifest.toml")
+    return pathlib.Path(manifest) if os.path.exists(manifest) else None
+
+
+def _problem(stderr: str) -> tuple[str, str | None]:
+    """The first `error:` of a command's output and its hint, as the CLI printed them."""
+    message, hint = None, None
+    for line in stderr.splitlines():
+        if line.startswith("error: ") and message is None:
+            message = line[len("error: "):]
+        elif line.startswith("  hint: ") and message is not None and hint is None:
+            hint = line[len("  hint: "):]
+    return message or stderr.strip() or "failed", hint
+
+
+_building: dict[pathlib.Path, threading.Lock] = {}
+_building_lock = threading.Lock()
+
+
+def _build(entry: pathlib.Path, force: bool = False) -> pathlib.Path:
+    """Builds `entry` with the `capsule` command; its manifest. Threads of this process that
+    want the same build wait for one of them (and `capsule build` itself takes turns)."""
+    out_dir = entry.parent / ".capsule" / "build" / entry.stem
+    if not force:
+        manifest = _up_to_date(out_dir)
+        if manifest is not None:
+            return manifest
+    with _building_lock:
+        turn = _building.setdefault(out_dir, threading.Lock())
+    with turn:
+        if not force:
+            manifest = _up_to_date(out_dir)
+            if manifest is not None:
+                return manifest
+        command = [_capsule_command(), "build", str(entry), "-o", str(out_dir)] + (["--force"] if force else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(*_problem(done.stderr))
+    return out_dir / "manifest.toml"
+
+
+def _source(file_or_manifest: str | os.PathLike[str], project: str | os.PathLike[str] | None) -> pathlib.Path:
+    path = pathlib.Path(file_or_manifest)
+    if not path.is_absolute():
+        path = pathlib.Path(project or os.getcwd()) / path
+    return pathlib.Path(os.path.abspath(path))
+
+
+def build(file: str | os.PathLike[str], *, project: str | os.PathLike[str] | None = None, force: bool = False) -> Manifest:
+    """Build `file` (cached, like `capsule build`) and return its manifest."""
+    return Manifest.load(_build(_source(file, project), force))
+
+
+# --- The daemon -----------------------------------------------------------------------------
+
+
+class _PrivateDaemon:
+    """A daemon started for this process when none answers; it ends with the process."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="capsule-")
+        self.socket = pathlib.Path(self.dir) / "daemon.sock"
+        self.process = subprocess.Popen(
+            [_capsule_command(), "daemon", "--socket", str(self.socket), "--state-dir", os.path.join(self.dir, "state"),
+             "--no-resume", "--exit-with", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not _answers(self.socket):
+            if self.process.poll() is not None:
+                message, hint = _problem(self.process.stderr.read().decode(errors="replace"))
+                raise DaemonError(f"the daemon did not start: {message}", hint)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DaemonError("the daemon did not start within 30 s")
+            time.sleep(0.01)
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(path: pathlib.Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+_lock = threading.Lock()
+_private: _PrivateDaemon | None = None
+_chosen: tuple[int, pathlib.Path] | None = None
+
+
+def _daemon_socket(fresh: bool = False) -> pathlib.Path:
+    """The socket of the daemon to use: the user's if it answers, else this process's own
+    (started now). Chosen once per process; `fresh` chooses again (the last one failed)."""
+    global _private, _chosen
+    with _lock:
+        # After a fork, the child chooses (and if need be starts) a daemon of its own.
+        if _chosen is not None and _chosen[0] == os.getpid() and not fresh:
+            return _chosen[1]
+        shared = _default_socket()
+        if _answers(shared):
+            path = shared
+        else:
+            if _private is None or _private.process.poll() is not None or _chosen is None or _chosen[0] != os.getpid():
+                _private = _PrivateDaemon()
+            path = _private.socket
+        _chosen = (os.getpid(), path)
+        return path
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to the daemon, with the few requests the SDK makes."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def request(self, method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
+        self.sock.settimeout(timeout)
+        head = f"{method} {route} HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body or b'')}\r\n\r\n"
+        self.sock.sendall(head.encode() + (body or b""))
+        status = int(self.file.readline().split()[1])
+        length = 0
+        while True:
+            line = self.file.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, self.file.read(length)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+_local = threading.local()
+
+
+def _exchange(method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
+    """A request on this thread's connection to the daemon, reconnecting once if it was closed."""
+    path = _daemon_socket()
+    for attempt in (1, 2):
+        connection = getattr(_local, "connection", None)
+        try:
+            if connection is None or connection.path != path:
+                connection = _local.connection = _Connection(path)
+            return connection.request(method, route, body, timeout)
+        except (OSError, ValueError, IndexError) as error:
+            if connection is not None:
+                connection.close()
+            _local.connection = None
+            if isinstance(error, TimeoutError) or attempt == 2:
+                raise DaemonError(f"the daemon on `{path}` did not answer: {error}") from error
+            path = _daemon_socket(fresh=True)
+    raise AssertionError("unreachable")
+
+
+# --- Runs -----------------------------------------------------------------------------------
+
+
+def _request(
+    file_or_manifest: str | os.PathLike[str],
+    task: str | None,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    timeout: float | None,
+    project: str | os.PathLike[str] | None,
+    json_args: str | None,
+) -> tuple[pathlib.Path, dict[str, Any]]:
+    source = _source(file_or_manifest, project)
+    if json_args is not None:
+        if args:
+            raise UsageError("give the arguments as `args` or as `json_args`, not both")
+        try:
+            args = json.loads(json_args)
+        except ValueError as error:
+            raise UsageError(f"`json_args` is not valid JSON: {error}") from None
+        if not isinstance(args, list):
+            raise UsageError("`json_args` must be a JSON array", "e.g. json_args='[1, \"two\"]'")
+    request: dict[str, Any] = {
+        "manifest": "",
+        "entry": str(source),
+        "project": str(pathlib.Path(project).resolve()) if project else str(source.parent),
+        "args": list(args),
+        "kwargs": dict(kwargs or {}),
+        "wait": True,
+        "stream": False,
+    }
+    if task is not None:
+        request["task"] = task
+    if timeout is not None:
+        request["default_timeout"] = f"{max(1, round(timeout * 1000))}ms"
+    return source, request
+
+
+def _encode(request: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(request, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
+
+
+def _answer(status: int, body: bytes) -> Result:
+    answer = json.loads(body)
+    if status == 200:
+        return Result._from(answer["outcome"], answer["run"]["id"])
+    error = answer.get("error", {})
+    kind, message, hint = error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint")
+    if kind == "load":
+        raise BuildError(message, hint)
+    if kind in ("bad_request", "not_found", "conflict", "too_large"):
+        raise UsageError(message, hint)
+    raise DaemonError(message, hint)
+
+
+def _manifest_of(source: pathlib.Path) -> pathlib.Path:
+    if source.suffix == ".toml":
+        return source
+    return _build(source)
+
+
+def run(
+    file_or_manifest: str | os.PathLike[str],
+    task: str | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    project: str | os.PathLike[str] | None = None,
+    json_args: str | None = None,
+) -> Result:
+    """Run `task` (default: `main`, else the only task) of a Python file or a built
+    `manifest.toml`, in its sandbox, and return its `Result`.
+
+    The file is built first when it changed. `timeout` (seconds) is the deadline of each
+    attempt for tasks that set none. A failing task gives a `Result` with `error`
+    (`.unwrap()` raises `TaskFailed`); a failing build raises `BuildError`, an unknown task or
+    arguments that are not JSON `UsageError`, an unreachable daemon `DaemonError`.
+    """
+    _refuse_inside_a_task()
+    source, request = _request(file_or_manifest, task, tuple(args), kwargs, timeout, project, json_args)
+    request["manifest"] = str(_manifest_of(source))
+    wait = None if timeout is None else timeout * 2 + 60
+    status, body = _exchange("POST", "/v1/runs", _encode(request), wait)
+    try:
+        return _answer(status, body)
+    except BuildError:
+        if source.suffix == ".toml":
+            raise
+        # A build by another Capsule version (or a missing artifact): build afresh, once.
+        request["manifest"] = str(_build(source, force=True))
+        return _answer(*_exchange("POST", "/v1/runs", _encode(request), wait))
+
+
+async def run_async(
+    file_or_manifest: str | os.PathLike[str],
+    task: str | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    project: str | os.PathLike[str] | None = None,
+    json_args: str | None = None,
+) -> Result:
+    """`run`, for asyncio: many runs may be awaited at once."""
+    _refuse_inside_a_task()
+    source, request = _request(file_or_manifest, task, tuple(args), kwargs, timeout, project, json_args)
+    loop = asyncio.get_running_loop()
+    if source.suffix == ".toml":
+        request["manifest"] = str(source)
+    else:
+        out_dir = source.parent / ".capsule" / "build" / source.stem
+        manifest = _up_to_date(out_dir)
+        # Building is rare and slow: it runs in a thread so the loop is not blocked.
+        request["manifest"] = str(manifest or await loop.run_in_executor(None, _build, source))
+    body = _encode(request)
+    # Choosing may start a daemon (once): not on the loop's thread.
+    path = _chosen[1] if _chosen is not None and _chosen[0] == os.getpid() else await loop.run_in_executor(None, _daemon_socket)
+    status, answer = await _pool(path).exchange(body, None if timeout is None else timeout * 2 + 60)
+    return _answer(status, answer)
+
+
+class _AsyncPool:
+    """Keep-alive connections to the daemon for one event loop, at most `size` at once."""
+
+    def __init__(self, path: pathlib.Path, size: int = 32):
+        self.path = path
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.slots = asyncio.Semaphore(size)
+
+    async def exchange(self, body: bytes, timeout: float | None) -> tuple[int, bytes]:
+        async with self.slots:
+            for attempt in (1, 2):
+                connection = self.idle.pop() if self.idle else None
+                try:
+                    if connection is None:
+                        connection = await asyncio.open_unix_connection(str(self.path))
+                    answer = await asyncio.wait_for(self._send(*connection, body), timeout)
+                    self.idle.append(connection)
+                    return answer
+                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
+                    if connection is not None:
+                        connection[1].close()
+                    if attempt == 2:
+                        raise DaemonError(f"the daemon on `{self.path}` did not answer: {error}") from error
+                except asyncio.TimeoutError as error:
+                    if connection is not None:
+                        connection[1].close()
+                    raise DaemonError(f"the daemon on `{self.path}` did not answer in time") from error
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> tuple[int, bytes]:
+        head = f"POST /v1/runs HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await reader.readexactly(length)
+
+
+_pools: dict[tuple[int, pathlib.Path], _AsyncPool] = {}
+
+
+def _pool(path: pathlib.Path) -> _AsyncPool:
+    key = (id(asyncio.get_running_loop()), path)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = _AsyncPool(path)
+    return pool
+
+
+def _refuse_inside_a_task() -> None:
+    if "_capsule" in sys.builtin_module_names:
+        raise RuntimeError(
+            "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
+        )

@@ -1,0 +1,137 @@
+//! `cargo xtask dist`: what users install. A Python wheel per platform (maturin, bin
+//! bindings: the `capsule` and `capsule-exec` commands, the runtime under `share/capsule/`
+//! with its sha256, and the `capsule` Python package), and a `tar.gz` of the same for
+//! servers. Both reproducible: timestamps from `SOURCE_DATE_EPOCH`, files in a fixed order.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{run, sha256_file, target_dir, workspace_root};
+use crate::venv::{Missing, Venv};
+
+/// The wheel builder, pinned.
+const MATURIN: &str = "maturin==1.16.0";
+/// What every timestamp in the archives says: 1980-01-01, the earliest a zip can hold.
+const SOURCE_DATE_EPOCH: &str = "315532800";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Optimised binaries, as published.
+    Release,
+    /// The debug build the tests use: the same packaging, built in a minute (CI's wheel test).
+    Dev,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Dev => "debug",
+        }
+    }
+}
+
+/// What `dist` made.
+pub struct Dist {
+    pub wheel: PathBuf,
+    pub tarball: PathBuf,
+}
+
+pub fn dist(profile: Profile) -> Result<Dist> {
+    let runtime = crate::runtime::build_runtime(false)?;
+    let out = target_dir().join("dist").join(profile.dir());
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+
+    // The runtime, staged where pyproject.toml's `data` says: installed as `share/capsule/`.
+    let share = target_dir().join("dist/wheel-data/data/share/capsule");
+    let _ = fs::remove_dir_all(target_dir().join("dist/wheel-data"));
+    fs::create_dir_all(&share)?;
+    let runtime_sha256 = sha256_file(&runtime)?;
+    fs::copy(&runtime, share.join("capsule-python.wasm"))?;
+    fs::write(share.join("capsule-python.wasm.sha256"), format!("{runtime_sha256}  capsule-python.wasm\n"))?;
+
+    let tools = Venv::ensure("dist-tools", &[MATURIN], Missing::Fail)?;
+    let mut maturin = Command::new(tools.bin("maturin"));
+    maturin
+        .current_dir(workspace_root())
+        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
+        .args(["build", "--out"])
+        .arg(&out);
+    match profile {
+        Profile::Release => maturin.arg("--release"),
+        Profile::Dev => maturin.args(["--profile", "dev"]),
+    };
+    run(&mut maturin)?;
+    let wheel = only_file(&out, ".whl")?;
+
+    let tarball = tarball(profile, &out, &share)?;
+    for file in [&wheel, &tarball] {
+        let size = fs::metadata(file)?.len();
+        eprintln!("xtask: {} ({:.1} MB, sha256 {})", file.display(), size as f64 / 1e6, sha256_file(file)?);
+    }
+    Ok(Dist { wheel, tarball })
+}
+
+fn only_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => bail!("expected one {suffix} in {}, found {n}", dir.display()),
+    }
+}
+
+/// `capsule-<version>-linux-<arch>.tar.gz`: `bin/`, `share/capsule/`, the README and the API.
+fn tarball(profile: Profile, out: &Path, share: &Path) -> Result<PathBuf> {
+    let name = format!("capsule-{}-linux-{}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
+    let root = out.join(&name);
+    fs::create_dir_all(root.join("bin"))?;
+    fs::create_dir_all(root.join("share/capsule"))?;
+    fs::create_dir_all(root.join("docs"))?;
+    for binary in ["capsule", "capsule-exec"] {
+        let built = target_dir().join(profile.dir()).join(binary);
+        let copy = root.join("bin").join(binary);
+        fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
+        run(Command::new("strip").arg(&copy))?;
+    }
+    for file in ["capsule-python.wasm", "capsule-python.wasm.sha256"] {
+        fs::copy(share.join(file), root.join("share/capsule").join(file))?;
+    }
+    fs::copy(workspace_root().join("README.md"), root.join("README.md"))?;
+    fs::copy(workspace_root().join("docs/api.md"), root.join("docs/api.md"))?;
+    let tarball = out.join(format!("{name}.tar.gz"));
+    // Same bytes every time: sorted names, one timestamp, no owners, no gzip timestamp.
+    let script = format!(
+        "tar --sort=name --mtime=@{SOURCE_DATE_EPOCH} --owner=0 --group=0 --numeric-owner -cf - '{name}' | gzip -9 -n > '{}'",
+        tarball.display()
+    );
+    run(Command::new("sh").arg("-c").arg(script).current_dir(out))?;
+    fs::remove_dir_all(&root)?;
+    Ok(tarball)
+}
+
+/// `cargo xtask install --root DIR`: the commands into `DIR/bin`, the runtime into
+/// `DIR/share/capsule/` (where an installed `capsule` looks for it).
+pub fn install(root: &Path) -> Result<()> {
+    let runtime = crate::runtime::build_runtime(false)?;
+    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["install", "--locked", "--path", "crates/capsule-cli", "--root"])
+        .arg(root))?;
+    let share = root.join("share/capsule");
+    fs::create_dir_all(&share)?;
+    fs::copy(&runtime, share.join("capsule-python.wasm"))?;
+    fs::write(share.join("capsule-python.wasm.sha256"), format!("{}  capsule-python.wasm\n", sha256_file(&runtime)?))?;
+    eprintln!(
+        "xtask: installed `capsule` and `capsule-exec` in {}, the runtime in {}",
+        root.join("bin").display(),
+        share.display()
+    );
+    Ok(())
+}
