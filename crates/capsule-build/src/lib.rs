@@ -360,3 +360,24 @@ fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str)
     }
     Ok(())
 }
+
+/// The source of the built-in interpreter image (see [`interpreter_options`]).
+const INTERPRETER_SOURCE: &str = include_str!("interpreter.py");
+/// The image's entry file; its frames are left out of cells' tracebacks by the runtime.
+const INTERPRETER_ENTRY: &str = "capsule_python.py";
+
+/// How to build Capsule's built-in interpreter image, whose task `run_python` runs a code
+/// string like a notebook cell: once per runtime, into the cache folder, like any build (an
+/// unchanged one is found by its fingerprint). Its limits come with each call.
+pub fn interpreter_options(runtime: PathBuf) -> Result<BuildOptions, BuildError> {
+    let dir = cache_dir()
+        .ok_or_else(|| BuildError::message("no cache folder for the interpreter image: set CAPSULE_CACHE_DIR or HOME"))?
+        .join("interpreter");
+    let entry = dir.join(INTERPRETER_ENTRY);
+    if fs::read_to_string(&entry).ok().as_deref() != Some(INTERPRETER_SOURCE) {
+        fs::create_dir_all(&dir).map_err(|e| BuildError::io(format!("cannot create `{}`", dir.display()), e))?;
+        cache::write_atomic(&entry, INTERPRETER_SOURCE.as_bytes())
+            .map_err(|e| BuildError::io(format!("cannot write `{}`", entry.display()), e))?;
+    }
+    Ok(BuildOptions { entry, out_dir: Some(dir.join("build")), runtime, force: false })
+}

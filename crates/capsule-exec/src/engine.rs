@@ -21,6 +21,7 @@ use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
 use crate::run::Call;
 use crate::sandbox::Program;
+use crate::session::{Session, SessionState};
 use crate::stamp::FileStamp;
 
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
@@ -42,6 +43,10 @@ pub enum EngineError {
     ResumeWithoutJournal,
     #[error("run `{run}` ran task `{task}`, which this build no longer has")]
     ResumedTaskMissing { run: String, task: String },
+    #[error("a `ram` of {ram} bytes is below the {needed} bytes the image needs")]
+    TooLittleMemory { ram: u64, needed: u64 },
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
 }
 
 fn listed(tasks: &[String]) -> String {
@@ -63,6 +68,10 @@ impl Explain for EngineError {
             Self::NoDefaultTask { tasks } => Some(format!("choose one with `--task NAME`: {}", listed(tasks))),
             Self::ResumeWithoutJournal => Some("pass `--journal PATH`".into()),
             Self::ResumedTaskMissing { .. } => Some("start a new run of a task this build has".into()),
+            Self::TooLittleMemory { needed, .. } => {
+                Some(format!("give it at least {}MiB", needed.div_ceil(1 << 20) + 16))
+            }
+            Self::Session(error) => error.hint(),
             Self::Setup(_) | Self::Load(_) | Self::Journal(_) => None,
         }
     }
@@ -72,6 +81,8 @@ impl Explain for EngineError {
 pub struct Loaded {
     manifest: Manifest,
     program: Program,
+    /// The memory an instance starts with, for saving sessions (read once, when needed).
+    initial_memory: tokio::sync::OnceCell<Arc<Vec<u8>>>,
 }
 
 impl Loaded {
@@ -82,6 +93,20 @@ impl Loaded {
     /// Linear memory the snapshot starts with.
     pub fn initial_memory_bytes(&self) -> u64 {
         self.program.initial_memory_bytes()
+    }
+
+    pub(crate) fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The linear memory a fresh instance starts with.
+    pub(crate) async fn initial_memory(&self) -> Result<Arc<Vec<u8>>, String> {
+        let read = async {
+            let mut sandbox = self.program.instantiate_idle(u64::MAX).await.map_err(|e| e.to_string())?;
+            let memory = sandbox.memory().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(Arc::new(memory.to_vec()))
+        };
+        self.initial_memory.get_or_try_init(|| read).await.cloned()
     }
 
     /// A fresh instance that runs nothing; what one idle sandbox costs is measured with it.
@@ -255,12 +280,16 @@ impl Engine {
         let sha256 = manifest.artifact.sha256.clone();
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, known)) = loaded.iter().find(|(hash, _)| *hash == sha256) {
-            return Ok(Arc::new(Loaded { manifest, program: known.program.clone() }));
+            return Ok(Arc::new(Loaded {
+                manifest,
+                program: known.program.clone(),
+                initial_memory: known.initial_memory.clone(),
+            }));
         }
         let module = Artifact::load(self.wasmtime(), path, &manifest)?;
         let program = Program::new(self.wasmtime(), &module)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
-        let fresh = Arc::new(Loaded { manifest, program });
+        let fresh = Arc::new(Loaded { manifest, program, initial_memory: Default::default() });
         if loaded.len() >= LOADED_ARTIFACTS {
             loaded.remove(0);
         }
@@ -275,6 +304,37 @@ impl Engine {
             .map_err(|e| format!("loading the compiled snapshot failed: {e}"))?;
         let program = Program::new(self.wasmtime(), &module).map_err(|e| e.to_string())?;
         Ok(Inspection { tasks: program.describe().await?, initial_memory_bytes: program.initial_memory_bytes() })
+    }
+
+    /// A session of `task` (default: `main`, else the only one): one sandbox whose Python state
+    /// carries over from call to call; from `state` when given (a saved session).
+    pub async fn open_session(
+        &self,
+        loaded: &Arc<Loaded>,
+        task: Option<&str>,
+        mut settings: RunSettings,
+        events: Arc<dyn EventSink>,
+        state: Option<Arc<SessionState>>,
+    ) -> Result<Session, EngineError> {
+        let task = select_task(&loaded.manifest, task)?;
+        if settings.project_root.is_none() {
+            settings.project_root = loaded.manifest.artifact.project_root.clone().map(Into::into);
+        }
+        let task = with_options(task, &settings, loaded)?;
+        let orchestrator = Orchestrator::new(
+            loaded.program.clone(),
+            loaded.manifest.tasks.clone(),
+            settings.clone(),
+            events.clone(),
+            Cancel::default(),
+            self.call_ids.clone(),
+        );
+        Ok(Session::open(loaded.clone(), task, settings, events, orchestrator, state).await?)
+    }
+
+    /// A saved session's state, checked: it must be whole, and from `loaded`'s image.
+    pub fn session_state(&self, loaded: &Loaded, bytes: &[u8]) -> Result<Arc<SessionState>, EngineError> {
+        Ok(Arc::new(SessionState::from_bytes(bytes, &loaded.manifest.artifact.sha256)?))
     }
 
     /// Starts a run on the current tokio runtime.
@@ -324,6 +384,7 @@ impl Engine {
         if settings.project_root.is_none() {
             settings.project_root = manifest.artifact.project_root.clone().map(Into::into);
         }
+        let task = &with_options(task, &settings, loaded)?;
         let run_id = journaled.as_ref().map(|(run, _)| run.clone());
         let position = journal.as_ref().zip(journaled).map(|(journal, (run, call))| Position {
             journal: journal.clone(),
@@ -343,6 +404,16 @@ impl Engine {
         let body = Body::Run { scope, task: Box::new(task.clone()), call };
         Ok(PreparedRun { run_id, task: task.name.clone(), cancel, body })
     }
+}
+
+/// `task` with the options the run brings, if it brings any.
+fn with_options(task: &Task, settings: &RunSettings, loaded: &Loaded) -> Result<Task, EngineError> {
+    let Some(options) = &settings.options else { return Ok(task.clone()) };
+    let needed = loaded.program.initial_memory_bytes();
+    if options.ram.bytes() < needed {
+        return Err(EngineError::TooLittleMemory { ram: options.ram.bytes(), needed });
+    }
+    Ok(Task { options: options.clone(), ..task.clone() })
 }
 
 /// The task named `name`, else `main`, else the only one.

@@ -60,6 +60,11 @@ impl SandboxState {
         &self.limiter
     }
 
+    /// A new call in the same sandbox (a session's): it has not exceeded its memory yet.
+    pub(crate) fn reset_call(&mut self) {
+        self.limiter.exceeded = false;
+    }
+
     async fn handle(&mut self, request: &[u8]) -> HostReply {
         match serde_json::from_slice::<HostRequest>(request) {
             Ok(request) => self.host_calls.call(request).await,

@@ -10,7 +10,7 @@
 //! The modules form layers, each using only those above it:
 //! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
-//! sub-tasks and host calls); `engine` (the API).
+//! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
 mod artifact;
 mod cancel;
@@ -25,6 +25,7 @@ mod outcome;
 mod output;
 mod run;
 mod sandbox;
+mod session;
 mod stamp;
 
 pub use artifact::{LoadError, sha256_hex};
@@ -38,4 +39,5 @@ pub use orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
+pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;

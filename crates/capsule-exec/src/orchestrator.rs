@@ -38,6 +38,9 @@ pub const MAX_UNFINISHED_SUBTASKS: u32 = 64;
 /// How a run's tasks are run.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
+    /// Options that replace those of the task the run starts (not of its sub-tasks): the
+    /// interpreter image's calls bring their own limits.
+    pub options: Option<manifest_schema::TaskOptions>,
     /// Deadline of an attempt for tasks that set no `timeout`.
     pub default_timeout: Duration,
     /// The folder `allowed_files` paths are relative to [default: the manifest's].
@@ -52,6 +55,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 impl Default for RunSettings {
     fn default() -> Self {
         Self {
+            options: None,
             default_timeout: DEFAULT_TIMEOUT,
             project_root: None,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -129,6 +133,14 @@ impl Orchestrator {
 }
 
 impl Scope {
+    pub fn call(&self) -> CallId {
+        self.call
+    }
+
+    pub fn orchestrator(&self) -> &Arc<Orchestrator> {
+        &self.orchestrator
+    }
+
     /// Runs `task` here: reports its start and end, and completes its journal row.
     pub async fn run(self, task: &Task, call: Call, parent: Option<CallId>) -> Outcome {
         let orchestrator = self.orchestrator.clone();

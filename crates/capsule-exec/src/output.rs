@@ -2,6 +2,7 @@
 //! the result envelope. A task printing without end cannot exhaust the host's memory.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -23,6 +24,8 @@ struct Buffer {
 #[derive(Clone)]
 pub struct TeeOutput {
     live: Option<(Arc<dyn EventSink>, CallId)>,
+    /// Not reported while set (a session replaying its calls), only captured.
+    muted: Arc<AtomicBool>,
     stream: Stream,
     buffer: Arc<Mutex<Buffer>>,
 }
@@ -30,12 +33,12 @@ pub struct TeeOutput {
 impl TeeOutput {
     /// Captures only.
     pub fn quiet(stream: Stream) -> Self {
-        Self { live: None, stream, buffer: Arc::default() }
+        Self { live: None, muted: Arc::default(), stream, buffer: Arc::default() }
     }
 
     /// Captures, and reports every write as an [`Event::Output`] of `call`.
     pub fn reporting(stream: Stream, sink: Arc<dyn EventSink>, call: CallId) -> Self {
-        Self { live: Some((sink, call)), stream, buffer: Arc::default() }
+        Self { live: Some((sink, call)), muted: Arc::default(), stream, buffer: Arc::default() }
     }
 
     pub fn captured(&self) -> Captured {
@@ -43,8 +46,19 @@ impl TeeOutput {
         Captured { text: String::from_utf8_lossy(&buffer.bytes).into_owned(), truncated: buffer.truncated }
     }
 
+    pub fn mute(&self, muted: bool) {
+        self.muted.store(muted, Ordering::Relaxed);
+    }
+
+    /// What was captured, emptying the capture (a session's next call starts afresh).
+    pub fn take(&self) -> Captured {
+        let mut buffer = self.buffer.lock().expect("capture lock");
+        let taken = std::mem::take(&mut *buffer);
+        Captured { text: String::from_utf8_lossy(&taken.bytes).into_owned(), truncated: taken.truncated }
+    }
+
     fn write(&self, data: &[u8]) {
-        if let Some((sink, call)) = &self.live {
+        if let Some((sink, call)) = self.live.as_ref().filter(|_| !self.muted.load(Ordering::Relaxed)) {
             sink.event(&Event::Output { call: *call, stream: self.stream, text: data.into() });
         }
         let mut buffer = self.buffer.lock().expect("capture lock");

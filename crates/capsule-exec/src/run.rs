@@ -78,7 +78,7 @@ pub fn preopens_of(task: &Task, project_root: Option<&Path>) -> Result<Vec<Preop
 
 /// The task's environment: its `env_vars`, plus the `env_passthrough` variables that are
 /// set in the runner's own environment now.
-fn environment_of(task: &Task) -> BTreeMap<String, String> {
+pub(crate) fn environment_of(task: &Task) -> BTreeMap<String, String> {
     let mut env = task.options.env_vars.clone();
     for name in &task.options.env_passthrough {
         match std::env::var(name) {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
-use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
+use wasmtime::{Engine, Instance, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::cancel::Cancel;
@@ -52,12 +52,6 @@ pub struct Attempt {
     pub stderr: Captured,
 }
 
-/// An instance held without running; dropping it frees the sandbox.
-pub struct IdleSandbox {
-    _store: Store<SandboxState>,
-    _instance: wasmtime::Instance,
-}
-
 /// A loaded module, pre-linked so each attempt only instantiates it. Cloning is cheap.
 #[derive(Clone)]
 pub struct Program {
@@ -82,14 +76,15 @@ impl Program {
             .unwrap_or(0)
     }
 
-    fn store(
+    /// A sandbox (store, WASI, limiter) for this program; instantiated on its first call.
+    pub fn sandbox(
         &self,
         memory_bytes: u64,
         dirs: &[Preopen],
         host_calls: Box<dyn HostCalls>,
-        stdout: &TeeOutput,
-        stderr: &TeeOutput,
-    ) -> Result<Store<SandboxState>, String> {
+        stdout: TeeOutput,
+        stderr: TeeOutput,
+    ) -> Result<Sandbox, String> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone()).stderr(stderr.clone());
         for dir in dirs {
@@ -100,36 +95,34 @@ impl Program {
         let state = SandboxState::new(wasi.build_p1(), memory_bytes, host_calls);
         let mut store = Store::new(&self.engine, state);
         SandboxState::limit(&mut store);
-        Ok(store)
+        Ok(Sandbox { program: self.clone(), store, instance: None, broken: false, stdout, stderr, memory_bytes })
+    }
+
+    fn quiet_sandbox(&self, memory_bytes: u64) -> Result<Sandbox, String> {
+        let (stdout, stderr) = (TeeOutput::quiet(Stream::Stdout), TeeOutput::quiet(Stream::Stderr));
+        self.sandbox(memory_bytes, &[], Box::new(RefuseHostCalls(NO_RUN)), stdout, stderr)
     }
 
     /// A fresh instance that runs nothing, kept alive by the returned value; what one idle
     /// sandbox costs is measured with it.
-    pub async fn instantiate_idle(&self, memory_bytes: u64) -> wasmtime::Result<IdleSandbox> {
-        let (stdout, stderr) = (TeeOutput::quiet(Stream::Stdout), TeeOutput::quiet(Stream::Stderr));
-        let mut store = self
-            .store(memory_bytes, &[], Box::new(RefuseHostCalls(NO_RUN)), &stdout, &stderr)
-            .map_err(wasmtime::Error::msg)?;
-        store.set_fuel(u64::MAX)?;
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-        let instance = self.pre.instantiate_async(&mut store).await?;
-        Ok(IdleSandbox { _store: store, _instance: instance })
+    pub async fn instantiate_idle(&self, memory_bytes: u64) -> wasmtime::Result<Sandbox> {
+        let mut sandbox = self.quiet_sandbox(memory_bytes).map_err(wasmtime::Error::msg)?;
+        sandbox.instantiate().await?;
+        Ok(sandbox)
     }
 
     /// The tasks the snapshot's Python module registered.
     pub async fn describe(&self) -> Result<Vec<RegisteredTask>, String> {
-        let (stdout, stderr) = (TeeOutput::quiet(Stream::Stdout), TeeOutput::quiet(Stream::Stderr));
-        let mut store = self.store(u64::MAX, &[], Box::new(RefuseHostCalls(NO_RUN)), &stdout, &stderr)?;
-        store.set_fuel(u64::MAX).map_err(|e| e.to_string())?;
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let mut sandbox = self.quiet_sandbox(u64::MAX)?;
         let reply = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            let describe: TypedFunc<(), i64> = instance.get_typed_func(&mut store, exports::DESCRIBE)?;
-            let packed = describe.call_async(&mut store, ()).await?;
-            read_reply(&mut store, &instance, packed)
+            let instance = sandbox.instantiate().await?;
+            let store = &mut sandbox.store;
+            let describe: TypedFunc<(), i64> = instance.get_typed_func(&mut *store, exports::DESCRIBE)?;
+            let packed = describe.call_async(&mut *store, ()).await?;
+            read_reply(store, &instance, packed)
         }
         .await
-        .map_err(|e| format!("asking the snapshot for its tasks: {e}\n{}", stderr.captured().text))?;
+        .map_err(|e| format!("asking the snapshot for its tasks: {e}\n{}", sandbox.stderr.captured().text))?;
         serde_json::from_slice(&reply)
             .map_err(|e| format!("the runtime described its tasks in an unexpected format: {e}"))
     }
@@ -138,46 +131,130 @@ impl Program {
     pub async fn run(&self, request: &InvokeRequest, setup: AttemptSetup<'_>) -> Attempt {
         let started = Instant::now();
         let AttemptSetup { limits, dirs, host_calls, stdout, stderr, cancel } = setup;
+        match self.sandbox(limits.memory_bytes, dirs, host_calls, stdout, stderr) {
+            Ok(mut sandbox) => sandbox.call(request, &limits, None, cancel).await,
+            Err(message) => Attempt {
+                result: Err(GuestError::new(ErrorKind::Host, message)),
+                fuel_consumed: 0,
+                peak_memory_bytes: 0,
+                http_calls: Vec::new(),
+                duration: started.elapsed(),
+                stdout: Captured::default(),
+                stderr: Captured::default(),
+            },
+        }
+    }
+}
+
+/// A store and, once called, its instance. For a task's attempt it serves one call; for a
+/// session it serves call after call, its Python state carrying over, until a call ends in a
+/// trap (then it is `broken` and must be replaced).
+pub struct Sandbox {
+    program: Program,
+    store: Store<SandboxState>,
+    instance: Option<Instance>,
+    broken: bool,
+    stdout: TeeOutput,
+    stderr: TeeOutput,
+    memory_bytes: u64,
+}
+
+impl Sandbox {
+    async fn instantiate(&mut self) -> wasmtime::Result<Instance> {
+        if let Some(instance) = self.instance {
+            return Ok(instance);
+        }
+        self.store.set_fuel(u64::MAX)?;
+        self.store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let instance = self.program.pre.instantiate_async(&mut self.store).await?;
+        self.instance = Some(instance);
+        Ok(instance)
+    }
+
+    /// Whether what the guest prints is reported (it is captured either way).
+    pub fn mute(&self, muted: bool) {
+        self.stdout.mute(muted);
+        self.stderr.mute(muted);
+    }
+
+    /// Whether a call was cut short inside the guest: its state can no longer be trusted.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The guest's linear memory (instantiating it if need be).
+    pub async fn memory(&mut self) -> wasmtime::Result<&mut [u8]> {
+        let instance = self.instantiate().await?;
+        let memory = instance
+            .get_memory(&mut self.store, exports::MEMORY)
+            .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
+        Ok(memory.data_mut(&mut self.store))
+    }
+
+    /// Grows the guest's memory to at least `bytes`.
+    pub async fn grow_memory_to(&mut self, bytes: u64) -> wasmtime::Result<()> {
+        let instance = self.instantiate().await?;
+        let memory = instance
+            .get_memory(&mut self.store, exports::MEMORY)
+            .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
+        let (have, page) = (memory.data_size(&self.store) as u64, memory.page_size(&self.store));
+        if bytes > have {
+            memory.grow_async(&mut self.store, (bytes - have).div_ceil(page)).await?;
+        }
+        Ok(())
+    }
+
+    /// One call of `request`, with fuel `limits.fuel` and a deadline of `limits.timeout` (the
+    /// memory limit is the sandbox's); `host_calls` replaces the sandbox's for this call.
+    pub async fn call(
+        &mut self,
+        request: &InvokeRequest,
+        limits: &Limits,
+        host_calls: Option<Box<dyn HostCalls>>,
+        cancel: &Cancel,
+    ) -> Attempt {
+        let started = Instant::now();
         let deadline = started + limits.timeout;
-        let mut store = match self.store(limits.memory_bytes, dirs, host_calls, &stdout, &stderr) {
-            Ok(store) => store,
-            Err(message) => {
-                return Attempt {
-                    result: Err(GuestError::new(ErrorKind::Host, message)),
-                    fuel_consumed: 0,
-                    peak_memory_bytes: 0,
-                    http_calls: Vec::new(),
-                    duration: started.elapsed(),
-                    stdout: Captured::default(),
-                    stderr: Captured::default(),
-                };
-            }
+        if let Some(host_calls) = host_calls {
+            self.store.data_mut().host_calls = host_calls;
+        }
+        self.store.data_mut().reset_call();
+        let call = async {
+            self.instantiate().await?;
+            self.store.set_fuel(limits.fuel)?;
+            // CPU-bound code is stopped at the next epoch tick after the deadline or a
+            // cancel; code waiting in the host (e.g. `time.sleep`) by the timeout and the
+            // cancel around the whole call.
+            let ticking_cancel = cancel.clone();
+            self.store.epoch_deadline_callback(move |_| {
+                Ok(if Instant::now() >= deadline || ticking_cancel.is_cancelled() {
+                    UpdateDeadline::Interrupt
+                } else {
+                    UpdateDeadline::Yield(1)
+                })
+            });
+            let instance = self.instance.expect("instantiated above");
+            invoke(&mut self.store, &instance, request).await
         };
-        store.set_fuel(limits.fuel).expect("fuel is enabled in the engine config");
-        // CPU-bound code is stopped at the next epoch tick after the deadline or a cancel;
-        // code waiting in the host (e.g. `time.sleep`) by the timeout and the cancel around
-        // the whole call.
-        let ticking_cancel = cancel.clone();
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline || ticking_cancel.is_cancelled() {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
         let call = tokio::select! {
-            call = tokio::time::timeout(limits.timeout, self.invoke(&mut store, request)) => Some(call),
+            call = tokio::time::timeout(limits.timeout, call) => Some(call),
             () = cancel.cancelled() => None,
         };
-        let fuel_left = store.get_fuel().unwrap_or(0);
-        let memory = store.data().memory();
+        if !matches!(call, Some(Ok(Ok(_)))) {
+            // Stopped inside the guest (or never started): its state is not to be reused.
+            self.instance = None;
+            self.broken = true;
+        }
+        let fuel_left = self.store.get_fuel().unwrap_or(0);
+        let memory = self.store.data().memory();
+        let stderr = self.stderr.take();
         // Once the run is cancelled, whatever failed failed because of it (a parent sees its
         // cancelled child as an exception, for one).
         let result = match call {
             Some(Ok(Ok(reply))) => reply.into_result(),
             None => Err(cancelled_error()),
             Some(Err(_elapsed)) => Err(timeout_error(limits.timeout)),
-            Some(Ok(Err(error))) => Err(classify_trap(&error, &limits, memory.exceeded(), &stderr.captured())),
+            Some(Ok(Err(error))) => Err(classify_trap(&error, limits, self.memory_bytes, memory.exceeded(), &stderr)),
         }
         .map_err(|error| if cancel.is_cancelled() { cancelled_error() } else { error });
         // A MemoryError raised because the limiter refused to grow is a memory failure.
@@ -186,43 +263,45 @@ impl Program {
                 error.kind = ErrorKind::Memory;
             }
             if error.kind == ErrorKind::Memory && error.message.is_empty() {
-                error.message = format!("the task reached its memory limit of {} bytes", limits.memory_bytes);
+                error.message = format!("the task reached its memory limit of {} bytes", self.memory_bytes);
             }
             error
         });
-        let peak_memory_bytes = memory.peak();
         Attempt {
             result,
             fuel_consumed: limits.fuel.saturating_sub(fuel_left),
-            peak_memory_bytes,
-            http_calls: store.data_mut().host_calls.take_http_calls(),
+            peak_memory_bytes: memory.peak(),
+            http_calls: self.store.data_mut().host_calls.take_http_calls(),
             duration: started.elapsed(),
-            stdout: stdout.captured(),
-            stderr: stderr.captured(),
+            stdout: self.stdout.take(),
+            stderr,
         }
     }
+}
 
-    async fn invoke(&self, store: &mut Store<SandboxState>, request: &InvokeRequest) -> wasmtime::Result<InvokeReply> {
-        let instance = self.pre.instantiate_async(&mut *store).await?;
-        let alloc: TypedFunc<i32, i32> = instance.get_typed_func(&mut *store, exports::ALLOC)?;
-        let free: TypedFunc<i32, ()> = instance.get_typed_func(&mut *store, exports::FREE)?;
-        let invoke: TypedFunc<(i32, i32), i64> = instance.get_typed_func(&mut *store, exports::INVOKE)?;
-        let memory = instance
-            .get_memory(&mut *store, exports::MEMORY)
-            .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
+async fn invoke(
+    store: &mut Store<SandboxState>,
+    instance: &Instance,
+    request: &InvokeRequest,
+) -> wasmtime::Result<InvokeReply> {
+    let alloc: TypedFunc<i32, i32> = instance.get_typed_func(&mut *store, exports::ALLOC)?;
+    let free: TypedFunc<i32, ()> = instance.get_typed_func(&mut *store, exports::FREE)?;
+    let invoke: TypedFunc<(i32, i32), i64> = instance.get_typed_func(&mut *store, exports::INVOKE)?;
+    let memory = instance
+        .get_memory(&mut *store, exports::MEMORY)
+        .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
 
-        let body = serde_json::to_vec(request).expect("requests serialise");
-        let len = i32::try_from(body.len()).map_err(|_| wasmtime::format_err!("request too large"))?;
-        let pointer = alloc.call_async(&mut *store, len).await?;
-        if pointer == 0 {
-            return Err(wasmtime::format_err!("the sandbox could not allocate {len} bytes for the request"));
-        }
-        memory.write(&mut *store, pointer as u32 as usize, &body)?;
-        let packed = invoke.call_async(&mut *store, (pointer, len)).await?;
-        free.call_async(&mut *store, pointer).await?;
-        let reply = read_reply(store, &instance, packed)?;
-        serde_json::from_slice(&reply).map_err(|e| wasmtime::format_err!("the runtime's reply is not valid JSON: {e}"))
+    let body = serde_json::to_vec(request).expect("requests serialise");
+    let len = i32::try_from(body.len()).map_err(|_| wasmtime::format_err!("request too large"))?;
+    let pointer = alloc.call_async(&mut *store, len).await?;
+    if pointer == 0 {
+        return Err(wasmtime::format_err!("the sandbox could not allocate {len} bytes for the request"));
     }
+    memory.write(&mut *store, pointer as u32 as usize, &body)?;
+    let packed = invoke.call_async(&mut *store, (pointer, len)).await?;
+    free.call_async(&mut *store, pointer).await?;
+    let reply = read_reply(store, instance, packed)?;
+    serde_json::from_slice(&reply).map_err(|e| wasmtime::format_err!("the runtime's reply is not valid JSON: {e}"))
 }
 
 fn read_reply(
@@ -249,7 +328,13 @@ fn cancelled_error() -> GuestError {
 }
 
 /// Turns a trap or host error into the envelope's error kinds.
-fn classify_trap(error: &wasmtime::Error, limits: &Limits, memory_exceeded: bool, stderr: &Captured) -> GuestError {
+fn classify_trap(
+    error: &wasmtime::Error,
+    limits: &Limits,
+    memory_bytes: u64,
+    memory_exceeded: bool,
+    stderr: &Captured,
+) -> GuestError {
     // What the runtime printed before trapping (e.g. a Python traceback) explains the trap.
     let tail: String = {
         let text = stderr.text.as_str();
@@ -270,10 +355,9 @@ fn classify_trap(error: &wasmtime::Error, limits: &Limits, memory_exceeded: bool
                 "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
             )
         },
-        _ if memory_exceeded => with_tail(
-            ErrorKind::Memory,
-            format!("the task needed more than its memory limit of {} bytes", limits.memory_bytes),
-        ),
+        _ if memory_exceeded => {
+            with_tail(ErrorKind::Memory, format!("the task needed more than its memory limit of {memory_bytes} bytes"))
+        }
         _ => with_tail(ErrorKind::Host, format!("the sandbox stopped: {error}")),
     }
 }

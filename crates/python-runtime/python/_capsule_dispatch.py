@@ -125,12 +125,17 @@ def _error(kind, exc_type, message, trace=""):
 
 
 _SDK_FRAMES = "/lib/capsule-sdk/"
+# The entry file of the built-in interpreter image: its frame says nothing about a cell's error.
+_INTERPRETER_ENTRY = "capsule_python.py"
 
 
 def _exception_error(exc):
     # The traceback starts in the user's code and leaves out Capsule's own frames (the
     # dispatcher, the sub-task plumbing), which say nothing about the user's problem.
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_SDK_FRAMES)]
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_SDK_FRAMES) and f.filename != _INTERPRETER_ENTRY
+    ]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     trace = "".join(lines + traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc))
     kind = "memory" if isinstance(exc, MemoryError) else "exception"

@@ -1,0 +1,36 @@
+"""Capsule's built-in interpreter: code strings run like notebook cells.
+
+`run_cell(code)` runs `code` in one namespace that lives as long as the sandbox does: a new
+sandbox for every `run_python` call, or one per session, where variables, imports and
+definitions carry over from cell to cell. The value of a final expression is the cell's
+result: as JSON when it is JSON, else its `repr`. Tracebacks point into the cell's own lines.
+"""
+
+import ast
+import json
+import linecache
+
+# The session's globals, as a module's would be.
+namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+_cells = 0
+
+
+def run_cell(code):
+    global _cells
+    _cells += 1
+    filename = f"<cell {_cells}>"
+    # Kept for tracebacks (there is no file to read the lines from).
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    tree = ast.parse(code, filename, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), namespace)
+    if last is None:
+        return None
+    value = eval(compile(last, filename, "eval"), namespace)
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
