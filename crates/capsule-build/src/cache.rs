@@ -16,18 +16,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use wasmtime::CacheStore;
 
-pub const CACHE_DIR_ENV: &str = "CAPSULE_CACHE_DIR";
-
-/// The cache folder, or `None` when no home or cache folder can be found.
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os(CACHE_DIR_ENV) {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir).join("capsule"));
-    }
-    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/capsule"))
-}
+pub use capsule_exec::{CACHE_DIR_ENV, cache_dir};
 
 pub fn hex_sha256(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();

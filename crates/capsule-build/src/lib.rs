@@ -370,9 +370,9 @@ const INTERPRETER_ENTRY: &str = "capsule_python.py";
 /// string like a notebook cell: once per runtime, into the cache folder, like any build (an
 /// unchanged one is found by its fingerprint). Its limits come with each call.
 pub fn interpreter_options(runtime: PathBuf) -> Result<BuildOptions, BuildError> {
-    let dir = cache_dir()
-        .ok_or_else(|| BuildError::message("no cache folder for the interpreter image: set CAPSULE_CACHE_DIR or HOME"))?
-        .join("interpreter");
+    let dir = capsule_exec::interpreter_dir().ok_or_else(|| {
+        BuildError::message("no cache folder for the interpreter image: set CAPSULE_CACHE_DIR or HOME")
+    })?;
     let entry = dir.join(INTERPRETER_ENTRY);
     if fs::read_to_string(&entry).ok().as_deref() != Some(INTERPRETER_SOURCE) {
         fs::create_dir_all(&dir).map_err(|e| BuildError::io(format!("cannot create `{}`", dir.display()), e))?;

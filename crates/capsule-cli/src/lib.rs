@@ -22,7 +22,7 @@ use crate::exit::Failure;
 #[command(
     name = "capsule",
     version,
-    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)"
+    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)\n  capsule python -c '1 + 1'         run a code string in a sandbox\n  capsule mcp tasks.py              an MCP server: `run_python`, sessions, and every task as a tool"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,8 @@ enum Command {
     #[cfg(feature = "build")]
     Build(commands::build::BuildCommand),
     Run(commands::run::RunCommand),
+    #[cfg(feature = "build")]
+    Python(commands::python::PythonCommand),
     Resume(commands::resume::ResumeCommand),
     Runs(commands::runs::RunsCommand),
     Daemon(commands::daemon::DaemonCommand),
@@ -55,6 +57,8 @@ pub fn capsule_main() -> ExitCode {
                 #[cfg(feature = "build")]
                 Command::Build(command) => command.execute().await,
                 Command::Run(command) => command.execute().await,
+                #[cfg(feature = "build")]
+                Command::Python(command) => command.execute().await,
                 Command::Resume(command) => command.execute().await,
                 Command::Runs(command) => command.execute().await,
                 Command::List(command) => command.execute().await,

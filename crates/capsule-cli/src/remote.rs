@@ -10,7 +10,7 @@ use manifest_schema::{Problem, Timeout};
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, finish};
+use crate::run_args::{Journaling, Launch, RunArgs, finish};
 use crate::terminal::Terminal;
 
 /// `path` made absolute (the daemon does not share this process's current folder).
@@ -37,18 +37,16 @@ pub fn failure(error: ClientError) -> Failure {
 
 pub async fn run(
     mut client: Client,
-    manifest: &Path,
-    entry: &Path,
-    start: Start,
+    what: Launch,
     args: &RunArgs,
     layout: &ProjectLayout,
-    journaling: Journaling,
 ) -> Result<ExitCode, Failure> {
     let project = absolute(args.project.as_deref().unwrap_or(&layout.root));
-    let journaled = journaling == Journaling::Project || args.journal.is_some();
+    let journaled = what.journaling == Journaling::Project || args.journal.is_some();
     let mut request = SubmitRun {
-        manifest: absolute(manifest),
-        entry: Some(absolute(entry)),
+        manifest: absolute(&what.manifest),
+        entry: Some(absolute(&what.entry)),
+        options: what.options,
         project: Some(project),
         journal: journaled.then(|| absolute(&layout.journal)),
         files_root: args.project.as_deref().map(absolute),
@@ -57,7 +55,7 @@ pub async fn run(
         stop_on_disconnect: true,
         ..SubmitRun::default()
     };
-    match start {
+    match what.start {
         Start::Task { task, args, kwargs } => (request.task, request.args, request.kwargs) = (task, args, kwargs),
         Start::Resume { run_id } => request.resume = Some(run_id),
     }

@@ -1,7 +1,7 @@
 //! The options of running a task, shared by `capsule run`, `capsule resume` and
 //! `capsule-exec`, and the one path from them to the engine and back.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use capsule_daemon::{Client, Target, default_socket};
 use capsule_exec::{Cancel, Engine, Journal, Loaded, Outcome, RunRequest, RunSettings, Start};
 use clap::Args;
 use manifest_schema::Problem;
+use manifest_schema::TaskOptions;
 use serde_json::Value;
 
 use crate::exit::{Exit, Failure};
@@ -106,27 +107,32 @@ pub enum Journaling {
     OnRequest,
 }
 
-/// Runs `start` of the built `manifest` (from `entry`), through the daemon when one is to be
-/// used, else in this process; shows what happens and gives the exit code. `built_with` is
-/// the engine that built it, if this process built it (reused rather than made twice).
-pub async fn launch(
-    manifest: &Path,
-    entry: &Path,
-    built_with: Option<Engine>,
-    start: Start,
-    args: &RunArgs,
-    layout: &ProjectLayout,
-    journaling: Journaling,
-) -> Result<ExitCode, Failure> {
+/// What to run, for [`launch`].
+pub struct Launch {
+    /// The built manifest.
+    pub manifest: PathBuf,
+    /// The file it came from (recorded for resuming).
+    pub entry: PathBuf,
+    /// The engine that built it, if this process did (reused rather than made twice).
+    pub built_with: Option<Engine>,
+    pub start: Start,
+    /// Options replacing the task's (the interpreter image's calls bring their own).
+    pub options: Option<TaskOptions>,
+    pub journaling: Journaling,
+}
+
+/// Runs `what`, through the daemon when one is to be used, else in this process; shows what
+/// happens and gives the exit code.
+pub async fn launch(mut what: Launch, args: &RunArgs, layout: &ProjectLayout) -> Result<ExitCode, Failure> {
     if let Some(client) = daemon(args).await? {
-        return crate::remote::run(client, manifest, entry, start, args, layout, journaling).await;
+        return crate::remote::run(client, what, args, layout).await;
     }
-    let engine = match built_with {
+    let engine = match what.built_with.take() {
         Some(engine) => engine,
         None => Engine::new()?,
     };
-    let loaded = engine.load(manifest)?;
-    run_in_process(&engine, &loaded, entry, start, args, layout, journaling).await
+    let loaded = engine.load(&what.manifest)?;
+    run_in_process(&engine, &loaded, what, args, layout).await
 }
 
 /// The daemon to run through: none with `--no-daemon`; required with `--daemon` or
@@ -142,24 +148,22 @@ async fn daemon(args: &RunArgs) -> Result<Option<Client>, Failure> {
     }
 }
 
-/// Runs `start` on `loaded` in this process.
+/// Runs `what` on `loaded` in this process.
 async fn run_in_process(
     engine: &Engine,
     loaded: &Arc<Loaded>,
-    entry: &Path,
-    start: Start,
+    what: Launch,
     args: &RunArgs,
     layout: &ProjectLayout,
-    journaling: Journaling,
 ) -> Result<ExitCode, Failure> {
-    let journal = match (journaling, &args.journal) {
+    let journal = match (what.journaling, &args.journal) {
         (Journaling::OnRequest, None) => None,
         _ => Some(Arc::new(Journal::open(&layout.journal)?)),
     };
     let request = RunRequest {
-        start,
-        entry: Some(entry.display().to_string()),
-        settings: args.settings(),
+        start: what.start,
+        entry: Some(what.entry.display().to_string()),
+        settings: RunSettings { options: what.options, ..args.settings() },
         journal,
         events: Arc::new(Terminal { json: args.json, verbose: args.verbose }),
         cancel: Cancel::default(),

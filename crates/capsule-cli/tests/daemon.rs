@@ -361,3 +361,87 @@ fn tcp_needs_the_token() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""status":"ok""#));
 }
+
+/// The interpreter image's manifest, built by the client as the SDK does.
+fn interpreter_image(daemon: &Daemon) -> String {
+    let (code, stdout, stderr) = run(daemon.capsule().args(["python", "--image"]));
+    assert_eq!(code, 0, "{stderr}");
+    stdout.trim().to_string()
+}
+
+#[test]
+fn code_strings_run_once_or_in_sessions_that_keep_their_state() {
+    let daemon = Daemon::start(&[]);
+    let image = interpreter_image(&daemon);
+    let project = tempfile::tempdir().unwrap();
+    let body = serde_json::json!({"code": "print('hi')\n6 * 7", "project": project.path()}).to_string();
+    let (status, answer) = daemon.json("POST", "/v1/python", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outcome"]["result"], 42);
+    assert_eq!(answer["outcome"]["output"]["stdout"]["text"], "hi\n");
+
+    let open = serde_json::json!({"manifest": image}).to_string();
+    let (status, session) = daemon.json("POST", "/v1/sessions", &open);
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap().to_string();
+    let workspace = std::path::PathBuf::from(session["workspace"].as_str().unwrap());
+    let call = |code: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({"args": [code]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        daemon.json("POST", &format!("/v1/sessions/{id}/run"), &body.to_string())
+    };
+    let none = serde_json::json!({});
+    assert_eq!(call("seen = [1]", none.clone()).1["success"], true);
+    assert_eq!(call("seen.append(2); seen", none.clone()).1["result"], serde_json::json!([1, 2]));
+    // Its workspace is its `/`: files go both ways.
+    std::fs::write(workspace.join("in.txt"), "from the host").unwrap();
+    assert_eq!(call("open('/in.txt').read()", none.clone()).1["result"], "from the host");
+    assert_eq!(call("open('/out.txt', 'w').write('from the guest')", none.clone()).1["result"], 14);
+    assert_eq!(std::fs::read_to_string(workspace.join("out.txt")).unwrap(), "from the guest");
+    // A call stopped by its deadline leaves the state of the calls before it.
+    let (_, stopped) = call("seen.append(3)\nwhile True: pass", serde_json::json!({"timeout": "300ms"}));
+    assert_eq!(stopped["error"]["type"], "timeout", "{stopped}");
+    let (_, fuel) = call("seen.append(4)\nwhile True: pass", serde_json::json!({"compute": "LOW"}));
+    assert_eq!(fuel["error"]["type"], "fuel", "{fuel}");
+    assert_eq!(call("seen", none.clone()).1["result"], serde_json::json!([1, 2]));
+
+    let (status, saved) = daemon.json("POST", &format!("/v1/sessions/{id}/save"), "");
+    assert_eq!(status, 200, "{saved}");
+    let saved_id = saved["id"].as_str().unwrap().to_string();
+    let (status, fork) = daemon.json("POST", &format!("/v1/sessions/{id}/fork"), "");
+    assert_eq!(status, 201, "{fork}");
+    let fork_id = fork["id"].as_str().unwrap();
+    let fork_call = serde_json::json!({"args": ["seen.append('fork'); seen"]}).to_string();
+    let (_, forked) = daemon.json("POST", &format!("/v1/sessions/{fork_id}/run"), &fork_call);
+    assert_eq!(forked["result"], serde_json::json!([1, 2, "fork"]));
+    assert_eq!(call("seen", none.clone()).1["result"], serde_json::json!([1, 2]), "the fork is apart");
+    let (_, sessions) = daemon.json("GET", "/v1/sessions", "");
+    assert_eq!(sessions.as_array().unwrap().len(), 2, "{sessions}");
+
+    // Closed: the session and its workspace are gone; the saved state is not.
+    assert_eq!(daemon.json("DELETE", &format!("/v1/sessions/{id}"), "").0, 204);
+    assert!(!workspace.exists());
+    let (status, gone) = call("seen", none.clone());
+    assert_eq!((status, gone["error"]["kind"].as_str()), (404, Some("not_found")));
+    let restore = serde_json::json!({"manifest": image, "restore": saved_id}).to_string();
+    let (status, restored) = daemon.json("POST", "/v1/sessions", &restore);
+    assert_eq!(status, 201, "{restored}");
+    let restored_call = serde_json::json!({"args": ["seen"]}).to_string();
+    let (_, value) =
+        daemon.json("POST", &format!("/v1/sessions/{}/run", restored["id"].as_str().unwrap()), &restored_call);
+    assert_eq!(value["result"], serde_json::json!([1, 2]));
+
+    // Bad requests get clear errors; the daemon stays up.
+    let bad = |route: &str, body: &str| daemon.json("POST", route, body);
+    let (status, error) = bad("/v1/sessions", r#"{"restore": "not-an-id"}"#);
+    assert_eq!(status, 400, "{error}");
+    let (status, error) = bad("/v1/sessions", &serde_json::json!({"restore": "0".repeat(64)}).to_string());
+    assert_eq!(status, 404, "{error}");
+    let (status, error) = bad("/v1/sessions", r#"{"idle": 3}"#);
+    assert!(status == 400 && error["error"]["message"].as_str().unwrap().contains("unknown field `idle`"), "{error}");
+    let (status, error) = bad(&format!("/v1/sessions/{fork_id}/run"), r#"{"args": ["1"], "timeout": "soon"}"#);
+    assert!(status == 400 && error["error"]["message"].as_str().unwrap().contains("`timeout`"), "{error}");
+    let (status, _) = bad("/v1/python", r#"{"code": 3}"#);
+    assert_eq!(status, 400);
+    assert_eq!(daemon.json("GET", "/v1/health", "").0, 200);
+}

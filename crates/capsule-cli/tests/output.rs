@@ -110,3 +110,27 @@ fn a_deterministic_failure_gets_no_resume_hint() {
         ));
     });
 }
+
+#[test]
+fn capsule_python_prints_what_the_code_printed_then_its_last_value() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/in.txt"), "a line\n").unwrap();
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "-c", "total = sum(range(10))\nprint('sum:', total)\ntotal * 2"]),
+            dir.path()
+        ));
+        insta::assert_snapshot!(transcript(capsule().args(["python", "-c", "x = (1,"]), dir.path()));
+        insta::assert_snapshot!(transcript(capsule().args(["python", "-c", "open('data/in.txt').read()"]), dir.path()));
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "--allow-dir", "data", "-c", "open('data/in.txt').read()"]),
+            dir.path()
+        ));
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "--compute", "LOW", "-c", "while True: pass"]),
+            dir.path()
+        ));
+        insta::assert_snapshot!(transcript(capsule().args(["python", "--ram", "lots", "-c", "1"]), dir.path()));
+    });
+}

@@ -52,6 +52,10 @@ pub struct SubmitRun {
     /// How many of the run's spawned sub-tasks run at once [default: the number of cores].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Options replacing those of the task (its `@task` options, as in the manifest): what the
+    /// interpreter image's calls bring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<manifest_schema::TaskOptions>,
     /// Answer once the run has ended, instead of at once with the run.
     #[serde(default)]
     pub wait: bool,
@@ -86,6 +90,7 @@ impl Default for SubmitRun {
             files_root: None,
             default_timeout: None,
             workers: None,
+            options: None,
             wait: false,
             stream: true,
             stop_on_disconnect: false,
@@ -248,4 +253,72 @@ pub struct Accepted {
 pub struct Finished {
     pub run: RunView,
     pub outcome: Outcome,
+}
+
+/// `POST /v1/sessions`: a session (one sandbox kept from call to call) of a task of a built
+/// manifest, by default the interpreter image's `run_python`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenSession {
+    /// The manifest [default: the interpreter image, built by a client into the cache folder].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The session's options (its memory limit; the default fuel and deadline of its calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<manifest_schema::TaskOptions>,
+    /// Continue a saved session (its id, as `save` gave it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// Close it after this many seconds without a call [default: 600].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: String,
+    /// A folder of its own, the session's `/` (files written there are the host's to read).
+    pub workspace: PathBuf,
+    pub task: String,
+    pub calls: u64,
+    pub idle_seconds: u64,
+}
+
+/// `POST /v1/sessions/{id}/run`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCall {
+    /// The task's arguments: for `run_python`, `[code]`.
+    #[serde(default)]
+    pub args: Vec<Value>,
+    /// This call's CPU budget [default: the session's `compute`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<manifest_schema::Compute>,
+    /// This call's deadline, e.g. `"30s"` [default: the session's `timeout`, else 5 minutes].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// `POST /v1/sessions/{id}/save`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Saved {
+    /// The sha256 of the saved state: what `restore` takes.
+    pub id: String,
+    /// The size of its file, and of its memory beyond the image's.
+    pub bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// `POST /v1/python`: run a code string in the interpreter image, once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunPython {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<manifest_schema::TaskOptions>,
+    /// The folder `allowed_files` are relative to (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<PathBuf>,
 }

@@ -12,6 +12,7 @@ mod client;
 mod registry;
 mod runs;
 mod server;
+mod sessions;
 mod socket;
 
 use std::net::SocketAddr;
@@ -112,12 +113,22 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         let shutdown = move |mut stop: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         };
+        let saved_sessions =
+            capsule_exec::saved_sessions_dir().unwrap_or_else(|| config.state_dir.join("saved-sessions"));
+        let sessions =
+            Arc::new(sessions::Sessions::new(runs.clone(), saved_sessions, config.state_dir.join("sessions")));
+        let served = server::Served { runs: runs.clone(), sessions: sessions.clone() };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                sessions.close_idle();
+            }
+        });
         let unix_server =
-            axum::serve(unix, server::router(runs.clone(), None)).with_graceful_shutdown(shutdown(stop.clone()));
+            axum::serve(unix, server::router(served.clone(), None)).with_graceful_shutdown(shutdown(stop.clone()));
         let tcp_server = tcp.map(|listener| {
             let token: Arc<str> = config.listen.as_ref().expect("a listener has a token").1.as_str().into();
-            axum::serve(listener, server::router(runs.clone(), Some(token)))
-                .with_graceful_shutdown(shutdown(stop.clone()))
+            axum::serve(listener, server::router(served, Some(token))).with_graceful_shutdown(shutdown(stop.clone()))
         });
         ready(&config);
         let signals = async {

@@ -284,6 +284,15 @@ impl Runs {
         }
     }
 
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Where sandboxes run (and live, for sessions).
+    pub fn engine_runtime(&self) -> &Handle {
+        &self.engine_runtime
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let (active, running) = (self.active.load(Ordering::Relaxed), self.running.load(Ordering::Relaxed));
         (running, active.saturating_sub(running))
@@ -442,8 +451,12 @@ impl Runs {
                 Start::Task { task: request.task.clone(), args: request.args.clone(), kwargs: request.kwargs.clone() }
             }
         };
-        let mut settings =
-            RunSettings { default_timeout, project_root: request.files_root.clone(), ..RunSettings::default() };
+        let mut settings = RunSettings {
+            options: request.options.clone(),
+            default_timeout,
+            project_root: request.files_root.clone(),
+            ..RunSettings::default()
+        };
         if let Some(workers) = request.workers {
             settings.workers = workers.max(1);
         }

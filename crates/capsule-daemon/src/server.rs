@@ -15,8 +15,12 @@ use axum::{Json, Router};
 use futures_util::stream;
 use serde::Deserialize;
 
-use crate::api::{Accepted, ApiError, ErrorBody, ErrorKind, Finished, Health, Line, MAX_REQUEST_BYTES, SubmitRun};
+use crate::api::{
+    Accepted, ApiError, ErrorBody, ErrorKind, Finished, Health, Line, MAX_REQUEST_BYTES, OpenSession, RunPython,
+    SessionCall, SessionView, SubmitRun,
+};
 use crate::runs::{RunEntry, Runs};
+use crate::sessions::Sessions;
 
 /// How long `stop` waits for the run to end before answering.
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -30,9 +34,34 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn router(runs: Arc<Runs>, token: Option<Arc<str>>) -> Router {
+/// What the routes serve.
+#[derive(Clone)]
+pub struct Served {
+    pub runs: Arc<Runs>,
+    pub sessions: Arc<Sessions>,
+}
+
+impl axum::extract::FromRef<Served> for Arc<Runs> {
+    fn from_ref(served: &Served) -> Self {
+        served.runs.clone()
+    }
+}
+
+impl axum::extract::FromRef<Served> for Arc<Sessions> {
+    fn from_ref(served: &Served) -> Self {
+        served.sessions.clone()
+    }
+}
+
+pub fn router(served: Served, token: Option<Arc<str>>) -> Router {
     let routes = Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/python", post(run_python))
+        .route("/v1/sessions", post(open_session).get(list_sessions))
+        .route("/v1/sessions/{id}", axum::routing::delete(close_session))
+        .route("/v1/sessions/{id}/run", post(session_run))
+        .route("/v1/sessions/{id}/save", post(session_save))
+        .route("/v1/sessions/{id}/fork", post(session_fork))
         .route("/v1/runs", post(submit).get(list))
         .route("/v1/runs/{id}", get(show))
         .route("/v1/runs/{id}/events", get(events))
@@ -42,7 +71,7 @@ pub fn router(runs: Arc<Runs>, token: Option<Arc<str>>) -> Router {
         .route("/v1/runs/{id}/restart", post(restart))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such route; the API is under /v1/") })
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .with_state(runs);
+        .with_state(served);
     match token {
         Some(token) => routes.layer(middleware::from_fn(move |request: Request, next: Next| {
             let token = token.clone();
@@ -95,8 +124,15 @@ fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>
             ApiError::new(ErrorKind::BadRequest, format!("cannot read the request: {rejection}"))
         }
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("invalid request body: {e}")))
+    // The error names the field, e.g. `options.ram`, not just where in the text it was.
+    let mut reader = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let message = match e.path().to_string().as_str() {
+            "." => format!("invalid request body: {}", e.inner()),
+            path => format!("invalid request body: `{path}`: {}", e.inner()),
+        };
+        ApiError::new(ErrorKind::BadRequest, message)
+    })
 }
 
 async fn submit(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -202,6 +238,67 @@ async fn stop(State(runs): State<Arc<Runs>>, Path(id): Path<String>) -> ApiResul
 async fn restart(State(runs): State<Arc<Runs>>, Path(id): Path<String>) -> ApiResult<Response> {
     let entry = runs.restart(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { run: entry.view(false) })).into_response())
+}
+
+async fn run_python(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let request: RunPython = json_body(body)?;
+    let image = capsule_exec::interpreter_dir()
+        .map(|dir| dir.join("build/manifest.toml"))
+        .filter(|path| path.is_file())
+        .ok_or_else(|| {
+            ApiError::hinted(
+                ErrorKind::Load,
+                "the interpreter image is not built",
+                "build it with `capsule python --image` (clients such as the Python SDK do)",
+            )
+        })?;
+    let submit = SubmitRun {
+        manifest: image,
+        task: Some("run_python".into()),
+        args: vec![serde_json::Value::String(request.code)],
+        options: Some(
+            request.options.unwrap_or_else(|| manifest_schema::TaskOptions { max_retries: 0, ..Default::default() }),
+        ),
+        files_root: request.project.clone(),
+        project: request.project,
+        ..SubmitRun::default()
+    };
+    let (run, outcome) = runs.submit_and_wait(submit).await?;
+    Ok(Json(Finished { run, outcome }).into_response())
+}
+
+async fn open_session(
+    State(sessions): State<Arc<Sessions>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let request: OpenSession = json_body(body)?;
+    Ok((StatusCode::CREATED, Json(sessions.open(request).await?)).into_response())
+}
+
+async fn list_sessions(State(sessions): State<Arc<Sessions>>) -> Json<Vec<SessionView>> {
+    Json(sessions.list())
+}
+
+async fn session_run(
+    State(sessions): State<Arc<Sessions>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let call: SessionCall = json_body(body)?;
+    Ok(Json(sessions.call(&id, call).await?).into_response())
+}
+
+async fn session_save(State(sessions): State<Arc<Sessions>>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(Json(sessions.save(&id).await?).into_response())
+}
+
+async fn session_fork(State(sessions): State<Arc<Sessions>>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok((StatusCode::CREATED, Json(sessions.fork(&id).await?)).into_response())
+}
+
+async fn close_session(State(sessions): State<Arc<Sessions>>, Path(id): Path<String>) -> ApiResult<Response> {
+    sessions.close(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

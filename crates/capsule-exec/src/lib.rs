@@ -8,7 +8,7 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp` (leaves); `artifact`, `output`,
+//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
@@ -23,6 +23,7 @@ mod net;
 mod orchestrator;
 mod outcome;
 mod output;
+mod paths;
 mod run;
 mod sandbox;
 mod session;
@@ -38,6 +39,7 @@ pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus};
 pub use orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, RunSettings};
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
+pub use paths::{CACHE_DIR_ENV, cache_dir, interpreter_dir, saved_sessions_dir};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
 pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;

@@ -244,6 +244,11 @@ impl Session {
         Ok(())
     }
 
+    /// The task each call runs.
+    pub fn task(&self) -> &str {
+        &self.task.name
+    }
+
     /// Runs one call; the session keeps what it leaves.
     pub async fn call(&mut self, args: Vec<Value>, limits: CallLimits, cancel: &Cancel) -> Outcome {
         let mut cell = Cell { args, limits, succeeded: false };

@@ -31,6 +31,7 @@ impl FileMode {
 #[serde(deny_unknown_fields)]
 pub struct FileGrant {
     /// Normalised, relative to the project root, `/`-separated; `.` is the root itself.
+    #[serde(deserialize_with = "normalised")]
     pub path: String,
     pub mode: FileMode,
 }
@@ -40,6 +41,11 @@ impl FileGrant {
     pub fn guest_path(&self) -> String {
         if self.path == "." { "/".into() } else { format!("/{}", self.path) }
     }
+}
+
+fn normalised<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    normalise_grant_path(&text).map_err(|p| serde::de::Error::custom(p.message))
 }
 
 /// Normalises a grant's path, refusing absolute paths and any way out of the project.

@@ -138,14 +138,6 @@ impl Manifest {
                     self.artifact.initial_memory_bytes
                 ));
             }
-            for grant in &options.allowed_files {
-                if normalise_grant_path(&grant.path).as_deref() != Ok(grant.path.as_str()) {
-                    return Err(format!(
-                        "task `{}`: `allowed_files` path `{}` is not a normalised project path",
-                        task.name, grant.path
-                    ));
-                }
-            }
             if !options.allowed_files.is_empty() && self.artifact.project_root.is_none() {
                 return Err(format!("task `{}` has `allowed_files` but `artifact.project_root` is missing", task.name));
             }

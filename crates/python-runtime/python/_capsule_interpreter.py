@@ -21,7 +21,11 @@ def run_cell(code):
     filename = f"<cell {_cells}>"
     # Kept for tracebacks (there is no file to read the lines from).
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    tree = ast.parse(code, filename, "exec")
+    try:
+        tree = ast.parse(code, filename, "exec")
+    except SyntaxError as error:
+        # The error points at the cell; the parser's own frames say nothing more.
+        raise error.with_traceback(None) from None
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)

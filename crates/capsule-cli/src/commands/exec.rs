@@ -7,7 +7,7 @@ use clap::Parser;
 
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs, launch};
 
 /// Run a task of a Capsule artifact built by `capsule build`.
 #[derive(Debug, Parser)]
@@ -34,6 +34,14 @@ impl ExecCommand {
             None => self.run.start()?,
         };
         let entry = std::path::absolute(&self.manifest).unwrap_or(self.manifest.clone());
-        launch(&self.manifest, &entry, None, start, &self.run, &layout, Journaling::OnRequest).await
+        let what = Launch {
+            manifest: self.manifest.clone(),
+            entry,
+            built_with: None,
+            start,
+            options: None,
+            journaling: Journaling::OnRequest,
+        };
+        launch(what, &self.run, &layout).await
     }
 }

@@ -6,6 +6,8 @@ pub mod daemon;
 pub mod exec;
 pub mod list;
 pub mod logs;
+#[cfg(feature = "build")]
+pub mod python;
 pub mod restart;
 pub mod resume;
 pub mod run;

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{BuildChoice, Source};
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs, launch};
 
 /// Resume a journaled run: what finished is replayed, the rest runs.
 #[derive(Debug, Args)]
@@ -58,5 +58,13 @@ pub async fn resume(
     };
     let (manifest, built_with) = super::manifest_of(&source, &layout, choice).await?;
     let start = Start::Resume { run_id: run_id.to_string() };
-    launch(&manifest, &source.absolute(), built_with, start, run, &layout, Journaling::Project).await
+    let what = Launch {
+        manifest,
+        entry: source.absolute(),
+        built_with,
+        start,
+        options: None,
+        journaling: Journaling::Project,
+    };
+    launch(what, run, &layout).await
 }

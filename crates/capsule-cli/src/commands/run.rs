@@ -9,7 +9,7 @@ use clap::Args;
 use super::{BuildChoice, Source, entry_from_project};
 use crate::exit::Failure;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs, launch};
 
 /// Build FILE (cached) and run one of its tasks, journaled in `.capsule/journal.db`.
 #[derive(Debug, Args)]
@@ -48,7 +48,15 @@ impl RunCommand {
         let layout = ProjectLayout::of_file(source.path(), self.run.journal.clone());
         let (manifest, built_with) = super::manifest_of(&source, &layout, &self.build_choice()).await?;
         let start: Start = self.run.start()?;
-        launch(&manifest, &source.absolute(), built_with, start, &self.run, &layout, Journaling::Project).await
+        let what = Launch {
+            manifest,
+            entry: source.absolute(),
+            built_with,
+            start,
+            options: None,
+            journaling: Journaling::Project,
+        };
+        launch(what, &self.run, &layout).await
     }
 
     fn build_choice(&self) -> BuildChoice {

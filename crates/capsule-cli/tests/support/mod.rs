@@ -105,6 +105,8 @@ impl Daemon {
             .arg("--state-dir")
             .arg(state)
             .args(extra)
+            // Saved sessions stay with the test's daemon.
+            .env("XDG_DATA_HOME", state.with_file_name("data"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -129,6 +131,15 @@ impl Daemon {
         let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
         command.env("CAPSULE_SOCKET", &self.socket);
         command
+    }
+
+    /// A JSON request (`body` empty for none): (status, the answer's JSON, or null).
+    pub fn json(&self, method: &str, route: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, answer) = self.http(&format!(
+            "{method} {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        (status, serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null))
     }
 
     /// One HTTP/1.1 request over the socket, written by hand: (status, body).

@@ -6,7 +6,9 @@ interpreter (for example in your unit tests) a task is an ordinary function call
 
 From your own Python code, `capsule.run("tasks.py", "main", args=[...])` runs a task in its
 sandbox and returns a `Result` (`await capsule.run_async(...)` for asyncio); `capsule.build`
-builds a file. These talk to the Capsule daemon (started for you when none is running).
+builds a file. `capsule.run_python(code)` runs a string of Python in a fresh sandbox, and
+`capsule.Session()` keeps one sandbox's state from call to call. These talk to the Capsule
+daemon (started for you when none is running).
 """
 
 from capsule._context import attempt
@@ -18,14 +20,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from capsule import http
     from capsule._host import (
-        BuildError, CapsuleError, DaemonError, ErrorInfo, Execution, Manifest, Output, Result, TaskFailed,
-        UsageError, build, run, run_async,
+        AsyncSession, BuildError, CapsuleError, DaemonError, ErrorInfo, Execution, Manifest, Output, Result,
+        Session, TaskFailed, UsageError, build, run, run_async, run_python, run_python_async,
     )
 
 # The host API is imported on first use: a task inside the sandbox never needs it.
 _HOST_API = (
-    "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
-    "Result", "TaskFailed", "UsageError", "build", "run", "run_async",
+    "AsyncSession", "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
+    "Result", "Session", "TaskFailed", "UsageError", "build", "run", "run_async", "run_python", "run_python_async",
 )
 
 __all__ = [

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
-    "Result", "TaskFailed", "UsageError", "build", "run", "run_async",
+    "AsyncSession", "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
+    "Result", "Session", "TaskFailed", "UsageError", "build", "run", "run_async", "run_python", "run_python_async",
 ]
 
 
@@ -449,17 +449,32 @@ def _encode(request: Mapping[str, Any]) -> bytes:
         raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
 
 
-def _answer(status: int, body: bytes) -> Result:
-    answer = json.loads(body)
-    if status == 200:
-        return Result._from(answer["outcome"], answer["run"]["id"])
-    error = answer.get("error", {})
+def _raise_error(body: bytes) -> None:
+    """Raises the SDK's exception for the daemon's error answer."""
+    try:
+        error = json.loads(body).get("error", {})
+    except ValueError:
+        error = {}
     kind, message, hint = error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint")
     if kind == "load":
         raise BuildError(message, hint)
     if kind in ("bad_request", "not_found", "conflict", "too_large"):
         raise UsageError(message, hint)
     raise DaemonError(message, hint)
+
+
+def _answer(status: int, body: bytes) -> Result:
+    if status != 200:
+        _raise_error(body)
+    answer = json.loads(body)
+    return Result._from(answer["outcome"], answer["run"]["id"])
+
+
+def _reply(status: int, body: bytes) -> Any:
+    """The JSON of a successful answer (None for an empty one)."""
+    if status >= 300:
+        _raise_error(body)
+    return json.loads(body) if body else None
 
 
 def _manifest_of(source: pathlib.Path) -> pathlib.Path:
@@ -522,11 +537,8 @@ async def run_async(
         manifest = _up_to_date(out_dir)
         # Building is rare and slow: it runs in a thread so the loop is not blocked.
         request["manifest"] = str(manifest or await loop.run_in_executor(None, _build, source))
-    body = _encode(request)
-    # Choosing may start a daemon (once): not on the loop's thread.
-    path = _chosen[1] if _chosen is not None and _chosen[0] == os.getpid() else await loop.run_in_executor(None, _daemon_socket)
-    status, answer = await _pool(path).exchange(body, None if timeout is None else timeout * 2 + 60)
-    return _answer(status, answer)
+    wait = None if timeout is None else timeout * 2 + 60
+    return _answer(*await _async_exchange("POST", "/v1/runs", _encode(request), wait))
 
 
 class _AsyncPool:
@@ -537,14 +549,14 @@ class _AsyncPool:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.slots = asyncio.Semaphore(size)
 
-    async def exchange(self, body: bytes, timeout: float | None) -> tuple[int, bytes]:
+    async def exchange(self, method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
         async with self.slots:
             for attempt in (1, 2):
                 connection = self.idle.pop() if self.idle else None
                 try:
                     if connection is None:
                         connection = await asyncio.open_unix_connection(str(self.path))
-                    answer = await asyncio.wait_for(self._send(*connection, body), timeout)
+                    answer = await asyncio.wait_for(self._send(*connection, method, route, body), timeout)
                     self.idle.append(connection)
                     return answer
                 except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
@@ -559,8 +571,11 @@ class _AsyncPool:
         raise AssertionError("unreachable")
 
     @staticmethod
-    async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> tuple[int, bytes]:
-        head = f"POST /v1/runs HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    async def _send(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, route: str, body: bytes | None
+    ) -> tuple[int, bytes]:
+        body = body or b""
+        head = f"{method} {route} HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         writer.write(head.encode() + body)
         await writer.drain()
         status = int((await reader.readline()).split()[1])
@@ -586,8 +601,266 @@ def _pool(path: pathlib.Path) -> _AsyncPool:
     return pool
 
 
+async def _async_exchange(method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
+    """`_exchange` for asyncio, on the loop's pool of connections."""
+    # Choosing may start a daemon (once): not on the loop's thread.
+    if _chosen is not None and _chosen[0] == os.getpid():
+        path = _chosen[1]
+    else:
+        path = await asyncio.get_running_loop().run_in_executor(None, _daemon_socket)
+    return await _pool(path).exchange(method, route, body, timeout)
+
+
 def _refuse_inside_a_task() -> None:
     if "_capsule" in sys.builtin_module_names:
         raise RuntimeError(
             "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
         )
+
+
+# --- Code strings and sessions --------------------------------------------------------------
+
+_image: tuple[int, str] | None = None
+
+
+def _interpreter_image() -> str:
+    """The built-in interpreter image's manifest: built (once per runtime) by the `capsule`
+    command, then known for the life of the process."""
+    global _image
+    if _image is not None and _image[0] == os.getpid():
+        return _image[1]
+    done = subprocess.run([_capsule_command(), "python", "--image"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(*_problem(done.stderr))
+    _image = (os.getpid(), done.stdout.strip())
+    return _image[1]
+
+
+async def _interpreter_image_async() -> str:
+    if _image is not None and _image[0] == os.getpid():
+        return _image[1]
+    return await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
+
+
+def _duration(timeout: float | str) -> str:
+    """Seconds (or a duration such as "30s") in the manifest's form."""
+    return timeout if isinstance(timeout, str) else f"{max(1, round(timeout * 1000))}ms"
+
+
+def _options(
+    compute: str | int | None = None,
+    ram: str | int | None = None,
+    timeout: float | str | None = None,
+    allowed_hosts: Iterable[str] = (),
+    allowed_files: Iterable[str | Mapping[str, str]] = (),
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Sandbox options in the manifest's form (the daemon checks each)."""
+    options: dict[str, Any] = {"compute": compute or "MEDIUM", "ram": ram or "256MiB", "max_retries": 0}
+    if timeout is not None:
+        options["timeout"] = _duration(timeout)
+    if env:
+        options["env_vars"] = dict(env)
+    if allowed_hosts:
+        options["allowed_hosts"] = list(allowed_hosts)
+    grants = [grant if isinstance(grant, Mapping) else {"path": grant} for grant in allowed_files]
+    if grants:
+        options["allowed_files"] = [{"path": g["path"], "mode": g.get("mode", "read-only")} for g in grants]
+    return options
+
+
+def _python_request(code: str, image: str, project: str | os.PathLike[str] | None = None, **options: Any) -> bytes:
+    if not isinstance(code, str):
+        raise UsageError("`code` must be a string of Python")
+    root = str(pathlib.Path(project or os.getcwd()).resolve())
+    return _encode({
+        "manifest": image,
+        "task": "run_python",
+        "args": [code],
+        "options": _options(**options),
+        "project": root,
+        "files_root": root,
+        "wait": True,
+        "stream": False,
+    })
+
+
+def run_python(
+    code: str,
+    *,
+    compute: str | int | None = None,
+    ram: str | int | None = None,
+    timeout: float | str | None = None,
+    allowed_hosts: Iterable[str] = (),
+    allowed_files: Iterable[str | Mapping[str, str]] = (),
+    env: Mapping[str, str] | None = None,
+    project: str | os.PathLike[str] | None = None,
+) -> Result:
+    """Run `code` in a fresh sandbox, like a notebook cell: the value of a final expression
+    is the result (itself when it is JSON, else its repr); `output` has what it printed.
+
+    `compute` (LOW, MEDIUM, HIGH or fuel units), `ram` ("256MiB") and `timeout` (seconds)
+    limit it; `allowed_hosts`, `allowed_files` (folders of `project`, by default the current
+    folder; `{"path": "out", "mode": "read-write"}` to write) and `env` are what it may reach.
+    """
+    _refuse_inside_a_task()
+    request = _python_request(
+        code, _interpreter_image(), project, compute=compute, ram=ram, timeout=timeout,
+        allowed_hosts=allowed_hosts, allowed_files=allowed_files, env=env,
+    )
+    return _answer(*_exchange("POST", "/v1/runs", request, None))
+
+
+async def run_python_async(code: str, **options: Any) -> Result:
+    """`run_python`, for asyncio (the same keyword arguments)."""
+    _refuse_inside_a_task()
+    request = _python_request(code, await _interpreter_image_async(), **options)
+    return _answer(*await _async_exchange("POST", "/v1/runs", request, None))
+
+
+def _open_request(
+    restore: str | None,
+    idle_timeout: float,
+    compute: str | int | None = None,
+    ram: str | int | None = None,
+    timeout: float | str | None = None,
+    allowed_hosts: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> bytes:
+    request: dict[str, Any] = {
+        "manifest": _interpreter_image(),
+        "options": _options(compute, ram, timeout, allowed_hosts, (), env),
+        "idle_seconds": max(1, int(idle_timeout)),
+    }
+    if restore is not None:
+        request["restore"] = restore
+    return _encode(request)
+
+
+def _call_request(code: str, compute: str | int | None, timeout: float | str | None) -> bytes:
+    if not isinstance(code, str):
+        raise UsageError("`code` must be a string of Python")
+    call: dict[str, Any] = {"args": [code]}
+    if compute is not None:
+        call["compute"] = compute
+    if timeout is not None:
+        call["timeout"] = _duration(timeout)
+    return _encode(call)
+
+
+class _SessionFiles:
+    """The workspace, a session's `/`: where `upload` puts files and `download` finds them."""
+
+    workspace: pathlib.Path
+
+    def upload(self, name: str, data: bytes | str) -> None:
+        """Writes `data` to `name` in the workspace, where the session's code finds it as `/name`."""
+        target = self._file(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    def download(self, name: str) -> bytes:
+        """The content of `name` in the workspace (written by the session's code)."""
+        return self._file(name).read_bytes()
+
+    def _file(self, name: str) -> pathlib.Path:
+        target = (self.workspace / name.lstrip("/")).resolve()
+        if not target.is_relative_to(self.workspace.resolve()):
+            raise UsageError(f"`{name}` is outside the session's workspace")
+        return target
+
+
+class Session(_SessionFiles):
+    """A sandbox that keeps its Python state from call to call: variables, imports and
+    definitions carry over, like a notebook's cells.
+
+    Each call has its own fuel and deadline (`compute`, `timeout`); the session has its memory
+    limit (`ram`). A call that raises keeps what it did before raising; a call stopped by its
+    deadline, fuel or memory limit leaves the session as it was before that call. `save()`
+    returns an id that `Session(restore=id)` continues, in this process or another; `fork()`
+    branches it. The session closes after `idle_timeout` seconds without a call.
+    """
+
+    def __init__(
+        self,
+        *,
+        compute: str | int | None = None,
+        ram: str | int | None = None,
+        timeout: float | str | None = None,
+        allowed_hosts: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        idle_timeout: float = 600,
+        restore: str | None = None,
+    ):
+        _refuse_inside_a_task()
+        request = _open_request(restore, idle_timeout, compute, ram, timeout, allowed_hosts, env)
+        self._adopt(_reply(*_exchange("POST", "/v1/sessions", request, None)))
+
+    def _adopt(self, view: Mapping[str, Any]) -> None:
+        self.id: str = view["id"]
+        self.workspace = pathlib.Path(view["workspace"])
+
+    def run(self, code: str, *, compute: str | int | None = None, timeout: float | str | None = None) -> Result:
+        """Runs `code` in the session; see `run_python` for what the `Result` holds."""
+        envelope = _reply(*_exchange("POST", f"/v1/sessions/{self.id}/run", _call_request(code, compute, timeout), None))
+        return Result._from(envelope, None)
+
+    def save(self) -> str:
+        """Saves the session's state (its memory where it differs from a fresh interpreter); its id."""
+        return _reply(*_exchange("POST", f"/v1/sessions/{self.id}/save", None, None))["id"]
+
+    def fork(self) -> Session:
+        """A second, independent session starting from this one's state and a copy of its workspace."""
+        fork = object.__new__(Session)
+        fork._adopt(_reply(*_exchange("POST", f"/v1/sessions/{self.id}/fork", None, None)))
+        return fork
+
+    def close(self) -> None:
+        """Ends the session and removes its workspace (a closed session closes quietly)."""
+        status, body = _exchange("DELETE", f"/v1/sessions/{self.id}", None, None)
+        if status != 404:
+            _reply(status, body)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncSession(_SessionFiles):
+    """`Session`, for asyncio: `async with await AsyncSession.open(...) as session:`, then
+    `await session.run(code)`."""
+
+    def __init__(self, view: Mapping[str, Any]):
+        self.id: str = view["id"]
+        self.workspace = pathlib.Path(view["workspace"])
+
+    @classmethod
+    async def open(cls, *, idle_timeout: float = 600, restore: str | None = None, **options: Any) -> AsyncSession:
+        """Opens a session; the keyword arguments are `Session`'s."""
+        _refuse_inside_a_task()
+        await _interpreter_image_async()
+        request = _open_request(restore, idle_timeout, **options)
+        return cls(_reply(*await _async_exchange("POST", "/v1/sessions", request, None)))
+
+    async def run(self, code: str, *, compute: str | int | None = None, timeout: float | str | None = None) -> Result:
+        request = _call_request(code, compute, timeout)
+        return Result._from(_reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/run", request, None)), None)
+
+    async def save(self) -> str:
+        return _reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/save", None, None))["id"]
+
+    async def fork(self) -> AsyncSession:
+        return AsyncSession(_reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/fork", None, None)))
+
+    async def close(self) -> None:
+        status, body = await _async_exchange("DELETE", f"/v1/sessions/{self.id}", None, None)
+        if status != 404:
+            _reply(status, body)
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
