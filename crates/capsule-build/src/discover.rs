@@ -64,13 +64,14 @@ impl manifest_schema::Explain for Diagnostics {
 }
 
 /// A `@task` function and its options, as written in the source over the project's defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiscoveredTask {
     pub name: String,
     /// The Python function's name (top level of the module).
     pub function: String,
     pub line: usize,
     pub options: TaskOptions,
+    pub signature: manifest_schema::Signature,
 }
 
 /// A parsed module: its tasks and the modules it imports (for bundling local modules).
@@ -120,9 +121,9 @@ pub fn parse_module(source: &str, path: &str, defaults: &TaskOptions) -> Result<
     let mut info = ModuleInfo::default();
     collect_imports(&suite, &mut info.imports);
     for stmt in &suite {
-        let (name, decorators, is_async) = match stmt {
-            Stmt::FunctionDef(def) => (def.name.as_str(), &def.decorator_list, false),
-            Stmt::AsyncFunctionDef(def) => (def.name.as_str(), &def.decorator_list, true),
+        let (name, decorators, is_async, arguments, body) = match stmt {
+            Stmt::FunctionDef(def) => (def.name.as_str(), &def.decorator_list, false, &def.args, &def.body),
+            Stmt::AsyncFunctionDef(def) => (def.name.as_str(), &def.decorator_list, true, &def.args, &def.body),
             _ => continue,
         };
         for decorator in decorators {
@@ -136,7 +137,8 @@ pub fn parse_module(source: &str, path: &str, defaults: &TaskOptions) -> Result<
                 continue;
             }
             let line = parser.locator.locate(stmt.start()).row.get() as usize;
-            if let Some(task) = parse_options(&mut parser, name, line, call, defaults) {
+            if let Some(mut task) = parse_options(&mut parser, name, line, call, defaults) {
+                task.signature = crate::signature::read(arguments, body);
                 info.tasks.push(task);
             }
         }
@@ -319,6 +321,7 @@ fn parse_options(
         function: function.to_string(),
         line,
         options: spec.options,
+        signature: manifest_schema::Signature::default(),
     })
 }
 

@@ -23,7 +23,7 @@ use capsule_exec::FileStamp;
 use serde::{Deserialize, Serialize};
 
 pub const FINGERPRINT_FILE: &str = "fingerprint.json";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,6 +6,7 @@ mod discover;
 mod error;
 mod fingerprint;
 mod project;
+mod signature;
 mod snapshot;
 
 use std::collections::BTreeSet;
@@ -318,6 +319,7 @@ fn manifest_tasks(project: &Project, registered: &[RegisteredTask]) -> Vec<Task>
                 .find(|r| r.name == task.name)
                 .map_or_else(|| format!("{}.{}", project.entry_module, task.function), |r| r.function.clone()),
             options: task.options.clone(),
+            signature: Some(task.signature.clone()),
         })
         .collect()
 }

@@ -8,6 +8,7 @@ mod exit;
 mod layout;
 mod remote;
 mod run_args;
+mod sandbox_args;
 mod terminal;
 
 use std::future::Future;
@@ -36,6 +37,8 @@ enum Command {
     Run(commands::run::RunCommand),
     #[cfg(feature = "build")]
     Python(commands::python::PythonCommand),
+    #[cfg(feature = "build")]
+    Mcp(commands::mcp::McpCommand),
     Resume(commands::resume::ResumeCommand),
     Runs(commands::runs::RunsCommand),
     Daemon(commands::daemon::DaemonCommand),
@@ -59,6 +62,8 @@ pub fn capsule_main() -> ExitCode {
                 Command::Run(command) => command.execute().await,
                 #[cfg(feature = "build")]
                 Command::Python(command) => command.execute().await,
+                #[cfg(feature = "build")]
+                Command::Mcp(command) => command.execute().await,
                 Command::Resume(command) => command.execute().await,
                 Command::Runs(command) => command.execute().await,
                 Command::List(command) => command.execute().await,

@@ -431,6 +431,15 @@ fn code_strings_run_once_or_in_sessions_that_keep_their_state() {
         daemon.json("POST", &format!("/v1/sessions/{}/run", restored["id"].as_str().unwrap()), &restored_call);
     assert_eq!(value["result"], serde_json::json!([1, 2]));
 
+    // A saved file changed on disk is refused by its hash.
+    let file = daemon.state.with_file_name("data").join(format!("capsule/sessions/{saved_id}.session"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let (status, error) = daemon.json("POST", "/v1/sessions", &restore);
+    assert!(status == 400 && error["error"]["message"].as_str().unwrap().contains("does not match"), "{error}");
+
     // Bad requests get clear errors; the daemon stays up.
     let bad = |route: &str, body: &str| daemon.json("POST", route, body);
     let (status, error) = bad("/v1/sessions", r#"{"restore": "not-an-id"}"#);

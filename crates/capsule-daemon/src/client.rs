@@ -128,6 +128,11 @@ impl Client {
         self.json(Method::POST, path, Some(serde_json::to_vec(body).expect("requests serialise"))).await
     }
 
+    /// A `DELETE` (answered with no content).
+    pub async fn delete(&mut self, path: &str) -> Result<(), ClientError> {
+        self.send(Method::DELETE, path, None).await.map(drop)
+    }
+
     pub async fn health(&mut self) -> Result<Health, ClientError> {
         self.get("/v1/health").await
     }

@@ -9,6 +9,7 @@ pub mod hosts;
 pub mod options;
 pub mod problem;
 pub mod project;
+pub mod signature;
 pub mod units;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ pub use hosts::HostPolicy;
 pub use options::{OPTIONS, TaskOptions, TaskSpec, defaults};
 pub use problem::{Explain, Problem};
 pub use project::{PROJECT_FILE, ProjectFile};
+pub use signature::{Parameter, Scalar, Signature, TypeHint};
 pub use units::{ByteSize, Compute, Timeout, parse_duration, parse_memory};
 
 /// The manifest format this crate reads and writes.
@@ -69,6 +71,10 @@ pub struct Task {
     /// `module.function` that implements it.
     pub function: String,
     pub options: TaskOptions,
+    /// Its parameters and docstring, as the build read them (agent tools describe and check
+    /// calls with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
 }
 
 #[derive(Debug, Error)]
@@ -188,6 +194,17 @@ mod tests {
                             FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
                         ],
                     },
+                    signature: Some(Signature {
+                        parameters: vec![Parameter {
+                            name: "name".into(),
+                            hint: TypeHint::Str,
+                            required: false,
+                            default: Some(Scalar::Str("world".into())),
+                            positional_only: false,
+                        }],
+                        more_keywords: false,
+                        doc: Some("Greets `name`.".into()),
+                    }),
                 },
                 Task {
                     name: "helper".into(),
@@ -197,6 +214,7 @@ mod tests {
                         max_retries: 0,
                         ..TaskOptions::default()
                     },
+                    signature: None,
                 },
             ],
         }

@@ -11,6 +11,8 @@ use anyhow::{Context, Result, bail};
 use crate::util::{output, run, target_dir, workspace_root};
 
 const PYTEST: &str = "pytest==8.3.4";
+/// The official MCP client, for the end-to-end test of `capsule mcp`.
+const MCP_CLIENT: &str = "mcp==2.3.0";
 
 const HELLO: &str = "from capsule import task\n\n\n@task(compute=\"LOW\", ram=\"64MB\", timeout=\"10s\")\ndef main(name: str = \"world\") -> str:\n    return f\"Hello, {name}!\"\n";
 
@@ -38,7 +40,7 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .arg(wheel)
-        .arg(PYTEST))?;
+        .args([PYTEST, MCP_CLIENT]))?;
     std::fs::write(project.join("hello.py"), HELLO)?;
 
     let said = output(user(&venv.join("bin/capsule"), &home, &venv, &project).args(["run", "hello.py", "Ada"]))?;

@@ -45,7 +45,7 @@ impl BuildCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
         let entry = match self.file {
             Some(file) => file,
-            None => entry_from_project()?,
+            None => entry_from_project(Path::new(""))?,
         };
         let layout = ProjectLayout::of_file(&entry, None);
         let options = options(&entry, &layout, &self.output.choice());

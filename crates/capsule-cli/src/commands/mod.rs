@@ -7,6 +7,8 @@ pub mod exec;
 pub mod list;
 pub mod logs;
 #[cfg(feature = "build")]
+pub mod mcp;
+#[cfg(feature = "build")]
 pub mod python;
 pub mod restart;
 pub mod resume;
@@ -92,9 +94,9 @@ async fn build_entry(entry: &Path, _: &ProjectLayout, _: &BuildChoice) -> Result
     ))
 }
 
-/// The entry point named by `./capsule.toml`, for commands given no file.
-pub fn entry_from_project() -> Result<PathBuf, Failure> {
-    let dir = Path::new("");
+/// The entry point named by `capsule.toml` in `dir` (`""`: the current folder), for commands
+/// given no file.
+pub fn entry_from_project(dir: &Path) -> Result<PathBuf, Failure> {
     let hint =
         "pass the Python file (`capsule run main.py`), or set `[workflow] entrypoint = \"main.py\"` in capsule.toml";
     let config = manifest_schema::ProjectFile::find(dir).map_err(|e| Failure::usage(&e))?;
@@ -103,7 +105,12 @@ pub fn entry_from_project() -> Result<PathBuf, Failure> {
         None => Err(Failure::problem(
             Exit::Usage,
             Problem::hinted(
-                "no Python file given, and no `capsule.toml` with an entrypoint in the current folder",
+                match dir.as_os_str().is_empty() {
+                    true => {
+                        "no Python file given, and no `capsule.toml` with an entrypoint in the current folder".into()
+                    }
+                    false => format!("no `capsule.toml` with an entrypoint in `{}`", dir.display()),
+                },
                 hint,
             ),
         )),

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use capsule_exec::Start;
 use clap::Args;
-use manifest_schema::options::{self, Literal, TaskSpec, Value};
-use manifest_schema::{Problem, TaskOptions};
+use manifest_schema::Problem;
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
 use crate::run_args::{Journaling, Launch, RunArgs, launch};
+use crate::sandbox_args::SandboxArgs;
 
 /// Run Python code in a sandbox: the value of a final expression is the result (as JSON when
 /// it is JSON, else its repr), like a notebook cell. Same output and envelope as `capsule run`.
@@ -26,24 +26,8 @@ pub struct PythonCommand {
     code: Option<String>,
     /// A file of code to run; `-` reads standard input.
     file: Option<PathBuf>,
-    /// CPU budget: "LOW", "MEDIUM", "HIGH" or a number of fuel units [default: "MEDIUM"].
-    #[arg(long, value_name = "FUEL")]
-    compute: Option<String>,
-    /// Memory limit, e.g. "512MiB" [default: "256MiB"].
-    #[arg(long, value_name = "SIZE")]
-    ram: Option<String>,
-    /// Wall-clock limit, e.g. "30s" [default: 5 minutes].
-    #[arg(long, value_name = "DURATION")]
-    timeout: Option<String>,
-    /// A host the code may reach over HTTP (repeatable), as in `allowed_hosts`.
-    #[arg(long = "allow-host", value_name = "RULE")]
-    allow_host: Vec<String>,
-    /// A folder of the current one the code may use (repeatable); `DIR:rw` to write in it.
-    #[arg(long = "allow-dir", value_name = "DIR[:rw]")]
-    allow_dir: Vec<String>,
-    /// An environment variable the code sees (repeatable).
-    #[arg(long = "env", value_name = "NAME=VALUE")]
-    env: Vec<String>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
     /// Print the JSON envelope instead of the bare result.
     #[arg(long)]
     json: bool,
@@ -62,10 +46,6 @@ fn usage(problem: Problem) -> Failure {
     Failure::problem(Exit::Usage, problem)
 }
 
-fn text(value: &str) -> Literal {
-    Literal { value: Value::Str(value.to_string()), at: 0 }
-}
-
 impl PythonCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
         let (manifest, built_with) = image().await?;
@@ -74,7 +54,7 @@ impl PythonCommand {
             return Ok(Exit::Success.into());
         }
         let code = self.code()?;
-        let options = self.options()?;
+        let options = self.sandbox.options()?;
         let run = RunArgs {
             task: None,
             json: self.json,
@@ -83,7 +63,7 @@ impl PythonCommand {
             journal: None,
             verbose: false,
             workers: None,
-            project: (!self.allow_dir.is_empty()).then(|| PathBuf::from(".")),
+            project: (!self.sandbox.allow_dir.is_empty()).then(|| PathBuf::from(".")),
             daemon: self.daemon,
             no_daemon: self.no_daemon,
             detach: false,
@@ -118,56 +98,6 @@ impl PythonCommand {
                 "give it with `-c CODE`, as a file, or `-` for standard input",
             ))),
         }
-    }
-
-    /// The limits and grants, read by the same table as `@task` options.
-    fn options(&self) -> Result<TaskOptions, Failure> {
-        let mut spec = TaskSpec { name: None, options: TaskOptions { max_retries: 0, ..TaskOptions::default() } };
-        let mut set = |name: &str, flag: &str, literal: Literal| {
-            let option = options::option(name).expect("a known option");
-            option.apply(&mut spec, &literal).map_err(|error| usage(error.problem.context(format!("`{flag}`"))))
-        };
-        if let Some(compute) = &self.compute {
-            set("compute", "--compute", text(compute))?;
-        }
-        if let Some(ram) = &self.ram {
-            set("ram", "--ram", text(ram))?;
-        }
-        if let Some(timeout) = &self.timeout {
-            set("timeout", "--timeout", text(timeout))?;
-        }
-        if !self.allow_host.is_empty() {
-            let rules = self.allow_host.iter().map(|r| text(r)).collect();
-            set("allowed_hosts", "--allow-host", Literal { value: Value::List(rules), at: 0 })?;
-        }
-        if !self.allow_dir.is_empty() {
-            let grants = self
-                .allow_dir
-                .iter()
-                .map(|dir| match dir.strip_suffix(":rw") {
-                    Some(path) => Literal {
-                        value: Value::Dict(vec![(text("path"), text(path)), (text("mode"), text("read-write"))]),
-                        at: 0,
-                    },
-                    None => text(dir),
-                })
-                .collect();
-            set("allowed_files", "--allow-dir", Literal { value: Value::List(grants), at: 0 })?;
-        }
-        if !self.env.is_empty() {
-            let pairs = self
-                .env
-                .iter()
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, value)) => Ok((text(name), text(value))),
-                    None => {
-                        Err(usage(Problem::hinted(format!("`--env {pair}` has no `=`"), "write `--env NAME=VALUE`")))
-                    }
-                })
-                .collect::<Result<_, _>>()?;
-            set("env_vars", "--env", Literal { value: Value::Dict(pairs), at: 0 })?;
-        }
-        Ok(spec.options)
     }
 }
 

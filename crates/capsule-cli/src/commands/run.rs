@@ -42,7 +42,7 @@ impl RunCommand {
                 if let Some(argument) = other {
                     self.run.args.insert(0, argument.display().to_string());
                 }
-                Source::Python(entry_from_project()?)
+                Source::Python(entry_from_project(Path::new(""))?)
             }
         };
         let layout = ProjectLayout::of_file(source.path(), self.run.journal.clone());

@@ -800,6 +800,12 @@ class Session(_SessionFiles):
         self.id: str = view["id"]
         self.workspace = pathlib.Path(view["workspace"])
 
+    @classmethod
+    def restore(cls, saved: str, **options: Any) -> Session:
+        """A session continuing the one `save()` returned `saved` for (in any process of the
+        user); the keyword arguments are the constructor's."""
+        return cls(restore=saved, **options)
+
     def run(self, code: str, *, compute: str | int | None = None, timeout: float | str | None = None) -> Result:
         """Runs `code` in the session; see `run_python` for what the `Result` holds."""
         envelope = _reply(*_exchange("POST", f"/v1/sessions/{self.id}/run", _call_request(code, compute, timeout), None))

@@ -1,6 +1,8 @@
 """`capsule.run_python` and sessions from a user's Python, as installed from the wheel."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +25,8 @@ def test_run_python_failures_are_results_and_bad_calls_raise():
     assert capsule.run_python("while True: pass", compute="LOW").error.type == "fuel"
     assert capsule.run_python("import time\nwhile True: time.sleep(0.01)", timeout=0.5).error.type == "timeout"
     assert capsule.run_python("b = bytearray(300 << 20)", ram="64MiB").error.type == "memory"
+    flood = capsule.run_python("for i in range(200_000):\n    print('x' * 100)\n'done'", compute="HIGH")
+    assert flood.result == "done" and flood.output.stdout_truncated and len(flood.output.stdout) < 20 << 20
     with pytest.raises(capsule.UsageError, match="`code` must be a string"):
         capsule.run_python(42)
     with pytest.raises(capsule.UsageError, match="ram"):
@@ -49,11 +53,12 @@ def test_run_python_reaches_only_what_it_is_given(tmp_path):
 
 
 def test_a_session_keeps_its_state_and_a_stopped_call_leaves_no_trace():
-    with capsule.Session() as session:
+    with capsule.Session(ram="128MiB") as session:
         assert session.run("import math\nseen = []").success
         assert session.run("seen.append(math.pi); len(seen)").result == 1
         assert session.run("seen.append(2)\nwhile True: pass", timeout=0.3).error.type == "timeout"
         assert session.run("seen.append(3)\nwhile True: pass", compute="LOW").error.type == "fuel"
+        assert session.run("hoard = bytearray(400 << 20)").error.type == "memory"
         assert session.run("len(seen)").result == 1
         raised = session.run("seen.append(4)\nraise KeyError('k')")
         assert raised.error.exc_type == "KeyError"
@@ -100,3 +105,22 @@ def test_async_code_strings_and_sessions():
 
     results, n = asyncio.run(work())
     assert results == [2 * i for i in range(50)] and n == 6
+
+
+SAVE_AND_DIE = """
+import os, capsule
+session = capsule.Session()
+session.run("import re, datetime\\nnotes = ['kept across processes']")
+print(session.save(), flush=True)
+os._exit(9)  # no clean-up: the process, and the daemon it started, are gone
+"""
+
+
+def test_a_saved_session_outlives_its_process():
+    done = subprocess.run([sys.executable, "-c", SAVE_AND_DIE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    saved = done.stdout.strip()
+    with capsule.Session.restore(saved) as session:
+        assert session.run("notes + [datetime.date(2026, 1, 2).isoformat()]").result == [
+            "kept across processes", "2026-01-02"
+        ]
