@@ -4,8 +4,14 @@
     python sdk.py async     FILE N   # N concurrent capsule.run_async(FILE): all must complete
     python sdk.py reference FILE N   # the reference implementation's `await capsule.run(file=...)`
     python sdk.py monty     -    N   # pydantic-monty: check out a worker and run the same function
+    python sdk.py python    -    N   # capsule.run_python("1 + 1"), warm
+    python sdk.py session   -    N   # Session.run("x += 1") in one session
+    python sdk.py save      -    N   # save and restore a session holding 10 MB, N times each
+    python sdk.py monty-python  - N  # pydantic-monty: check out a worker and run "1 + 1"
+    python sdk.py monty-session - N  # pydantic-monty: feed_run("x += 1") in one checked-out session
 
-Prints JSON: {"p50_ms": ..., "p99_ms": ...} (for `async`: {"seconds": ..., "completed": ...}).
+Prints JSON: {"p50_ms": ..., "p99_ms": ...} (for `async`: {"seconds": ..., "completed": ...};
+for `save`: the p50 of each and the sizes).
 """
 
 import asyncio
@@ -14,6 +20,17 @@ import sys
 import time
 
 HELLO = 'def main(name="world"):\n    return f"hello {name}"\nmain("Ada")'
+
+# A session as an agent leaves it: a few modules imported and 10 MB of data that does not compress.
+SESSION_STATE = "import json, re, datetime, os\ndata = os.urandom(10 << 20)\nseen = {'when': datetime.date.today()}"
+
+
+def session_store():
+    import os
+    import pathlib
+
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.environ["HOME"], ".local/share")
+    return pathlib.Path(data) / "capsule" / "sessions"
 
 
 def percentiles(samples):
@@ -72,6 +89,50 @@ def main():
                     assert session.feed_run(HELLO) == "hello Ada"
 
             print(json.dumps(timed(call, n)))
+    elif mode == "python":
+        import capsule
+
+        print(json.dumps(timed(lambda: capsule.run_python("1 + 1").unwrap(), n)))
+    elif mode == "session":
+        import capsule
+
+        with capsule.Session() as session:
+            session.run("x = 0").unwrap()
+            print(json.dumps(timed(lambda: session.run("x += 1").unwrap(), n)))
+    elif mode == "save":
+        import capsule
+
+        with capsule.Session(ram="256MiB") as session:
+            session.run(SESSION_STATE).unwrap()
+            saves, restores, saved = [], [], None
+            for _ in range(n):
+                started = time.perf_counter()
+                saved = session.save()
+                saves.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                with capsule.Session.restore(saved) as restored:
+                    assert restored.run("len(data)").result == 10 << 20
+                    restores.append(time.perf_counter() - started)
+            size = (session_store() / f"{saved}.session").stat().st_size
+        print(json.dumps({
+            "save_ms": percentiles(saves)["p50_ms"], "restore_ms": percentiles(restores)["p50_ms"], "bytes": size,
+        }))
+    elif mode == "monty-python":
+        import pydantic_monty
+
+        with pydantic_monty.Monty(min_processes=1) as pool:
+
+            def call():
+                with pool.checkout() as session:
+                    assert session.feed_run("1 + 1") == 2
+
+            print(json.dumps(timed(call, n)))
+    elif mode == "monty-session":
+        import pydantic_monty
+
+        with pydantic_monty.Monty(min_processes=1) as pool, pool.checkout() as session:
+            session.feed_run("x = 0")
+            print(json.dumps(timed(lambda: session.feed_run("x += 1"), n)))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

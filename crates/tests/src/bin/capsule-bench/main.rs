@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 mod peers;
 mod service;
+mod sessions;
 
 use capsule_exec::{Engine, Loaded, RunRequest};
 use serde_json::{Value, json};

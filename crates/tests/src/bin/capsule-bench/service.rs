@@ -62,13 +62,36 @@ async fn one_run(client: &mut Client, request: &SubmitRun) {
 }
 
 /// What `bench/sdk.py` printed.
-fn python_timing(mut command: Command) -> Option<serde_json::Value> {
+pub fn python_timing(mut command: Command) -> Option<serde_json::Value> {
     let output = command.output().expect("python starts");
     if !output.status.success() {
         eprintln!("bench: {command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         return None;
     }
     serde_json::from_slice(&output.stdout).ok()
+}
+
+pub fn sdk_script() -> PathBuf {
+    crate::workspace().join("crates/tests/bench/sdk.py")
+}
+
+/// `bench/sdk.py MODE FILE COUNT` with this checkout's SDK, talking to the bench's daemon.
+pub fn sdk_command(capsule: &Path, socket: &Path, mode: &str, file: &Path, count: &str) -> Command {
+    let mut command = Command::new("python3");
+    command
+        .arg(sdk_script())
+        .arg(mode)
+        .arg(file)
+        .arg(count)
+        .env("PYTHONPATH", crate::workspace().join("crates/python-runtime/python"))
+        .env("CAPSULE_BIN", capsule)
+        .env("CAPSULE_SOCKET", socket);
+    command
+}
+
+/// The p50 `bench/sdk.py` printed.
+pub fn p50_of(timing: &serde_json::Value) -> Duration {
+    Duration::from_secs_f64(timing["p50_ms"].as_f64().unwrap_or(0.0) / 1e3)
 }
 
 /// `capsule.run("hello.py")` from a Python process, against the reference implementation's
@@ -82,20 +105,10 @@ fn sdk(
     reference_project: &Path,
     peers: &Peers,
 ) {
-    let script = crate::workspace().join("crates/tests/bench/sdk.py");
+    let script = sdk_script();
     let n = settings.count(1_000).to_string();
-    let ours = |mode: &str, count: &str| {
-        let mut command = Command::new("python3");
-        command
-            .arg(&script)
-            .args([mode, project.join("hello.py").to_str().unwrap(), count])
-            .env("PYTHONPATH", crate::workspace().join("crates/python-runtime/python"))
-            .env("CAPSULE_BIN", capsule)
-            .env("CAPSULE_SOCKET", socket);
-        python_timing(command)
-    };
-    let ms_of = |v: &serde_json::Value| Duration::from_secs_f64(v["p50_ms"].as_f64().unwrap() / 1e3);
-    let Some(ours_p50) = ours("capsule", &n).as_ref().map(ms_of) else { return };
+    let ours = |mode: &str, count: &str| python_timing(sdk_command(capsule, socket, mode, &project.join("hello.py"), count));
+    let Some(ours_p50) = ours("capsule", &n).as_ref().map(p50_of) else { return };
     let reference = peers.python().and_then(|mut python| {
         python
             .arg(&script)
@@ -103,7 +116,7 @@ fn sdk(
             .current_dir(reference_project);
         python_timing(peers.in_venv(python))
     });
-    let (baseline, ratio) = match reference.as_ref().map(ms_of) {
+    let (baseline, ratio) = match reference.as_ref().map(p50_of) {
         Some(p50) => {
             (format!("{} (reference `await capsule.run()`)", ms(p50)), Some(ours_p50.as_secs_f64() / p50.as_secs_f64()))
         }
@@ -114,7 +127,7 @@ fn sdk(
         python.arg(&script).args(["monty", "-", &n]);
         python_timing(python)
     });
-    let (baseline, ratio) = match monty.as_ref().map(ms_of) {
+    let (baseline, ratio) = match monty.as_ref().map(p50_of) {
         Some(p50) => {
             (format!("{} (pydantic-monty checkout and run)", ms(p50)), Some(ours_p50.as_secs_f64() / p50.as_secs_f64()))
         }
@@ -232,6 +245,7 @@ pub fn measure(
     ));
 
     sdk(settings, rows, capsule, &daemon.socket, project, &reference_project, peers);
+    crate::sessions::measure(settings, rows, capsule, &daemon.socket, peers);
 
     // The daemon's memory over many runs.
     let (warm_up, many) = if settings.quick { (50, 200) } else { (10_000, 100_000) };
