@@ -304,7 +304,7 @@ pub struct SessionCall {
 /// `POST /v1/sessions/{id}/save`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Saved {
-    /// The sha256 of the saved state: what `restore` takes.
+    /// The saved state's id (the sha256 checksum its file ends with): what `restore` takes.
     pub id: String,
     /// The size of its file, and of its memory beyond the image's.
     pub bytes: u64,

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::sync::Mutex as SyncMutex;
 use std::time::{Duration, Instant};
 
-use capsule_exec::{CallLimits, Cancel, NoEvents, Outcome, RunSettings, Session};
+use capsule_exec::{CallLimits, Cancel, NoEvents, Outcome, RunSettings, Session, SessionState};
 use manifest_schema::{FileGrant, FileMode, TaskOptions};
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use crate::api::{ApiError, ErrorKind, OpenSession, Saved, SessionCall, SessionView};
@@ -108,8 +107,9 @@ impl Sessions {
             ),
             None => None,
         };
+        // The engine checks the content against the checksum, which is the id.
         if let (Some(bytes), Some(saved)) = (&restore, &request.restore)
-            && hex::encode(Sha256::digest(bytes)) != *saved
+            && SessionState::id_of(bytes) != *saved
         {
             return Err(ApiError::new(ErrorKind::BadRequest, format!("saved session `{saved}` does not match its id")));
         }
@@ -194,7 +194,7 @@ impl Sessions {
             .map_err(internal)?
             .map_err(|e| ApiError::explained(ErrorKind::Internal, &e))?;
         let bytes = state.to_bytes();
-        let saved = hex::encode(Sha256::digest(&bytes));
+        let saved = SessionState::id_of(&bytes);
         std::fs::create_dir_all(&self.saved).map_err(internal)?;
         let path = self.saved_path(&saved)?;
         let temporary = path.with_extension(format!("{}.tmp", std::process::id()));

@@ -107,7 +107,8 @@ fn sdk(
 ) {
     let script = sdk_script();
     let n = settings.count(1_000).to_string();
-    let ours = |mode: &str, count: &str| python_timing(sdk_command(capsule, socket, mode, &project.join("hello.py"), count));
+    let ours =
+        |mode: &str, count: &str| python_timing(sdk_command(capsule, socket, mode, &project.join("hello.py"), count));
     let Some(ours_p50) = ours("capsule", &n).as_ref().map(p50_of) else { return };
     let reference = peers.python().and_then(|mut python| {
         python

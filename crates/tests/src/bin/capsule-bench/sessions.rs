@@ -27,7 +27,8 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, socket:
             python_timing(python)
         })
     };
-    let against_monty = |ours: Duration, monty: &Option<serde_json::Value>, what: &str| match monty.as_ref().map(p50_of) {
+    let against_monty = |ours: Duration, monty: &Option<serde_json::Value>, what: &str| match monty.as_ref().map(p50_of)
+    {
         Some(p50) => (format!("{} (pydantic-monty {what})", ms(p50)), Some(ours.as_secs_f64() / p50.as_secs_f64())),
         None => (peers.missing("pydantic-monty"), None),
     };
@@ -58,13 +59,25 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, socket:
     let in_daemon = percentile(&samples, 0.5);
     let monty_run = monty("monty-python");
     let (baseline, ratio) = against_monty(in_daemon, &monty_run, "checkout and run");
-    rows.push(row("`run_python(\"1 + 1\")` through the daemon's API, warm, p50", ms(in_daemon), baseline, ratio, "<= 1 ms"));
+    rows.push(row(
+        "`run_python(\"1 + 1\")` through the daemon's API, warm, p50",
+        ms(in_daemon),
+        baseline,
+        ratio,
+        "<= 1 ms",
+    ));
 
     let n = settings.count(1_000).to_string();
     let sdk = |mode: &str, count: &str| python_timing(sdk_command(capsule, socket, mode, Path::new("-"), count));
     if let Some(timing) = sdk("python", &n) {
         let (baseline, ratio) = against_monty(p50_of(&timing), &monty_run, "checkout and run");
-        rows.push(row("`capsule.run_python(\"1 + 1\")` from Python, warm, p50", ms(p50_of(&timing)), baseline, ratio, "<= 1 ms"));
+        rows.push(row(
+            "`capsule.run_python(\"1 + 1\")` from Python, warm, p50",
+            ms(p50_of(&timing)),
+            baseline,
+            ratio,
+            "<= 1 ms",
+        ));
     }
     if let Some(timing) = sdk("session", &n) {
         let (baseline, ratio) = against_monty(p50_of(&timing), &monty("monty-session"), "session call");
@@ -81,6 +94,12 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, socket:
             None,
             "<= 50 ms",
         ));
-        rows.push(row("restore it in a new session and call it, p50", ms(of("restore_ms")), String::new(), None, "<= 50 ms"));
+        rows.push(row(
+            "restore it in a new session and call it, p50",
+            ms(of("restore_ms")),
+            String::new(),
+            None,
+            "<= 50 ms",
+        ));
     }
 }
