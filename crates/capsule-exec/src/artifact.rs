@@ -59,6 +59,51 @@ fn sha256_of_reader(reader: &mut impl Read) -> std::io::Result<String> {
     }
 }
 
+/// What identifies the content of an open file without reading it: device, inode, size, and
+/// the modification and change times to the nanosecond. Writing to the file changes its
+/// change time (`ctime`), which no one but the kernel can set back, so a file modified in
+/// place, even with its modification time restored, no longer matches.
+struct FileIdentity(String);
+
+impl FileIdentity {
+    fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self(format!(
+            "{} {} {} {}.{:09} {}.{:09}\n",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )))
+    }
+}
+
+/// Where the identity of the file last verified to hash to `sha256` is kept: in the per-user
+/// cache folder, trusted like the compilation caches (see ARCHITECTURE.md).
+fn verified_record(sha256: &str) -> Option<PathBuf> {
+    let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    valid.then(|| crate::paths::cache_dir().map(|dir| dir.join("verified").join(sha256))).flatten()
+}
+
+/// Records that the file `identity` names hashed to its sha256 (best effort: without the
+/// record, the next load hashes again).
+fn remember(record: &Path, identity: &FileIdentity) {
+    let temporary = record.with_extension(format!("{}.tmp", std::process::id()));
+    let written = record
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&temporary, &identity.0))
+        .and_then(|()| std::fs::rename(&temporary, record));
+    if let Err(error) = written {
+        tracing::debug!(%error, "cannot record the verified artifact");
+        let _ = std::fs::remove_file(&temporary);
+    }
+}
+
 /// A built artifact on disk: its manifest and `.cwasm` beside it.
 pub struct Artifact;
 
@@ -83,10 +128,20 @@ impl Artifact {
         let started = std::time::Instant::now();
         let read_error = |source| LoadError::Read { path: path.clone(), source };
         let mut file = std::fs::File::open(&path).map_err(read_error)?;
-        let actual = sha256_of_reader(&mut file).map_err(read_error)?;
-        tracing::debug!(elapsed = ?started.elapsed(), "hashed the artifact");
-        if actual != manifest.artifact.sha256 {
-            return Err(LoadError::HashMismatch { path, expected: manifest.artifact.sha256.clone(), actual });
+        let expected = &manifest.artifact.sha256;
+        let identity = FileIdentity::of(&file).map_err(read_error)?;
+        let record = verified_record(expected);
+        if record.as_ref().and_then(|r| std::fs::read_to_string(r).ok()).as_deref() == Some(&identity.0) {
+            tracing::debug!(elapsed = ?started.elapsed(), "the artifact was verified before, unchanged since");
+        } else {
+            let actual = sha256_of_reader(&mut file).map_err(read_error)?;
+            tracing::debug!(elapsed = ?started.elapsed(), "hashed the artifact");
+            if actual != *expected {
+                return Err(LoadError::HashMismatch { path, expected: expected.clone(), actual });
+            }
+            if let Some(record) = record {
+                remember(&record, &identity);
+            }
         }
         // SAFETY: the file hashes to the value recorded by `capsule build` when it compiled it
         // with this engine configuration (checked above), so it is its own output. wasmtime

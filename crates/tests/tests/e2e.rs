@@ -119,6 +119,24 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     bytes[middle] ^= 0xff;
     fs::write(&artifact, &bytes).unwrap();
 
+    // Loaded once, the artifact is known by its file's identity; a change in place, with
+    // its modification time set back, is still found (the change time moved).
+    assert!(runner().load(&manifest_path).is_ok(), "the restored copy loads");
+    let record = capsule_exec::cache_dir().unwrap().join("verified").join(&built.output.manifest.artifact.sha256);
+    assert!(record.is_file(), "a verified artifact is recorded");
+    let modified = fs::metadata(&artifact).unwrap().modified().unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = fs::OpenOptions::new().write(true).open(&artifact).unwrap();
+        file.seek(SeekFrom::Start(middle as u64)).unwrap();
+        file.write_all(&[bytes[middle] ^ 0xff]).unwrap();
+        file.set_modified(modified).unwrap();
+    }
+    assert_eq!(fs::metadata(&artifact).unwrap().modified().unwrap(), modified);
+    let error = runner().load(&manifest_path).err().expect("an artifact changed in place");
+    assert!(matches!(error, LoadError::HashMismatch { .. }), "{error}");
+    fs::write(&artifact, &bytes).unwrap();
+
     let refuse = |text: String| {
         fs::write(&manifest_path, text).unwrap();
         runner().load(&manifest_path).err().expect("tampered manifest").to_string()
