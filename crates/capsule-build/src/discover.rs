@@ -8,10 +8,10 @@ use std::fmt;
 
 use manifest_schema::TaskOptions;
 use manifest_schema::options::{self, Literal, TaskSpec, Value};
-use rustpython_parser::Parse;
-use rustpython_parser::ast::{self, Constant, Expr, Ranged, Stmt};
-use rustpython_parser::source_code::RandomLocator;
-use rustpython_parser::text_size::TextSize;
+use ruff_python_ast::{self as ast, Expr, Number, PythonVersion, Stmt};
+use ruff_python_parser::ParseOptions;
+use ruff_source_file::{LineIndex, OneIndexed};
+use ruff_text_size::{Ranged, TextSize};
 
 /// One problem in the source, located for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,63 +82,117 @@ pub struct ModuleInfo {
     pub imports: BTreeSet<String>,
 }
 
+/// The Python the runtime runs: discovery accepts its grammar, no later one.
+const PYTHON: PythonVersion = PythonVersion::PY313;
+
 struct Parser<'a> {
     path: &'a str,
-    locator: RandomLocator<'a>,
+    source: &'a str,
+    lines: LineIndex,
     problems: Vec<Diagnostic>,
 }
 
 impl Parser<'_> {
+    fn line(&self, at: TextSize) -> usize {
+        self.lines.line_index(at).get()
+    }
+
     fn report(&mut self, at: TextSize, message: impl Into<String>, hint: Option<String>) {
-        let location = self.locator.locate(at);
+        let location = self.lines.line_column(at, self.source);
         self.problems.push(Diagnostic {
             path: self.path.to_string(),
-            line: location.row.get() as usize,
-            column: location.column.get() as usize,
+            line: location.line.get(),
+            column: location.column.get(),
             message: message.into(),
             hint,
         });
     }
 }
 
+/// `source` parsed as Python 3.13 parses it: the located problem, when it does not.
+fn parse_suite(parser: &mut Parser<'_>) -> Option<ast::Suite> {
+    let hint = || Some("`capsule build` reads the file as Python 3.13 source; fix the syntax and rebuild".to_string());
+    if let Some((line, cookie)) = parser.source.strip_prefix('\u{feff}').and_then(coding_cookie)
+        && !names_utf8(cookie)
+    {
+        let at = parser.lines.line_start(line, parser.source);
+        parser.report(
+            at,
+            format!("encoding problem: the file starts with a UTF-8 mark but declares `{cookie}`"),
+            hint(),
+        );
+        return None;
+    }
+    let options = ParseOptions::from(ruff_python_ast::PySourceType::Python).with_target_version(PYTHON);
+    let parsed = match ruff_python_parser::parse(parser.source, options) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            parser.report(error.location.start(), format!("syntax error: {}", error.error), hint());
+            return None;
+        }
+    };
+    if let Some(newer) = parsed.unsupported_syntax_errors().first() {
+        parser.report(newer.range.start(), format!("syntax error: {newer}"), hint());
+        return None;
+    }
+    parsed.try_into_module().map(|module| module.into_syntax().body)
+}
+
+/// The PEP 263 encoding declaration (`# -*- coding: NAME -*-`) on the first line, or on the
+/// second after a comment or blank first line: its line and name.
+fn coding_cookie(source: &str) -> Option<(OneIndexed, &str)> {
+    for (index, line) in source.lines().take(2).enumerate() {
+        let text = line.trim_start_matches([' ', '\t', '\x0c']);
+        if text.is_empty() {
+            continue;
+        }
+        if !text.starts_with('#') {
+            return None;
+        }
+        if let Some(at) = text.find("coding").filter(|at| matches!(text.as_bytes().get(at + 6), Some(b':' | b'='))) {
+            let name = text[at + 7..].trim_start_matches([' ', '\t']);
+            let end = name.find(|c: char| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))).unwrap_or(name.len());
+            return Some((OneIndexed::from_zero_indexed(index), &name[..end]));
+        }
+    }
+    None
+}
+
+/// Whether CPython's tokenizer takes `name` for UTF-8 itself, which a file starting with the
+/// UTF-8 byte-order mark must declare (it takes `utf8` for another name).
+fn names_utf8(name: &str) -> bool {
+    let normal = name.to_ascii_lowercase().replace('_', "-");
+    normal == "utf-8" || normal.starts_with("utf-8-")
+}
+
 /// Parses `source` (shown to the user as `path`) and lists its tasks and imports; options a
 /// task leaves out take the value of `defaults`.
 pub fn parse_module(source: &str, path: &str, defaults: &TaskOptions) -> Result<ModuleInfo, Diagnostics> {
-    let mut parser = Parser { path, locator: RandomLocator::new(source), problems: Vec::new() };
-    let suite = match ast::Suite::parse(source, path) {
-        Ok(suite) => suite,
-        Err(error) => {
-            parser.report(
-                error.offset,
-                format!("syntax error: {}", error.error),
-                Some("`capsule build` reads the file as Python 3 source; fix the syntax and rebuild".into()),
-            );
-            return Err(Diagnostics(parser.problems));
-        }
-    };
+    let mut parser = Parser { path, source, lines: LineIndex::from_source_text(source), problems: Vec::new() };
+    let Some(suite) = parse_suite(&mut parser) else { return Err(Diagnostics(parser.problems)) };
 
     let aliases = TaskAliases::collect(&suite);
     let mut info = ModuleInfo::default();
     collect_imports(&suite, &mut info.imports);
     for stmt in &suite {
-        let (name, decorators, is_async, arguments, body) = match stmt {
-            Stmt::FunctionDef(def) => (def.name.as_str(), &def.decorator_list, false, &def.args, &def.body),
-            Stmt::AsyncFunctionDef(def) => (def.name.as_str(), &def.decorator_list, true, &def.args, &def.body),
-            _ => continue,
-        };
-        for decorator in decorators {
-            let Some(call) = aliases.match_decorator(decorator) else { continue };
-            if is_async {
+        let Stmt::FunctionDef(def) = stmt else { continue };
+        let name = def.name.as_str();
+        for decorator in &def.decorator_list {
+            let Some(call) = aliases.match_decorator(&decorator.expression) else { continue };
+            if def.is_async {
+                // At `async`: tasks are top level, so the line's start.
+                let at = parser.lines.line_start(parser.lines.line_index(def.name.start()), source);
                 parser.report(
-                    stmt.start(),
+                    at,
                     format!("`@task` cannot decorate `async def {name}`"),
                     Some("make it a plain `def`; tasks run to completion in their own sandbox".into()),
                 );
                 continue;
             }
-            let line = parser.locator.locate(stmt.start()).row.get() as usize;
+            // The line of `def`, as tracebacks show it.
+            let line = parser.line(def.name.start());
             if let Some(mut task) = parse_options(&mut parser, name, line, call, defaults) {
-                task.signature = crate::signature::read(arguments, body);
+                task.signature = crate::signature::read(&def.parameters, &def.body);
                 info.tasks.push(task);
             }
         }
@@ -160,7 +214,9 @@ impl TaskAliases {
         let mut aliases = Self::default();
         for stmt in suite {
             match stmt {
-                Stmt::ImportFrom(import) if import.module.as_deref() == Some("capsule") && level(import) == 0 => {
+                Stmt::ImportFrom(import)
+                    if import.module.as_ref().map(|m| m.as_str()) == Some("capsule") && import.level == 0 =>
+                {
                     for alias in &import.names {
                         if alias.name.as_str() == "task" {
                             let local = alias.asname.as_ref().unwrap_or(&alias.name);
@@ -203,17 +259,13 @@ impl TaskAliases {
     }
 }
 
-fn level(import: &ast::StmtImportFrom) -> u32 {
-    import.level.map_or(0, |l| l.to_u32())
-}
-
 fn collect_imports(body: &[Stmt], imports: &mut BTreeSet<String>) {
     for stmt in body {
         match stmt {
             Stmt::Import(import) => {
                 imports.extend(import.names.iter().map(|a| a.name.to_string()));
             }
-            Stmt::ImportFrom(import) if level(import) == 0 => {
+            Stmt::ImportFrom(import) if import.level == 0 => {
                 if let Some(module) = &import.module {
                     imports.insert(module.to_string());
                     // `from pkg import sub` may name a submodule.
@@ -223,11 +275,12 @@ fn collect_imports(body: &[Stmt], imports: &mut BTreeSet<String>) {
                 }
             }
             Stmt::FunctionDef(def) => collect_imports(&def.body, imports),
-            Stmt::AsyncFunctionDef(def) => collect_imports(&def.body, imports),
             Stmt::ClassDef(def) => collect_imports(&def.body, imports),
             Stmt::If(s) => {
                 collect_imports(&s.body, imports);
-                collect_imports(&s.orelse, imports);
+                for clause in &s.elif_else_clauses {
+                    collect_imports(&clause.body, imports);
+                }
             }
             Stmt::For(s) => {
                 collect_imports(&s.body, imports);
@@ -238,6 +291,11 @@ fn collect_imports(body: &[Stmt], imports: &mut BTreeSet<String>) {
                 collect_imports(&s.orelse, imports);
             }
             Stmt::With(s) => collect_imports(&s.body, imports),
+            Stmt::Match(s) => {
+                for case in &s.cases {
+                    collect_imports(&case.body, imports);
+                }
+            }
             Stmt::Try(s) => {
                 collect_imports(&s.body, imports);
                 for handler in &s.handlers {
@@ -262,14 +320,14 @@ fn parse_options(
     let mut spec = TaskSpec { name: None, options: defaults.clone() };
     let before = parser.problems.len();
     if let Some(call) = call {
-        if let Some(arg) = call.args.first() {
+        if let Some(arg) = call.arguments.args.first() {
             parser.report(
                 arg.start(),
                 "`@task` takes only keyword options",
                 Some("write options by name, e.g. `@task(name=\"fetch\", timeout=\"30s\")`".into()),
             );
         }
-        for keyword in &call.keywords {
+        for keyword in &call.arguments.keywords {
             let Some(name) = &keyword.arg else {
                 parser.report(
                     keyword.start(),
@@ -308,9 +366,10 @@ fn parse_options(
         }
         if let Err((option, problem)) = spec.options.validate() {
             let at = call
+                .arguments
                 .keywords
                 .iter()
-                .find(|k| k.arg.as_deref() == Some(option))
+                .find(|k| k.arg.as_ref().map(|a| a.as_str()) == Some(option))
                 .map_or(call.start(), |k| k.value.start());
             parser.report(at, problem.message, problem.hint);
         }
@@ -330,14 +389,14 @@ fn literal(expr: &Expr) -> Result<Literal, TextSize> {
     let at = u32::from(expr.start());
     let items = |elements: &[Expr]| elements.iter().map(literal).collect::<Result<Vec<_>, _>>();
     let value = match expr {
-        Expr::Constant(constant) => match &constant.value {
-            Constant::Str(text) => Value::Str(text.clone()),
-            Constant::Int(int) => Value::Int(int.to_string().parse().map_err(|_| expr.start())?),
-            Constant::Float(x) => Value::Float(*x),
-            Constant::Bool(b) => Value::Bool(*b),
-            Constant::None => Value::None,
-            _ => return Err(expr.start()),
+        Expr::StringLiteral(text) => Value::Str(text.value.to_str().to_string()),
+        Expr::NumberLiteral(number) => match &number.value {
+            Number::Int(int) => Value::Int(int.to_string().parse().map_err(|_| expr.start())?),
+            Number::Float(x) => Value::Float(*x),
+            Number::Complex { .. } => return Err(expr.start()),
         },
+        Expr::BooleanLiteral(b) => Value::Bool(b.value),
+        Expr::NoneLiteral(_) => Value::None,
         Expr::UnaryOp(op) if matches!(op.op, ast::UnaryOp::USub) => match literal(&op.operand)?.value {
             Value::Int(n) => Value::Int(-n),
             Value::Float(x) => Value::Float(-x),
@@ -346,10 +405,12 @@ fn literal(expr: &Expr) -> Result<Literal, TextSize> {
         Expr::List(list) => Value::List(items(&list.elts)?),
         Expr::Tuple(tuple) => Value::List(items(&tuple.elts)?),
         Expr::Dict(dict) => Value::Dict(
-            dict.keys
+            dict.items
                 .iter()
-                .zip(&dict.values)
-                .map(|(key, value)| Ok::<_, TextSize>((literal(key.as_ref().ok_or(value.start())?)?, literal(value)?)))
+                .map(|item| {
+                    let key = item.key.as_ref().ok_or(item.value.start())?;
+                    Ok::<_, TextSize>((literal(key)?, literal(&item.value)?))
+                })
                 .collect::<Result<_, TextSize>>()?,
         ),
         _ => return Err(expr.start()),
@@ -363,8 +424,9 @@ fn check_duplicate_names(parser: &mut Parser<'_>, tasks: &[DiscoveredTask], suit
         if let Some(line) = first_line.get(task.name.as_str()) {
             let at = suite
                 .iter()
-                .find(|s| parser.locator.locate(s.start()).row.get() as usize == task.line)
-                .map_or(TextSize::from(0), |s| s.start());
+                .filter_map(|s| if let Stmt::FunctionDef(def) = s { Some(def.name.start()) } else { None })
+                .find(|at| parser.line(*at) == task.line)
+                .unwrap_or_default();
             parser.report(
                 at,
                 format!("task name `{}` is already used by the task on line {line}", task.name),
@@ -433,5 +495,81 @@ mod tests {
         .unwrap();
         let imports: Vec<&str> = info.imports.iter().map(String::as_str).collect();
         assert_eq!(imports, ["helpers.text", "helpers.text.shout", "json", "util"]);
+    }
+
+    /// The native CPython that `cargo xtask build-runtime` builds from the pinned tarball (the
+    /// runtime's own version), and the source tree holding its `Lib`.
+    fn native_cpython() -> (std::path::PathBuf, std::path::PathBuf) {
+        let root = python_runtime::runtime_path().parent().expect("runtime folder").to_path_buf();
+        let build = std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|dir| {
+                dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("build-python-"))
+                    && dir.join(".complete").exists()
+            })
+            .unwrap_or_else(|| panic!("no native CPython under {}: run `cargo xtask build-runtime`", root.display()));
+        let source = std::fs::read_dir(&build).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).unwrap();
+        (source.join("cross-build/build/python"), source)
+    }
+
+    fn python_files(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                python_files(&path, found);
+            } else if path.extension().is_some_and(|e| e == "py") {
+                found.push(path);
+            }
+        }
+    }
+
+    /// Every `.py` of CPython's own `Lib` (its test suite included, with its deliberately
+    /// broken files) gets the verdict `ast.parse` of the same CPython gives it.
+    #[test]
+    fn accepts_and_refuses_what_cpython_does_across_its_own_library() {
+        use std::io::Write;
+        let (python, source) = native_cpython();
+        let mut files = Vec::new();
+        python_files(&source.join("Lib"), &mut files);
+        files.sort();
+        // Discovery reads UTF-8 text; files in another encoding are out of its scope.
+        let texts: Vec<(std::path::PathBuf, String)> =
+            files.into_iter().filter_map(|path| Some((path.clone(), std::fs::read_to_string(&path).ok()?))).collect();
+        assert!(texts.len() > 1500, "CPython's Lib has about 2000 modules, found {}", texts.len());
+
+        let verdicts_script = "import ast, sys\n\
+            for path in sys.stdin.read().splitlines():\n\
+            \x20   try:\n\
+            \x20       ast.parse(open(path, encoding='utf-8').read(), path)\n\
+            \x20       print('ok')\n\
+            \x20   except (SyntaxError, ValueError):\n\
+            \x20       print('error')\n";
+        let mut child = std::process::Command::new(&python)
+            .args(["-I", "-c", verdicts_script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+        let list: String = texts.iter().map(|(path, _)| format!("{}\n", path.display())).collect();
+        child.stdin.take().unwrap().write_all(list.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let verdicts: Vec<bool> = String::from_utf8(output.stdout).unwrap().lines().map(|l| l == "ok").collect();
+        assert_eq!(verdicts.len(), texts.len());
+
+        let mut disagreements = Vec::new();
+        for ((path, text), cpython_accepts) in texts.iter().zip(verdicts) {
+            let mut parser =
+                Parser { path: "", source: text, lines: LineIndex::from_source_text(text), problems: Vec::new() };
+            let accepted = parse_suite(&mut parser).is_some();
+            if accepted != cpython_accepts {
+                let why = parser.problems.first().map_or(String::new(), |p| format!(" ({}:{})", p.line, p.message));
+                disagreements.push(format!("{}: cpython {cpython_accepts}, capsule {accepted}{why}", path.display()));
+            }
+        }
+        assert!(disagreements.is_empty(), "{} disagreements:\n{}", disagreements.len(), disagreements.join("\n"));
     }
 }

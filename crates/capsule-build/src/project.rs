@@ -73,8 +73,8 @@ impl Project {
             for module in local_modules(&root, &top)? {
                 match parse_module(&module.source, &module.path, &defaults) {
                     Ok(parsed) => pending.extend(parsed.imports),
-                    // Third-party code may use syntax this parser does not know; CPython will
-                    // compile it (and report real errors) when it is imported.
+                    // Third-party code is CPython's to judge when it is imported (it may be
+                    // imported only on a path the task never takes).
                     Err(_) if module.path.starts_with(&format!("{VENDOR_DIR}/")) => {}
                     Err(diagnostics) => return Err(diagnostics.into()),
                 }

@@ -2,12 +2,12 @@
 //! and defaults, and the docstring (see `manifest_schema::Signature` for what it is for).
 
 use manifest_schema::{Parameter, Scalar, Signature, TypeHint};
-use rustpython_parser::ast::{self, Constant, Expr, Operator, Stmt};
+use ruff_python_ast::{self as ast, Expr, Number, Operator, Stmt};
 
-pub fn read(arguments: &ast::Arguments, body: &[Stmt]) -> Signature {
-    let parameter = |argument: &ast::ArgWithDefault, positional_only: bool| Parameter {
-        name: argument.def.arg.to_string(),
-        hint: argument.def.annotation.as_deref().map_or(TypeHint::Any, hint),
+pub fn read(arguments: &ast::Parameters, body: &[Stmt]) -> Signature {
+    let parameter = |argument: &ast::ParameterWithDefault, positional_only: bool| Parameter {
+        name: argument.parameter.name.to_string(),
+        hint: argument.parameter.annotation.as_deref().map_or(TypeHint::Any, hint),
         required: argument.default.is_none(),
         default: argument.default.as_deref().and_then(scalar),
         positional_only,
@@ -30,7 +30,7 @@ fn name(expr: &Expr) -> Option<&str> {
 
 fn hint(expr: &Expr) -> TypeHint {
     match expr {
-        Expr::Constant(constant) if constant.value == Constant::None => TypeHint::Null,
+        Expr::NoneLiteral(_) => TypeHint::Null,
         Expr::BinOp(union) if union.op == Operator::BitOr => flat_union([hint(&union.left), hint(&union.right)]),
         Expr::Subscript(subscript) => {
             let arguments: Vec<&Expr> = match &*subscript.slice {
@@ -59,9 +59,7 @@ fn generic(name: &str, arguments: &[&Expr]) -> TypeHint {
         ("list" | "List" | "Sequence" | "Iterable" | "set" | "Set" | "frozenset", [item]) => {
             TypeHint::List(Box::new(hint(item)))
         }
-        ("tuple" | "Tuple", [item, Expr::Constant(rest)]) if rest.value == Constant::Ellipsis => {
-            TypeHint::List(Box::new(hint(item)))
-        }
+        ("tuple" | "Tuple", [item, Expr::EllipsisLiteral(_)]) => TypeHint::List(Box::new(hint(item))),
         ("tuple" | "Tuple", _) => TypeHint::Tuple(each().collect()),
         ("dict" | "Dict" | "Mapping", [_, value]) => TypeHint::Dict(Box::new(hint(value))),
         ("Optional", [item]) => flat_union([hint(item), TypeHint::Null]),
@@ -72,7 +70,7 @@ fn generic(name: &str, arguments: &[&Expr]) -> TypeHint {
             let mut none = false;
             for argument in arguments {
                 match argument {
-                    Expr::Constant(c) if c.value == Constant::None => none = true,
+                    Expr::NoneLiteral(_) => none = true,
                     other => match scalar(other) {
                         Some(value) => values.push(value),
                         None => return TypeHint::Any,
@@ -104,13 +102,13 @@ fn flat_union(members: impl IntoIterator<Item = TypeHint>) -> TypeHint {
 
 fn scalar(expr: &Expr) -> Option<Scalar> {
     match expr {
-        Expr::Constant(constant) => match &constant.value {
-            Constant::Bool(b) => Some(Scalar::Bool(*b)),
-            Constant::Int(i) => i64::try_from(i).ok().map(Scalar::Int),
-            Constant::Float(f) => Some(Scalar::Float(*f)),
-            Constant::Str(s) => Some(Scalar::Str(s.clone())),
-            _ => None,
+        Expr::BooleanLiteral(b) => Some(Scalar::Bool(b.value)),
+        Expr::NumberLiteral(number) => match &number.value {
+            Number::Int(i) => i.as_i64().map(Scalar::Int),
+            Number::Float(f) => Some(Scalar::Float(*f)),
+            Number::Complex { .. } => None,
         },
+        Expr::StringLiteral(text) => Some(Scalar::Str(text.value.to_str().to_string())),
         Expr::UnaryOp(negative) if negative.op == ast::UnaryOp::USub => match scalar(&negative.operand)? {
             Scalar::Int(i) => Some(Scalar::Int(-i)),
             Scalar::Float(f) => Some(Scalar::Float(-f)),
@@ -123,7 +121,8 @@ fn scalar(expr: &Expr) -> Option<Scalar> {
 /// The docstring, its indentation removed as `inspect.cleandoc` does.
 fn docstring(body: &[Stmt]) -> Option<String> {
     let Some(Stmt::Expr(first)) = body.first() else { return None };
-    let Expr::Constant(ast::ExprConstant { value: Constant::Str(text), .. }) = &*first.value else { return None };
+    let Expr::StringLiteral(text) = &*first.value else { return None };
+    let text = text.value.to_str();
     let mut lines = text.lines();
     let head = lines.next().unwrap_or_default().trim();
     let rest: Vec<&str> = lines.collect();
@@ -136,14 +135,12 @@ fn docstring(body: &[Stmt]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use rustpython_parser::Parse;
-
     use super::*;
 
     fn signature(source: &str) -> Signature {
-        let suite = ast::Suite::parse(source, "t.py").unwrap();
-        let Stmt::FunctionDef(def) = &suite[0] else { panic!("a function") };
-        read(&def.args, &def.body)
+        let module = ruff_python_parser::parse_module(source).unwrap().into_syntax();
+        let Stmt::FunctionDef(def) = &module.body[0] else { panic!("a function") };
+        read(&def.parameters, &def.body)
     }
 
     #[test]

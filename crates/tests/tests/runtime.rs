@@ -106,3 +106,9 @@ fn vendored_pure_python_packages_import() {
         outcome.error
     );
 }
+
+#[test]
+fn syntax_that_discovery_accepts_runs_as_cpython_runs_it() {
+    let outcome = shared("valid/modern_syntax.py").run("modern", vec![json!(["x", "y"])]);
+    assert_eq!(outcome.result, json!("x-y:1"), "{:?}", outcome.error);
+}
