@@ -132,5 +132,19 @@ fn capsule_python_prints_what_the_code_printed_then_its_last_value() {
             dir.path()
         ));
         insta::assert_snapshot!(transcript(capsule().args(["python", "--ram", "lots", "-c", "1"]), dir.path()));
+        // A dict comes back in Python's order, not sorted.
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "-c", "{'b': 1, 'a': [2, {'z': 0, 'y': 1}]}"]),
+            dir.path()
+        ));
+        // What the sandbox cannot do fails on use, saying what to do instead.
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "-c", "import socket\nsocket.create_connection(('example.com', 80))"]),
+            dir.path()
+        ));
+        insta::assert_snapshot!(transcript(
+            capsule().args(["python", "-c", "import threading\nthreading.Thread(target=print).start()"]),
+            dir.path()
+        ));
     });
 }

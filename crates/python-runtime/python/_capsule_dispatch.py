@@ -14,7 +14,7 @@ import traceback
 
 import _capsule
 import _capsule_bootstrap
-from capsule import _context, _task, _urllib
+from capsule import _context, _task, _unavailable, _urllib
 
 
 class _HostTasks:
@@ -67,6 +67,8 @@ def initialize():
         linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
     _task._host = _HostTasks()
     _capsule_bootstrap.IMPORTER.after_import("urllib.request", _urllib.install)
+    _capsule_bootstrap.IMPORTER.after_import("socket", _unavailable.guard_sockets)
+    _capsule_bootstrap.IMPORTER.after_import("threading", _unavailable.guard_threads)
     try:
         importlib.import_module(request["entry_module"])
     except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)
