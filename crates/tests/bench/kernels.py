@@ -67,11 +67,28 @@ def sort_and_dict(rounds):
     return total
 
 
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def build_strings(rounds):
+    length = 0
+    for r in range(rounds):
+        parts = []
+        for i in range(2000):
+            parts.append(f"{i}:{r}-" + str(i * r).zfill(8))
+        text = ",".join(parts)
+        length = len(text.upper().replace("-", "_").split(","))
+    return length
+
+
 KERNELS = {
     "nbody": (nbody, 20_000),
     "json": (json_round_trip, 200),
     "regex": (regex, 200),
     "sort_dict": (sort_and_dict, 60),
+    "fib": (fib, 27),
+    "strings": (build_strings, 60),
 }
 
 

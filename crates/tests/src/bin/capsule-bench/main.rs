@@ -294,16 +294,34 @@ fn main() {
         ">= 4,000/s",
     ));
 
-    // 3. The runner as a process (in-process: no daemon answers on its socket).
+    // 3. The runner as a process (in-process: no daemon answers on its socket), against the
+    // reference implementation's runner of its own build of the same file.
+    let no_daemon = bench_dir().join("no-daemon.sock");
     let mut exec = Command::new(sibling("capsule-exec"));
-    exec.arg(out.join("manifest.toml")).env("CAPSULE_SOCKET", bench_dir().join("no-daemon.sock"));
+    exec.arg(out.join("manifest.toml")).env("CAPSULE_SOCKET", &no_daemon);
     let exec_time = time_process(exec, settings.count(20));
+    let reference_project = bench_dir().join("reference-exec");
+    std::fs::create_dir_all(&reference_project).unwrap();
+    std::fs::copy(&hello_py, reference_project.join("hello.py")).unwrap();
+    let reference = peers.reference_artifact(&reference_project).and_then(|artifact| {
+        let mut command = peers.reference_cli(&reference_project)?;
+        command.arg("exec").arg(artifact);
+        Some(time_process(command, settings.count(20)))
+    });
+    let (baseline, ratio) = match reference {
+        Some(time) => (
+            format!("{} (reference `capsule exec hello.wasm`)", ms(time)),
+            Some(exec_time.as_secs_f64() / time.as_secs_f64()),
+        ),
+        None => (peers.missing("capsule-run"), None),
+    };
+    rows.push(row("`capsule-exec manifest.toml` process, no daemon", ms(exec_time), baseline, ratio, "<= 0.5x"));
     rows.push(row(
-        "`capsule-exec manifest.toml` process",
+        "`capsule-exec manifest.toml` process against `python3 hello.py`",
         ms(exec_time),
         ms(python_hello),
         Some(exec_time.as_secs_f64() / python_hello.as_secs_f64()),
-        "<= 0.5x",
+        "",
     ));
 
     // 5. CPU-bound kernels.

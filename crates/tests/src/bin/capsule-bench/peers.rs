@@ -40,6 +40,28 @@ impl Peers {
         Some(command)
     }
 
+    /// The reference implementation's build of `project/hello.py` (its `.wasm`, which its
+    /// `capsule exec` runs), built once.
+    pub fn reference_artifact(&self, project: &Path) -> Option<PathBuf> {
+        let built = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|e| e == "wasm"))
+        };
+        let wasm_dir = project.join(".capsule/wasm");
+        if let Some(artifact) = built(&wasm_dir) {
+            return Some(artifact);
+        }
+        let status = self.reference_cli(project)?.args(["build", "hello.py"]).output().ok()?.status;
+        if !status.success() {
+            eprintln!("bench: the reference implementation's `capsule build hello.py` failed");
+            return None;
+        }
+        built(&wasm_dir)
+    }
+
     /// The venv's Python, with the peers importable.
     pub fn python(&self) -> Option<Command> {
         self.bin("python").map(Command::new)
