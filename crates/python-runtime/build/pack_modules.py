@@ -6,16 +6,20 @@ interpreter imports anything from outside, runs its bootstrap code, which instal
 importer that loads modules from the blob's bytes in linear memory: no file system needed.
 
 Layout (integers little-endian u32):
-    b"CAPSULE\\x01" | len | marshal(bootstrap code) | len | marshal(index) | module code...
-index: {module name: (is_package, origin path, offset, length)}, offsets from the blob start.
+    b"CAPSULE\\x02" | len | marshal(bootstrap code) | len | marshal(index) | contents...
+index: ({module name: (is_package, origin path, offset, length)},
+        {data file path: (offset, length)}), offsets from the blob start. Data files are the
+non-Python files of packed wheels (`tzdata/zoneinfo/Europe/Paris`), read through
+`importlib.resources`.
 """
 
 import argparse
 import marshal
 import os
 import struct
+import zipfile
 
-MAGIC = b"CAPSULE\x01"
+MAGIC = b"CAPSULE\x02"
 # Left out: tests and tools that need a desktop, threads, processes or a package installer,
 # none of which exist inside a WASI sandbox.
 EXCLUDED_DIRS = {
@@ -25,6 +29,7 @@ EXCLUDED_DIRS = {
 EXCLUDED_FILES = {"turtle.py", "antigravity.py", "this.py"}
 STDLIB_ORIGIN = "/lib/python3.13"
 PACKAGE_ORIGIN = "/lib/capsule-sdk"
+WHEEL_ORIGIN = "/lib/site-packages"
 BOOTSTRAP = "_capsule_bootstrap.py"
 
 
@@ -56,6 +61,13 @@ def main():
     parser.add_argument("--stdlib", required=True)
     parser.add_argument("--package", required=True)
     parser.add_argument("--out", required=True)
+    # Modules CPython's build generates (`_sysconfigdata_*`), packed as top-level stdlib modules.
+    parser.add_argument("--generated", action="append", default=[])
+    # The build's own folder, written as `/build` in generated modules: the blob must not depend
+    # on where it was built.
+    parser.add_argument("--build-root", required=True)
+    # Pure-Python wheels packed with the stdlib, their data files included (`tzdata`).
+    parser.add_argument("--wheel", action="append", default=[])
     args = parser.parse_args()
 
     modules = {}
@@ -73,6 +85,29 @@ def main():
                 continue
             modules[name] = (is_package, origin, marshal.dumps(code))
 
+    for path in args.generated:
+        rel = os.path.basename(path)
+        name, is_package = module_name(rel)
+        with open(path, encoding="utf-8") as f:
+            source = f.read().replace(args.build_root, "/build")
+        origin = f"{STDLIB_ORIGIN}/{rel}"
+        code = compile(source, origin, "exec", dont_inherit=True, optimize=2)
+        modules[name] = (is_package, origin, marshal.dumps(code))
+
+    resources = {}
+    for wheel in args.wheel:
+        with zipfile.ZipFile(wheel) as archive:
+            for rel in sorted(archive.namelist()):
+                if rel.endswith("/") or ".dist-info/" in rel:
+                    continue
+                if rel.endswith(".py"):
+                    name, is_package = module_name(rel.replace("/", os.sep))
+                    origin = f"{WHEEL_ORIGIN}/{rel}"
+                    code = compile(archive.read(rel), origin, "exec", dont_inherit=True, optimize=2)
+                    modules[name] = (is_package, origin, marshal.dumps(code))
+                else:
+                    resources[rel] = archive.read(rel)
+
     bootstrap = marshal.dumps(
         compile_file(os.path.join(args.package, BOOTSTRAP), f"{PACKAGE_ORIGIN}/{BOOTSTRAP}")
     )
@@ -82,12 +117,15 @@ def main():
     header_size = 0
     while True:
         offset = header_size
-        index = {}
+        index, data_index = {}, {}
         for name in sorted(modules):
             is_package, origin, data = modules[name]
             index[name] = (is_package, origin, offset, len(data))
             offset += len(data)
-        index_bytes = marshal.dumps(index)
+        for path in sorted(resources):
+            data_index[path] = (offset, len(resources[path]))
+            offset += len(resources[path])
+        index_bytes = marshal.dumps((index, data_index))
         size = len(MAGIC) + 4 + len(bootstrap) + 4 + len(index_bytes)
         if size == header_size:
             break
@@ -101,7 +139,9 @@ def main():
         out.write(index_bytes)
         for name in sorted(modules):
             out.write(modules[name][2])
-    print(f"pack_modules: {len(modules)} modules, {offset / 1e6:.1f} MB")
+        for path in sorted(resources):
+            out.write(resources[path])
+    print(f"pack_modules: {len(modules)} modules, {len(resources)} data files, {offset / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ class MemoryImporter:
         bootstrap_size = int.from_bytes(blob[magic_size : magic_size + 4], "little")
         index_at = magic_size + 4 + bootstrap_size
         index_size = int.from_bytes(blob[index_at : index_at + 4], "little")
-        # name -> (is_package, origin, offset, length) for the packed modules
-        self._packed = marshal.loads(blob[index_at + 4 : index_at + 4 + index_size])
+        # name -> (is_package, origin, offset, length) for the packed modules, and
+        # path -> (offset, length) for the data files of packed wheels
+        self._packed, self._data = marshal.loads(blob[index_at + 4 : index_at + 4 + index_size])
         # name -> (is_package, origin, code) for the user's modules
         self._user = {}
         # name -> functions to call with the module once it has been imported
@@ -68,11 +69,68 @@ class MemoryImporter:
         _, _, offset, length = self._packed[name]
         return marshal.loads(self._blob[offset : offset + length])
 
+    def get_resource_reader(self, name):
+        """`importlib.resources` support for packed packages that carry data files."""
+        if name in self._packed and self._packed[name][0]:
+            return _PackedFiles(self, name.replace(".", "/"))
+        return None
+
     def is_package(self, name):
         entry = self._user.get(name) or self._packed.get(name)
         if entry is None:
             raise ImportError(f"no module named {name!r}", name=name)
         return entry[0]
+
+
+class _PackedFiles:
+    """A read-only `importlib.resources` Traversable (and its reader) over the data files
+    below `path` in the blob."""
+
+    def __init__(self, importer, path):
+        self._importer = importer
+        self._path = path
+        self.name = path.rpartition("/")[2]
+
+    def files(self):
+        return self
+
+    def _children(self):
+        prefix = self._path + "/"
+        names = {p[len(prefix) :].partition("/")[0] for p in self._importer._data if p.startswith(prefix)}
+        return sorted(names)
+
+    def is_file(self):
+        return self._path in self._importer._data
+
+    def is_dir(self):
+        return bool(self._children())
+
+    def iterdir(self):
+        return iter([_PackedFiles(self._importer, f"{self._path}/{name}") for name in self._children()])
+
+    def joinpath(self, *parts):
+        path = "/".join([self._path, *(str(p).strip("/") for p in parts)])
+        return _PackedFiles(self._importer, path)
+
+    __truediv__ = joinpath
+
+    def read_bytes(self):
+        if not self.is_file():
+            raise FileNotFoundError(self._path)
+        offset, length = self._importer._data[self._path]
+        return bytes(self._importer._blob[offset : offset + length])
+
+    def read_text(self, encoding=None):
+        return self.read_bytes().decode(encoding or "utf-8")
+
+    def open(self, mode="r", *args, **kwargs):
+        import io
+
+        data = io.BytesIO(self.read_bytes())
+        return data if "b" in mode else io.TextIOWrapper(data, *args, **kwargs)
+
+    def __repr__(self):
+        return f"<packed {self._path}>"
 
 
 IMPORTER = MemoryImporter(_blob)  # noqa: F821 (`_blob` is set by the C runtime)

@@ -112,3 +112,26 @@ fn syntax_that_discovery_accepts_runs_as_cpython_runs_it() {
     let outcome = shared("valid/modern_syntax.py").run("modern", vec![json!(["x", "y"])]);
     assert_eq!(outcome.result, json!("x-y:1"), "{:?}", outcome.error);
 }
+
+#[test]
+fn compression_and_time_zones_work_from_the_standard_library() {
+    let outcome = shared("valid/stdlib_modules.py").run("compress", vec![json!("a line that repeats. ".repeat(50))]);
+    assert_eq!(
+        outcome.result,
+        json!({"gzip_round_trip": true, "smaller": true, "zip_round_trip": true}),
+        "{:?}",
+        outcome.error
+    );
+    let outcome = shared("valid/stdlib_modules.py").run("time_zones", vec![]);
+    assert_eq!(
+        outcome.result,
+        json!({
+            "paris": "2026-07-01T14:00:00+02:00",
+            "tokyo": "2026-07-01T21:00:00+09:00",
+            "zones": true,
+            "platform": ["wasi", "wasi-0.0.0-wasm32"],
+        }),
+        "{:?}",
+        outcome.error
+    );
+}

@@ -4,9 +4,13 @@
 //! Three cached layers, each in a folder named by a hash of its inputs and marked complete
 //! only once fully built:
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
-//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI;
-//! 3. the reactor: the stdlib and the `capsule` package packed as bytecode, embedded in the
-//!    module together with the C entry points of `crates/python-runtime/c`.
+//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib included;
+//! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
+//!    zone files) and the `capsule` package packed as bytecode, embedded in the module
+//!    together with the C entry points of `crates/python-runtime/c`.
+//!
+//! Inputs are pinned by sha256: CPython's and zlib's upstream tarballs from Debian's source
+//! packages, the `tzdata` wheel from PyPI.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
 //! `crates/python-runtime/{c,python,build}`: when it matches, nothing is done.
@@ -23,11 +27,35 @@ use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
 const CPYTHON_VERSION: &str = "3.13.5";
-/// Debian's source package of CPython: its `.orig.tar.xz` is the pristine upstream tarball.
-const SOURCE_PACKAGE: &str = "python3.13";
-const SOURCE_SUITE: &str = "trixie";
-const SOURCE_TARBALL: &str = "python3.13_3.13.5.orig.tar.xz";
-const SOURCE_SHA256: &str = "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640";
+/// A pristine upstream tarball (`.orig`) from a Debian source package, pinned by sha256.
+struct DebianSource {
+    package: &'static str,
+    tarball: &'static str,
+    sha256: &'static str,
+}
+
+const CPYTHON_SOURCE: DebianSource = DebianSource {
+    package: "python3.13",
+    tarball: "python3.13_3.13.5.orig.tar.xz",
+    sha256: "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640",
+};
+
+/// zlib, for CPython's `zlib` module (and through it `gzip`, `zipfile`, `urllib3`).
+const ZLIB_SOURCE: DebianSource = DebianSource {
+    package: "zlib",
+    tarball: "zlib_1.3.dfsg+really1.3.1.orig.tar.gz",
+    sha256: "60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb",
+};
+const ZLIB_DIR: &str = "zlib-1.3.1";
+const ZLIB_FILES: &[&str] = &[
+    "adler32", "compress", "crc32", "deflate", "gzclose", "gzlib", "gzread", "gzwrite", "infback", "inffast",
+    "inflate", "inftrees", "trees", "uncompr", "zutil",
+];
+
+/// IANA time zone data for `zoneinfo`, as the `tzdata` wheel on PyPI packages it.
+const TZDATA_WHEEL: &str = "tzdata-2026.6-py2.py3-none-any.whl";
+const TZDATA_URL: &str = "https://files.pythonhosted.org/packages/0a/66/9a06c2227fedfd4919f0eaaa8b94377d9730882a7e4f95823c9a331ab5e1/tzdata-2026.6-py2.py3-none-any.whl";
+const TZDATA_SHA256: &str = "0a10eec6e13ef16b627fabed9a5f2ba61a62b1c67f327305f4e7e412a70b4aec";
 
 /// Linear-memory C stack of the reactor. The host's `max_wasm_stack` is sized to match.
 const C_STACK_BYTES: u64 = 8 << 20;
@@ -94,7 +122,8 @@ fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 fn cpython_key() -> Result<String> {
     let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
     Ok(hex_sha256(&[
-        SOURCE_SHA256.as_bytes(),
+        CPYTHON_SOURCE.sha256.as_bytes(),
+        ZLIB_SOURCE.sha256.as_bytes(),
         toolchain::fingerprint().as_bytes(),
         &config_site,
         configure_args_fingerprint().as_bytes(),
@@ -133,9 +162,9 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
     let started = Instant::now();
     fs::create_dir_all(&paths.root)?;
     toolchain::ensure_installed(&paths.downloads())?;
-    let tarball = fetch_source(&paths)?;
-    let build_python = build_native_python(&paths, &tarball)?;
-    let wasm = build_reactor(&paths.root, &tarball, &build_python, &key)?;
+    let sources = Sources::fetch(&paths)?;
+    let build_python = build_native_python(&paths, &sources.cpython)?;
+    let wasm = build_reactor(&paths.root, &sources, &build_python, &key)?;
     fs::copy(&wasm, &installed).with_context(|| format!("installing {}", installed.display()))?;
     write_atomic(&paths.installed_key(), key.as_bytes())?;
     let size = fs::metadata(&installed)?.len();
@@ -155,14 +184,14 @@ pub fn check_reproducible() -> Result<()> {
     let first = build_runtime(false)?;
     let paths = RuntimePaths::new();
     let key = runtime_key()?;
-    let tarball = paths.downloads().join(SOURCE_TARBALL);
-    let build_python = build_native_python(&paths, &tarball)?;
+    let sources = Sources::fetch(&paths)?;
+    let build_python = build_native_python(&paths, &sources.cpython)?;
     let elsewhere = paths.root.join("reproducibility-check");
     if elsewhere.exists() {
         fs::remove_dir_all(&elsewhere)?;
     }
     fs::create_dir_all(&elsewhere)?;
-    let second = build_reactor(&elsewhere, &tarball, &build_python, &key)?;
+    let second = build_reactor(&elsewhere, &sources, &build_python, &key)?;
     let (a, b) = (sha256_file(&first)?, sha256_file(&second)?);
     if a != b {
         bail!(
@@ -205,42 +234,65 @@ fn debian_archive_url() -> Result<String> {
         }
     }
     bail!(
-        "no Debian archive found in /etc/apt/sources.list*\nhint: the CPython source comes from Debian's `{SOURCE_PACKAGE}` source package"
+        "no Debian archive found in /etc/apt/sources.list*\nhint: CPython's and zlib's sources come from Debian's source packages"
     )
 }
 
-/// Downloads Debian's `python3.13` source package and verifies the pristine tarball's sha256.
-fn fetch_source(paths: &RuntimePaths) -> Result<PathBuf> {
+/// The downloaded inputs of the build, each checked against its pin.
+struct Sources {
+    cpython: PathBuf,
+    zlib: PathBuf,
+    tzdata: PathBuf,
+}
+
+impl Sources {
+    fn fetch(paths: &RuntimePaths) -> Result<Self> {
+        Ok(Self {
+            cpython: fetch_source(paths, &CPYTHON_SOURCE)?,
+            zlib: fetch_source(paths, &ZLIB_SOURCE)?,
+            tzdata: fetch_tzdata(paths)?,
+        })
+    }
+}
+
+/// Downloads `source`'s tarball from the Debian archive's pool (kept there as long as a
+/// release uses that upstream version) unless the download folder has it; `apt-helper`
+/// checks the sha256 before the file appears.
+fn fetch_source(paths: &RuntimePaths, source: &DebianSource) -> Result<PathBuf> {
     let downloads = paths.downloads();
-    let tarball = downloads.join(SOURCE_TARBALL);
-    if tarball.exists() && sha256_file(&tarball)? == SOURCE_SHA256 {
+    let tarball = downloads.join(source.tarball);
+    if tarball.exists() && sha256_file(&tarball)? == source.sha256 {
         return Ok(tarball);
     }
-    let apt = paths.root.join("apt-source");
-    fs::create_dir_all(apt.join("lists/partial"))?;
-    fs::create_dir_all(&downloads)?;
-    let list = apt.join("sources.list");
-    fs::write(&list, format!("deb-src {} {SOURCE_SUITE} main\n", debian_archive_url()?))?;
-    let options = [
-        format!("-oDir::Etc::SourceList={}", list.display()),
-        "-oDir::Etc::SourceParts=/dev/null".to_string(),
-        format!("-oDir::State::Lists={}", apt.join("lists").display()),
-    ];
-    run(Command::new("apt-get").args(&options).args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(&options)
-        .args(["source", "--download-only", "-q", SOURCE_PACKAGE])
-        .current_dir(&downloads))?;
-    if !tarball.exists() {
-        bail!(
-            "Debian's `{SOURCE_PACKAGE}` source package no longer ships {SOURCE_TARBALL}\nhint: update the pin in crates/xtask/src/runtime.rs"
-        );
-    }
-    let actual = sha256_file(&tarball)?;
-    if actual != SOURCE_SHA256 {
-        bail!("{} has sha256 {actual}, expected {SOURCE_SHA256}; refusing to build from it", tarball.display());
-    }
+    let package = source.package;
+    let section = if package.starts_with("lib") { &package[..4] } else { &package[..1] };
+    let url = format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, source.tarball.replace('+', "%2b"));
+    download(&url, &tarball, source.sha256)?;
     Ok(tarball)
+}
+
+/// The `tzdata` wheel, downloaded from PyPI unless the download folder has it.
+fn fetch_tzdata(paths: &RuntimePaths) -> Result<PathBuf> {
+    let wheel = paths.downloads().join(TZDATA_WHEEL);
+    if !(wheel.exists() && sha256_file(&wheel)? == TZDATA_SHA256) {
+        download(TZDATA_URL, &wheel, TZDATA_SHA256)?;
+    }
+    Ok(wheel)
+}
+
+/// Downloads `url` to `dest` with apt's own downloader, which checks the sha256 before the
+/// file appears (checked again here, as the build's guarantee).
+fn download(url: &str, dest: &Path, sha256: &str) -> Result<()> {
+    fs::create_dir_all(dest.parent().context("download folder")?)?;
+    run(Command::new("/usr/lib/apt/apt-helper").arg("download-file").arg(url).arg(dest).arg(format!("SHA256:{sha256}")))
+        .with_context(|| {
+            format!("downloading {url}\nhint: if the registry dropped this version, update the pin in crates/xtask/src/runtime.rs")
+        })?;
+    let actual = sha256_file(dest)?;
+    if actual != sha256 {
+        bail!("{} has sha256 {actual}, expected {sha256}; refusing to build from it", dest.display());
+    }
+    Ok(())
 }
 
 fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
@@ -272,7 +324,7 @@ fn make_jobs() -> String {
 /// A native CPython of the same version; the cross build runs it to freeze modules, and we
 /// run it to compile the stdlib to bytecode.
 fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> {
-    let dir = paths.root.join(format!("build-python-{}", &SOURCE_SHA256[..16]));
+    let dir = paths.root.join(format!("build-python-{}", &CPYTHON_SOURCE.sha256[..16]));
     let python = dir.join(format!("Python-{CPYTHON_VERSION}/cross-build/build/python"));
     if !fresh_layer(&dir)? {
         return Ok(python);
@@ -291,8 +343,8 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
 }
 
 /// Builds `libpython3.13.a` for WASI below `base`, then the reactor; returns the module path.
-fn build_reactor(base: &Path, tarball: &Path, build_python: &Path, key: &str) -> Result<PathBuf> {
-    let libs = build_libpython(base, tarball, build_python)?;
+fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str) -> Result<PathBuf> {
+    let libs = build_libpython(base, sources, build_python)?;
     let out_dir = base.join(format!("reactor-{}", &key[..16]));
     let module = out_dir.join(RUNTIME_FILE);
     if !fresh_layer(&out_dir)? {
@@ -314,6 +366,13 @@ fn build_reactor(base: &Path, tarball: &Path, build_python: &Path, key: &str) ->
         .arg(libs.src.join("Lib"))
         .arg("--package")
         .arg(crate_dir.join("python"))
+        // `sysconfig` (and through it `zoneinfo`, `platform`) reads the build's configuration.
+        .arg("--generated")
+        .arg(sysconfigdata(&libs)?)
+        .arg("--build-root")
+        .arg(base)
+        .arg("--wheel")
+        .arg(&sources.tzdata)
         .arg("--out")
         .arg(&blob)
         .env("PYTHONHASHSEED", "0"))?;
@@ -350,7 +409,18 @@ struct Libpython {
     archives: Vec<PathBuf>,
 }
 
-fn build_libpython(base: &Path, tarball: &Path, build_python: &Path) -> Result<Libpython> {
+/// The `_sysconfigdata_*.py` module CPython's build wrote for the WASI target.
+fn sysconfigdata(libs: &Libpython) -> Result<PathBuf> {
+    let dir = libs.build.join(format!("build/lib.wasi-wasm32-{}", &CPYTHON_VERSION[..4]));
+    let name = "_sysconfigdata__wasi_wasm32-wasi.py";
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!("CPython's WASI build did not write {}", path.display());
+    }
+    Ok(path)
+}
+
+fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Result<Libpython> {
     let dir = base.join(format!("cpython-wasi-{}", &cpython_key()?[..16]));
     let src = dir.join(format!("Python-{CPYTHON_VERSION}"));
     let build = src.join("cross-build/wasm32-wasi");
@@ -362,16 +432,18 @@ fn build_libpython(base: &Path, tarball: &Path, build_python: &Path) -> Result<L
     ]
     .iter()
     .map(|a| build.join(a))
+    .chain([dir.join("zlib/libz.a")])
     .collect();
     let libs = Libpython { src: src.clone(), build: build.clone(), archives };
     if !fresh_layer(&dir)? {
         return Ok(libs);
     }
     let started = Instant::now();
-    extract(tarball, &dir)?;
+    extract(&sources.cpython, &dir)?;
     fs::create_dir_all(&build)?;
     let wrappers = toolchain::write_wrappers(&dir.join("toolchain"), &[(&src, "/cpython")])?;
     let sysroot = wrappers.dir.join("sysroot");
+    let zlib_dir = build_zlib(&sources.zlib, &dir, &wrappers.cc)?;
     let build_triple = output(&mut Command::new(src.join("config.guess")))?;
     run(Command::new("../../configure")
         .arg("-q")
@@ -389,9 +461,35 @@ fn build_libpython(base: &Path, tarball: &Path, build_python: &Path) -> Result<L
         .env("PKG_CONFIG_PATH", "")
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
+        // Found this way instead of through pkg-config: the module links `libz.a` statically.
+        .env("ZLIB_CFLAGS", format!("-I{}", zlib_dir.display()))
+        .env("ZLIB_LIBS", format!("-L{} -lz", zlib_dir.display()))
         .env("SOURCE_DATE_EPOCH", "0"))?;
     run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build).env("SOURCE_DATE_EPOCH", "0"))?;
     fs::write(dir.join(".complete"), "")?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
     Ok(libs)
+}
+
+/// Compiles zlib's library sources for WASI into `dir/zlib/libz.a` (beside its headers).
+fn build_zlib(tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
+    run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(dir))?;
+    let src = dir.join(ZLIB_DIR);
+    let out = dir.join("zlib");
+    fs::create_dir_all(&out)?;
+    for header in ["zlib.h", "zconf.h"] {
+        fs::copy(src.join(header), out.join(header))?;
+    }
+    let mut objects = Vec::new();
+    for name in ZLIB_FILES {
+        let object = out.join(format!("{name}.o"));
+        run(Command::new(cc)
+            .args(["-O2", "-DHAVE_UNISTD_H", "-DHAVE_STDARG_H", "-c"])
+            .arg(src.join(format!("{name}.c")))
+            .arg("-o")
+            .arg(&object))?;
+        objects.push(object);
+    }
+    run(Command::new("llvm-ar-19").arg("rcsD").arg(out.join("libz.a")).args(&objects))?;
+    Ok(out)
 }
