@@ -2,6 +2,7 @@
 //! artifact. See ARCHITECTURE.md for where this sits.
 
 mod cache;
+mod dependencies;
 mod discover;
 mod error;
 mod fingerprint;
@@ -48,6 +49,8 @@ pub struct BuildOutput {
     pub manifest: Manifest,
     pub cache_hit: bool,
     pub timings: Timings,
+    /// What the user should know about a build that succeeded (compiled files left out).
+    pub notes: Vec<String>,
 }
 
 /// Where a build spent its time.
@@ -108,7 +111,7 @@ pub fn up_to_date(options: &BuildOptions) -> Option<BuildOutput> {
     let manifest = Manifest::load(&manifest_path).ok()?;
     out_dir.join(&manifest.artifact.file).is_file().then(|| {
         let timings = Timings { total: started.elapsed(), ..Timings::default() };
-        BuildOutput { manifest_path, manifest, cache_hit: true, timings }
+        BuildOutput { manifest_path, manifest, cache_hit: true, timings, notes: Vec::new() }
     })
 }
 
@@ -146,14 +149,27 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
             tracing::warn!(%error, "could not record the build's fingerprint");
         }
         let timings = Timings { total: started.elapsed(), ..Timings::default() };
-        return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings });
+        return Ok(BuildOutput { manifest_path, manifest, cache_hit: true, timings, notes: Vec::new() });
     }
 
-    let request = InitRequest { entry_module: project.entry_module.clone(), modules: project.modules.clone() };
+    let request = InitRequest {
+        entry_module: project.entry_module.clone(),
+        modules: project.modules.clone(),
+        data_files: project.data_files.clone(),
+    };
     let hash_seed = u32::from_le_bytes(Sha256::digest(key.as_bytes())[..4].try_into().expect("4 bytes"));
     let init_engine = snapshot::init_engine().map_err(|e| BuildError::message(format!("{e:#}")))?;
     let snapshot_started = Instant::now();
-    let snapshot = snapshot::snapshot(&init_engine, &runtime, &request, hash_seed).await?;
+    let snapshot = snapshot::snapshot(&init_engine, &runtime, &request, hash_seed).await.map_err(|error| {
+        match (error, &project.dependencies) {
+            // An import that failed for want of a compiled file the install left out says so.
+            (BuildError::Other(problem), Some(installed)) => match installed.explain(&problem.message) {
+                Some(hint) => BuildError::Other(manifest_schema::Problem::hinted(problem.message, hint)),
+                None => BuildError::Other(problem),
+            },
+            (error, _) => error,
+        }
+    })?;
     let snapshot_time = snapshot_started.elapsed();
 
     let compile_started = Instant::now();
@@ -188,6 +204,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
                 .then(|| project.root.display().to_string()),
         },
         tasks: manifest_tasks(&project, &registered),
+        dependencies: project.dependencies.as_ref().map(|d| d.locked.clone()).unwrap_or_default(),
     };
     manifest.validate().map_err(BuildError::message)?;
     write_output(&out_dir, &manifest, &compiled, &key)?;
@@ -202,7 +219,8 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         manifest = %manifest_path.display(),
         "built"
     );
-    Ok(BuildOutput { manifest_path, manifest, cache_hit: false, timings })
+    let notes = project.dependencies.as_ref().and_then(dependencies::Installed::note).into_iter().collect();
+    Ok(BuildOutput { manifest_path, manifest, cache_hit: false, timings, notes })
 }
 
 /// An installed runtime comes with `<file>.sha256`: a runtime that does not match it was
@@ -249,6 +267,10 @@ fn build_key(project: &Project, runtime_sha256: &str) -> String {
         field(module.path.as_bytes());
         field(module.source.as_bytes());
         field(&[u8::from(module.is_package)]);
+    }
+    for data in &project.data_files {
+        field(data.path.as_bytes());
+        field(&data.contents);
     }
     hex::encode(hasher.finalize())
 }

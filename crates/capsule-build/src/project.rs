@@ -6,8 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use manifest_schema::ProjectFile;
-use python_runtime::SourceModule;
+use python_runtime::{DataFile, SourceModule};
 
+use crate::dependencies::{self, Installed, Requirements};
 use crate::discover::{Diagnostic, Diagnostics, DiscoveredTask, parse_module};
 use crate::error::BuildError;
 
@@ -22,8 +23,12 @@ pub struct Project {
     pub entry_module: String,
     /// Every bundled module, sorted by name.
     pub modules: Vec<SourceModule>,
+    /// The data files of bundled third-party packages (`vendor/`, dependencies), by path.
+    pub data_files: Vec<DataFile>,
     /// The entry file's tasks, in source order.
     pub tasks: Vec<DiscoveredTask>,
+    /// Packages installed from the declared requirements (see [`dependencies`]).
+    pub dependencies: Option<Installed>,
 }
 
 impl Project {
@@ -61,8 +66,20 @@ impl Project {
             }])));
         }
 
+        let dependencies = Requirements::find(&root, &config)?.as_ref().map(dependencies::install).transpose()?;
+        let bases = [
+            (root.clone(), String::new()),
+            (root.join(VENDOR_DIR), format!("{VENDOR_DIR}/")),
+            (
+                dependencies.as_ref().map_or_else(PathBuf::new, |d| d.dir.clone()),
+                format!("{}/", dependencies::SHOWN_DIR),
+            ),
+        ];
+        let bases = &bases[..if dependencies.is_some() { 3 } else { 2 }];
+
         let mut modules = BTreeMap::new();
         modules.insert(stem.clone(), SourceModule { name: stem.clone(), path: entry_path, source, is_package: false });
+        let mut data_files = Vec::new();
         let mut pending: Vec<String> = info.imports.into_iter().collect();
         let mut seen = BTreeSet::new();
         while let Some(import) = pending.pop() {
@@ -70,35 +87,57 @@ impl Project {
             if !seen.insert(top.clone()) || modules.contains_key(&top) {
                 continue;
             }
-            for module in local_modules(&root, &top)? {
+            let found = local_modules(&root, bases, &top)?;
+            data_files.extend(found.data_files);
+            for module in found.modules {
                 match parse_module(&module.source, &module.path, &defaults) {
                     Ok(parsed) => pending.extend(parsed.imports),
                     // Third-party code is CPython's to judge when it is imported (it may be
                     // imported only on a path the task never takes).
-                    Err(_) if module.path.starts_with(&format!("{VENDOR_DIR}/")) => {}
+                    Err(_) if bases[1..].iter().any(|(_, shown)| module.path.starts_with(shown)) => {}
                     Err(diagnostics) => return Err(diagnostics.into()),
                 }
                 modules.insert(module.name.clone(), module);
             }
         }
-        Ok(Self { root, entry, entry_module: stem, modules: modules.into_values().collect(), tasks: info.tasks })
+        Ok(Self {
+            root,
+            entry,
+            entry_module: stem,
+            modules: modules.into_values().collect(),
+            data_files,
+            tasks: info.tasks,
+            dependencies,
+        })
     }
 }
 
 impl Project {
     /// The fingerprint of everything the build of this project reads: its modules, its
-    /// `capsule.toml` (or that there is none) and the runtime.
+    /// `capsule.toml` and requirement files (or that there are none) and the runtime.
     pub fn fingerprint(&self, runtime: &Path) -> crate::Fingerprint {
-        let config = self.root.join(manifest_schema::PROJECT_FILE);
-        let mut files: Vec<PathBuf> = self.modules.iter().map(|m| self.root.join(&m.path)).collect();
+        let shown = self.modules.iter().map(|m| &m.path).chain(self.data_files.iter().map(|d| &d.path));
+        let mut files: Vec<PathBuf> = shown.map(|path| self.file_of(path)).collect();
         files.push(std::path::absolute(runtime).unwrap_or_else(|_| runtime.to_path_buf()));
-        let absent = if config.exists() {
-            files.push(config);
-            None
-        } else {
-            Some(config)
-        };
+        let mut absent = Vec::new();
+        let declaring = dependencies::declaring_files(&self.root);
+        for file in std::iter::once(self.root.join(manifest_schema::PROJECT_FILE)).chain(declaring) {
+            if file.exists() {
+                files.push(file);
+            } else {
+                absent.push(file);
+            }
+        }
         crate::Fingerprint::of(files, absent)
+    }
+
+    /// The file on disk behind a module's or data file's shown path.
+    fn file_of(&self, shown: &str) -> PathBuf {
+        let installed = shown.strip_prefix(dependencies::SHOWN_DIR).and_then(|rest| rest.strip_prefix('/'));
+        match (installed, &self.dependencies) {
+            (Some(rest), Some(dependencies)) => dependencies.dir.join(rest),
+            _ => self.root.join(shown),
+        }
     }
 }
 
@@ -113,26 +152,39 @@ pub const VENDOR_DIR: &str = "vendor";
 /// File endings of compiled extension modules, which cannot run in the sandbox.
 const NATIVE_EXTENSIONS: &[&str] = &[".so", ".pyd", ".dylib"];
 
-/// The module `name.py` or the whole package `name/` beside the entry file, else in
-/// `vendor/`, if any exists. Module names are relative to the folder they were found in.
-fn local_modules(root: &Path, name: &str) -> Result<Vec<SourceModule>, BuildError> {
-    for base in [root.to_path_buf(), root.join(VENDOR_DIR)] {
-        let file = base.join(format!("{name}.py"));
+/// The module `name.py` or the whole package `name/` in the first of `bases` (the entry
+/// file's folder, `vendor/`, installed dependencies) that has it, each base with the prefix
+/// its modules' paths are shown with. Module names are relative to the folder they were
+/// found in.
+fn local_modules(root: &Path, bases: &[(PathBuf, String)], name: &str) -> Result<Found, BuildError> {
+    let mut found = Found::default();
+    for base in bases {
+        let file = base.0.join(format!("{name}.py"));
         if file.is_file() {
-            return Ok(vec![read_module(root, &base, &file)?]);
-        }
-        let package = base.join(name);
-        if package.join("__init__.py").is_file() {
-            let mut found = Vec::new();
-            collect_package(root, &base, &package, &mut found)?;
+            found.modules.push(read_module(base, &file)?);
             return Ok(found);
         }
-        if let Some(native) = native_module(&base, name)? {
+        let package = base.0.join(name);
+        if package.join("__init__.py").is_file() {
+            collect_package(root, base, &package, &mut found)?;
+            return Ok(found);
+        }
+        if let Some(native) = native_module(&base.0, name)? {
             return Err(native_extension_error(root, name, &native));
         }
     }
-    Ok(Vec::new()) // the stdlib, or missing: Python will say so at import time
+    Ok(found) // the stdlib, or missing: Python will say so at import time
 }
+
+/// What one import brings into the build.
+#[derive(Default)]
+struct Found {
+    modules: Vec<SourceModule>,
+    data_files: Vec<DataFile>,
+}
+
+/// Not data: bytecode and type stubs, which the sandbox never reads.
+const NOT_DATA: &[&str] = &[".pyc", ".pyi"];
 
 /// A compiled single-file module `name.*.so` (or `.pyd`) in `base`.
 fn native_module(base: &Path, name: &str) -> Result<Option<PathBuf>, BuildError> {
@@ -151,7 +203,9 @@ fn native_extension_error(root: &Path, package: &str, file: &Path) -> BuildError
     )
 }
 
-fn collect_package(root: &Path, base: &Path, dir: &Path, found: &mut Vec<SourceModule>) -> Result<(), BuildError> {
+fn collect_package(root: &Path, base: &(PathBuf, String), dir: &Path, found: &mut Found) -> Result<(), BuildError> {
+    // Third-party packages read their own files; a project's own folders may hold anything.
+    let third_party = !base.1.is_empty();
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| BuildError::io(format!("cannot list `{}`", dir.display()), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -162,26 +216,37 @@ fn collect_package(root: &Path, base: &Path, dir: &Path, found: &mut Vec<SourceM
         if name.starts_with('.') || SKIPPED_DIRS.contains(&name) {
             continue;
         }
-        if path.is_dir() && path.join("__init__.py").is_file() {
+        if path.is_dir() && (third_party || path.join("__init__.py").is_file()) {
             collect_package(root, base, &path, found)?;
         } else if path.is_file() && name.ends_with(".py") && is_identifier(name.trim_end_matches(".py")) {
-            found.push(read_module(root, base, &path)?);
+            if path.parent().is_some_and(|dir| dir.join("__init__.py").is_file()) {
+                found.modules.push(read_module(base, &path)?);
+            }
         } else if NATIVE_EXTENSIONS.iter().any(|ext| name.ends_with(ext)) {
-            let package = dir.strip_prefix(base).unwrap_or(dir).components().next();
+            let package = dir.strip_prefix(&base.0).unwrap_or(dir).components().next();
             let package = package.map_or_else(String::new, |c| c.as_os_str().to_string_lossy().into_owned());
             return Err(native_extension_error(root, &package, &path));
+        } else if third_party && path.is_file() && !NOT_DATA.iter().any(|ext| name.ends_with(ext)) {
+            let contents =
+                fs::read(&path).map_err(|e| BuildError::io(format!("cannot read `{}`", path.display()), e))?;
+            found.data_files.push(DataFile { path: shown_path(base, &path), contents });
         }
     }
     Ok(())
 }
 
-/// A module file below `base` (the project root or `vendor/`), shown relative to `root`.
-fn read_module(root: &Path, base: &Path, file: &Path) -> Result<SourceModule, BuildError> {
-    let slashed =
-        |relative: &Path| relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-    let path = slashed(file.strip_prefix(root).expect("modules are below the root"));
+/// A file below `base`, as `/`-separated path after the base's prefix.
+fn shown_path((base, shown): &(PathBuf, String), file: &Path) -> String {
+    let relative = file.strip_prefix(base).expect("files are below their base");
+    let parts: Vec<_> = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+    format!("{shown}{}", parts.join("/"))
+}
+
+/// A module file below `base`, shown as its relative path after the base's prefix.
+fn read_module(base: &(PathBuf, String), file: &Path) -> Result<SourceModule, BuildError> {
+    let path = shown_path(base, file);
+    let dotted = path[base.1.len()..].to_string();
     let source = fs::read_to_string(file).map_err(|e| BuildError::io(format!("cannot read `{path}`"), e))?;
-    let dotted = slashed(file.strip_prefix(base).expect("modules are below their base"));
     let mut parts: Vec<&str> = dotted.trim_end_matches(".py").split('/').collect();
     let is_package = parts.last() == Some(&"__init__");
     if is_package {

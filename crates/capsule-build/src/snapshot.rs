@@ -156,12 +156,30 @@ pub async fn snapshot(
                 _ if !printed.trim().is_empty() => format!("importing `{entry}` failed:\n{}", printed.trim_end()),
                 _ => format!("snapshotting `{entry}` failed: {error:#}"),
             };
-            Err(BuildError::usage(
-                reason,
-                "module-level code runs once, at build time, without files, network or environment; move such work into a task",
-            ))
+            let hint = unavailable_module_hint(&printed).unwrap_or_else(|| {
+                "module-level code runs once, at build time, without files, network or environment; move such work into a task".into()
+            });
+            Err(BuildError::usage(reason, hint))
         }
     }
+}
+
+/// C modules of the standard library that the runtime does not have, and what to do.
+const UNAVAILABLE_MODULES: &[(&str, &str)] = &[
+    (
+        "_ctypes",
+        "`ctypes` calls C libraries, which a Wasm sandbox cannot load; the package importing it (see the traceback) cannot run in Capsule",
+    ),
+    ("_ssl", "the host makes HTTPS requests for tasks: use `capsule.http`, `urllib.request` or `requests`"),
+    ("_lzma", "`lzma` is not in Capsule's runtime yet; `gzip`, `zlib` and `bz2` are"),
+    ("_sqlite3", "`sqlite3` is not in Capsule's runtime yet"),
+];
+
+/// The hint for an import that failed on a C module the runtime lacks.
+fn unavailable_module_hint(traceback: &str) -> Option<String> {
+    UNAVAILABLE_MODULES.iter().find_map(|(module, hint)| {
+        traceback.contains(&format!("No module named '{module}'")).then(|| (*hint).to_string())
+    })
 }
 
 /// Gives Wizer read access to the initialised instance.

@@ -39,7 +39,7 @@ pub enum Event<'a> {
         text: Cow<'a, [u8]>,
     },
     /// A task call ended, with its envelope.
-    TaskFinished { call: CallId, depth: u32, outcome: Cow<'a, Outcome> },
+    TaskFinished { call: CallId, depth: u32, outcome: Box<Cow<'a, Outcome>> },
 }
 
 #[allow(clippy::ptr_arg)] // serde's `serialize_with` passes the field as it is

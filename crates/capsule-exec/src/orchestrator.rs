@@ -158,7 +158,11 @@ impl Scope {
         {
             outcome = unrecorded(outcome, &error);
         }
-        events.event(&Event::TaskFinished { call: self.call, depth: self.depth, outcome: Cow::Borrowed(&outcome) });
+        events.event(&Event::TaskFinished {
+            call: self.call,
+            depth: self.depth,
+            outcome: Box::new(Cow::Borrowed(&outcome)),
+        });
         outcome
     }
 }

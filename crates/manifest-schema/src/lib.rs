@@ -37,6 +37,17 @@ pub struct Manifest {
     pub engine: Engine,
     pub artifact: Artifact,
     pub tasks: Vec<Task>,
+    /// Third-party packages the build installed, at the versions it installed: a lock.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<LockedPackage>,
+}
+
+/// A package installed from a registry for a build.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedPackage {
+    pub name: String,
+    pub version: String,
 }
 
 /// The engine configuration the artifact was compiled for.
@@ -217,6 +228,7 @@ mod tests {
                     signature: None,
                 },
             ],
+            dependencies: vec![LockedPackage { name: "tabulate".into(), version: "0.9.0".into() }],
         }
     }
 

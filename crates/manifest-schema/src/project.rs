@@ -5,6 +5,7 @@
 //! name = "research-agent"
 //! version = "0.3.0"
 //! entrypoint = "main.py"      # so that `capsule run` needs no file argument
+//! dependencies = ["jinja2>=3", "pyyaml"]  # from PyPI, installed at build time
 //!
 //! [tasks]                     # defaults for options a task leaves out:
 //! default_compute = "MEDIUM"  # `default_<option>` for any `@task` option but `name`
@@ -43,6 +44,8 @@ pub struct Workflow {
     pub version: Option<String>,
     /// The entry Python file, relative to `capsule.toml`.
     pub entrypoint: Option<String>,
+    /// Packages to install from PyPI at build time, as PEP 508 requirements.
+    pub dependencies: Option<Vec<String>>,
 }
 
 impl ProjectFile {

@@ -30,6 +30,8 @@ class MemoryImporter:
         self._packed, self._data = marshal.loads(blob[index_at + 4 : index_at + 4 + index_size])
         # name -> (is_package, origin, code) for the user's modules
         self._user = {}
+        # path -> bytes: data files of the user's third-party packages
+        self._user_data = {}
         # name -> functions to call with the module once it has been imported
         self._after_import = {}
 
@@ -44,6 +46,30 @@ class MemoryImporter:
         """Compile a user module now, so it can be imported later without any file."""
         code = compile(source, origin, "exec", dont_inherit=True)
         self._user[name] = (is_package, origin, code)
+
+    def add_user_data(self, path, contents):
+        self._user_data[path] = contents
+
+    def read_data(self, path):
+        """A data file's bytes, by path: the user's (as `__file__` paths make them), else
+        a packed wheel's; None if there is none."""
+        if path in self._user_data:
+            return self._user_data[path]
+        entry = self._data.get(path)
+        if entry is None:
+            return None
+        offset, length = entry
+        return bytes(self._blob[offset : offset + length])
+
+    def data_paths(self):
+        return [*self._user_data, *self._data]
+
+    def get_data(self, path):
+        """`pkgutil.get_data` support."""
+        contents = self.read_data(path)
+        if contents is None:
+            raise FileNotFoundError(path)
+        return contents
 
     def find_spec(self, name, path=None, target=None):
         entry = self._user.get(name) or self._packed.get(name)
@@ -70,7 +96,9 @@ class MemoryImporter:
         return marshal.loads(self._blob[offset : offset + length])
 
     def get_resource_reader(self, name):
-        """`importlib.resources` support for packed packages that carry data files."""
+        """`importlib.resources` support for packages that carry data files."""
+        if name in self._user and self._user[name][0]:
+            return _PackedFiles(self, self._user[name][1].rpartition("/")[0])
         if name in self._packed and self._packed[name][0]:
             return _PackedFiles(self, name.replace(".", "/"))
         return None
@@ -84,7 +112,7 @@ class MemoryImporter:
 
 class _PackedFiles:
     """A read-only `importlib.resources` Traversable (and its reader) over the data files
-    below `path` in the blob."""
+    below `path`."""
 
     def __init__(self, importer, path):
         self._importer = importer
@@ -96,11 +124,11 @@ class _PackedFiles:
 
     def _children(self):
         prefix = self._path + "/"
-        names = {p[len(prefix) :].partition("/")[0] for p in self._importer._data if p.startswith(prefix)}
-        return sorted(names)
+        paths = self._importer.data_paths()
+        return sorted({p[len(prefix) :].partition("/")[0] for p in paths if p.startswith(prefix)})
 
     def is_file(self):
-        return self._path in self._importer._data
+        return self._importer.read_data(self._path) is not None
 
     def is_dir(self):
         return bool(self._children())
@@ -115,10 +143,7 @@ class _PackedFiles:
     __truediv__ = joinpath
 
     def read_bytes(self):
-        if not self.is_file():
-            raise FileNotFoundError(self._path)
-        offset, length = self._importer._data[self._path]
-        return bytes(self._importer._blob[offset : offset + length])
+        return self._importer.get_data(self._path)
 
     def read_text(self, encoding=None):
         return self.read_bytes().decode(encoding or "utf-8")

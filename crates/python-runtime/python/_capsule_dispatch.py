@@ -4,6 +4,7 @@ it, and it is not part of the `capsule` package that Python installs.
 Not for use outside the sandbox: it relies on the in-memory importer (`_capsule_bootstrap`).
 """
 
+import binascii
 import gc
 import importlib
 import json
@@ -14,7 +15,7 @@ import traceback
 
 import _capsule
 import _capsule_bootstrap
-from capsule import _context, _task, _unavailable, _urllib
+from capsule import _context, _requests, _task, _unavailable, _urllib
 
 
 class _HostTasks:
@@ -65,8 +66,12 @@ def initialize():
         # The sources are not on any file system at run time: keep them for tracebacks.
         lines = source.splitlines(keepends=True)
         linecache.cache[module["path"]] = (len(source), None, lines, module["path"])
+    for data in request.get("data_files", ()):
+        _capsule_bootstrap.IMPORTER.add_user_data(data["path"], binascii.a2b_base64(data["contents"]))
     _task._host = _HostTasks()
     _capsule_bootstrap.IMPORTER.after_import("urllib.request", _urllib.install)
+    _capsule_bootstrap.IMPORTER.after_import("requests.sessions", _requests.install)
+    _capsule_bootstrap.IMPORTER.after_import("certifi.core", _requests.install_certifi)
     _capsule_bootstrap.IMPORTER.after_import("socket", _unavailable.guard_sockets)
     _capsule_bootstrap.IMPORTER.after_import("threading", _unavailable.guard_threads)
     try:

@@ -82,6 +82,35 @@ pub fn unpack_buffer(packed: i64) -> Option<(u32, u32)> {
 pub struct InitRequest {
     pub entry_module: String,
     pub modules: Vec<SourceModule>,
+    /// Files that packages read beside their modules (`pkgutil.get_data`,
+    /// `importlib.resources`): templates, certificates, time zone archives.
+    #[serde(default)]
+    pub data_files: Vec<DataFile>,
+}
+
+/// A package's data file, by the path its module's `__file__` makes: e.g.
+/// `site-packages/dateutil/zoneinfo/dateutil-zoneinfo.tar.gz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFile {
+    pub path: String,
+    /// Base64 in the JSON request.
+    #[serde(with = "base64_bytes")]
+    pub contents: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -349,7 +378,7 @@ mod tests {
         let refused = HostReply::http_error(HttpErrorKind::Refused, "no");
         assert_eq!(
             String::from_utf8(refused.to_json()).unwrap(),
-            r#"{"error":{"message":"no","type":"refused"},"ok":false}"#
+            r#"{"ok":false,"error":{"type":"refused","message":"no"}}"#
         );
         let failed = HostReply::task_error(ErrorKind::Fuel, "out");
         let json: Value = serde_json::from_slice(&failed.to_json()).unwrap();

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: build fixtures with the real toolchain and run their
 //! tasks in real sandboxes.
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

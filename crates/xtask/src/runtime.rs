@@ -4,12 +4,13 @@
 //! Three cached layers, each in a folder named by a hash of its inputs and marked complete
 //! only once fully built:
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
-//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib included;
+//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib and
+//!    bzip2 included;
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
 //!
-//! Inputs are pinned by sha256: CPython's and zlib's upstream tarballs from Debian's source
+//! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib and bzip2 from Debian's source
 //! packages, the `tzdata` wheel from PyPI.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
@@ -40,16 +41,50 @@ const CPYTHON_SOURCE: DebianSource = DebianSource {
     sha256: "93e583f243454e6e9e4588ca2c2662206ad961659863277afcdb96801647d640",
 };
 
-/// zlib, for CPython's `zlib` module (and through it `gzip`, `zipfile`, `urllib3`).
-const ZLIB_SOURCE: DebianSource = DebianSource {
-    package: "zlib",
-    tarball: "zlib_1.3.dfsg+really1.3.1.orig.tar.gz",
-    sha256: "60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb",
-};
-const ZLIB_DIR: &str = "zlib-1.3.1";
-const ZLIB_FILES: &[&str] = &[
-    "adler32", "compress", "crc32", "deflate", "gzclose", "gzlib", "gzread", "gzwrite", "infback", "inffast",
-    "inflate", "inftrees", "trees", "uncompr", "zutil",
+/// A C library CPython's optional modules link, compiled from its upstream sources.
+struct CLibrary {
+    source: DebianSource,
+    /// The tarball's top folder.
+    dir: &'static str,
+    /// Library sources, without `.c`.
+    files: &'static [&'static str],
+    headers: &'static [&'static str],
+    /// `-l` name: the archive is `lib<name>.a`.
+    name: &'static str,
+    /// Prefix of the `<PREFIX>_CFLAGS`/`<PREFIX>_LIBS` variables CPython's configure reads.
+    configure_prefix: &'static str,
+}
+
+const C_LIBRARIES: &[CLibrary] = &[
+    // `zlib`, and through it `gzip`, `zipfile` deflate, `urllib3`.
+    CLibrary {
+        source: DebianSource {
+            package: "zlib",
+            tarball: "zlib_1.3.dfsg+really1.3.1.orig.tar.gz",
+            sha256: "60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb",
+        },
+        dir: "zlib-1.3.1",
+        files: &[
+            "adler32", "compress", "crc32", "deflate", "gzclose", "gzlib", "gzread", "gzwrite", "infback", "inffast",
+            "inflate", "inftrees", "trees", "uncompr", "zutil",
+        ],
+        headers: &["zlib.h", "zconf.h"],
+        name: "z",
+        configure_prefix: "ZLIB",
+    },
+    // `bz2`, which `tarfile` and `networkx` import.
+    CLibrary {
+        source: DebianSource {
+            package: "bzip2",
+            tarball: "bzip2_1.0.8.orig.tar.gz",
+            sha256: "ab5a03176ee106d3f0fa90e381da478ddae405918153cca248e682cd0c4a2269",
+        },
+        dir: "bzip2-1.0.8",
+        files: &["blocksort", "huffman", "crctable", "randtable", "compress", "decompress", "bzlib"],
+        headers: &["bzlib.h"],
+        name: "bz2",
+        configure_prefix: "BZIP2",
+    },
 ];
 
 /// IANA time zone data for `zoneinfo`, as the `tzdata` wheel on PyPI packages it.
@@ -123,7 +158,7 @@ fn cpython_key() -> Result<String> {
     let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
     Ok(hex_sha256(&[
         CPYTHON_SOURCE.sha256.as_bytes(),
-        ZLIB_SOURCE.sha256.as_bytes(),
+        C_LIBRARIES.iter().map(|l| l.source.sha256).collect::<String>().as_bytes(),
         toolchain::fingerprint().as_bytes(),
         &config_site,
         configure_args_fingerprint().as_bytes(),
@@ -234,14 +269,15 @@ fn debian_archive_url() -> Result<String> {
         }
     }
     bail!(
-        "no Debian archive found in /etc/apt/sources.list*\nhint: CPython's and zlib's sources come from Debian's source packages"
+        "no Debian archive found in /etc/apt/sources.list*\nhint: CPython's and its libraries' sources come from Debian's source packages"
     )
 }
 
 /// The downloaded inputs of the build, each checked against its pin.
 struct Sources {
     cpython: PathBuf,
-    zlib: PathBuf,
+    /// The tarballs of [`C_LIBRARIES`], in order.
+    libraries: Vec<PathBuf>,
     tzdata: PathBuf,
 }
 
@@ -249,7 +285,7 @@ impl Sources {
     fn fetch(paths: &RuntimePaths) -> Result<Self> {
         Ok(Self {
             cpython: fetch_source(paths, &CPYTHON_SOURCE)?,
-            zlib: fetch_source(paths, &ZLIB_SOURCE)?,
+            libraries: C_LIBRARIES.iter().map(|l| fetch_source(paths, &l.source)).collect::<Result<_>>()?,
             tzdata: fetch_tzdata(paths)?,
         })
     }
@@ -432,7 +468,7 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     ]
     .iter()
     .map(|a| build.join(a))
-    .chain([dir.join("zlib/libz.a")])
+    .chain(C_LIBRARIES.iter().map(|l| dir.join(l.name).join(format!("lib{}.a", l.name))))
     .collect();
     let libs = Libpython { src: src.clone(), build: build.clone(), archives };
     if !fresh_layer(&dir)? {
@@ -443,9 +479,15 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     fs::create_dir_all(&build)?;
     let wrappers = toolchain::write_wrappers(&dir.join("toolchain"), &[(&src, "/cpython")])?;
     let sysroot = wrappers.dir.join("sysroot");
-    let zlib_dir = build_zlib(&sources.zlib, &dir, &wrappers.cc)?;
     let build_triple = output(&mut Command::new(src.join("config.guess")))?;
-    run(Command::new("../../configure")
+    let mut configure = Command::new("../../configure");
+    for (library, tarball) in C_LIBRARIES.iter().zip(&sources.libraries) {
+        // Found this way instead of through pkg-config: the modules link the archives statically.
+        let out = build_c_library(library, tarball, &dir, &wrappers.cc)?;
+        configure.env(format!("{}_CFLAGS", library.configure_prefix), format!("-I{}", out.display()));
+        configure.env(format!("{}_LIBS", library.configure_prefix), format!("-L{} -l{}", out.display(), library.name));
+    }
+    run(configure
         .arg("-q")
         .args(WASI_CONFIGURE_ARGS)
         .arg(format!("--build={build_triple}"))
@@ -461,9 +503,6 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_PATH", "")
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
-        // Found this way instead of through pkg-config: the module links `libz.a` statically.
-        .env("ZLIB_CFLAGS", format!("-I{}", zlib_dir.display()))
-        .env("ZLIB_LIBS", format!("-L{} -lz", zlib_dir.display()))
         .env("SOURCE_DATE_EPOCH", "0"))?;
     run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build).env("SOURCE_DATE_EPOCH", "0"))?;
     fs::write(dir.join(".complete"), "")?;
@@ -471,17 +510,17 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     Ok(libs)
 }
 
-/// Compiles zlib's library sources for WASI into `dir/zlib/libz.a` (beside its headers).
-fn build_zlib(tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
+/// Compiles `library`'s sources for WASI into `dir/<name>/lib<name>.a`, beside its headers.
+fn build_c_library(library: &CLibrary, tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
     run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(dir))?;
-    let src = dir.join(ZLIB_DIR);
-    let out = dir.join("zlib");
+    let src = dir.join(library.dir);
+    let out = dir.join(library.name);
     fs::create_dir_all(&out)?;
-    for header in ["zlib.h", "zconf.h"] {
+    for header in library.headers {
         fs::copy(src.join(header), out.join(header))?;
     }
     let mut objects = Vec::new();
-    for name in ZLIB_FILES {
+    for name in library.files {
         let object = out.join(format!("{name}.o"));
         run(Command::new(cc)
             .args(["-O2", "-DHAVE_UNISTD_H", "-DHAVE_STDARG_H", "-c"])
@@ -490,6 +529,6 @@ fn build_zlib(tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
             .arg(&object))?;
         objects.push(object);
     }
-    run(Command::new("llvm-ar-19").arg("rcsD").arg(out.join("libz.a")).args(&objects))?;
+    run(Command::new("llvm-ar-19").arg("rcsD").arg(out.join(format!("lib{}.a", library.name))).args(&objects))?;
     Ok(out)
 }

@@ -75,7 +75,11 @@ pub async fn build_with_progress(engine: &Engine, options: &BuildOptions) -> Res
     let progress = std::io::stderr().is_terminal().then(|| Progress::start(&options.entry));
     let output = capsule_build::build(engine, options).await;
     drop(progress);
-    Ok(output?)
+    let output = output?;
+    for note in &output.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(output)
 }
 
 /// A line on the terminal while a build runs longer than a moment; erased when it ends.

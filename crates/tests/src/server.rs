@@ -1,0 +1,65 @@
+//! A small HTTP/1.1 server on loopback for the tests that make HTTP calls from tasks.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::json;
+
+/// A small HTTP/1.1 server on a free loopback port; each connection gets one answer.
+pub fn start_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let address = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || answer(stream));
+        }
+    });
+    format!("http://{address}")
+}
+
+fn answer(stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).unwrap();
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let (mut length, mut authorized) = (0, false);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let lower = line.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        authorized |= lower.starts_with("authorization: bearer secret");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let path = target.split('?').next().unwrap_or("");
+    let (status, extra, content): (&str, String, Vec<u8>) = match (method.as_str(), path) {
+        ("GET", "/json") => ("200 OK", "Content-Type: application/json\r\n".into(), br#"{"hello": "world"}"#.to_vec()),
+        (_, "/echo") => {
+            let echoed = json!({"method": method, "body": String::from_utf8_lossy(&body), "authorized": authorized});
+            ("200 OK", "Content-Type: application/json\r\n".into(), echoed.to_string().into_bytes())
+        }
+        ("GET", "/redirect-ok") => ("302 Found", "Location: /json\r\n".into(), Vec::new()),
+        // Never contacted: the task's rules refuse the hop before any connection is made.
+        ("GET", "/redirect-metadata") => {
+            ("302 Found", "Location: http://169.254.169.254/latest/meta-data/\r\n".into(), Vec::new())
+        }
+        ("GET", "/slow") => {
+            thread::sleep(Duration::from_secs(5));
+            ("200 OK", String::new(), b"late".to_vec())
+        }
+        ("GET", "/big") => ("200 OK", String::new(), vec![b'x'; 11 << 20]),
+        _ => ("404 Not Found", "Content-Type: text/plain\r\n".into(), b"missing".to_vec()),
+    };
+    let mut stream = stream;
+    let head = format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n", content.len());
+    let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&content));
+}
