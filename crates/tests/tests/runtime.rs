@@ -114,6 +114,13 @@ fn syntax_that_discovery_accepts_runs_as_cpython_runs_it() {
 }
 
 #[test]
+fn sqlite_runs_on_an_in_memory_database() {
+    let rows = json!([["tea", 3.5], ["bread", 2.25], ["jam", 4.0]]);
+    let outcome = shared("valid/stdlib_modules.py").run("database", vec![rows]);
+    assert_eq!(outcome.result, json!({"total": 9.75, "cheapest": "bread", "version": "3.46.1"}), "{:?}", outcome.error);
+}
+
+#[test]
 fn compression_and_time_zones_work_from_the_standard_library() {
     let outcome = shared("valid/stdlib_modules.py").run("compress", vec![json!("a line that repeats. ".repeat(50))]);
     assert_eq!(

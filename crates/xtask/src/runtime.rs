@@ -4,13 +4,13 @@
 //! Three cached layers, each in a folder named by a hash of its inputs and marked complete
 //! only once fully built:
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
-//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib and
-//!    bzip2 included;
+//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2
+//!    and SQLite included;
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
 //!
-//! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib and bzip2 from Debian's source
+//! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib, bzip2 and SQLite from Debian's source
 //! packages, the `tzdata` wheel from PyPI.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
@@ -53,6 +53,10 @@ struct CLibrary {
     name: &'static str,
     /// Prefix of the `<PREFIX>_CFLAGS`/`<PREFIX>_LIBS` variables CPython's configure reads.
     configure_prefix: &'static str,
+    /// Commands run natively in the source folder first (SQLite generates its sources).
+    generate: &'static [&'static [&'static str]],
+    /// Compiler flags for the library's sources.
+    flags: &'static [&'static str],
 }
 
 const C_LIBRARIES: &[CLibrary] = &[
@@ -71,6 +75,8 @@ const C_LIBRARIES: &[CLibrary] = &[
         headers: &["zlib.h", "zconf.h"],
         name: "z",
         configure_prefix: "ZLIB",
+        generate: &[],
+        flags: &["-DHAVE_UNISTD_H", "-DHAVE_STDARG_H"],
     },
     // `bz2`, which `tarfile` and `networkx` import.
     CLibrary {
@@ -84,6 +90,25 @@ const C_LIBRARIES: &[CLibrary] = &[
         headers: &["bzlib.h"],
         name: "bz2",
         configure_prefix: "BZIP2",
+        generate: &[],
+        flags: &[],
+    },
+    // `sqlite3`, on in-memory databases and granted files.
+    CLibrary {
+        source: DebianSource {
+            package: "sqlite3",
+            tarball: "sqlite3_3.46.1.orig.tar.xz",
+            sha256: "d0cdd2ece271b29e7ce18095745d892517ee26d0f270065b3a25c2e9eb11639c",
+        },
+        dir: "sqlite3-3.46.1",
+        files: &["sqlite3"],
+        headers: &["sqlite3.h"],
+        name: "sqlite3",
+        configure_prefix: "LIBSQLITE3",
+        // The amalgamation `sqlite3.c`, made by SQLite's own (Tcl) build scripts.
+        generate: &[&["./configure", "-q", "--disable-tcl"], &["make", "-s", "sqlite3.c"]],
+        // SQLite's own `__wasi__` settings apply: no threads, WAL or loadable extensions.
+        flags: &[],
     },
 ];
 
@@ -158,7 +183,7 @@ fn cpython_key() -> Result<String> {
     let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
     Ok(hex_sha256(&[
         CPYTHON_SOURCE.sha256.as_bytes(),
-        C_LIBRARIES.iter().map(|l| l.source.sha256).collect::<String>().as_bytes(),
+        c_libraries_fingerprint().as_bytes(),
         toolchain::fingerprint().as_bytes(),
         &config_site,
         configure_args_fingerprint().as_bytes(),
@@ -510,12 +535,24 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     Ok(libs)
 }
 
+/// Everything about the C libraries that changes what is compiled.
+fn c_libraries_fingerprint() -> String {
+    let describe = |l: &CLibrary| {
+        let generate: Vec<String> = l.generate.iter().map(|c| c.join(" ")).collect();
+        format!("{} {:?} {:?} {:?}", l.source.sha256, l.files, l.flags, generate)
+    };
+    C_LIBRARIES.iter().map(describe).collect::<Vec<_>>().join("\n")
+}
+
 /// Compiles `library`'s sources for WASI into `dir/<name>/lib<name>.a`, beside its headers.
 fn build_c_library(library: &CLibrary, tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
     run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(dir))?;
     let src = dir.join(library.dir);
     let out = dir.join(library.name);
     fs::create_dir_all(&out)?;
+    for command in library.generate {
+        run(Command::new(command[0]).args(&command[1..]).current_dir(&src))?;
+    }
     for header in library.headers {
         fs::copy(src.join(header), out.join(header))?;
     }
@@ -523,7 +560,8 @@ fn build_c_library(library: &CLibrary, tarball: &Path, dir: &Path, cc: &Path) ->
     for name in library.files {
         let object = out.join(format!("{name}.o"));
         run(Command::new(cc)
-            .args(["-O2", "-DHAVE_UNISTD_H", "-DHAVE_STDARG_H", "-c"])
+            .args(["-O2", "-c"])
+            .args(library.flags)
             .arg(src.join(format!("{name}.c")))
             .arg("-o")
             .arg(&object))?;

@@ -1,4 +1,5 @@
-//! The wasm C toolchain: Debian's clang 19, lld 19 and wasi-libc, pinned by version and sha256.
+//! The wasm C toolchain: Debian's clang 19, lld 19 and wasi-libc (and Tcl, for SQLite's
+//! generated source), pinned by version and sha256.
 //!
 //! The packages come from the machine's own Debian archive through `apt-get`. Each `.deb` is
 //! downloaded first, its sha256 compared with the pin below, and only then installed, so a
@@ -38,6 +39,17 @@ pub const PACKAGES: &[DebPackage] = &[
         name: "wasi-libc",
         version: "0.0~git20220510.9886d3d-2",
         sha256: "513e25eeca77f7e31adf928b684714dd656cc6bc70c2970abfe3b4117e3b736f",
+    },
+    // Runs SQLite's scripts that generate its single-file source.
+    DebPackage {
+        name: "libtcl8.6",
+        version: "8.6.13+dfsg-2",
+        sha256: "976c4235b816635e1756016f3adbabb634e8b97a9f6b97cf901be099e4fd2487",
+    },
+    DebPackage {
+        name: "tcl8.6",
+        version: "8.6.13+dfsg-2",
+        sha256: "4d539bdd459ea9fd5be25bf46c3c928ae5eb9cfdb5a1bf7ca25cacc596327d9d",
     },
     DebPackage {
         name: "libclang-rt-19-dev-wasm32",
