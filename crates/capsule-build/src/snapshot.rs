@@ -171,7 +171,6 @@ const UNAVAILABLE_MODULES: &[(&str, &str)] = &[
         "`ctypes` calls C libraries, which a Wasm sandbox cannot load; the package importing it (see the traceback) cannot run in Capsule",
     ),
     ("_ssl", "the host makes HTTPS requests for tasks: use `capsule.http`, `urllib.request` or `requests`"),
-    ("_lzma", "`lzma` is not in Capsule's runtime yet; `gzip`, `zlib` and `bz2` are"),
     ("_sqlite3", "`sqlite3` is not in Capsule's runtime yet"),
 ];
 

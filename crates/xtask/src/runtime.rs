@@ -4,13 +4,13 @@
 //! Three cached layers, each in a folder named by a hash of its inputs and marked complete
 //! only once fully built:
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
-//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2
-//!    and SQLite included;
+//! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
+//!    SQLite and liblzma included;
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
 //!
-//! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib, bzip2 and SQLite from Debian's source
+//! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib, bzip2, SQLite and xz from Debian's source
 //! packages, the `tzdata` wheel from PyPI.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
@@ -46,17 +46,27 @@ struct CLibrary {
     source: DebianSource,
     /// The tarball's top folder.
     dir: &'static str,
-    /// Library sources, without `.c`.
-    files: &'static [&'static str],
-    headers: &'static [&'static str],
     /// `-l` name: the archive is `lib<name>.a`.
     name: &'static str,
     /// Prefix of the `<PREFIX>_CFLAGS`/`<PREFIX>_LIBS` variables CPython's configure reads.
     configure_prefix: &'static str,
-    /// Commands run natively in the source folder first (SQLite generates its sources).
-    generate: &'static [&'static [&'static str]],
-    /// Compiler flags for the library's sources.
-    flags: &'static [&'static str],
+    recipe: Recipe,
+}
+
+/// How a C library is built for WASI.
+#[derive(Debug)]
+enum Recipe {
+    /// Compile `files` (`.c` left out) with `flags`, after running the `generate` commands
+    /// natively in the source folder; the `headers` are copied beside the archive.
+    Compile {
+        generate: &'static [&'static [&'static str]],
+        files: &'static [&'static str],
+        headers: &'static [&'static str],
+        flags: &'static [&'static str],
+    },
+    /// The library's own `configure` for the wasm target with `args`, then `make` in `subdir`,
+    /// which leaves `.libs/lib<name>.a` there; the headers are in `include`.
+    Configure { args: &'static [&'static str], subdir: &'static str, include: &'static str },
 }
 
 const C_LIBRARIES: &[CLibrary] = &[
@@ -68,15 +78,17 @@ const C_LIBRARIES: &[CLibrary] = &[
             sha256: "60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb",
         },
         dir: "zlib-1.3.1",
-        files: &[
-            "adler32", "compress", "crc32", "deflate", "gzclose", "gzlib", "gzread", "gzwrite", "infback", "inffast",
-            "inflate", "inftrees", "trees", "uncompr", "zutil",
-        ],
-        headers: &["zlib.h", "zconf.h"],
         name: "z",
         configure_prefix: "ZLIB",
-        generate: &[],
-        flags: &["-DHAVE_UNISTD_H", "-DHAVE_STDARG_H"],
+        recipe: Recipe::Compile {
+            generate: &[],
+            files: &[
+                "adler32", "compress", "crc32", "deflate", "gzclose", "gzlib", "gzread", "gzwrite", "infback",
+                "inffast", "inflate", "inftrees", "trees", "uncompr", "zutil",
+            ],
+            headers: &["zlib.h", "zconf.h"],
+            flags: &["-DHAVE_UNISTD_H", "-DHAVE_STDARG_H"],
+        },
     },
     // `bz2`, which `tarfile` and `networkx` import.
     CLibrary {
@@ -86,12 +98,14 @@ const C_LIBRARIES: &[CLibrary] = &[
             sha256: "ab5a03176ee106d3f0fa90e381da478ddae405918153cca248e682cd0c4a2269",
         },
         dir: "bzip2-1.0.8",
-        files: &["blocksort", "huffman", "crctable", "randtable", "compress", "decompress", "bzlib"],
-        headers: &["bzlib.h"],
         name: "bz2",
         configure_prefix: "BZIP2",
-        generate: &[],
-        flags: &[],
+        recipe: Recipe::Compile {
+            generate: &[],
+            files: &["blocksort", "huffman", "crctable", "randtable", "compress", "decompress", "bzlib"],
+            headers: &["bzlib.h"],
+            flags: &[],
+        },
     },
     // `sqlite3`, on in-memory databases and granted files.
     CLibrary {
@@ -101,14 +115,46 @@ const C_LIBRARIES: &[CLibrary] = &[
             sha256: "d0cdd2ece271b29e7ce18095745d892517ee26d0f270065b3a25c2e9eb11639c",
         },
         dir: "sqlite3-3.46.1",
-        files: &["sqlite3"],
-        headers: &["sqlite3.h"],
         name: "sqlite3",
         configure_prefix: "LIBSQLITE3",
-        // The amalgamation `sqlite3.c`, made by SQLite's own (Tcl) build scripts.
-        generate: &[&["./configure", "-q", "--disable-tcl"], &["make", "-s", "sqlite3.c"]],
-        // SQLite's own `__wasi__` settings apply: no threads, WAL or loadable extensions.
-        flags: &[],
+        recipe: Recipe::Compile {
+            // The amalgamation `sqlite3.c`, made by SQLite's own (Tcl) build scripts.
+            generate: &[&["./configure", "-q", "--disable-tcl"], &["make", "-s", "sqlite3.c"]],
+            files: &["sqlite3"],
+            headers: &["sqlite3.h"],
+            // SQLite's own `__wasi__` settings apply: no threads, WAL or loadable extensions.
+            flags: &[],
+        },
+    },
+    // `lzma`, for `.xz` files (and `tarfile`'s `r:xz`).
+    CLibrary {
+        source: DebianSource {
+            package: "xz-utils",
+            tarball: "xz-utils_5.8.1.orig.tar.xz",
+            sha256: "0b54f79df85912504de0b14aec7971e3f964491af1812d83447005807513cd9e",
+        },
+        dir: "xz-5.8.1",
+        name: "lzma",
+        configure_prefix: "LIBLZMA",
+        recipe: Recipe::Configure {
+            // The library alone, single-threaded.
+            args: &[
+                "--disable-threads",
+                "--disable-shared",
+                "--enable-static",
+                "--disable-xz",
+                "--disable-xzdec",
+                "--disable-lzmadec",
+                "--disable-lzmainfo",
+                "--disable-lzma-links",
+                "--disable-scripts",
+                "--disable-doc",
+                "--disable-nls",
+                "--disable-sandbox",
+            ],
+            subdir: "src/liblzma",
+            include: "src/liblzma/api",
+        },
     },
 ];
 
@@ -508,9 +554,11 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     let mut configure = Command::new("../../configure");
     for (library, tarball) in C_LIBRARIES.iter().zip(&sources.libraries) {
         // Found this way instead of through pkg-config: the modules link the archives statically.
-        let out = build_c_library(library, tarball, &dir, &wrappers.cc)?;
-        configure.env(format!("{}_CFLAGS", library.configure_prefix), format!("-I{}", out.display()));
-        configure.env(format!("{}_LIBS", library.configure_prefix), format!("-L{} -l{}", out.display(), library.name));
+        let include = build_c_library(library, tarball, &dir, &wrappers.cc)?;
+        let lib_dir = dir.join(library.name);
+        configure.env(format!("{}_CFLAGS", library.configure_prefix), format!("-I{}", include.display()));
+        configure
+            .env(format!("{}_LIBS", library.configure_prefix), format!("-L{} -l{}", lib_dir.display(), library.name));
     }
     run(configure
         .arg("-q")
@@ -537,36 +585,50 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
 
 /// Everything about the C libraries that changes what is compiled.
 fn c_libraries_fingerprint() -> String {
-    let describe = |l: &CLibrary| {
-        let generate: Vec<String> = l.generate.iter().map(|c| c.join(" ")).collect();
-        format!("{} {:?} {:?} {:?}", l.source.sha256, l.files, l.flags, generate)
-    };
+    let describe = |l: &CLibrary| format!("{} {:?}", l.source.sha256, l.recipe);
     C_LIBRARIES.iter().map(describe).collect::<Vec<_>>().join("\n")
 }
 
-/// Compiles `library`'s sources for WASI into `dir/<name>/lib<name>.a`, beside its headers.
+/// Builds `library` for WASI into `dir/<name>/lib<name>.a`; returns the folder of its headers.
 fn build_c_library(library: &CLibrary, tarball: &Path, dir: &Path, cc: &Path) -> Result<PathBuf> {
     run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(dir))?;
     let src = dir.join(library.dir);
     let out = dir.join(library.name);
     fs::create_dir_all(&out)?;
-    for command in library.generate {
-        run(Command::new(command[0]).args(&command[1..]).current_dir(&src))?;
+    let archive = out.join(format!("lib{}.a", library.name));
+    match library.recipe {
+        Recipe::Compile { generate, files, headers, flags } => {
+            for command in generate {
+                run(Command::new(command[0]).args(&command[1..]).current_dir(&src))?;
+            }
+            for header in headers {
+                fs::copy(src.join(header), out.join(header))?;
+            }
+            let mut objects = Vec::new();
+            for name in files {
+                let object = out.join(format!("{name}.o"));
+                run(Command::new(cc)
+                    .args(["-O2", "-c"])
+                    .args(flags)
+                    .arg(src.join(format!("{name}.c")))
+                    .arg("-o")
+                    .arg(&object))?;
+                objects.push(object);
+            }
+            run(Command::new("llvm-ar-19").arg("rcsD").arg(&archive).args(&objects))?;
+            Ok(out)
+        }
+        Recipe::Configure { args, subdir, include } => {
+            run(Command::new("./configure")
+                .args(["-q", "--host=wasm32-unknown-wasi"])
+                .args(args)
+                .current_dir(&src)
+                .env("CC", cc)
+                .env("AR", "llvm-ar-19")
+                .env("RANLIB", "llvm-ranlib-19"))?;
+            run(Command::new("make").args(["-s", &make_jobs()]).current_dir(src.join(subdir)))?;
+            fs::copy(src.join(subdir).join(".libs").join(format!("lib{}.a", library.name)), &archive)?;
+            Ok(src.join(include))
+        }
     }
-    for header in library.headers {
-        fs::copy(src.join(header), out.join(header))?;
-    }
-    let mut objects = Vec::new();
-    for name in library.files {
-        let object = out.join(format!("{name}.o"));
-        run(Command::new(cc)
-            .args(["-O2", "-c"])
-            .args(library.flags)
-            .arg(src.join(format!("{name}.c")))
-            .arg("-o")
-            .arg(&object))?;
-        objects.push(object);
-    }
-    run(Command::new("llvm-ar-19").arg("rcsD").arg(out.join(format!("lib{}.a", library.name))).args(&objects))?;
-    Ok(out)
 }
