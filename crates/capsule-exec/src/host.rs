@@ -118,10 +118,22 @@ fn guest_memory(caller: &mut Caller<'_, SandboxState>) -> wasmtime::Result<wasmt
     }
 }
 
+/// WASI's `EPERM`: the operation is not permitted.
+const WASI_ERRNO_PERM: i32 = 63;
+
 /// A linker with WASI preview 1 and Capsule's host functions.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut SandboxState| &mut state.wasi)?;
+    // A task may not plant links in a folder it was granted that lead out of it (a host tool
+    // opening the link later would follow it): creating symbolic links is refused outright.
+    linker.allow_shadowing(true);
+    linker.func_wrap(
+        "wasi_snapshot_preview1",
+        "path_symlink",
+        |_: Caller<'_, SandboxState>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { WASI_ERRNO_PERM },
+    )?;
+    linker.allow_shadowing(false);
     linker.func_wrap_async(
         HOST_MODULE,
         imports::HOST_CALL,

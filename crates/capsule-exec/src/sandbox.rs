@@ -348,16 +348,45 @@ fn classify_trap(
             GuestError::new(ErrorKind::Fuel, format!("the task used up its compute budget of {} fuel", limits.fuel))
         }
         Some(Trap::Interrupt) => timeout_error(limits.timeout),
-        Some(Trap::StackOverflow) => GuestError {
-            exc_type: "StackOverflow".into(),
+        Some(Trap::StackOverflow) => with_tail(
+            ErrorKind::StackOverflow,
+            "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
+        ),
+        _ if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() => GuestError {
+            exc_type: "SystemExit".into(),
             ..with_tail(
                 ErrorKind::Exception,
-                "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
+                format!("the task ended the interpreter with exit status {} (`os._exit`)", exit.0),
             )
         },
         _ if memory_exceeded => {
             with_tail(ErrorKind::Memory, format!("the task needed more than its memory limit of {memory_bytes} bytes"))
         }
         _ => with_tail(ErrorKind::Host, format!("the sandbox stopped: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::is_retryable;
+
+    fn classify(error: wasmtime::Error) -> GuestError {
+        let limits = Limits { fuel: 1, memory_bytes: 1, timeout: Duration::from_secs(1) };
+        classify_trap(&error, &limits, 1, false, &Captured::default())
+    }
+
+    #[test]
+    fn a_stack_overflow_has_its_own_kind_and_is_not_retried() {
+        let error = classify(Trap::StackOverflow.into());
+        assert_eq!(error.kind, ErrorKind::StackOverflow);
+        assert!(!is_retryable(error.kind), "the same snapshot overflows the same way again");
+    }
+
+    #[test]
+    fn an_exit_of_the_interpreter_names_its_status() {
+        let error = classify(wasmtime_wasi::I32Exit(7).into());
+        assert_eq!((error.kind, error.exc_type.as_str()), (ErrorKind::Exception, "SystemExit"));
+        assert!(error.message.contains("exit status 7"), "{}", error.message);
     }
 }

@@ -74,6 +74,7 @@ def initialize():
     _capsule_bootstrap.IMPORTER.after_import("certifi.core", _requests.install_certifi)
     _capsule_bootstrap.IMPORTER.after_import("socket", _unavailable.guard_sockets)
     _capsule_bootstrap.IMPORTER.after_import("threading", _unavailable.guard_threads)
+    _capsule_bootstrap.IMPORTER.after_import("os", _unavailable.guard_links)
     try:
         importlib.import_module(request["entry_module"])
     except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)
@@ -149,8 +150,10 @@ def _exception_error(exc):
     return _error(kind, type(exc).__name__, str(exc), trace)
 
 
-def _reply(payload):
-    return json.dumps(payload, allow_nan=False).encode()
+def _reply(payload, errors="strict"):
+    # Unescaped, a lone surrogate (which JSON text cannot carry) fails the encoding here,
+    # where it can be reported, instead of on the host.
+    return json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8", errors)
 
 
 def invoke(request_bytes):
@@ -171,12 +174,15 @@ def invoke(request_bytes):
             # do not fit its signature.
             return _reply({"ok": False, "error": _error(
                 "invalid_input", "TypeError", f"arguments do not match `{registered.qualified_name}`: {exc}")})
-        return _reply({"ok": False, "error": _exception_error(exc)})
+        return _reply({"ok": False, "error": _exception_error(exc)}, errors="replace")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
     try:
         return _reply({"ok": True, "result": result})
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = str(exc)
+        if isinstance(exc, UnicodeEncodeError):
+            problem = f"it contains the lone surrogate {exc.object[exc.start]!r}, which JSON text cannot carry"
         return _reply({"ok": False, "error": _error(
-            "exception", type(exc).__name__, f"the result of task {name!r} is not JSON: {exc}")})
+            "exception", type(exc).__name__, f"the result of task {name!r} is not JSON: {problem}")}, errors="replace")

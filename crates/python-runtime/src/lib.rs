@@ -155,6 +155,8 @@ pub enum ErrorKind {
     Fuel,
     /// The memory limit was reached.
     Memory,
+    /// The sandbox's stack ran out (runaway recursion below Python's own limit, in C code).
+    StackOverflow,
     /// Something failed on the host's side.
     Host,
     /// The arguments or the task name were not acceptable.
@@ -170,6 +172,7 @@ impl ErrorKind {
             Self::Timeout => "timeout",
             Self::Fuel => "fuel",
             Self::Memory => "memory",
+            Self::StackOverflow => "stack_overflow",
             Self::Host => "host",
             Self::InvalidInput => "invalid_input",
             Self::Cancelled => "cancelled",

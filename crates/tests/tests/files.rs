@@ -30,6 +30,25 @@ fn granted_folders_work_and_nothing_else_is_reachable() {
     assert_eq!(fs::read_to_string(root.join("secret.txt")).unwrap(), "not granted", "nothing outside changed");
     assert!(!root.join("data/new.txt").exists());
     assert_eq!(built.run("no_grants", vec![]).result, json!("PermissionError"));
+
+    let planted = built.run("plant_links", vec![]);
+    let refused_by_os = json!([
+        "PermissionError",
+        "symbolic links cannot be created in a Capsule sandbox: one in a granted folder could lead out of it; write a copy of the file instead"
+    ]);
+    assert_eq!(
+        planted.result,
+        json!({
+            "absolute": refused_by_os,
+            "relative": refused_by_os,
+            "wasi call": ["PermissionError", "Operation not permitted"],
+        }),
+        "{:?}",
+        planted.error
+    );
+    for link in ["passwd", "secret", "raw"] {
+        assert!(root.join("out").join(link).symlink_metadata().is_err(), "out/{link} was left behind");
+    }
 }
 
 #[test]

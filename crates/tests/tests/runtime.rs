@@ -82,6 +82,29 @@ fn runs_of_one_snapshot_share_no_state_and_no_randomness() {
 }
 
 #[test]
+fn results_that_cannot_be_encoded_and_hard_exits_are_explained() {
+    let cases = [
+        ("nested_result", "RecursionError", "the result of task 'nested_result' is not JSON: maximum recursion depth"),
+        (
+            "surrogate_result",
+            "UnicodeEncodeError",
+            "the result of task 'surrogate_result' is not JSON: it contains the lone surrogate '\\ud800'",
+        ),
+        ("hard_exit", "SystemExit", "the task ended the interpreter with exit status 3 (`os._exit`)"),
+    ];
+    for (task, exc_type, message) in cases {
+        let outcome = shared(PROBE).run(task, vec![]);
+        let error = outcome.error.expect("the task fails");
+        assert_eq!((error.kind, error.exc_type.as_str()), (ErrorKind::Exception, exc_type), "{task}: {error:?}");
+        assert!(error.message.starts_with(message), "{task}: {}", error.message);
+    }
+    // The sandbox after a hard exit is not reused half-dead: the next run works.
+    let outcome = shared(PROBE).run("hard_exit", vec![]);
+    assert_eq!(outcome.output.stdout.text, "leaving\n");
+    assert!(shared(PROBE).run("stdlib", vec![]).success);
+}
+
+#[test]
 fn modules_first_imported_at_run_time_load_without_a_file_system() {
     let outcome = shared("valid/uses_helpers.py").run("main", vec![json!("quiet")]);
     assert_eq!(outcome.result, json!("QUIET!"), "{:?}", outcome.error);
