@@ -1,7 +1,7 @@
 //! The options of running a task, shared by `capsule run`, `capsule resume` and
 //! `capsule-exec`, and the one path from them to the engine and back.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +25,14 @@ pub struct RunArgs {
     /// Print a JSON envelope (result, error, execution details) instead of the bare result.
     #[arg(long)]
     pub json: bool,
-    /// The task's arguments as a JSON array, for typed values: '[1, "two", {"three": 3}]'.
+    /// The task's arguments as a JSON array, for typed values: '[1, "two", {"three": 3}]';
+    /// `-` reads it from standard input.
     #[arg(long, value_name = "JSON", conflicts_with = "args")]
     pub args_json: Option<String>,
+    /// The task's arguments as a JSON array in a file (`-`: standard input), for inputs too
+    /// large for a command line.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["args", "args_json"])]
+    pub args_file: Option<PathBuf>,
     /// Deadline of each attempt for tasks that set no `timeout` (e.g. "30s", "10m").
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub default_timeout: Duration,
@@ -57,6 +62,26 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+/// The largest arguments accepted: what the daemon accepts in one request.
+const MAX_ARGS_BYTES: usize = capsule_daemon::api::MAX_REQUEST_BYTES;
+
+/// Arguments from a file, or standard input for `-`, read up to one byte past the limit.
+fn read_args(path: &Path) -> Result<String, Failure> {
+    use std::io::Read;
+    let limit = MAX_ARGS_BYTES as u64 + 1;
+    let mut text = String::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().take(limit).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|file| file.take(limit).read_to_string(&mut text))
+    };
+    let shown = if path == Path::new("-") { "standard input".to_string() } else { format!("`{}`", path.display()) };
+    read.map_err(|error| {
+        Failure::problem(Exit::Usage, Problem::new(format!("cannot read the arguments from {shown}: {error}")))
+    })?;
+    Ok(text)
+}
+
 /// A duration option's value, with the unit's hint in clap's error.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     manifest_schema::parse_duration(text).map_err(|e| match e.hint {
@@ -67,15 +92,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 impl RunArgs {
     fn args(&self) -> Result<Vec<Value>, Failure> {
-        let Some(text) = &self.args_json else { return Ok(self.args.iter().cloned().map(Value::String).collect()) };
-        match serde_json::from_str::<Value>(text) {
+        let stdin = Path::new("-");
+        let (text, source) = match (&self.args_json, &self.args_file) {
+            (Some(json), _) if json != "-" => (json.clone(), "`--args-json`".to_string()),
+            (Some(_), _) => (read_args(stdin)?, "the arguments on standard input".to_string()),
+            (None, Some(file)) if file == stdin => (read_args(stdin)?, "the arguments on standard input".to_string()),
+            (None, Some(file)) => (read_args(file)?, format!("`{}`", file.display())),
+            (None, None) => return Ok(self.args.iter().cloned().map(Value::String).collect()),
+        };
+        if text.len() > MAX_ARGS_BYTES {
+            return Err(Failure::problem(
+                Exit::Usage,
+                Problem::hinted(
+                    format!("{source} is larger than {} MiB, the limit for arguments", MAX_ARGS_BYTES >> 20),
+                    "pass large data as a file the task reads (`allowed_files`), and its name as the argument",
+                ),
+            ));
+        }
+        match serde_json::from_str::<Value>(&text) {
             Ok(Value::Array(values)) => Ok(values),
             Ok(_) => Err(Failure::problem(
                 Exit::Usage,
-                Problem::hinted("`--args-json` must be a JSON array", "e.g. --args-json '[1, \"two\"]'"),
+                Problem::hinted(format!("{source} must be a JSON array"), "e.g. --args-json '[1, \"two\"]'"),
             )),
             Err(error) => {
-                Err(Failure::problem(Exit::Usage, Problem::new(format!("`--args-json` is not valid JSON: {error}"))))
+                Err(Failure::problem(Exit::Usage, Problem::new(format!("{source} is not valid JSON: {error}"))))
             }
         }
     }

@@ -88,6 +88,42 @@ fn build_then_capsule_exec_with_json_envelope_and_exit_codes() {
 }
 
 #[test]
+fn large_arguments_come_from_a_file_or_standard_input_up_to_a_limit() {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let out = tempfile::tempdir().unwrap();
+    let fixture = fixtures::path("valid/multi_task.py");
+    let (code, _, stderr) = run(capsule().arg("build").arg(&fixture).arg("-o").arg(out.path()));
+    assert_eq!(code, 0, "{stderr}");
+    let manifest = out.path().join("manifest.toml");
+    // Longer than a command line may be (about 2 MB on Linux).
+    let word = "a".repeat(3 << 20);
+    let args = out.path().join("args.json");
+    std::fs::write(&args, serde_json::to_string(&[word.as_str(), "!"]).unwrap()).unwrap();
+    let (code, stdout, stderr) = run(capsule_exec().arg(&manifest).args(["--task", "add", "--args-file"]).arg(&args));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.trim_end().ends_with("aa!") && stdout.len() > 3 << 20, "{}", &stdout[stdout.len() - 10..]);
+
+    let mut child = capsule_exec()
+        .arg(&manifest)
+        .args(["--task", "add", "--args-json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(br#"[40, 2]"#).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(text(&output.stdout).trim(), "42");
+
+    std::fs::write(&args, format!("[\"{}\"]", "a".repeat(17 << 20))).unwrap();
+    let (code, _, stderr) = run(capsule_exec().arg(&manifest).args(["--task", "add", "--args-file"]).arg(&args));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is larger than 16 MiB, the limit for arguments"), "{stderr}");
+    assert!(stderr.contains("hint: pass large data as a file the task reads"), "{stderr}");
+}
+
+#[test]
 fn build_errors_exit_3_with_the_location() {
     let out = tempfile::tempdir().unwrap();
     let (code, _, stderr) =

@@ -59,6 +59,7 @@ impl PythonCommand {
             task: None,
             json: self.json,
             args_json: None,
+            args_file: None,
             default_timeout: Duration::from_secs(300),
             journal: None,
             verbose: false,
