@@ -243,6 +243,22 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     let (code, _, stderr) = run(capsule_in(None).args(["resume", &second_id]));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("workflow diverged at step 1"), "{stderr}");
+
+    // A finished step's result changed in the journal behind Capsule's back is not replayed.
+    std::fs::write(root.join("durable.py"), source).unwrap();
+    let (code, _, _) = run(capsule_in(Some("3")).args(["run", "durable.py"]));
+    assert_eq!(code, 1);
+    let (_, listing, _) = run(capsule_in(None).args(["runs", "--json"]));
+    let third_id = serde_json::from_str::<Value>(&listing).unwrap()[0]["id"].as_str().unwrap().to_string();
+    let journal = rusqlite::Connection::open(root.join(".capsule/journal.db")).unwrap();
+    let changed = journal
+        .execute("UPDATE calls SET result = '\"forged\"' WHERE run_id = ?1 AND seq = 1 AND parent != 0", [&third_id])
+        .unwrap();
+    assert_eq!(changed, 1);
+    let (code, _, stderr) = run(capsule_in(None).args(["resume", &third_id]));
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("task 'step' failed (host): the journal's record of step 1"), "{stderr}");
+    assert!(stderr.contains("was changed outside Capsule (its checksum does not match)"), "{stderr}");
 }
 
 #[test]

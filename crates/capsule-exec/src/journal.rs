@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// The journal's format; a journal written in another is refused rather than misread.
-const FORMAT_VERSION: i64 = 3;
+const FORMAT_VERSION: i64 = 4;
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -31,6 +31,10 @@ pub enum JournalError {
     Format { path: String, found: i64 },
     #[error("no journal at `{0}`")]
     Missing(String),
+    #[error(
+        "the journal's record of step {step} of call #{parent} was changed outside Capsule (its checksum does not match)"
+    )]
+    Corrupt { parent: i64, step: u32 },
 }
 
 impl manifest_schema::Explain for JournalError {
@@ -45,6 +49,9 @@ impl manifest_schema::Explain for JournalError {
             }
             Self::Missing(_) => {
                 Some("run this in the project folder (where `.capsule/` is), or pass `--journal PATH`".into())
+            }
+            Self::Corrupt { .. } => {
+                Some("a result that cannot be trusted is not replayed; start a new run instead of resuming".into())
             }
             Self::Database { .. } | Self::Folder { .. } => None,
         }
@@ -161,6 +168,31 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a replay trusts of a finished call, and its checksum, stored with the row: a row
+/// changed outside Capsule (by hand, by another program, by a damaged disk) is not replayed.
+struct CallRow<'a> {
+    run: &'a str,
+    parent: i64,
+    seq: u32,
+    kind: &'a str,
+    name: &'a str,
+    args_hash: &'a str,
+    status: &'a str,
+    result: &'a str,
+}
+
+impl CallRow<'_> {
+    fn checksum(&self) -> String {
+        let mut hasher = Sha256::new();
+        let (parent, seq) = (self.parent.to_string(), self.seq.to_string());
+        for field in [self.run, &parent, &seq, self.kind, self.name, self.args_hash, self.status, self.result] {
+            hasher.update((field.len() as u64).to_le_bytes());
+            hasher.update(field);
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
 /// sha256 of a canonical JSON value (object keys sorted).
 pub fn hash_json(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))
@@ -195,7 +227,8 @@ impl Journal {
                     parent INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
                     detail TEXT NOT NULL, args_hash TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
                     attempts INTEGER, fuel INTEGER, peak_memory INTEGER, duration_ms INTEGER,
-                    stdout TEXT, stderr TEXT, started_at INTEGER NOT NULL, UNIQUE (run_id, parent, seq));
+                    stdout TEXT, stderr TEXT, started_at INTEGER NOT NULL, checksum TEXT,
+                    UNIQUE (run_id, parent, seq));
                  CREATE TABLE IF NOT EXISTS attempts (
                     call_id INTEGER NOT NULL REFERENCES calls(id), attempt INTEGER NOT NULL, status TEXT NOT NULL,
                     error TEXT, fuel INTEGER NOT NULL, peak_memory INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
@@ -330,7 +363,7 @@ impl Journal {
         args_hash: &str,
     ) -> Result<Entered, JournalError> {
         let existing = self.with(|c| {
-            query_row(c, "SELECT id, kind, name, args_hash, status, result FROM calls WHERE run_id = ?1 AND parent = ?2 AND seq = ?3",
+            query_row(c, "SELECT id, kind, name, args_hash, status, result, checksum FROM calls WHERE run_id = ?1 AND parent = ?2 AND seq = ?3",
                 params![run, parent, seq],
                 |row| {
                     Ok((
@@ -340,13 +373,14 @@ impl Journal {
                         row.get::<_, String>(3)?,
                         row.get::<_, String>(4)?,
                         row.get::<_, Option<String>>(5)?,
+                        row.get::<_, Option<String>>(6)?,
                     ))
                 },
             )
             .optional()
         })?;
         match existing {
-            Some((id, old_kind, old_name, old_hash, status, result)) => {
+            Some((id, old_kind, old_name, old_hash, status, result, checksum)) => {
                 if old_kind != kind || old_name != name || old_hash != args_hash {
                     return Err(JournalError::Diverged {
                         parent,
@@ -356,8 +390,13 @@ impl Journal {
                     });
                 }
                 if status == "ok" {
-                    let result = result.and_then(|r| serde_json::from_str(&r).ok()).unwrap_or(Value::Null);
-                    return Ok(Entered::Replay { id, result });
+                    let result = result.unwrap_or_default();
+                    let row = CallRow { run, parent, seq, kind, name, args_hash, status: &status, result: &result };
+                    let parsed = serde_json::from_str(&result).ok();
+                    return match parsed.filter(|_| checksum.as_deref() == Some(row.checksum().as_str())) {
+                        Some(result) => Ok(Entered::Replay { id, result }),
+                        None => Err(JournalError::Corrupt { parent, step: seq }),
+                    };
                 }
                 self.with(|c| {
                     execute(
@@ -378,15 +417,24 @@ impl Journal {
     /// Records how a call ended, with its attempts, and for a run's top-level call how the
     /// run ended: one transaction, committed before the result goes back to the caller.
     pub fn complete(&self, id: i64, how: &Completion<'_>) -> Result<(), JournalError> {
+        let status = if how.ok { "ok" } else { "failed" };
+        let result = how.result.to_string();
         self.atomically(|c| {
+            let (run, parent, seq, kind, name, args_hash) = query_row(
+                c,
+                "SELECT run_id, parent, seq, kind, name, args_hash FROM calls WHERE id = ?1",
+                params![id],
+                |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?, row.get::<_, String>(5)?)),
+            )?;
+            let row = CallRow { run: &run, parent, seq, kind: &kind, name: &name, args_hash: &args_hash, status, result: &result };
             execute(
                 c,
                 "UPDATE calls SET status = ?2, result = ?3, error = ?4, attempts = ?5, fuel = ?6, peak_memory = ?7, duration_ms = ?8,
-                 stdout = ?9, stderr = ?10 WHERE id = ?1",
+                 stdout = ?9, stderr = ?10, checksum = ?11 WHERE id = ?1",
                 params![
                     id,
-                    if how.ok { "ok" } else { "failed" },
-                    how.result.to_string(),
+                    status,
+                    result,
                     how.error.map(Value::to_string),
                     how.attempts.map(|a| a.len() as u32),
                     how.fuel.map(|v| v as i64),
@@ -394,6 +442,7 @@ impl Journal {
                     how.duration_ms as i64,
                     how.output.map(|o| o.0),
                     how.output.map(|o| o.1),
+                    row.checksum(),
                 ],
             )?;
             for (number, attempt) in how.attempts.unwrap_or_default().iter().enumerate() {
@@ -552,6 +601,14 @@ mod tests {
         let calls = journal.calls(&run).unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1].stdout, "printed\n");
+        // A result changed outside Capsule is refused, not replayed.
+        let path = dir.join("journal.db");
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute("UPDATE calls SET result = '43' WHERE id = ?1", [id]).unwrap();
+        let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap_err();
+        assert!(matches!(error, JournalError::Corrupt { parent, step: 1 } if parent == top), "{error}");
+        raw.execute("UPDATE calls SET result = 'not json' WHERE id = ?1", [id]).unwrap();
+        assert!(journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).is_err());
         journal.finish_run(&run, RunStatus::Ok).unwrap();
         assert_eq!(journal.runs(10).unwrap()[0].status, "ok");
         assert!(matches!(journal.run("nope"), Err(JournalError::NoSuchRun(_))));
