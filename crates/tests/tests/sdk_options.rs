@@ -1,18 +1,44 @@
-//! The Python SDK accepts exactly the `@task` options the builder knows.
+//! The Python SDK agrees with the builder: the `@task` options, and when a build is up to date.
 
 use std::path::Path;
 use std::process::Command;
 
+use tests::build_into;
+
+fn sdk() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../python-runtime/python")
+}
+
 #[test]
 fn the_sdk_and_the_option_table_name_the_same_options() {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python-runtime/python");
     let output = Command::new("python3")
         .args(["-B", "-c", "import capsule; print('\\n'.join(capsule.TASK_OPTIONS))"])
-        .env("PYTHONPATH", sdk)
+        .env("PYTHONPATH", sdk())
         .output()
         .expect("python3 must be installed to test the SDK");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let python: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect();
     let rust: Vec<String> = manifest_schema::options::option_names().map(str::to_string).collect();
     assert_eq!(python, rust, "`TASK_OPTIONS` in capsule/_task.py and `OPTIONS` in manifest-schema disagree");
+}
+
+/// The SDK skips a build without starting a process when the build's fingerprint holds: it
+/// must read the fingerprint the builder writes, and see a change the builder would see.
+#[test]
+fn the_sdk_recognises_an_up_to_date_build_from_its_fingerprint() {
+    let project = tempfile::tempdir().unwrap();
+    let entry = project.path().join("hello.py");
+    std::fs::copy(fixtures::path("valid/multi_task.py"), &entry).unwrap();
+    let out = project.path().join("build");
+    build_into(&entry, &out, false);
+    let check = "import pathlib, sys\nfrom capsule import _host\nprint(_host._up_to_date(pathlib.Path(sys.argv[1])))";
+    let up_to_date = || {
+        let output =
+            Command::new("python3").args(["-B", "-c", check]).arg(&out).env("PYTHONPATH", sdk()).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    assert_eq!(up_to_date(), out.join("manifest.toml").display().to_string());
+    std::fs::write(project.path().join("requirements.txt"), "tabulate\n").unwrap();
+    assert_eq!(up_to_date(), "None", "a requirements file that appeared makes the build stale");
 }

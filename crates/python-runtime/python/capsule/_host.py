@@ -208,6 +208,8 @@ def _stamp(path: str) -> list[int] | None:
 
 
 _fingerprints: dict[str, tuple[list[int] | None, Any]] = {}
+# The format of `fingerprint.json` this reads (`VERSION` in `fingerprint.rs`).
+_FINGERPRINT_VERSION = 2
 
 
 def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
@@ -224,7 +226,7 @@ def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
         except (OSError, ValueError):
             return None
     fingerprint = known[1]
-    if fingerprint.get("version") != 1:
+    if fingerprint.get("version") != _FINGERPRINT_VERSION:
         return None
     for file, file_stamp in fingerprint["files"]:
         if _stamp(file) != file_stamp:
