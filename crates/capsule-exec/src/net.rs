@@ -1,8 +1,11 @@
 //! HTTP for tasks: made by the host, never by sockets in the sandbox, and only to the hosts
 //! the task's `allowed_hosts` permits. Every hop of a redirect is checked again, names are
 //! checked before resolving and addresses after (so a name cannot smuggle in a private
-//! address), sizes are capped, and no call outlives the task's deadline.
+//! address), sizes are capped, and no call outlives the task's deadline. The task's
+//! `secrets` are added here, from the runner's environment, to requests to their hosts only;
+//! a redirect that would carry one to another host is refused.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use manifest_schema::HostPolicy;
+use manifest_schema::{HostPolicy, Secret};
 use python_runtime::{HostReply, HttpErrorKind, HttpRequest, HttpResponse};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
@@ -27,12 +30,34 @@ type Failure = (HttpErrorKind, String);
 /// A task's network permissions for one attempt.
 pub struct Network {
     policy: Arc<HostPolicy>,
+    secrets: BTreeMap<String, Secret>,
     deadline: Instant,
 }
 
 impl Network {
-    pub fn new(policy: HostPolicy, deadline: Instant) -> Self {
-        Self { policy: Arc::new(policy), deadline }
+    pub fn new(policy: HostPolicy, secrets: BTreeMap<String, Secret>, deadline: Instant) -> Self {
+        Self { policy: Arc::new(policy), secrets, deadline }
+    }
+
+    /// The secrets for `host:port`, as header names and values; an error if one of them is
+    /// not set in the runner's environment.
+    fn secret_headers(&self, host: &str, port: u16) -> Result<Vec<(String, String, String)>, Failure> {
+        let mut headers = Vec::new();
+        for (name, secret) in &self.secrets {
+            if secret.hosts.check_host(host, port).is_err() {
+                continue;
+            }
+            let value = std::env::var(name).map_err(|_| {
+                (
+                    HttpErrorKind::Refused,
+                    format!(
+                        "the secret `{name}` for `{host}` is not set: the runner has no environment variable `{name}`"
+                    ),
+                )
+            })?;
+            headers.push((name.clone(), secret.header.clone(), secret.header_value(&value)));
+        }
+        Ok(headers)
     }
 
     /// Performs the guest's request; returns the reply for the guest and the envelope's
@@ -78,14 +103,26 @@ impl Network {
         }
         .min(remaining);
 
+        let secrets = self.secret_headers(&host, port)?;
         let refusal = Arc::new(Mutex::new(None::<String>));
         let current_port = Arc::new(AtomicU16::new(port));
-        let client = self.client(timeout, refusal.clone(), current_port.clone())?;
+        let carried: Vec<String> = secrets.iter().map(|(name, ..)| name.clone()).collect();
+        let client = self.client(timeout, refusal.clone(), current_port.clone(), carried)?;
         let method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| (HttpErrorKind::Invalid, format!("`{}` is not an HTTP method", request.method)))?;
         let mut builder = client.request(method, url);
         for (name, value) in &request.headers {
-            builder = builder.header(name, value);
+            // A header a secret fills is the host's to set.
+            if !secrets.iter().any(|(_, header, _)| header.eq_ignore_ascii_case(name)) {
+                builder = builder.header(name, value);
+            }
+        }
+        for (_, header, value) in &secrets {
+            let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                (HttpErrorKind::Invalid, format!("a secret's value cannot go in the `{header}` header"))
+            })?;
+            value.set_sensitive(true);
+            builder = builder.header(header.as_str(), value);
         }
         if let Some(body) = &request.body_base64 {
             let body = BASE64.decode(body).map_err(|e| (HttpErrorKind::Invalid, format!("request body: {e}")))?;
@@ -125,13 +162,18 @@ impl Network {
         Ok((HttpResponse { status, url: final_url, headers, body_base64: BASE64.encode(&body) }, body.len()))
     }
 
+    /// A client for one request; `carried` names the secrets the request carries, which a
+    /// redirect may only take to their own hosts.
     fn client(
         &self,
         timeout: Duration,
         refusal: Arc<Mutex<Option<String>>>,
         current_port: Arc<AtomicU16>,
+        carried: Vec<String>,
     ) -> Result<reqwest::Client, Failure> {
         let policy = self.policy.clone();
+        let secrets: Vec<(String, HostPolicy)> =
+            carried.into_iter().map(|name| (name.clone(), self.secrets[&name].hosts.clone())).collect();
         let redirect_port = current_port.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
@@ -140,6 +182,12 @@ impl Network {
             let Some((host, port)) = host_and_port(attempt.url()) else {
                 return attempt.error("a redirect to a URL without a host");
             };
+            if let Some((name, _)) = secrets.iter().find(|(_, hosts)| hosts.check_host(&host, port).is_err()) {
+                let target = without_query(attempt.url().as_str());
+                return attempt.error(format!(
+                    "redirect to `{target}` refused: the request carries the secret `{name}`, which goes to its own hosts only"
+                ));
+            }
             match policy.check_host(&host, port) {
                 Ok(()) => {
                     redirect_port.store(port, Ordering::SeqCst);

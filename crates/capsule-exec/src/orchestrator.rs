@@ -172,7 +172,7 @@ impl AttemptHosts for Scope {
         Box::new(AttemptHost {
             scope: self.clone(),
             deadline,
-            network: Network::new(task.options.allowed_hosts.clone(), deadline),
+            network: Network::new(task.options.allowed_hosts.clone(), task.options.secrets.clone(), deadline),
             http_calls: Vec::new(),
             handles: HashMap::new(),
             next_handle: 1,

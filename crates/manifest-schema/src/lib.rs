@@ -19,7 +19,7 @@ use thiserror::Error;
 
 pub use files::{FileGrant, FileMode, normalise_grant_path};
 pub use hosts::HostPolicy;
-pub use options::{OPTIONS, TaskOptions, TaskSpec, defaults};
+pub use options::{OPTIONS, Secret, TaskOptions, TaskSpec, defaults};
 pub use problem::{Explain, Problem};
 pub use project::{PROJECT_FILE, ProjectFile};
 pub use signature::{Parameter, Scalar, Signature, TypeHint};
@@ -204,6 +204,14 @@ mod tests {
                             FileGrant { path: "data".into(), mode: FileMode::ReadOnly },
                             FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
                         ],
+                        secrets: std::collections::BTreeMap::from([(
+                            "API_KEY".into(),
+                            Secret {
+                                header: "Authorization".into(),
+                                format: "Bearer {value}".into(),
+                                hosts: HostPolicy::parse(&["api.example.com".into()]).unwrap(),
+                            },
+                        )]),
                     },
                     signature: Some(Signature {
                         parameters: vec![Parameter {

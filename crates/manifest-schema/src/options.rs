@@ -46,6 +46,30 @@ pub struct TaskOptions {
     /// Project folders the task may use; empty means no file system.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_files: Vec<FileGrant>,
+    /// Secrets the host adds to the task's HTTP requests, by the name of the runner's
+    /// environment variable that holds each value; the values never enter the sandbox.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// How the host sends one secret: in `header`, as `format` with `{value}` replaced, and only
+/// to `hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    pub header: String,
+    pub format: String,
+    pub hosts: HostPolicy,
+}
+
+impl Secret {
+    /// Where the secret's value goes in its header.
+    pub const PLACEHOLDER: &str = "{value}";
+
+    /// The header's value for the secret's `value`.
+    pub fn header_value(&self, value: &str) -> String {
+        self.format.replace(Self::PLACEHOLDER, value)
+    }
 }
 
 impl Default for TaskOptions {
@@ -59,6 +83,7 @@ impl Default for TaskOptions {
             env_passthrough: Vec::new(),
             allowed_hosts: HostPolicy::default(),
             allowed_files: Vec::new(),
+            secrets: BTreeMap::new(),
         }
     }
 }
@@ -66,6 +91,18 @@ impl Default for TaskOptions {
 impl TaskOptions {
     /// What no single option can check: the option it concerns, and why.
     pub fn validate(&self) -> Result<(), (&'static str, Problem)> {
+        let visible = |name: &String| self.env_vars.contains_key(name) || self.env_passthrough.contains(name);
+        if let Some(name) = self.secrets.keys().find(|n| visible(n)) {
+            return Err((
+                "secrets",
+                Problem::hinted(
+                    format!(
+                        "`{name}` is a secret, and also in `env_vars` or `env_passthrough`, which would show it to the task"
+                    ),
+                    "keep it in `secrets` only: the host adds it to requests, the task never sees it",
+                ),
+            ));
+        }
         if let Some(name) = self.env_passthrough.iter().find(|n| self.env_vars.contains_key(*n)) {
             return Err((
                 "env_passthrough",
@@ -183,6 +220,12 @@ pub static OPTIONS: &[OptionSpec] = &[
         expects: "a list of host rules, e.g. `[\"api.example.com\", \"*.example.org\"]`",
         has_default: true,
         apply: set_allowed_hosts,
+    },
+    OptionSpec {
+        name: "secrets",
+        expects: "a dict of variable names to {\"header\": ..., \"format\": \"Bearer {value}\", \"hosts\": [...]}",
+        has_default: true,
+        apply: set_secrets,
     },
     OptionSpec {
         name: "allowed_files",
@@ -338,6 +381,73 @@ fn set_allowed_files(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refus
     Ok(())
 }
 
+fn set_secrets(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
+    let Value::Dict(pairs) = &literal.value else { return Err(shape(literal)) };
+    let mut secrets = BTreeMap::new();
+    for (key, value) in pairs {
+        let name = str_of(key)?;
+        if !is_env_name(name) || secrets.contains_key(name) {
+            return Err(refuse(key, not_an_env_name(name)));
+        }
+        let Value::Dict(fields) = &value.value else { return Err(shape(value)) };
+        let (mut header, mut format, mut hosts) = (None, Secret::PLACEHOLDER.to_string(), None);
+        for (field, item) in fields {
+            match str_of(field)? {
+                "header" => {
+                    let text = str_of(item)?;
+                    if text.is_empty()
+                        || !text.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                    {
+                        return Err(refuse(
+                            item,
+                            Problem::hinted(
+                                format!("`{text}` is not an HTTP header name"),
+                                "e.g. \"Authorization\" or \"X-Api-Key\"",
+                            ),
+                        ));
+                    }
+                    header = Some(text.to_string());
+                }
+                "format" => {
+                    let text = str_of(item)?;
+                    if !text.contains(Secret::PLACEHOLDER) || text.contains(['\r', '\n']) {
+                        return Err(refuse(
+                            item,
+                            Problem::hinted(
+                                format!("the format `{text}` has no `{{value}}`"),
+                                "e.g. \"Bearer {value}\"",
+                            ),
+                        ));
+                    }
+                    format = text.to_string();
+                }
+                "hosts" => {
+                    let mut rules = Vec::new();
+                    for rule in items(item)? {
+                        rules.push(HostRule::parse(str_of(rule)?).map_err(|p| refuse(rule, p))?);
+                    }
+                    hosts = Some(HostPolicy::from_rules(rules)).filter(|h| !h.is_empty());
+                }
+                _ => return Err(shape(field)),
+            }
+        }
+        let missing = |what: &str| {
+            refuse(
+                value,
+                Problem::hinted(
+                    format!("secret `{name}` has no `{what}`"),
+                    "give \"header\" and \"hosts\", e.g. {\"header\": \"Authorization\", \"format\": \"Bearer {value}\", \"hosts\": [\"api.example.com\"]}",
+                ),
+            )
+        };
+        let header = header.ok_or_else(|| missing("header"))?;
+        let hosts = hosts.ok_or_else(|| missing("hosts"))?;
+        secrets.insert(name.to_string(), Secret { header, format, hosts });
+    }
+    spec.options.secrets = secrets;
+    Ok(())
+}
+
 fn is_env_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
@@ -410,6 +520,29 @@ mod tests {
         let grant = lit(Value::Dict(vec![(s("path"), s("./out")), (s("mode"), s("rw"))]));
         let files = apply("allowed_files", lit(Value::List(vec![s("./data"), grant]))).unwrap();
         assert_eq!(files.options.allowed_files[1], FileGrant { path: "out".into(), mode: FileMode::ReadWrite });
+    }
+
+    #[test]
+    fn secrets_name_a_header_a_format_and_their_hosts() {
+        let secret = |fields: Vec<(Literal, Literal)>| lit(Value::Dict(vec![(s("API_KEY"), lit(Value::Dict(fields)))]));
+        let hosts = || (s("hosts"), lit(Value::List(vec![s("api.example.com")])));
+        let full = secret(vec![(s("header"), s("Authorization")), (s("format"), s("Bearer {value}")), hosts()]);
+        let parsed = apply("secrets", full).unwrap().options.secrets.remove("API_KEY").unwrap();
+        assert_eq!(parsed.header_value("k"), "Bearer k");
+        assert_eq!(parsed.hosts.texts().collect::<Vec<_>>(), ["api.example.com"]);
+        let plain = apply("secrets", secret(vec![(s("header"), s("X-Api-Key")), hosts()])).unwrap();
+        assert_eq!(plain.options.secrets["API_KEY"].header_value("k"), "k", "the format defaults to the bare value");
+        let no_hosts = apply("secrets", secret(vec![(s("header"), s("X-Api-Key"))])).unwrap_err();
+        assert!(no_hosts.message.contains("secret `API_KEY` has no `hosts`"), "{}", no_hosts.message);
+        let no_value = apply("secrets", secret(vec![(s("header"), s("X")), (s("format"), s("Bearer")), hosts()]));
+        assert!(no_value.unwrap_err().message.contains("has no `{value}`"));
+        let bad_header = apply("secrets", secret(vec![(s("header"), s("Bad Header")), hosts()])).unwrap_err();
+        assert!(bad_header.message.contains("is not an HTTP header name"), "{}", bad_header.message);
+
+        let mut options = TaskOptions::default();
+        options.secrets = apply("secrets", secret(vec![(s("header"), s("X")), hosts()])).unwrap().options.secrets;
+        options.env_passthrough = vec!["API_KEY".into()];
+        assert_eq!(options.validate().unwrap_err().0, "secrets", "a secret the task could read is refused");
     }
 
     #[test]

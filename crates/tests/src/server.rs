@@ -26,6 +26,8 @@ fn answer(stream: TcpStream) {
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
     let (mut length, mut authorized) = (0, false);
+    // Header names lowercased, as received.
+    let mut headers = serde_json::Map::new();
     loop {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
@@ -34,10 +36,14 @@ fn answer(stream: TcpStream) {
             length = value.trim().parse().unwrap();
         }
         authorized |= lower.starts_with("authorization: bearer secret");
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), json!(value.trim()));
+        }
         if line == "\r\n" || line.is_empty() {
             break;
         }
     }
+    let port = headers.get("host").and_then(|h| h.as_str()?.rsplit(':').next()?.parse::<u16>().ok()).unwrap_or(80);
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
     let path = target.split('?').next().unwrap_or("");
@@ -46,6 +52,15 @@ fn answer(stream: TcpStream) {
         (_, "/echo") => {
             let echoed = json!({"method": method, "body": String::from_utf8_lossy(&body), "authorized": authorized});
             ("200 OK", "Content-Type: application/json\r\n".into(), echoed.to_string().into_bytes())
+        }
+        ("GET", "/headers") => (
+            "200 OK",
+            "Content-Type: application/json\r\n".into(),
+            serde_json::Value::Object(headers).to_string().into_bytes(),
+        ),
+        // The same server under another name.
+        ("GET", "/redirect-to-localhost") => {
+            ("302 Found", format!("Location: http://localhost:{port}/headers\r\n"), Vec::new())
         }
         ("GET", "/redirect-ok") => ("302 Found", "Location: /json\r\n".into(), Vec::new()),
         // Never contacted: the task's rules refuse the hop before any connection is made.

@@ -85,3 +85,28 @@ fn only_declared_and_passed_through_variables_are_visible() {
     let result = run("environment", vec![]).result;
     assert_eq!(result, json!({"FIXED": "1", "CAPSULE_TEST_PASSED_THROUGH": "from the host"}));
 }
+
+#[test]
+fn a_secret_goes_to_its_hosts_only_and_never_into_the_sandbox() {
+    // SAFETY: set before the sandbox reads it; no other test uses this variable.
+    unsafe { std::env::set_var("CAPSULE_TEST_TOKEN", "s3cret-value") };
+    let base = start_server();
+    let outcome = run("with_secret", vec![json!(base)]);
+    assert_eq!(outcome.result["here"], "Bearer s3cret-value", "added by the host, over the task's own header");
+    assert_eq!(outcome.result["elsewhere"], Value::Null, "another host does not receive it");
+    let redirect = outcome.result["redirect"].as_str().unwrap();
+    assert!(
+        redirect.contains("carries the secret `CAPSULE_TEST_TOKEN`, which goes to its own hosts only"),
+        "{redirect}"
+    );
+    assert_eq!(outcome.result["environment"], json!([]), "the task's environment is empty");
+    // The test server echoed the header into the result; nothing of Capsule's own records it.
+    let records = serde_json::to_string(&(&outcome.execution, &outcome.output)).unwrap();
+    assert!(!records.contains("s3cret-value"), "the value is in no record of the run: {records}");
+
+    let unset = run("with_unset_secret", vec![json!(base)]).result;
+    assert!(
+        unset.as_str().unwrap().contains("the secret `CAPSULE_TEST_UNSET_TOKEN` for `127.0.0.1` is not set"),
+        "{unset}"
+    );
+}
