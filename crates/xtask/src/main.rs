@@ -53,6 +53,13 @@ enum Task {
     /// Install the wheel in a fresh virtual environment outside the checkout and use it as a
     /// new user would (the CLI, `capsule.run`, the SDK's tests, `cargo install`).
     TestWheel,
+    /// Many mixed invocations in one process, checking every outcome and that memory and
+    /// open files stay flat, then concurrent runs sharing one journal (see BENCHMARKS.md).
+    Soak {
+        /// How many invocations.
+        #[arg(long, default_value_t = 100_000)]
+        invocations: u64,
+    },
     /// Measure Capsule against native `python3` (see BENCHMARKS.md).
     Bench {
         /// One iteration of everything: checks the benchmark still runs, measures nothing.
@@ -74,6 +81,7 @@ fn main() -> Result<()> {
         Task::Install { root } => dist::install(&root),
         Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
         Task::Bench { quick, write } => bench(quick, write),
+        Task::Soak { invocations } => soak(invocations, "release"),
     }
 }
 
@@ -120,7 +128,20 @@ fn ci() -> Result<()> {
     // What a new user installs, used as a new user would.
     wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)?;
     // Last, so its output does not hide the tests' summary lines.
+    soak(1_000, "debug")?;
     bench(true, false)
+}
+
+/// Runs the soak binary of `profile` (built first) for `invocations`.
+fn soak(invocations: u64, profile: &str) -> Result<()> {
+    runtime::build_runtime(false)?;
+    let mut build = cargo();
+    build.args(["build", "-p", "tests", "--bin", "capsule-soak"]);
+    if profile == "release" {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    run(Command::new(util::target_dir().join(profile).join("capsule-soak")).arg(invocations.to_string()))
 }
 
 /// Markers around the measured table in BENCHMARKS.md; the prose outside them is kept.
