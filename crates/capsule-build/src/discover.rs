@@ -497,6 +497,26 @@ mod tests {
         assert_eq!(imports, ["helpers.text", "helpers.text.shout", "json", "util"]);
     }
 
+    /// Fuzz target: discovery answers any source, however damaged, with tasks or located
+    /// problems, never a panic.
+    #[test]
+    fn fuzzed_sources_get_tasks_or_located_problems_never_a_panic() {
+        let seeds: Vec<String> = ["valid/multi_task.py", "valid/modern_syntax.py", "invalid/several_problems.py"]
+            .iter()
+            .map(|f| std::fs::read_to_string(fixtures::path(f)).unwrap())
+            .collect();
+        bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
+            let seed = &seeds[usize::from(noise.first().copied().unwrap_or(0)) % seeds.len()];
+            let source = fixtures::mutate(seed, noise);
+            if let Err(Diagnostics(problems)) = parse_module(&source, "main.py", &TaskOptions::default()) {
+                assert!(!problems.is_empty());
+                for problem in problems {
+                    assert!(problem.line >= 1 && problem.line <= source.lines().count().max(1) + 1, "{problem:?}");
+                }
+            }
+        });
+    }
+
     /// The native CPython that `cargo xtask build-runtime` builds from the pinned tarball (the
     /// runtime's own version), and the source tree holding its `Lib`.
     fn native_cpython() -> (std::path::PathBuf, std::path::PathBuf) {

@@ -385,6 +385,28 @@ fn is_output(line: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Fuzz target: the daemon answers any request body with a request or a `bad_request`
+    /// naming the problem, never a panic.
+    #[test]
+    fn fuzzed_request_bodies_are_parsed_or_refused_never_a_panic() {
+        let seed = serde_json::to_string(&SubmitRun {
+            manifest: "/project/.capsule/build/main/manifest.toml".into(),
+            task: Some("main".into()),
+            args: vec![serde_json::json!([1, "two", {"three": 3.5}])],
+            default_timeout: Some("30s".into()),
+            options: Some(manifest_schema::TaskOptions::default()),
+            wait: true,
+            ..SubmitRun::default()
+        })
+        .unwrap();
+        bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
+            let body = Ok(Bytes::from(fixtures::mutate(&seed, noise)));
+            if let Err(error) = json_body::<SubmitRun>(body) {
+                assert_eq!(error.kind, ErrorKind::BadRequest);
+            }
+        });
+    }
+
     #[test]
     fn tokens_compare_by_content_and_length() {
         assert!(constant_time_eq(b"secret", b"secret"));

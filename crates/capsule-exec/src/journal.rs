@@ -193,6 +193,11 @@ impl CallRow<'_> {
     }
 }
 
+/// The start of an arguments hash, as messages show it; a damaged one whole.
+fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
 /// sha256 of a canonical JSON value (object keys sorted).
 pub fn hash_json(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))
@@ -385,8 +390,8 @@ impl Journal {
                     return Err(JournalError::Diverged {
                         parent,
                         step: seq,
-                        journaled: format!("{old_kind} `{old_name}` (arguments {})", &old_hash[..12]),
-                        now: format!("{kind} `{name}` (arguments {})", &args_hash[..12]),
+                        journaled: format!("{old_kind} `{old_name}` (arguments {})", short_hash(&old_hash)),
+                        now: format!("{kind} `{name}` (arguments {})", short_hash(args_hash)),
                     });
                 }
                 if status == "ok" {
@@ -563,6 +568,64 @@ fn query_row<T>(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Fuzz target: a journal row damaged in any column is replayed only if intact, and
+    /// otherwise refused with an error, never a panic.
+    #[test]
+    fn fuzzed_journal_rows_are_refused_or_replayed_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let journal = Journal::open(&path).unwrap();
+        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
+        let identity = hash_json(&json!([1]));
+        let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
+        let done = Completion {
+            ok: true,
+            result: &json!({"answer": [42, "text"]}),
+            error: None,
+            attempts: None,
+            fuel: None,
+            peak_memory_bytes: None,
+            duration_ms: 1,
+            output: None,
+            run_ended: None,
+        };
+        journal.complete(id, &done).unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let columns = ["result", "args_hash", "kind", "name", "status", "checksum"];
+        let original: Vec<String> = columns
+            .iter()
+            .map(|c| raw.query_row(&format!("SELECT {c} FROM calls WHERE id = ?1"), [id], |row| row.get(0)).unwrap())
+            .collect();
+        // A panic fails the test; no state is used after one.
+        let (journal, raw) = (std::panic::AssertUnwindSafe(&journal), std::panic::AssertUnwindSafe(&raw));
+        bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
+            let which = usize::from(noise.first().copied().unwrap_or(0)) % columns.len();
+            let damaged = fixtures::mutate(&original[which], noise);
+            let set = format!("UPDATE calls SET {} = ?2 WHERE id = ?1", columns[which]);
+            raw.execute(&set, rusqlite::params![id, damaged]).unwrap();
+            match journal.enter(&run, top, 1, "task", "step", "", &identity) {
+                Ok(Entered::Replay { result, .. }) => {
+                    assert_eq!(result, json!({"answer": [42, "text"]}), "only an intact row replays")
+                }
+                Ok(Entered::Run { .. }) | Err(_) => {}
+            }
+            raw.execute(&set, rusqlite::params![id, original[which]]).unwrap();
+            raw.execute("UPDATE calls SET status = 'ok' WHERE id = ?1", [id]).unwrap();
+        });
+    }
+
+    /// Found by the fuzz target: a damaged arguments hash cut inside a character.
+    #[test]
+    fn a_damaged_arguments_hash_is_reported_as_divergence() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
+        let damaged = "080a90a9ed4\u{1F600}28559ef602668b4c0f114f1a11c3f6b02a435f0bdc154578e4d7f22d7f22";
+        journal.enter(&run, top, 1, "task", "step", "", damaged).unwrap();
+        let error = journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).unwrap_err();
+        assert!(matches!(error, JournalError::Diverged { .. }), "{error}");
+    }
 
     #[test]
     fn replays_finished_calls_and_detects_divergence() {

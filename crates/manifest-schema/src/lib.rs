@@ -240,6 +240,18 @@ mod tests {
         }
     }
 
+    /// Fuzz target: a damaged manifest is refused with an error, never a panic, and what is
+    /// accepted is valid.
+    #[test]
+    fn fuzzed_manifests_are_refused_or_valid_never_a_panic() {
+        let seed = sample().to_toml();
+        bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
+            if let Ok(manifest) = Manifest::from_toml(&fixtures::mutate(&seed, noise), "m.toml") {
+                assert!(manifest.validate().is_ok());
+            }
+        });
+    }
+
     #[test]
     fn golden_manifest() {
         let text = sample().to_toml();

@@ -122,6 +122,20 @@ mod tests {
     use super::*;
     use crate::units::{ByteSize, Compute, Timeout};
 
+    /// Fuzz target: a damaged `capsule.toml` is refused with an error, never a panic.
+    #[test]
+    fn fuzzed_project_files_are_refused_or_read_never_a_panic() {
+        let seed = "[workflow]\nname = \"agent\"\nentrypoint = \"main.py\"\ndependencies = [\"jinja2>=3\"]\n\n\
+                    [tasks]\ndefault_compute = \"HIGH\"\ndefault_ram = \"512MB\"\ndefault_timeout = \"2m\"\n\
+                    default_allowed_hosts = [\"api.example.com\"]\n";
+        ProjectFile::parse(seed, "capsule.toml").expect("the seed is valid");
+        bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
+            if let Ok(file) = ProjectFile::parse(&fixtures::mutate(seed, noise), "capsule.toml") {
+                assert!(file.task_defaults().is_ok());
+            }
+        });
+    }
+
     #[test]
     fn reads_workflow_and_defaults() {
         let file = ProjectFile::parse(

@@ -63,9 +63,9 @@ def main():
     parser.add_argument("--out", required=True)
     # Modules CPython's build generates (`_sysconfigdata_*`), packed as top-level stdlib modules.
     parser.add_argument("--generated", action="append", default=[])
-    # The build's own folder, written as `/build` in generated modules: the blob must not depend
-    # on where it was built.
-    parser.add_argument("--build-root", required=True)
+    # `FOLDER=NAME`: build folders, written as NAME in generated modules, so that the blob
+    # does not depend on where it was built.
+    parser.add_argument("--path-map", action="append", default=[])
     # Pure-Python wheels packed with the stdlib, their data files included (`tzdata`).
     parser.add_argument("--wheel", action="append", default=[])
     args = parser.parse_args()
@@ -89,7 +89,10 @@ def main():
         rel = os.path.basename(path)
         name, is_package = module_name(rel)
         with open(path, encoding="utf-8") as f:
-            source = f.read().replace(args.build_root, "/build")
+            source = f.read()
+        # The most specific folder first: one may lie inside another.
+        for folder, shown in sorted((m.split("=", 1) for m in args.path_map), key=lambda m: -len(m[0])):
+            source = source.replace(folder, shown)
         origin = f"{STDLIB_ORIGIN}/{rel}"
         code = compile(source, origin, "exec", dont_inherit=True, optimize=2)
         modules[name] = (is_package, origin, marshal.dumps(code))

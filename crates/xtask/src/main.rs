@@ -60,6 +60,13 @@ enum Task {
         #[arg(long, default_value_t = 100_000)]
         invocations: u64,
     },
+    /// The fuzz targets (manifest, capsule.toml, discovery, journal rows, daemon requests:
+    /// every test named `fuzzed_*`) with many more inputs than the test suite gives them.
+    Fuzz {
+        /// Inputs per target.
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+    },
     /// Measure Capsule against native `python3` (see BENCHMARKS.md).
     Bench {
         /// One iteration of everything: checks the benchmark still runs, measures nothing.
@@ -82,6 +89,10 @@ fn main() -> Result<()> {
         Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
         Task::Bench { quick, write } => bench(quick, write),
         Task::Soak { invocations } => soak(invocations, "release"),
+        Task::Fuzz { iterations } => run(cargo()
+            .args(["test", "--lib", "-p", "manifest-schema", "-p", "capsule-build", "-p", "capsule-exec"])
+            .args(["-p", "capsule-daemon", "fuzzed_"])
+            .env("CAPSULE_FUZZ_ITERATIONS", iterations.to_string())),
     }
 }
 

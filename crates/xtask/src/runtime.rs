@@ -476,8 +476,10 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         // `sysconfig` (and through it `zoneinfo`, `platform`) reads the build's configuration.
         .arg("--generated")
         .arg(sysconfigdata(&libs)?)
-        .arg("--build-root")
-        .arg(base)
+        .arg("--path-map")
+        .arg(format!("{}=/build", base.display()))
+        .arg("--path-map")
+        .arg(format!("{}=/build-python", build_python_dir(build_python).display()))
         .arg("--wheel")
         .arg(&sources.tzdata)
         .arg("--out")
@@ -514,6 +516,11 @@ struct Libpython {
     src: PathBuf,
     build: PathBuf,
     archives: Vec<PathBuf>,
+}
+
+/// The folder of the native build CPython (`build-python-*`), from its executable's path.
+fn build_python_dir(build_python: &Path) -> &Path {
+    build_python.ancestors().nth(4).unwrap_or(build_python)
 }
 
 /// The `_sysconfigdata_*.py` module CPython's build wrote for the WASI target.
