@@ -193,6 +193,39 @@ impl CallRow<'_> {
     }
 }
 
+/// Format 3 to 4: every finished call gets the checksum of its row as it stands, so runs
+/// recorded before checksums existed can still be resumed.
+fn add_checksums(c: &Connection) -> rusqlite::Result<()> {
+    execute(c, "ALTER TABLE calls ADD COLUMN checksum TEXT", [])?;
+    let checksums: Vec<(i64, String)> = {
+        let mut statement = c.prepare(
+            "SELECT id, run_id, parent, seq, kind, name, args_hash, status, coalesce(result, '') FROM calls WHERE status = 'ok'",
+        )?;
+        statement
+            .query_map([], |r| {
+                let text = |i: usize| r.get::<_, String>(i);
+                let (run, kind, name, args_hash, status, result) =
+                    (text(1)?, text(4)?, text(5)?, text(6)?, text(7)?, text(8)?);
+                let row = CallRow {
+                    run: &run,
+                    parent: r.get(2)?,
+                    seq: r.get(3)?,
+                    kind: &kind,
+                    name: &name,
+                    args_hash: &args_hash,
+                    status: &status,
+                    result: &result,
+                };
+                Ok((r.get(0)?, row.checksum()))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for (id, checksum) in checksums {
+        execute(c, "UPDATE calls SET checksum = ?2 WHERE id = ?1", params![id, checksum])?;
+    }
+    c.pragma_update(None, "user_version", FORMAT_VERSION)
+}
+
 /// The start of an arguments hash, as messages show it; a damaged one whole.
 fn short_hash(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
@@ -215,7 +248,9 @@ impl Journal {
         let fresh: bool = journal.with(|c| {
             query_row(c, "SELECT count(*) = 0 FROM sqlite_master WHERE type = 'table'", [], |row| row.get(0))
         })?;
-        if !fresh && found != FORMAT_VERSION {
+        if !fresh && found == FORMAT_VERSION - 1 {
+            journal.atomically(add_checksums)?;
+        } else if !fresh && found != FORMAT_VERSION {
             return Err(JournalError::Format { path: path.display().to_string(), found });
         }
         journal.with(|c| {
@@ -613,6 +648,38 @@ mod tests {
             raw.execute(&set, rusqlite::params![id, original[which]]).unwrap();
             raw.execute("UPDATE calls SET status = 'ok' WHERE id = ?1", [id]).unwrap();
         });
+    }
+
+    #[test]
+    fn a_journal_of_the_previous_format_is_upgraded_and_its_runs_still_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        let journal = Journal::open(&path).unwrap();
+        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
+        let identity = hash_json(&json!([1]));
+        let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
+        let done = Completion {
+            ok: true,
+            result: &json!(7),
+            error: None,
+            attempts: None,
+            fuel: None,
+            peak_memory_bytes: None,
+            duration_ms: 1,
+            output: None,
+            run_ended: None,
+        };
+        journal.complete(id, &done).unwrap();
+        drop(journal);
+        // As format 3 left it: no checksum column.
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch("ALTER TABLE calls DROP COLUMN checksum; PRAGMA user_version = 3;").unwrap();
+        drop(raw);
+        let journal = Journal::open(&path).unwrap();
+        assert_eq!(
+            journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap(),
+            Entered::Replay { id, result: json!(7) }
+        );
     }
 
     /// Found by the fuzz target: a damaged arguments hash cut inside a character.
