@@ -5,6 +5,7 @@
 
 mod commands;
 mod exit;
+mod launch;
 mod layout;
 mod remote;
 mod run_args;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsule_daemon::{Client, Target, default_socket};
 use capsule_exec::{Cancel, Engine, Journal, Loaded, Outcome, RunRequest, RunSettings, Start};
 use clap::Args;
 use manifest_schema::Problem;
@@ -162,35 +161,8 @@ pub struct Launch {
     pub journaling: Journaling,
 }
 
-/// Runs `what`, through the daemon when one is to be used, else in this process; shows what
-/// happens and gives the exit code.
-pub async fn launch(mut what: Launch, args: &RunArgs, layout: &ProjectLayout) -> Result<ExitCode, Failure> {
-    if let Some(client) = daemon(args).await? {
-        return crate::remote::run(client, what, args, layout).await;
-    }
-    let engine = match what.built_with.take() {
-        Some(engine) => engine,
-        None => Engine::new()?,
-    };
-    let loaded = engine.load(&what.manifest)?;
-    run_in_process(&engine, &loaded, what, args, layout).await
-}
-
-/// The daemon to run through: none with `--no-daemon`; required with `--daemon` or
-/// `--detach`; else the one that answers on the socket, if any.
-async fn daemon(args: &RunArgs) -> Result<Option<Client>, Failure> {
-    if args.no_daemon {
-        return Ok(None);
-    }
-    match Client::connect(Target::Unix(default_socket())).await {
-        Ok(client) => Ok(Some(client)),
-        Err(error) if args.daemon || args.detach => Err(Failure::usage(&error)),
-        Err(_) => Ok(None),
-    }
-}
-
 /// Runs `what` on `loaded` in this process.
-async fn run_in_process(
+pub(crate) async fn run_in_process(
     engine: &Engine,
     loaded: &Arc<Loaded>,
     what: Launch,

@@ -17,6 +17,7 @@ use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
 use crate::events::EventSink;
 use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, hash_json};
+use crate::loaded::Loaded;
 use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
 use crate::run::Call;
@@ -74,45 +75,6 @@ impl Explain for EngineError {
             Self::Session(error) => error.hint(),
             Self::Setup(_) | Self::Load(_) | Self::Journal(_) => None,
         }
-    }
-}
-
-/// A verified artifact, loaded and ready to run; shared by every run of it.
-pub struct Loaded {
-    manifest: Manifest,
-    program: Program,
-    /// The memory an instance starts with, for saving sessions (read once, when needed).
-    initial_memory: tokio::sync::OnceCell<Arc<Vec<u8>>>,
-}
-
-impl Loaded {
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
-    /// Linear memory the snapshot starts with.
-    pub fn initial_memory_bytes(&self) -> u64 {
-        self.program.initial_memory_bytes()
-    }
-
-    pub(crate) fn program(&self) -> &Program {
-        &self.program
-    }
-
-    /// The linear memory a fresh instance starts with.
-    pub(crate) async fn initial_memory(&self) -> Result<Arc<Vec<u8>>, String> {
-        let read = async {
-            let mut sandbox = self.program.instantiate_idle(u64::MAX).await.map_err(|e| e.to_string())?;
-            let memory = sandbox.memory().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(Arc::new(memory.to_vec()))
-        };
-        self.initial_memory.get_or_try_init(|| read).await.cloned()
-    }
-
-    /// A fresh instance that runs nothing; what one idle sandbox costs is measured with it.
-    pub async fn instantiate_idle(&self) -> Result<impl Sized, String> {
-        let ram = self.manifest.tasks[0].options.ram.bytes();
-        self.program.instantiate_idle(ram).await.map_err(|e| e.to_string())
     }
 }
 
@@ -280,16 +242,12 @@ impl Engine {
         let sha256 = manifest.artifact.sha256.clone();
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, known)) = loaded.iter().find(|(hash, _)| *hash == sha256) {
-            return Ok(Arc::new(Loaded {
-                manifest,
-                program: known.program.clone(),
-                initial_memory: known.initial_memory.clone(),
-            }));
+            return Ok(Arc::new(known.with_manifest(manifest)));
         }
         let module = Artifact::load(self.wasmtime(), path, &manifest)?;
         let program = Program::new(self.wasmtime(), &module)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
-        let fresh = Arc::new(Loaded { manifest, program, initial_memory: Default::default() });
+        let fresh = Arc::new(Loaded::new(manifest, program));
         if loaded.len() >= LOADED_ARTIFACTS {
             loaded.remove(0);
         }
@@ -316,14 +274,14 @@ impl Engine {
         events: Arc<dyn EventSink>,
         state: Option<Arc<SessionState>>,
     ) -> Result<Session, EngineError> {
-        let task = select_task(&loaded.manifest, task)?;
+        let task = select_task(loaded.manifest(), task)?;
         if settings.project_root.is_none() {
-            settings.project_root = loaded.manifest.artifact.project_root.clone().map(Into::into);
+            settings.project_root = loaded.manifest().artifact.project_root.clone().map(Into::into);
         }
         let task = with_options(task, &settings, loaded)?;
         let orchestrator = Orchestrator::new(
-            loaded.program.clone(),
-            loaded.manifest.tasks.clone(),
+            loaded.program().clone(),
+            loaded.manifest().tasks.clone(),
             settings.clone(),
             events.clone(),
             Cancel::default(),
@@ -334,7 +292,7 @@ impl Engine {
 
     /// A saved session's state, checked: it must be whole, and from `loaded`'s image.
     pub fn session_state(&self, loaded: &Loaded, bytes: &[u8]) -> Result<Arc<SessionState>, EngineError> {
-        Ok(Arc::new(SessionState::from_bytes(bytes, &loaded.manifest.artifact.sha256)?))
+        Ok(Arc::new(SessionState::from_bytes(bytes, &loaded.manifest().artifact.sha256)?))
     }
 
     /// Starts a run on the current tokio runtime.
@@ -345,7 +303,7 @@ impl Engine {
     /// Checks a run request and enters it in the journal, without running anything.
     pub fn prepare(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<PreparedRun, EngineError> {
         let RunRequest { start, entry, mut settings, journal, events, cancel } = request;
-        let manifest = &loaded.manifest;
+        let manifest = loaded.manifest();
         // The run's id and its top-level call's row, when journaled.
         let (task, args, kwargs, journaled) = match (start, &journal) {
             (Start::Resume { run_id }, Some(journal)) => {
@@ -392,7 +350,7 @@ impl Engine {
             call,
         });
         let orchestrator = Orchestrator::new(
-            loaded.program.clone(),
+            loaded.program().clone(),
             manifest.tasks.clone(),
             settings,
             events,
@@ -409,7 +367,7 @@ impl Engine {
 /// `task` with the options the run brings, if it brings any.
 fn with_options(task: &Task, settings: &RunSettings, loaded: &Loaded) -> Result<Task, EngineError> {
     let Some(options) = &settings.options else { return Ok(task.clone()) };
-    let needed = loaded.program.initial_memory_bytes();
+    let needed = loaded.program().initial_memory_bytes();
     if options.ram.bytes() < needed {
         return Err(EngineError::TooLittleMemory { ram: options.ram.bytes(), needed });
     }

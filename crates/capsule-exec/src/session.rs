@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::cancel::Cancel;
-use crate::engine::Loaded;
 use crate::events::{CallId, EventSink, Stream};
+use crate::loaded::Loaded;
 use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::{Execution, Outcome, Output, duration_ms};
 use crate::output::TeeOutput;

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::exit::Failure;
+use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs};
 
 /// Run a task of a Capsule artifact built by `capsule build`.
 #[derive(Debug, Parser)]

@@ -10,8 +10,9 @@ use clap::Args;
 use manifest_schema::Problem;
 
 use crate::exit::{Exit, Failure};
+use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs};
 use crate::sandbox_args::SandboxArgs;
 
 /// Run Python code in a sandbox: the value of a final expression is the result (as JSON when

@@ -8,8 +8,9 @@ use clap::Args;
 
 use super::{BuildChoice, Source};
 use crate::exit::Failure;
+use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs};
 
 /// Resume a journaled run: what finished is replayed, the rest runs.
 #[derive(Debug, Args)]

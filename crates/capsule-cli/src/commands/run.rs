@@ -8,8 +8,9 @@ use clap::Args;
 
 use super::{BuildChoice, Source, entry_from_project};
 use crate::exit::Failure;
+use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs, launch};
+use crate::run_args::{Journaling, Launch, RunArgs};
 
 /// Build FILE (cached) and run one of its tasks, journaled in `.capsule/journal.db`.
 #[derive(Debug, Args)]
