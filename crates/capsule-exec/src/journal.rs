@@ -604,6 +604,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A call that succeeded with `result`, with nothing else to record.
+    fn succeeded(result: &Value) -> Completion<'_> {
+        Completion {
+            ok: true,
+            result,
+            error: None,
+            attempts: None,
+            fuel: None,
+            peak_memory_bytes: None,
+            duration_ms: 1,
+            output: None,
+            run_ended: None,
+        }
+    }
+
     /// Fuzz target: a journal row damaged in any column is replayed only if intact, and
     /// otherwise refused with an error, never a panic.
     #[test]
@@ -614,18 +629,7 @@ mod tests {
         let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
         let identity = hash_json(&json!([1]));
         let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
-        let done = Completion {
-            ok: true,
-            result: &json!({"answer": [42, "text"]}),
-            error: None,
-            attempts: None,
-            fuel: None,
-            peak_memory_bytes: None,
-            duration_ms: 1,
-            output: None,
-            run_ended: None,
-        };
-        journal.complete(id, &done).unwrap();
+        journal.complete(id, &succeeded(&json!({"answer": [42, "text"]}))).unwrap();
         let raw = rusqlite::Connection::open(&path).unwrap();
         let columns = ["result", "args_hash", "kind", "name", "status", "checksum"];
         let original: Vec<String> = columns
@@ -658,18 +662,7 @@ mod tests {
         let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
         let identity = hash_json(&json!([1]));
         let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
-        let done = Completion {
-            ok: true,
-            result: &json!(7),
-            error: None,
-            attempts: None,
-            fuel: None,
-            peak_memory_bytes: None,
-            duration_ms: 1,
-            output: None,
-            run_ended: None,
-        };
-        journal.complete(id, &done).unwrap();
+        journal.complete(id, &succeeded(&json!(7))).unwrap();
         drop(journal);
         // As format 3 left it: no checksum column.
         let raw = rusqlite::Connection::open(&path).unwrap();
