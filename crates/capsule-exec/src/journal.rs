@@ -619,17 +619,24 @@ mod tests {
         }
     }
 
+    /// A journal at `path` with a run whose step 1 (arguments `[1]`) finished with `result`:
+    /// the journal, the run, its top-level call, the step's arguments hash and its call.
+    fn one_finished_step(path: &Path, result: &Value) -> (Journal, String, i64, String, i64) {
+        let journal = Journal::open(path).unwrap();
+        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
+        let identity = hash_json(&json!([1]));
+        let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
+        journal.complete(id, &succeeded(result)).unwrap();
+        (journal, run, top, identity, id)
+    }
+
     /// Fuzz target: a journal row damaged in any column is replayed only if intact, and
     /// otherwise refused with an error, never a panic.
     #[test]
     fn fuzzed_journal_rows_are_refused_or_replayed_never_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.db");
-        let journal = Journal::open(&path).unwrap();
-        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
-        let identity = hash_json(&json!([1]));
-        let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
-        journal.complete(id, &succeeded(&json!({"answer": [42, "text"]}))).unwrap();
+        let (journal, run, top, identity, id) = one_finished_step(&path, &json!({"answer": [42, "text"]}));
         let raw = rusqlite::Connection::open(&path).unwrap();
         let columns = ["result", "args_hash", "kind", "name", "status", "checksum"];
         let original: Vec<String> = columns
@@ -658,11 +665,7 @@ mod tests {
     fn a_journal_of_the_previous_format_is_upgraded_and_its_runs_still_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.db");
-        let journal = Journal::open(&path).unwrap();
-        let (run, top) = journal.start_run("main.py", "abc", "main", &[], &Default::default()).unwrap();
-        let identity = hash_json(&json!([1]));
-        let Entered::Run { id } = journal.enter(&run, top, 1, "task", "step", "", &identity).unwrap() else { panic!() };
-        journal.complete(id, &succeeded(&json!(7))).unwrap();
+        let (journal, run, top, identity, id) = one_finished_step(&path, &json!(7));
         drop(journal);
         // As format 3 left it: no checksum column.
         let raw = rusqlite::Connection::open(&path).unwrap();
