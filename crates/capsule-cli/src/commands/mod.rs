@@ -17,12 +17,15 @@ pub mod runs;
 pub mod stop;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use capsule_exec::Engine;
+use capsule_exec::{Engine, Start};
 use manifest_schema::Problem;
 
 use crate::exit::{Exit, Failure};
+use crate::launch::launch;
 use crate::layout::ProjectLayout;
+use crate::run_args::{Journaling, Launch, RunArgs};
 
 /// What a run starts from: a Python entry file (built first) or a built manifest.
 pub enum Source {
@@ -66,6 +69,27 @@ pub async fn manifest_of(
         Source::Manifest(path) => Ok((path.clone(), None)),
         Source::Python(entry) => build_entry(entry, layout, choice).await,
     }
+}
+
+/// Builds (or finds built) `source` and starts `start` of it, journaled in the project:
+/// what `run` and `resume` share.
+pub async fn launch_project(
+    source: &Source,
+    layout: &ProjectLayout,
+    choice: &BuildChoice,
+    start: Start,
+    args: &RunArgs,
+) -> Result<ExitCode, Failure> {
+    let (manifest, built_with) = manifest_of(source, layout, choice).await?;
+    let what = Launch {
+        manifest,
+        entry: source.absolute(),
+        built_with,
+        start,
+        options: None,
+        journaling: Journaling::Project,
+    };
+    launch(what, args, layout).await
 }
 
 #[cfg(feature = "build")]

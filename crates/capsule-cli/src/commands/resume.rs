@@ -8,9 +8,8 @@ use clap::Args;
 
 use super::{BuildChoice, Source};
 use crate::exit::Failure;
-use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs};
+use crate::run_args::RunArgs;
 
 /// Resume a journaled run: what finished is replayed, the rest runs.
 #[derive(Debug, Args)]
@@ -57,15 +56,5 @@ pub async fn resume(
             Source::of(layout.root.join(Path::new(&record.entry)))
         }
     };
-    let (manifest, built_with) = super::manifest_of(&source, &layout, choice).await?;
-    let start = Start::Resume { run_id: run_id.to_string() };
-    let what = Launch {
-        manifest,
-        entry: source.absolute(),
-        built_with,
-        start,
-        options: None,
-        journaling: Journaling::Project,
-    };
-    launch(what, run, &layout).await
+    super::launch_project(&source, &layout, choice, Start::Resume { run_id: run_id.to_string() }, run).await
 }

@@ -3,14 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use capsule_exec::Start;
 use clap::Args;
 
 use super::{BuildChoice, Source, entry_from_project};
 use crate::exit::Failure;
-use crate::launch::launch;
 use crate::layout::ProjectLayout;
-use crate::run_args::{Journaling, Launch, RunArgs};
+use crate::run_args::RunArgs;
 
 /// Build FILE (cached) and run one of its tasks, journaled in `.capsule/journal.db`.
 #[derive(Debug, Args)]
@@ -47,17 +45,7 @@ impl RunCommand {
             }
         };
         let layout = ProjectLayout::of_file(source.path(), self.run.journal.clone());
-        let (manifest, built_with) = super::manifest_of(&source, &layout, &self.build_choice()).await?;
-        let start: Start = self.run.start()?;
-        let what = Launch {
-            manifest,
-            entry: source.absolute(),
-            built_with,
-            start,
-            options: None,
-            journaling: Journaling::Project,
-        };
-        launch(what, &self.run, &layout).await
+        super::launch_project(&source, &layout, &self.build_choice(), self.run.start()?, &self.run).await
     }
 
     fn build_choice(&self) -> BuildChoice {
