@@ -20,7 +20,7 @@ use crate::api::{
     SessionCall, SessionView, SubmitRun,
 };
 use crate::runs::{RunEntry, Runs};
-use crate::sessions::Sessions;
+use crate::sessions::{Sessions, interpreter_image};
 
 /// How long `stop` waits for the run to end before answering.
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -242,16 +242,7 @@ async fn restart(State(runs): State<Arc<Runs>>, Path(id): Path<String>) -> ApiRe
 
 async fn run_python(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let request: RunPython = json_body(body)?;
-    let image = capsule_exec::interpreter_dir()
-        .map(|dir| dir.join("build/manifest.toml"))
-        .filter(|path| path.is_file())
-        .ok_or_else(|| {
-            ApiError::hinted(
-                ErrorKind::Load,
-                "the interpreter image is not built",
-                "build it with `capsule python --image` (clients such as the Python SDK do)",
-            )
-        })?;
+    let image = interpreter_image()?;
     let submit = SubmitRun {
         manifest: image,
         task: Some("run_python".into()),

@@ -86,16 +86,7 @@ impl Sessions {
         }
         let manifest = match request.manifest {
             Some(manifest) => manifest,
-            None => capsule_exec::interpreter_dir()
-                .map(|dir| dir.join("build/manifest.toml"))
-                .filter(|path| path.is_file())
-                .ok_or_else(|| {
-                    ApiError::hinted(
-                        ErrorKind::Load,
-                        "the interpreter image is not built",
-                        "build it with `capsule python --image` (clients such as the Python SDK do)",
-                    )
-                })?,
+            None => interpreter_image()?,
         };
         let id = random_id();
         let workspace = self.workspaces.join(&id);
@@ -259,4 +250,18 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The manifest of the built-in interpreter image (`run_python`, sessions), which clients
+/// build with `capsule python --image`.
+pub fn interpreter_image() -> Result<std::path::PathBuf, ApiError> {
+    capsule_exec::interpreter_dir().map(|dir| dir.join("build/manifest.toml")).filter(|path| path.is_file()).ok_or_else(
+        || {
+            ApiError::hinted(
+                ErrorKind::Load,
+                "the interpreter image is not built",
+                "build it with `capsule python --image` (clients such as the Python SDK do)",
+            )
+        },
+    )
 }
