@@ -520,17 +520,11 @@ mod tests {
     /// The native CPython that `cargo xtask build-runtime` builds from the pinned tarball (the
     /// runtime's own version), and the source tree holding its `Lib`.
     fn native_cpython() -> (std::path::PathBuf, std::path::PathBuf) {
-        let root = python_runtime::runtime_path().parent().expect("runtime folder").to_path_buf();
-        let build = std::fs::read_dir(&root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path())
-            .find(|dir| {
-                dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("build-python-"))
-                    && dir.join(".complete").exists()
-            })
-            .unwrap_or_else(|| panic!("no native CPython under {}: run `cargo xtask build-runtime`", root.display()));
+        let link = python_runtime::runtime_path().parent().expect("runtime folder").join("native-python");
+        let build = std::fs::canonicalize(&link)
+            .ok()
+            .filter(|dir| dir.join(".complete").exists())
+            .unwrap_or_else(|| panic!("no native CPython at {}: run `cargo xtask build-runtime`", link.display()));
         let source = std::fs::read_dir(&build).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).unwrap();
         (source.join("cross-build/build/python"), source)
     }

@@ -3,6 +3,7 @@
 //! is here: exit codes and error rendering (`exit`), the project's layout (`layout`), the
 //! options of a run (`run_args`) and what a run shows on the terminal (`terminal`).
 
+mod cluster_args;
 mod commands;
 mod exit;
 mod launch;
@@ -24,7 +25,7 @@ use crate::exit::Failure;
 #[command(
     name = "capsule",
     version,
-    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)\n  capsule python -c '1 + 1'         run a code string in a sandbox\n  capsule mcp tasks.py              an MCP server: `run_python`, sessions, and every task as a tool"
+    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)\n  capsule python -c '1 + 1'         run a code string in a sandbox\n  capsule mcp tasks.py              an MCP server: `run_python`, sessions, and every task as a tool\n  capsule worker --nats URL         run tasks from a cluster's queue (with `capsule daemon --nats URL`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +48,7 @@ enum Command {
     Stop(commands::stop::StopCommand),
     Restart(commands::restart::RestartCommand),
     Logs(commands::logs::LogsCommand),
+    Worker(commands::worker::WorkerCommand),
 }
 
 /// `capsule`'s `main`.
@@ -71,6 +73,7 @@ pub fn capsule_main() -> ExitCode {
                 Command::Stop(command) => command.execute().await,
                 Command::Restart(command) => command.execute().await,
                 Command::Logs(command) => command.execute().await,
+                Command::Worker(command) => command.execute().await,
                 Command::Daemon(_) => unreachable!("handled above"),
             }
         }),

@@ -139,6 +139,9 @@ pub struct CallView {
     pub error_type: Option<String>,
     #[serde(default)]
     pub http: Vec<HttpCall>,
+    /// The cluster worker that runs (or ran) it; none for calls run by the daemon itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// One line of a stream (`POST /v1/runs` with `wait`, `/events`, `/logs`).

@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub grace: Duration,
     /// Shut down when this process is gone (a daemon started for one client process).
     pub exit_with: Option<u32>,
+    /// Run tasks on a cluster's workers (NATS JetStream) instead of in this process.
+    pub cluster: Option<capsule_cluster::ClusterOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,8 @@ pub enum DaemonError {
     Registry(#[from] registry::RegistryError),
     #[error("the daemon's runtime failed: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] capsule_cluster::ClusterError),
 }
 
 impl manifest_schema::Explain for DaemonError {
@@ -66,6 +70,7 @@ impl manifest_schema::Explain for DaemonError {
                 "stop it first, or start this one on another socket with `--socket PATH` (clients: `CAPSULE_SOCKET`)"
                     .into(),
             ),
+            Self::Cluster(error) => error.hint(),
             _ => None,
         }
     }
@@ -95,7 +100,11 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
     let api_runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let limits = runs::Limits { workers: config.workers, queue: config.queue, journal: config.journal.clone() };
-    let runs = Arc::new(runs::Runs::new(engine, engine_runtime.handle().clone(), registry, limits));
+    let cluster = match &config.cluster {
+        Some(options) => Some(engine_runtime.block_on(capsule_cluster::Cluster::connect(options.clone()))?),
+        None => None,
+    };
+    let runs = Arc::new(runs::Runs::new(engine, engine_runtime.handle().clone(), registry, limits, cluster));
     api_runtime.block_on(async {
         let unix = socket.listener().map_err(|source| DaemonError::Io { path: config.socket.clone(), source })?;
         let tcp = match &config.listen {

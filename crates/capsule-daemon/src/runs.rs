@@ -1,6 +1,8 @@
 //! The runs a daemon holds: submitting (with a bounded queue), each run's live tree and log
 //! (kept from its events), stopping, restarting, and resuming what a previous daemon left
-//! unfinished. All engine work happens on the engine's runtime, never on the API's.
+//! unfinished. All engine work happens on the engine's runtime, never on the API's. With a
+//! cluster, a run's top-level call goes to the cluster's queue instead, and the run's tree is
+//! what its workers report.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -8,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{Cancel, Engine, Event, EventSink, Journal, Outcome, RunRequest, RunSettings, RunStatus, Start};
+use capsule_cluster::{CallState as ClusterCall, Cluster};
+use capsule_exec::{
+    Cancel, Engine, Event, EventSink, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunStatus, Start,
+};
 use manifest_schema::ProjectFile;
 use python_runtime::ErrorKind as GuestKind;
 use tokio::runtime::Handle;
@@ -49,7 +54,19 @@ pub struct Runs {
     accepting: AtomicBool,
     runs: Mutex<Held>,
     journals: Mutex<HashMap<PathBuf, Arc<Journal>>>,
+    /// Where runs go instead of this process's sandboxes, when the daemon has a cluster.
+    cluster: Option<Cluster>,
 }
+
+/// A run ready to go: here, or on the cluster.
+enum Body {
+    Here(Box<capsule_exec::PreparedRun>),
+    Cluster { manifest: PathBuf, call: RemoteCall },
+}
+
+/// How long a stopped run on the cluster may take to report its end before it is taken as
+/// stopped (its workers may be gone).
+const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Held {
@@ -107,6 +124,34 @@ impl Log {
 }
 
 impl RunEntry {
+    /// A queued run, without its id and task until they are known.
+    fn new(
+        namespace: String,
+        entry: String,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+        cancel: Cancel,
+    ) -> Self {
+        Self {
+            id: String::new(),
+            namespace,
+            task: String::new(),
+            entry,
+            request,
+            restarted_from,
+            submitted_at_ms: now_ms(),
+            cancel,
+            state: Mutex::new(RunState {
+                status: "queued",
+                finished_at_ms: None,
+                outcome: None,
+                calls: BTreeMap::new(),
+            }),
+            log: Mutex::default(),
+            changed: Notify::new(),
+        }
+    }
+
     pub fn view(&self, with_calls: bool) -> RunView {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let calls = if with_calls {
@@ -217,6 +262,7 @@ fn record(entry: &RunEntry, event: &Event<'_>) {
                     peak_memory_bytes: None,
                     error_type: None,
                     http: Vec::new(),
+                    worker: None,
                 };
                 calls.insert(*call, CallState { view, started: Instant::now() });
             }
@@ -269,8 +315,15 @@ fn absolute(what: &str, path: &Path) -> Result<(), ApiError> {
 }
 
 impl Runs {
-    pub fn new(engine: Engine, engine_runtime: Handle, registry: Registry, limits: Limits) -> Self {
+    pub fn new(
+        engine: Engine,
+        engine_runtime: Handle,
+        registry: Registry,
+        limits: Limits,
+        cluster: Option<Cluster>,
+    ) -> Self {
         Self {
+            cluster,
             engine,
             engine_runtime,
             registry,
@@ -382,7 +435,7 @@ impl Runs {
         let this = self.clone();
         self.engine_runtime.spawn(async move {
             match this.prepare(request, restarted_from, resume_id) {
-                Ok((entry, prepared)) => {
+                Ok((entry, body)) => {
                     this.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
                     let finished = match answer {
                         Answer::Accepted(ready) => {
@@ -391,7 +444,7 @@ impl Runs {
                         }
                         Answer::Finished(ready) => Some(ready),
                     };
-                    let outcome = this.execute(entry.clone(), prepared).await;
+                    let outcome = this.execute(entry.clone(), body).await;
                     if let Some(ready) = finished {
                         let _ = ready.send(Ok((entry.view(true), outcome)));
                     }
@@ -414,7 +467,7 @@ impl Runs {
         request: SubmitRun,
         restarted_from: Option<String>,
         resume_id: Option<String>,
-    ) -> Result<(Arc<RunEntry>, capsule_exec::PreparedRun), ApiError> {
+    ) -> Result<(Arc<RunEntry>, Body), ApiError> {
         absolute("manifest", &request.manifest)?;
         let manifest_dir = request.manifest.parent().unwrap_or(Path::new("/")).to_path_buf();
         let project = request.project.clone().unwrap_or(manifest_dir);
@@ -443,8 +496,11 @@ impl Runs {
         };
         let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
         let loaded = self.engine.load(&request.manifest).map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
-        let journal = self.journal(&self.journal_path(&request))?;
         let entry = request.entry.clone().unwrap_or_else(|| request.manifest.clone());
+        if self.cluster.is_some() {
+            return self.prepare_for_cluster(request, restarted_from, resume_id, namespace, &loaded, entry);
+        }
+        let journal = self.journal(&self.journal_path(&request))?;
         let start = match (&resume_id, &request.resume) {
             (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
             (None, None) => {
@@ -461,24 +517,8 @@ impl Runs {
             settings.workers = workers.max(1);
         }
         let cancel = Cancel::default();
-        let shell = Arc::new(RunEntry {
-            id: String::new(),
-            namespace,
-            task: String::new(),
-            entry: entry.display().to_string(),
-            request,
-            restarted_from,
-            submitted_at_ms: now_ms(),
-            cancel: cancel.clone(),
-            state: Mutex::new(RunState {
-                status: "queued",
-                finished_at_ms: None,
-                outcome: None,
-                calls: BTreeMap::new(),
-            }),
-            log: Mutex::default(),
-            changed: Notify::new(),
-        });
+        let shell =
+            Arc::new(RunEntry::new(namespace, entry.display().to_string(), request, restarted_from, cancel.clone()));
         // The recorder needs the entry, and the entry its id, which the journal gives: the
         // events go to a slot filled once the entry is complete.
         let slot: Arc<OnceLock<Arc<RunEntry>>> = Arc::default();
@@ -504,18 +544,72 @@ impl Runs {
         shell.task = prepared.task().to_string();
         let entry = Arc::new(shell);
         let _ = slot.set(entry.clone());
+        self.register(&entry)?;
+        Ok((entry, Body::Here(Box::new(prepared))))
+    }
+
+    /// A run whose top-level call goes to the cluster: the manifest was loaded (so its
+    /// artifact checked) here; the task is chosen now, and it runs with the manifest's limits.
+    fn prepare_for_cluster(
+        &self,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+        resume_id: Option<String>,
+        namespace: String,
+        loaded: &capsule_exec::Loaded,
+        entry: PathBuf,
+    ) -> Result<(Arc<RunEntry>, Body), ApiError> {
+        if request.options.is_some() {
+            return Err(ApiError::hinted(
+                ErrorKind::BadRequest,
+                "this daemon runs tasks on a cluster, where they run with the limits of their manifest",
+                "set the limits in `@task(...)`, or run it without the daemon (`--no-daemon`)",
+            ));
+        }
+        let task = capsule_exec::select_task(loaded.manifest(), request.task.as_deref())
+            .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?
+            .name
+            .clone();
+        let manifest = request.manifest.clone();
+        let call = RemoteCall {
+            key: String::new(),
+            depth: 0,
+            task: task.clone(),
+            args: request.args.clone(),
+            kwargs: request.kwargs.clone(),
+        };
+        // Resuming a run on the cluster is waiting for it again: its calls' outcomes are there.
+        let id = resume_id.or_else(|| request.resume.clone()).unwrap_or_else(capsule_exec::new_run_id);
+        let mut shell =
+            RunEntry::new(namespace, entry.display().to_string(), request, restarted_from, Cancel::default());
+        shell.task = task;
+        shell.id = id;
+        let entry = Arc::new(shell);
+        self.register(&entry)?;
+        let call = RemoteCall { key: format!("{}.0", entry.id), ..call };
+        Ok((entry, Body::Cluster { manifest, call }))
+    }
+
+    fn register(&self, entry: &RunEntry) -> Result<(), ApiError> {
         let registered = Registered {
             id: entry.id.clone(),
             request: entry.request.clone(),
             restarted_from: entry.restarted_from.clone(),
         };
-        self.registry.add(&registered).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        Ok((entry, prepared))
+        self.registry.add(&registered).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
     }
 
-    /// Holds the entry and runs it when a worker is free.
-    /// Runs a prepared run when a worker is free; gives its outcome.
-    async fn execute(&self, entry: Arc<RunEntry>, prepared: capsule_exec::PreparedRun) -> Outcome {
+    /// Runs a prepared run when a worker is free (or on the cluster); gives its outcome.
+    async fn execute(&self, entry: Arc<RunEntry>, body: Body) -> Outcome {
+        let prepared = match body {
+            Body::Here(prepared) => prepared,
+            Body::Cluster { manifest, call } => {
+                let cluster = self.cluster.as_ref().expect("cluster runs need a cluster");
+                let outcome = on_cluster(cluster, &entry, &manifest, call).await;
+                self.finished(&entry, outcome.clone());
+                return outcome;
+            }
+        };
         let permit = tokio::select! {
             permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
             () = entry.cancel.cancelled() => {
@@ -542,7 +636,7 @@ impl Runs {
             Some(GuestKind::Cancelled) => "cancelled",
             Some(_) => "failed",
         };
-        if interrupted {
+        if interrupted && self.cluster.is_none() {
             // Stopped by the daemon's shutdown, not by a user: the next daemon resumes it.
             if let Some(journal) = self.journal_of(entry) {
                 let _ = journal.finish_run(&entry.id, RunStatus::Interrupted);
@@ -616,7 +710,11 @@ impl Runs {
             }
         };
         for run in unfinished {
-            let ended = self.journal(&self.journal_path(&run.request)).ok().and_then(|j| j.run(&run.id).ok());
+            // A cluster's runs are not in a journal here: they are resumed by waiting for them.
+            let journaled = self.cluster.is_none();
+            let ended = journaled
+                .then(|| self.journal(&self.journal_path(&run.request)).ok().and_then(|j| j.run(&run.id).ok()))
+                .flatten();
             if let Some(record) = ended.filter(|r| !matches!(r.status.as_str(), "running" | "interrupted")) {
                 let _ = self.registry.set_status(&run.id, &record.status, true);
                 continue;
@@ -654,6 +752,87 @@ impl Runs {
         while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Runs `call` (a run's top-level call) on the cluster: uploads the project, queues the call,
+/// follows what the workers report, and stops the run everywhere when asked to.
+async fn on_cluster(cluster: &Cluster, entry: &Arc<RunEntry>, manifest: &Path, call: RemoteCall) -> Outcome {
+    let task = call.task.clone();
+    let failed = |error: capsule_cluster::ClusterError| {
+        Outcome::not_run(&task, python_runtime::GuestError::new(GuestKind::Host, error.to_string()))
+    };
+    let manifest_sha256 = match cluster.publish_project(manifest).await {
+        Ok(sha256) => sha256,
+        Err(error) => return failed(error),
+    };
+    entry.set_status("running");
+    let follower = tokio::spawn(follow_calls(cluster.clone(), entry.clone()));
+    let dispatcher = cluster.dispatcher(&entry.namespace, &manifest_sha256);
+    let called = dispatcher.call(call);
+    tokio::pin!(called);
+    let outcome = tokio::select! {
+        outcome = &mut called => outcome,
+        () = entry.cancel.cancelled() => {
+            if let Err(error) = cluster.stop_run(&entry.id).await {
+                tracing::warn!(run = %entry.id, %error, "cannot reach the cluster to stop the run");
+            }
+            match tokio::time::timeout(CLUSTER_STOP_WAIT, &mut called).await {
+                Ok(outcome) => outcome,
+                Err(_) => Ok(Outcome::not_run(
+                    &task,
+                    python_runtime::GuestError::new(GuestKind::Cancelled, "the run was stopped"),
+                )),
+            }
+        }
+    };
+    // The workers report a call's state before its outcome: let the last reports arrive.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    follower.abort();
+    outcome.unwrap_or_else(failed)
+}
+
+/// Keeps the run's tree from the states its calls' workers report.
+async fn follow_calls(cluster: Cluster, entry: Arc<RunEntry>) {
+    use futures_util::StreamExt;
+    let reports = match cluster.watch_calls(&entry.id).await {
+        Ok(reports) => reports,
+        Err(error) => {
+            tracing::warn!(run = %entry.id, %error, "cannot follow the run's calls");
+            return;
+        }
+    };
+    tokio::pin!(reports);
+    // Call keys become the tree's numeric ids in the order they are first seen.
+    let mut ids: HashMap<String, u64> = HashMap::new();
+    let mut id_of = |key: &str| {
+        let next = ids.len() as u64;
+        *ids.entry(key.to_string()).or_insert(next)
+    };
+    while let Some((key, reported)) = reports.next().await {
+        let id = id_of(&key);
+        let parent = key.rsplit_once('.').map(|(parent, _)| parent).filter(|p| p.contains('.')).map(&mut id_of);
+        let view = call_view(id, parent, reported.clone());
+        let age = Duration::from_millis(now_ms().saturating_sub(reported.started_at_ms).max(0) as u64);
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.calls.insert(id, CallState { view, started });
+    }
+}
+
+fn call_view(id: u64, parent: Option<u64>, reported: ClusterCall) -> CallView {
+    CallView {
+        id,
+        parent,
+        task: reported.task,
+        status: reported.status,
+        attempt: reported.attempts.unwrap_or(1),
+        elapsed_ms: reported.elapsed_ms.unwrap_or(0),
+        fuel: reported.fuel,
+        peak_memory_bytes: reported.peak_memory_bytes,
+        error_type: reported.error_type,
+        http: Vec::new(),
+        worker: Some(reported.worker),
     }
 }
 

@@ -232,6 +232,13 @@ fn short_hash(hash: &str) -> &str {
 }
 
 /// sha256 of a canonical JSON value (object keys sorted).
+/// A new run's id: its start time in milliseconds and 20 random bits, in hex (ids sort by
+/// start time).
+pub fn new_run_id() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff)
+}
+
 pub fn hash_json(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))
 }
@@ -312,8 +319,7 @@ impl Journal {
         args: &[Value],
         kwargs: &serde_json::Map<String, Value>,
     ) -> Result<(String, i64), JournalError> {
-        use std::hash::{BuildHasher, RandomState};
-        let id = format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff);
+        let id = new_run_id();
         let args_hash = hash_json(&serde_json::json!([args, kwargs]));
         let (args, kwargs) = (Value::from(args).to_string(), Value::from(kwargs.clone()).to_string());
         let call = self.atomically(|c| {

@@ -36,9 +36,11 @@ pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, TickingEngine, WASMTIME_VER
 pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
 pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
-pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus};
+pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, new_run_id};
 pub use loaded::Loaded;
-pub use orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, RunSettings};
+pub use orchestrator::{
+    DEFAULT_TIMEOUT, Dispatch, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, Remote, RemoteCall, RunSettings,
+};
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
 pub use paths::{CACHE_DIR_ENV, cache_dir, interpreter_dir, saved_sessions_dir};

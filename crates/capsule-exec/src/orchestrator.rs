@@ -47,6 +47,43 @@ pub struct RunSettings {
     pub project_root: Option<PathBuf>,
     /// How many spawned sub-tasks run at once.
     pub workers: usize,
+    /// Run sub-tasks elsewhere instead of in this process.
+    pub remote: Option<Remote>,
+}
+
+/// Runs sub-tasks outside this process, e.g. on a cluster's workers.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Runs `call` somewhere and gives its outcome. A call with the same key as one that
+    /// already finished gives that call's outcome without running again.
+    fn dispatch(&self, call: RemoteCall) -> BoxFuture<'static, Outcome>;
+}
+
+/// A sub-task call handed to a [`Dispatch`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RemoteCall {
+    /// `<run>.0` for a run's top-level call, then one `.<position>` per level: the same call
+    /// of a re-run parent gets the same key.
+    pub key: String,
+    /// Sub-task levels above it.
+    pub depth: u32,
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+/// Where a run's sub-tasks go, and where this run's top-level call sits among them.
+#[derive(Clone)]
+pub struct Remote {
+    pub dispatch: Arc<dyn Dispatch>,
+    /// The key of the call this run executes (see [`RemoteCall::key`]).
+    pub key: String,
+    pub depth: u32,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("key", &self.key).field("depth", &self.depth).finish_non_exhaustive()
+    }
 }
 
 /// The deadline of an attempt for a task that sets no `timeout`, unless the run says otherwise.
@@ -59,6 +96,7 @@ impl Default for RunSettings {
             default_timeout: DEFAULT_TIMEOUT,
             project_root: None,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            remote: None,
         }
     }
 }
@@ -82,6 +120,8 @@ pub(crate) struct Scope {
     orchestrator: Arc<Orchestrator>,
     depth: u32,
     call: CallId,
+    /// The call's key, when its sub-tasks are dispatched elsewhere.
+    remote_key: Option<Arc<str>>,
     /// The call's row, when the run is journaled.
     journal: Option<Position>,
     /// The worker permit of a spawned task, given back while it waits for its own children
@@ -113,10 +153,12 @@ impl Orchestrator {
 
     /// The scope of the run's top-level task.
     pub fn root(self: &Arc<Self>, journal: Option<Position>) -> Scope {
+        let remote = self.settings.remote.as_ref();
         Scope {
             orchestrator: self.clone(),
-            depth: 0,
+            depth: remote.map_or(0, |r| r.depth),
             call: self.call_ids.fetch_add(1, Ordering::Relaxed),
+            remote_key: remote.map(|r| r.key.as_str().into()),
             journal,
             permit: Arc::default(),
         }
@@ -231,10 +273,11 @@ struct AttemptHost {
     sequence: u32,
 }
 
-/// A prepared sub-task call: either replayed from the journal or to run for real.
+/// A prepared sub-task call: replayed from the journal, run here, or dispatched elsewhere.
 enum Prepared {
     Replay(Value),
     Run { task: Box<Task>, call: Call, child: Scope, slot: OwnedSemaphorePermit },
+    Remote { dispatch: Arc<dyn Dispatch>, call: RemoteCall, slot: OwnedSemaphorePermit },
 }
 
 fn refused(kind: ErrorKind, message: String) -> HostReply {
@@ -345,6 +388,7 @@ impl AttemptHost {
             orchestrator: orchestrator.clone(),
             depth: self.scope.depth + 1,
             call: orchestrator.call_ids.fetch_add(1, Ordering::Relaxed),
+            remote_key: self.scope.remote_key.as_ref().map(|key| format!("{key}.{seq}").into()),
             journal: None,
             permit: Arc::default(),
         };
@@ -364,6 +408,16 @@ impl AttemptHost {
                 Err(error) => return Err(refused(ErrorKind::Host, error.to_string())),
             }
         }
+        if let (Some(remote), Some(key)) = (&orchestrator.settings.remote, child.remote_key.clone()) {
+            let call = RemoteCall {
+                key: key.to_string(),
+                depth: child.depth,
+                task: task.name,
+                args: request.args,
+                kwargs: request.kwargs,
+            };
+            return Ok(Prepared::Remote { dispatch: remote.dispatch.clone(), call, slot });
+        }
         let call = orchestrator.call(request.args, request.kwargs);
         Ok(Prepared::Run { task: Box::new(task), call, child, slot })
     }
@@ -373,6 +427,17 @@ impl AttemptHost {
         let (task, call, child, _slot) = match self.prepare(request) {
             Ok(Prepared::Run { task, call, child, slot }) => (task, call, child, slot),
             Ok(Prepared::Replay(result)) => return HostReply::Ok(result),
+            Ok(Prepared::Remote { dispatch, call, slot: _slot }) => {
+                let task = call.task.clone();
+                let cancel = self.scope.orchestrator.cancel.clone();
+                return tokio::select! {
+                    done = tokio::time::timeout(self.remaining(), dispatch.dispatch(call)) => match done {
+                        Ok(outcome) => reply(&outcome),
+                        Err(_) => refused(ErrorKind::Timeout, format!("the caller's deadline passed while `{task}` ran")),
+                    },
+                    () = cancel.cancelled() => refused(ErrorKind::Cancelled, "the run was stopped".into()),
+                };
+            }
             Err(reply) => return reply,
         };
         let parent = Some(self.scope.call);
@@ -402,6 +467,10 @@ impl AttemptHost {
                 let task = String::new();
                 tokio::spawn(async move { Outcome::without_attempts(&task, Ok(result)) })
             }
+            Ok(Prepared::Remote { dispatch, call, slot }) => tokio::spawn(async move {
+                let _slot = slot;
+                dispatch.dispatch(call).await
+            }),
             Err(reply) => return reply,
         };
         let id = self.next_handle;

@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>`.
 
 mod dist;
+mod nats;
 mod peers;
 mod runtime;
 mod toolchain;
@@ -28,6 +29,8 @@ enum Task {
     Demo,
     /// Everything CI checks: runtime build and its reproducibility, then the whole test suite.
     Ci,
+    /// Unpack the pinned `nats-server` the cluster tests use (linked as target/nats-server).
+    NatsServer,
     /// Build the CPython-for-WASI runtime (cached by the hash of its inputs).
     BuildRuntime {
         /// Rebuild the final module even when its key matches.
@@ -82,6 +85,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Demo => demo(),
         Task::Ci => ci(),
+        Task::NatsServer => nats::ensure().map(|path| eprintln!("xtask: {}", path.display())),
         Task::BuildRuntime { force } => runtime::build_runtime(force).map(drop),
         Task::CheckReproducible => runtime::check_reproducible(),
         Task::Dist { profile, check_reproducible } => make_dist(profile, check_reproducible),
@@ -135,6 +139,7 @@ fn ci() -> Result<()> {
     runtime::build_runtime(false)?;
     runtime::check_reproducible()?;
     check_exec_has_no_compiler()?;
+    nats::ensure()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     // What a new user installs, used as a new user would.
     wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)?;
@@ -146,13 +151,20 @@ fn ci() -> Result<()> {
 /// Runs the soak binary of `profile` (built first) for `invocations`.
 fn soak(invocations: u64, profile: &str) -> Result<()> {
     runtime::build_runtime(false)?;
-    let mut build = cargo();
-    build.args(["build", "-p", "tests", "--bin", "capsule-soak"]);
-    if profile == "release" {
-        build.arg("--release");
-    }
-    run(&mut build)?;
+    build_bins(profile)?;
     run(Command::new(util::target_dir().join(profile).join("capsule-soak")).arg(invocations.to_string()))
+}
+
+/// Builds every binary of the workspace for `profile`. The debug ones are built the way
+/// `cargo test --workspace` builds them (a no-op after the tests ran): another selection of
+/// packages would resolve other features and compile wasmtime once more.
+fn build_bins(profile: &str) -> Result<()> {
+    let mut build = cargo();
+    match profile {
+        "release" => build.args(["build", "--release", "-p", "capsule-cli", "-p", "tests", "--bins"]),
+        _ => build.args(["test", "--workspace", "--no-run"]),
+    };
+    run(&mut build)
 }
 
 /// Markers around the measured table in BENCHMARKS.md; the prose outside them is kept.
@@ -164,12 +176,7 @@ fn bench(quick: bool, write: bool) -> Result<()> {
     // Figures are of release builds, as users run them; the quick pass only checks that the
     // benchmark still works, on the debug build CI already has.
     let profile = if quick { "debug" } else { "release" };
-    let mut build = cargo();
-    build.args(["build", "-p", "capsule-cli", "-p", "tests", "--bins"]);
-    if !quick {
-        build.arg("--release");
-    }
-    run(&mut build)?;
+    build_bins(profile)?;
     let report_file = util::target_dir().join("bench/report.md");
     let mut command = Command::new(util::target_dir().join(profile).join("capsule-bench"));
     command.current_dir(workspace_root()).arg("--write").arg(&report_file);

@@ -2,7 +2,9 @@
 //! Capsule reactor (`target/python-runtime/capsule-python.wasm`).
 //!
 //! Three cached layers, each in a folder named by a hash of its inputs and marked complete
-//! only once fully built:
+//! only once fully built. They live outside the checkout, under
+//! `$XDG_CACHE_HOME/capsule-dev/python-runtime` (else `~/.cache/...`), so a fresh clone whose
+//! inputs did not change reuses them; a lock file serialises builders sharing that folder.
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
 //! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
 //!    SQLite and liblzma included;
@@ -169,13 +171,15 @@ const C_STACK_BYTES: u64 = 8 << 20;
 pub const RUNTIME_FILE: &str = "capsule-python.wasm";
 
 pub struct RuntimePaths {
-    /// `target/python-runtime`
+    /// `target/python-runtime`: the installed module, its key, and a link to the native Python.
     pub root: PathBuf,
+    /// The layers and downloads, keyed by their inputs' hash, shared by every checkout.
+    layers: PathBuf,
 }
 
 impl RuntimePaths {
     pub fn new() -> Self {
-        Self { root: target_dir().join("python-runtime") }
+        Self { root: target_dir().join("python-runtime"), layers: dev_cache_dir().join("python-runtime") }
     }
     pub fn installed_runtime(&self) -> PathBuf {
         self.root.join(RUNTIME_FILE)
@@ -183,9 +187,35 @@ impl RuntimePaths {
     fn installed_key(&self) -> PathBuf {
         self.root.join("capsule-python.key")
     }
-    fn downloads(&self) -> PathBuf {
-        self.root.join("downloads")
+    /// Where tests find the native CPython (and its `Lib`) of the runtime's version.
+    fn native_python_link(&self) -> PathBuf {
+        self.root.join("native-python")
     }
+    fn downloads(&self) -> PathBuf {
+        self.layers.join("downloads")
+    }
+    /// Holds the layers' lock until dropped: builders in other checkouts wait their turn.
+    fn lock(&self) -> Result<fs::File> {
+        fs::create_dir_all(&self.layers)?;
+        let path = self.layers.join(".lock");
+        let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        if file.try_lock().is_err() {
+            eprintln!("xtask: waiting for another build using {}", self.layers.display());
+            file.lock().with_context(|| format!("locking {}", path.display()))?;
+        }
+        Ok(file)
+    }
+}
+
+/// `$XDG_CACHE_HOME/capsule-dev`, else `~/.cache/capsule-dev`: build outputs keyed by the hash
+/// of their inputs, kept across clones (the development counterpart of the users' cache).
+pub fn dev_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| target_dir().join("cache"));
+    base.join("capsule-dev")
 }
 
 fn runtime_crate() -> PathBuf {
@@ -261,16 +291,28 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
     let paths = RuntimePaths::new();
     let key = runtime_key()?;
     let installed = paths.installed_runtime();
-    if !force && installed.exists() && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key) {
+    let linked = fs::canonicalize(paths.native_python_link()).is_ok_and(|dir| dir.join(".complete").exists());
+    if !force
+        && linked
+        && installed.exists()
+        && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key)
+    {
         eprintln!("xtask: runtime up to date: {}", installed.display());
         return Ok(installed);
     }
     let started = Instant::now();
     fs::create_dir_all(&paths.root)?;
-    toolchain::ensure_installed(&paths.downloads())?;
+    let _lock = paths.lock()?;
+    let reactor_dir = reactor_dir(&paths.layers, &key);
+    if force && reactor_dir.exists() {
+        fs::remove_dir_all(&reactor_dir).with_context(|| format!("clearing {}", reactor_dir.display()))?;
+    }
+    if !reactor_dir.join(".complete").exists() {
+        toolchain::ensure_installed(&paths.downloads())?;
+    }
     let sources = Sources::fetch(&paths)?;
     let build_python = build_native_python(&paths, &sources.cpython)?;
-    let wasm = build_reactor(&paths.root, &sources, &build_python, &key)?;
+    let wasm = build_reactor(&paths.layers, &sources, &build_python, &key)?;
     fs::copy(&wasm, &installed).with_context(|| format!("installing {}", installed.display()))?;
     write_atomic(&paths.installed_key(), key.as_bytes())?;
     let size = fs::metadata(&installed)?.len();
@@ -285,14 +327,21 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
 }
 
 /// Builds the `libpython` layer and the reactor a second time under another directory and
-/// checks that the module is byte-identical to the installed one.
+/// checks that the module is byte-identical to the installed one. A pass is recorded in the
+/// reactor's cached layer: the same inputs need not be checked again.
 pub fn check_reproducible() -> Result<()> {
     let first = build_runtime(false)?;
     let paths = RuntimePaths::new();
     let key = runtime_key()?;
+    let _lock = paths.lock()?;
+    let checked = reactor_dir(&paths.layers, &key).join(".reproducible");
+    if checked.exists() {
+        eprintln!("xtask: reproducible: these inputs (key {}) were already built twice to the same bytes", &key[..16]);
+        return Ok(());
+    }
     let sources = Sources::fetch(&paths)?;
     let build_python = build_native_python(&paths, &sources.cpython)?;
-    let elsewhere = paths.root.join("reproducibility-check");
+    let elsewhere = paths.layers.join("reproducibility-check");
     if elsewhere.exists() {
         fs::remove_dir_all(&elsewhere)?;
     }
@@ -307,12 +356,13 @@ pub fn check_reproducible() -> Result<()> {
         );
     }
     fs::remove_dir_all(&elsewhere)?;
+    fs::write(&checked, &a)?;
     eprintln!("xtask: reproducible: two builds in different directories both have sha256 {a}");
     Ok(())
 }
 
 /// Finds the archive this machine's apt already uses, from its sources lists.
-fn debian_archive_url() -> Result<String> {
+pub fn debian_archive_url() -> Result<String> {
     let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
@@ -389,7 +439,7 @@ fn fetch_tzdata(paths: &RuntimePaths) -> Result<PathBuf> {
 
 /// Downloads `url` to `dest` with apt's own downloader, which checks the sha256 before the
 /// file appears (checked again here, as the build's guarantee).
-fn download(url: &str, dest: &Path, sha256: &str) -> Result<()> {
+pub fn download(url: &str, dest: &Path, sha256: &str) -> Result<()> {
     fs::create_dir_all(dest.parent().context("download folder")?)?;
     run(Command::new("/usr/lib/apt/apt-helper").arg("download-file").arg(url).arg(dest).arg(format!("SHA256:{sha256}")))
         .with_context(|| {
@@ -431,8 +481,18 @@ fn make_jobs() -> String {
 /// A native CPython of the same version; the cross build runs it to freeze modules, and we
 /// run it to compile the stdlib to bytecode.
 fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> {
-    let dir = paths.root.join(format!("build-python-{}", &CPYTHON_SOURCE.sha256[..16]));
+    let dir = paths.layers.join(format!("build-python-{}", &CPYTHON_SOURCE.sha256[..16]));
     let python = dir.join(format!("Python-{CPYTHON_VERSION}/cross-build/build/python"));
+    let link = paths.native_python_link();
+    if fs::read_link(&link).ok().as_deref() != Some(dir.as_path()) {
+        match fs::remove_file(&link) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("replacing {}", link.display()));
+            }
+            _ => {}
+        }
+        std::os::unix::fs::symlink(&dir, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
     if !fresh_layer(&dir)? {
         return Ok(python);
     }
@@ -452,7 +512,7 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
 /// Builds `libpython3.13.a` for WASI below `base`, then the reactor; returns the module path.
 fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str) -> Result<PathBuf> {
     let libs = build_libpython(base, sources, build_python)?;
-    let out_dir = base.join(format!("reactor-{}", &key[..16]));
+    let out_dir = reactor_dir(base, key);
     let module = out_dir.join(RUNTIME_FILE);
     if !fresh_layer(&out_dir)? {
         return Ok(module);
@@ -519,6 +579,14 @@ struct Libpython {
 }
 
 /// The folder of the native build CPython (`build-python-*`), from its executable's path.
+fn reactor_dir(base: &Path, key: &str) -> PathBuf {
+    base.join(format!("reactor-{}", &key[..16]))
+}
+
+fn libpython_dir(base: &Path) -> Result<PathBuf> {
+    Ok(base.join(format!("cpython-wasi-{}", &cpython_key()?[..16])))
+}
+
 fn build_python_dir(build_python: &Path) -> &Path {
     build_python.ancestors().nth(4).unwrap_or(build_python)
 }
@@ -535,7 +603,7 @@ fn sysconfigdata(libs: &Libpython) -> Result<PathBuf> {
 }
 
 fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Result<Libpython> {
-    let dir = base.join(format!("cpython-wasi-{}", &cpython_key()?[..16]));
+    let dir = libpython_dir(base)?;
     let src = dir.join(format!("Python-{CPYTHON_VERSION}"));
     let build = src.join("cross-build/wasm32-wasi");
     let archives = [

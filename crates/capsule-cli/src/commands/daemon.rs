@@ -10,13 +10,14 @@ use capsule_exec::Engine;
 use clap::Args;
 use manifest_schema::Problem;
 
+use crate::cluster_args::{ClusterArgs, host_name};
 use crate::exit::{Exit, Failure};
 
 /// Run the daemon in the foreground: runs are submitted to it over its socket (`capsule run`
 /// uses it when it answers), listed, stopped and restarted.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  capsule daemon\n  capsule daemon --detach\n  capsule daemon --socket /run/capsule.sock --workers 8 --journal /var/lib/capsule/journal.db\n  capsule daemon --listen 127.0.0.1:7070 --token-file /etc/capsule/token"
+    after_help = "Examples:\n  capsule daemon\n  capsule daemon --detach\n  capsule daemon --socket /run/capsule.sock --workers 8 --journal /var/lib/capsule/journal.db\n  capsule daemon --listen 127.0.0.1:7070 --token-file /etc/capsule/token\n  capsule daemon --nats nats://10.0.0.5:4222     runs go to the workers of a cluster"
 )]
 pub struct DaemonCommand {
     /// The socket [default: `$CAPSULE_SOCKET`, else `$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`].
@@ -52,6 +53,12 @@ pub struct DaemonCommand {
     /// Start in the background and return once it answers; its log goes to `daemon.log` in the state folder.
     #[arg(long)]
     detach: bool,
+    /// Send runs to the workers of a cluster through this NATS server (with JetStream), e.g.
+    /// `nats://127.0.0.1:4222`; start workers with `capsule worker --nats URL`.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 impl DaemonCommand {
@@ -65,6 +72,9 @@ impl DaemonCommand {
             eprintln!("capsule: daemon {} listening on {}", std::process::id(), config.socket.display());
             if let Some((address, _)) = &config.listen {
                 eprintln!("capsule: and on {address} (token required)");
+            }
+            if let Some(cluster) = &config.cluster {
+                eprintln!("capsule: runs go to the workers of the cluster at {}", cluster.url);
             }
         })
         .map_err(|e| Failure::new(Exit::Internal, &e))?;
@@ -102,6 +112,10 @@ impl DaemonCommand {
             resume: !self.no_resume,
             grace: self.grace,
             exit_with: self.exit_with,
+            cluster: self
+                .nats
+                .as_ref()
+                .map(|url| self.cluster.options(url, format!("daemon-{}-{}", host_name(), std::process::id()))),
         })
     }
 }

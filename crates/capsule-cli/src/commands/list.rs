@@ -105,6 +105,7 @@ fn view_of(run: &RunRecord, calls: &[capsule_exec::CallRecord], namespace: &str)
             peak_memory_bytes: call.peak_memory_bytes,
             error_type: call.error.as_ref().and_then(|e| e["type"].as_str()).map(str::to_string),
             http: Vec::new(),
+            worker: None,
         });
     }
     RunView {
@@ -171,6 +172,9 @@ fn facts(call: &CallView) -> String {
     }
     facts.push(format!("attempt {}", call.attempt));
     facts.push(elapsed(call.elapsed_ms));
+    if let Some(worker) = &call.worker {
+        facts.push(format!("on {worker}"));
+    }
     if let Some(fuel) = call.fuel {
         facts.push(format!("fuel {fuel}"));
     }
@@ -221,6 +225,7 @@ mod tests {
             peak_memory_bytes: Some(24 << 20),
             error_type: None,
             http: Vec::new(),
+            worker: None,
         }
     }
 

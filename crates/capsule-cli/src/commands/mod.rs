@@ -15,6 +15,7 @@ pub mod resume;
 pub mod run;
 pub mod runs;
 pub mod stop;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -172,3 +172,78 @@ pub fn run(command: &mut Command) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A `nats-server -js` on a free loopback port with its storage in a temporary folder (the
+/// pinned one `cargo xtask nats-server` unpacks), killed when dropped.
+pub struct Nats {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        let binary = std::env::var_os("CAPSULE_NATS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/nats-server"));
+        assert!(binary.exists(), "no nats-server at {}: run `cargo xtask nats-server`", binary.display());
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `capsule worker` with a cache of its own (so it fetches every artifact), killed when
+/// dropped.
+pub struct Worker {
+    pub child: Child,
+    pub cache: tempfile::TempDir,
+}
+
+impl Worker {
+    pub fn start(nats: &Nats, name: &str, slots: usize, project_root: &Path) -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+            .args(["worker", "--nats", &nats.url, "--name", name, "--workers", &slots.to_string()])
+            .args(["--ack-wait", "2s", "--project-root"])
+            .arg(project_root)
+            .env("CAPSULE_CACHE_DIR", cache.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, cache }
+    }
+
+    /// SIGKILL: no chance to finish or acknowledge anything.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

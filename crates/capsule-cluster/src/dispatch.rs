@@ -1,0 +1,111 @@
+//! The calling side: a call is published to the queue (once per key) and its outcome awaited
+//! from the results bucket. The daemon dispatches a run's top-level call this way, and a
+//! worker its running call's sub-tasks.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use capsule_exec::{BoxFuture, Dispatch, Outcome, RemoteCall};
+use futures_util::StreamExt;
+use python_runtime::{ErrorKind, GuestError};
+
+use crate::message::{CallMessage, MESSAGE_VERSION};
+use crate::{CALLS_SUBJECT, Cluster, ClusterError, DONE_SUBJECT, nats, subject_token};
+
+/// How often a waiting caller looks at the results bucket even without a wake-up (which is
+/// best effort: a core NATS message).
+const RECHECK: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts to queue a call while the queue is full.
+const MAX_FULL_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Dispatches calls of one project to the cluster.
+#[derive(Clone)]
+pub struct Dispatcher {
+    cluster: Cluster,
+    namespace: String,
+    manifest_sha256: String,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(cluster: Cluster, namespace: &str, manifest_sha256: &str) -> Self {
+        Self { cluster, namespace: namespace.into(), manifest_sha256: manifest_sha256.into() }
+    }
+
+    /// Runs `call` on some worker (or replays its recorded outcome) and gives the outcome.
+    pub async fn call(&self, call: RemoteCall) -> Result<Outcome, ClusterError> {
+        let key = call.key.clone();
+        // Listen before looking, so that an outcome recorded in between still wakes us.
+        let mut done =
+            self.cluster.client.subscribe(format!("{DONE_SUBJECT}.{key}")).await.map_err(|e| nats("subscribe")(&e))?;
+        if let Some(outcome) = self.cluster.result(&key).await? {
+            return Ok(outcome);
+        }
+        self.enqueue(call).await?;
+        loop {
+            let _ = tokio::time::timeout(RECHECK, done.next()).await;
+            if let Some(outcome) = self.cluster.result(&key).await? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Publishes the call with its key as message id (queued once however often it is
+    /// published); waits while the queue is full.
+    async fn enqueue(&self, call: RemoteCall) -> Result<(), ClusterError> {
+        let key = call.key.clone();
+        let message = CallMessage {
+            version: MESSAGE_VERSION,
+            namespace: self.namespace.clone(),
+            manifest_sha256: self.manifest_sha256.clone(),
+            call,
+        };
+        let payload: bytes::Bytes = serde_json::to_vec(&message).expect("messages serialise").into();
+        let subject = format!("{CALLS_SUBJECT}.{}", subject_token(&self.namespace));
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let publish = PublishMessage::build().payload(payload.clone()).message_id(&key);
+            let acked = match self.cluster.jetstream.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(error) => return Err(nats("publish")(&error)),
+            };
+            match acked {
+                Ok(_) => return Ok(()),
+                // The stream is bounded and refuses new messages when full: back-pressure.
+                Err(error) if error.to_string().contains("maximum messages") => {
+                    tracing::debug!(%key, "the queue is full; waiting");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_FULL_BACKOFF);
+                }
+                Err(error) => return Err(nats("publish")(&error)),
+            }
+        }
+    }
+}
+
+impl Dispatch for Dispatcher {
+    fn dispatch(&self, call: RemoteCall) -> BoxFuture<'static, Outcome> {
+        let this = self.clone();
+        Box::pin(async move {
+            let task = call.task.clone();
+            this.call(call).await.unwrap_or_else(|error| {
+                Outcome::not_run(
+                    &task,
+                    GuestError::new(ErrorKind::Host, format!("running `{task}` on the cluster: {error}")),
+                )
+            })
+        })
+    }
+}
+
+impl Cluster {
+    /// The outcome recorded for call `key`, if any.
+    pub(crate) async fn result(&self, key: &str) -> Result<Option<Outcome>, ClusterError> {
+        let Some(bytes) = self.results.get(key).await.map_err(|e| nats("results")(&e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| ClusterError::Nats {
+            what: "results",
+            message: format!("the outcome of `{key}` is damaged: {e}"),
+        })
+    }
+}

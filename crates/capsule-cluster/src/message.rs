@@ -1,0 +1,182 @@
+//! What travels through the cluster, each shape defined once: a queued call, a call's state
+//! (for `capsule list`), and an outcome fitted to a message.
+
+use capsule_exec::{Outcome, RemoteCall};
+use python_runtime::{ErrorKind, GuestError};
+use serde::{Deserialize, Serialize};
+
+/// Version of [`CallMessage`]; a worker refuses (and drops) messages of another.
+pub const MESSAGE_VERSION: u32 = 1;
+/// The largest record (an outcome, a message) the cluster stores: below a server's default
+/// maximum message size of 1 MiB.
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// A queued call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallMessage {
+    pub version: u32,
+    /// The project's namespace (its subject).
+    pub namespace: String,
+    /// The manifest to run it with, by sha256, from the artifact store.
+    pub manifest_sha256: String,
+    pub call: RemoteCall,
+}
+
+impl CallMessage {
+    /// Parses and checks a message from the queue: anything a worker could be fed.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let message: Self = serde_json::from_slice(bytes).map_err(|e| format!("not a call message: {e}"))?;
+        if message.version != MESSAGE_VERSION {
+            return Err(format!("message version {} (this worker reads {MESSAGE_VERSION})", message.version));
+        }
+        if !is_sha256(&message.manifest_sha256) {
+            return Err(format!("`{}` is not a sha256", message.manifest_sha256));
+        }
+        if !is_call_key(&message.call.key) {
+            return Err(format!("`{}` is not a call key", message.call.key));
+        }
+        Ok(message)
+    }
+
+    /// The run the call belongs to.
+    pub fn run(&self) -> &str {
+        run_of(&self.call.key)
+    }
+}
+
+pub fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// `<run>.0`, then `.<position>` per level: a run id of letters and digits, then numbers.
+pub fn is_call_key(key: &str) -> bool {
+    let mut parts = key.split('.');
+    let run = parts.next().unwrap_or("");
+    let mut levels = 0;
+    for part in parts {
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        levels += 1;
+    }
+    !run.is_empty() && run.len() <= 64 && run.bytes().all(|b| b.is_ascii_alphanumeric()) && levels >= 1
+}
+
+pub fn run_of(key: &str) -> &str {
+    key.split('.').next().unwrap_or(key)
+}
+
+/// Where a call is and how it went, as its worker reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallState {
+    pub task: String,
+    /// The worker running (or that ran) it.
+    pub worker: String,
+    /// `running`, `ok`, `failed`.
+    pub status: String,
+    /// How many times the queue has delivered it (more than 1 after a worker died).
+    pub delivered: u32,
+    pub started_at_ms: i64,
+    /// Attempts made (retries included), once it has ended.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub elapsed_ms: Option<u64>,
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub error_type: Option<String>,
+}
+
+/// `outcome` as stored JSON no larger than [`MAX_RECORD_BYTES`]: captured output is cut
+/// from the start (marked truncated) to fit; a result that cannot fit becomes an error.
+pub fn fitted_outcome(mut outcome: Outcome) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&outcome).expect("outcomes serialise");
+    // Each stream gives up its share of the excess, from its start; JSON escaping may make a
+    // cut short, so a few rounds.
+    for _ in 0..4 {
+        let streams_bytes = outcome.output.stdout.text.len() + outcome.output.stderr.text.len();
+        if bytes.len() <= MAX_RECORD_BYTES || streams_bytes == 0 {
+            break;
+        }
+        let excess = bytes.len() - MAX_RECORD_BYTES;
+        for captured in [&mut outcome.output.stdout, &mut outcome.output.stderr] {
+            let share = (excess * captured.text.len()).div_ceil(streams_bytes);
+            if share > 0 {
+                let mut cut = (share + 64).min(captured.text.len());
+                while !captured.text.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                captured.text.replace_range(..cut, "");
+                captured.truncated = true;
+            }
+        }
+        bytes = serde_json::to_vec(&outcome).expect("outcomes serialise");
+    }
+    if bytes.len() > MAX_RECORD_BYTES {
+        let size = bytes.len();
+        let error = GuestError::new(
+            ErrorKind::Host,
+            format!("the result is {size} bytes; a cluster carries results of at most {MAX_RECORD_BYTES} bytes"),
+        );
+        let mut too_big = Outcome::not_run(&outcome.execution.task, error);
+        too_big.execution = outcome.execution;
+        too_big.output = Default::default();
+        bytes = serde_json::to_vec(&too_big).expect("outcomes serialise");
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_keys_are_a_run_then_positions() {
+        assert!(is_call_key("0190abc123.0"));
+        assert!(is_call_key("0190abc123.0.12.3"));
+        for bad in ["", "run", "run.", "run..1", "run.x", "ru-n.0", "run.0.>", "*.0"] {
+            assert!(!is_call_key(bad), "{bad}");
+        }
+        assert_eq!(run_of("0190abc123.0.4"), "0190abc123");
+    }
+
+    #[test]
+    fn messages_are_checked_before_anything_runs() {
+        let good = serde_json::json!({
+            "version": 1, "namespace": "demo", "manifest_sha256": "a".repeat(64),
+            "call": {"key": "r1.0", "depth": 0, "task": "main", "args": [], "kwargs": {}}
+        });
+        assert!(CallMessage::parse(good.to_string().as_bytes()).is_ok());
+        let mut other = good.clone();
+        other["version"] = 2.into();
+        assert!(CallMessage::parse(other.to_string().as_bytes()).unwrap_err().contains("version 2"));
+        let mut other = good.clone();
+        other["manifest_sha256"] = "../../etc/passwd".into();
+        assert!(CallMessage::parse(other.to_string().as_bytes()).is_err());
+        let mut other = good.clone();
+        other["files_root"] = "/".into();
+        assert!(CallMessage::parse(other.to_string().as_bytes()).unwrap_err().contains("unknown field"));
+        assert!(CallMessage::parse(b"\xff garbage").is_err());
+    }
+
+    #[test]
+    fn outcomes_are_fitted_to_a_message() {
+        let mut outcome = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "boom"));
+        outcome.output.stdout.text = "x".repeat(3 * MAX_RECORD_BYTES / 2);
+        outcome.output.stderr.text = "é".repeat(MAX_RECORD_BYTES / 4);
+        let bytes = fitted_outcome(outcome);
+        assert!(bytes.len() <= MAX_RECORD_BYTES, "{}", bytes.len());
+        let back: Outcome = serde_json::from_slice(&bytes).unwrap();
+        assert!(back.output.stdout.truncated && back.output.stdout.text.len() > 1000);
+        assert_eq!(back.error.unwrap().message, "boom");
+
+        let mut huge = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "x"));
+        huge.result = serde_json::Value::String("y".repeat(2 * MAX_RECORD_BYTES));
+        let back: Outcome = serde_json::from_slice(&fitted_outcome(huge)).unwrap();
+        assert!(back.error.unwrap().message.contains("at most"));
+    }
+}

@@ -1,0 +1,111 @@
+//! Manifests and artifacts in the cluster's object store, named by their sha256: put once by
+//! whoever submits a project, fetched, checked and cached by each worker that runs it.
+
+use std::path::{Path, PathBuf};
+
+use async_nats::jetstream::object_store::ObjectStore;
+use manifest_schema::Manifest;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::message::is_sha256;
+use crate::{ClusterError, nats};
+
+/// The largest manifest a worker reads.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// A name beside `path` for writing before renaming into place, unique to this process and call.
+fn partial(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_extension(format!("partial-{}-{n}", std::process::id()))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io { path: path.to_path_buf(), source }
+}
+
+/// Puts the manifest at `path` and its artifact in `store` unless they are there; returns
+/// the manifest's sha256.
+pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String, ClusterError> {
+    let text = tokio::fs::read(path).await.map_err(io(path))?;
+    let manifest_sha256 = hex::encode(Sha256::digest(&text));
+    let manifest = Manifest::from_toml(&String::from_utf8_lossy(&text), &path.display().to_string())
+        .map_err(|e| ClusterError::BadManifest { sha256: manifest_sha256.clone(), message: e.to_string() })?;
+    let artifact = path.parent().unwrap_or(Path::new(".")).join(&manifest.artifact.file);
+    // The artifact first: a manifest in the store always has its artifact there too.
+    if store.info(&manifest.artifact.sha256).await.is_err() {
+        let mut file = tokio::fs::File::open(&artifact).await.map_err(io(&artifact))?;
+        store.put(manifest.artifact.sha256.as_str(), &mut file).await.map_err(|e| nats("artifact upload")(&e))?;
+    }
+    if store.info(&manifest_sha256).await.is_err() {
+        store.put(manifest_sha256.as_str(), &mut text.as_slice()).await.map_err(|e| nats("manifest upload")(&e))?;
+    }
+    Ok(manifest_sha256)
+}
+
+/// The manifest `sha256` and its artifact, in `cache` (fetched and checked unless already
+/// there); returns the manifest's path there, ready for `Engine::load` (which checks the
+/// artifact's hash again before using it).
+pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> Result<PathBuf, ClusterError> {
+    debug_assert!(is_sha256(sha256), "checked when the message was parsed");
+    let dir = cache.join(sha256);
+    let manifest_path = dir.join("manifest.toml");
+    if tokio::fs::try_exists(&manifest_path).await.unwrap_or(false) {
+        return Ok(manifest_path);
+    }
+    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+    let mut text = Vec::new();
+    let object = store.get(sha256).await.map_err(|_| ClusterError::MissingArtifact(sha256.into()))?;
+    object.take(MAX_MANIFEST_BYTES).read_to_end(&mut text).await.map_err(|e| nats("manifest download")(&e))?;
+    let actual = hex::encode(Sha256::digest(&text));
+    if actual != sha256 {
+        return Err(ClusterError::Tampered { sha256: sha256.into(), actual });
+    }
+    let bad = |message: String| ClusterError::BadManifest { sha256: sha256.into(), message };
+    let manifest =
+        Manifest::from_toml(&String::from_utf8_lossy(&text), "manifest.toml").map_err(|e| bad(e.to_string()))?;
+    let artifact = &manifest.artifact;
+    if !is_sha256(&artifact.sha256) || artifact.file != format!("{}.cwasm", artifact.sha256) {
+        return Err(bad(format!("its artifact `{}` is not named by its sha256", artifact.file)));
+    }
+    fetch_checked(store, &artifact.sha256, &dir.join(&artifact.file)).await?;
+    // The manifest last: its presence says the folder is complete.
+    write_atomically(&manifest_path, &text).await?;
+    Ok(manifest_path)
+}
+
+/// Downloads object `sha256` to `dest`, hashing as it goes; only a file with that hash
+/// appears at `dest`.
+async fn fetch_checked(store: &ObjectStore, sha256: &str, dest: &Path) -> Result<(), ClusterError> {
+    if tokio::fs::try_exists(dest).await.unwrap_or(false) {
+        return Ok(());
+    }
+    let mut object = store.get(sha256).await.map_err(|_| ClusterError::MissingArtifact(sha256.into()))?;
+    let partial = partial(dest);
+    let mut file = tokio::fs::File::create(&partial).await.map_err(io(&partial))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = object.read(&mut buffer).await.map_err(|e| nats("artifact download")(&e))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        file.write_all(&buffer[..read]).await.map_err(io(&partial))?;
+    }
+    file.sync_all().await.map_err(io(&partial))?;
+    drop(file);
+    let actual = hex::encode(hasher.finalize());
+    if actual != sha256 {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(ClusterError::Tampered { sha256: sha256.into(), actual });
+    }
+    tokio::fs::rename(&partial, dest).await.map_err(io(dest))
+}
+
+async fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    let partial = partial(path);
+    tokio::fs::write(&partial, bytes).await.map_err(io(&partial))?;
+    tokio::fs::rename(&partial, path).await.map_err(io(path))
+}
