@@ -35,6 +35,12 @@ def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
 
+@task(allowed_hosts=["127.0.0.1"], timeout="60s", max_retries=0)
+def long_call(base: str, seconds: float) -> str:
+    http.get(f"{base}/hit/long")
+    time.sleep(seconds)
+    return "done"
+
 @task(timeout="300s", max_retries=0)
 def naps(count: int, seconds: float) -> list:
     return gather(*[nap.spawn(seconds) for _ in range(count)])
@@ -237,4 +243,23 @@ fn stop_reaches_the_calls_on_the_workers() {
         .current_dir(dir.path()));
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.trim(), "140");
+}
+
+#[test]
+fn a_call_longer_than_the_ack_wait_is_kept_by_its_worker() {
+    let nats = Nats::start();
+    let server = start_server();
+    let dir = project();
+    let _workers: Vec<Worker> = ["x", "y"].iter().map(|name| Worker::start(&nats, name, 2, dir.path())).collect();
+    let daemon = daemon_on(&nats);
+    // Three times the ack wait (2 s): without its signs of life, the call would be handed to
+    // the other worker, which would hit the server again.
+    let (code, stdout, stderr) = run(daemon
+        .capsule()
+        .args(["run", "main.py", "--task", "long_call", "--args-json"])
+        .arg(format!(r#"["{}", 6]"#, server.base))
+        .current_dir(dir.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "done");
+    assert_eq!(server.hits.lock().unwrap().get("/hit/long"), Some(&1));
 }

@@ -173,6 +173,7 @@ const BENCH_END: &str = "<!-- bench:end -->";
 
 fn bench(quick: bool, write: bool) -> Result<()> {
     runtime::build_runtime(false)?;
+    nats::ensure()?;
     // Figures are of release builds, as users run them; the quick pass only checks that the
     // benchmark still works, on the debug build CI already has.
     let profile = if quick { "debug" } else { "release" };

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod peers;
 mod service;
 mod sessions;
@@ -281,6 +282,13 @@ fn main() {
 
     // The daemon: whole processes through it, the API's cost, its throughput and memory.
     service::measure(&settings, &mut rows, &sibling("capsule"), &project, &out.join("manifest.toml"), p50, &peers);
+
+    // The cluster: what the queue adds to each call of a fan-out.
+    let fanout = bench_dir().join("fanout-project");
+    std::fs::create_dir_all(&fanout).unwrap();
+    std::fs::copy(workspace().join("crates/tests/bench/fanout.py"), fanout.join("main.py")).unwrap();
+    let fanout_manifest = build_into(&fanout.join("main.py"), &fanout.join("out"), false).manifest_path;
+    cluster::measure(&settings, &mut rows, &sibling("capsule"), &fanout, &fanout_manifest);
 
     // 2. Sustained invocations per second on all cores.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
