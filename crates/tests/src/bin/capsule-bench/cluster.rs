@@ -64,7 +64,13 @@ fn in_process(manifest: &Path, calls: u64, repeats: usize) -> Duration {
 pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, project: &Path, manifest: &Path) {
     let measure = "fan-out over the cluster (NATS JetStream), per call";
     let Some(server) = nats_server() else {
-        rows.push(row(measure, "skipped".into(), "no target/nats-server: run `cargo xtask nats-server`".into(), None, ""));
+        rows.push(row(
+            measure,
+            "skipped".into(),
+            "no target/nats-server: run `cargo xtask nats-server`".into(),
+            None,
+            "",
+        ));
         return;
     };
     let (calls, repeats) = sizes(settings);
