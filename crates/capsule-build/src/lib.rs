@@ -361,7 +361,9 @@ fn take_turn(out_dir: &Path) -> Result<fs::File, BuildError> {
 }
 
 /// Writes the artifact, then the manifest, then the key, each atomically; removes artifacts
-/// of earlier builds. A reader never sees a manifest whose artifact is missing.
+/// of earlier builds, and the temporary files of builds killed while writing (the caller
+/// holds the folder's lock, so no live build is writing them). A reader never sees a
+/// manifest whose artifact is missing.
 fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str) -> Result<(), BuildError> {
     let io = |what: &str, path: &Path, e: std::io::Error| BuildError::io(format!("{what} `{}`", path.display()), e);
     fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
@@ -377,7 +379,9 @@ fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str)
     if let Ok(entries) = fs::read_dir(out_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".cwasm") && name != manifest.artifact.file {
+            let stale_artifact = name.ends_with(".cwasm") && name != manifest.artifact.file;
+            let killed_write = name.starts_with('.') && name.ends_with(".tmp");
+            if stale_artifact || killed_write {
                 let _ = fs::remove_file(entry.path());
             }
         }

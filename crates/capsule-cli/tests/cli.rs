@@ -272,6 +272,42 @@ fn the_fan_out_example_collects_results_and_failures() {
 }
 
 #[test]
+fn a_build_killed_at_any_moment_leaves_a_folder_the_next_build_repairs() {
+    let project = tempfile::tempdir().unwrap();
+    let hello = std::fs::read_to_string(examples().join("hello.py")).unwrap();
+    let source = |version: u32| format!("{hello}\n# version {version}\n");
+    std::fs::write(project.path().join("hello.py"), source(0)).unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = run(capsule().args(["build", "hello.py"]).current_dir(project.path()));
+    assert_eq!(code, 0, "{stderr}");
+    // Kill points spread over a whole build (the first one's length), each on a new source.
+    let whole = started.elapsed();
+    for version in 1..=6 {
+        std::fs::write(project.path().join("hello.py"), source(version)).unwrap();
+        let mut build = capsule()
+            .args(["build", "hello.py"])
+            .current_dir(project.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole * version / 7);
+        let _ = build.kill();
+        build.wait().unwrap();
+
+        let (code, stdout, stderr) = run(capsule().args(["run", "hello.py", "Ada"]).current_dir(project.path()));
+        assert_eq!(code, 0, "after a build killed at {version}/7 of its way: {stderr}");
+        assert!(stdout.ends_with("Hello, Ada, from Capsule!\n"), "{stdout}");
+        let names: Vec<String> = std::fs::read_dir(project.path().join(".capsule/build/hello"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.iter().filter(|n| n.ends_with(".cwasm")).count(), 1, "one artifact: {names:?}");
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "no half-written file left: {names:?}");
+    }
+}
+
+#[test]
 fn eight_concurrent_builds_of_one_new_file_all_succeed_with_the_same_artifact() {
     let project = tempfile::tempdir().unwrap();
     std::fs::copy(examples().join("hello.py"), project.path().join("hello.py")).unwrap();

@@ -202,10 +202,6 @@ impl Cluster {
         })
     }
 
-    pub fn options(&self) -> &ClusterOptions {
-        &self.options
-    }
-
     /// Puts the manifest at `path` and its artifact in the cluster's store (unless there
     /// already); returns the manifest's sha256, which calls name.
     pub async fn publish_project(&self, manifest: &std::path::Path) -> Result<String, ClusterError> {

@@ -20,7 +20,7 @@ use crate::{CALLS_SUBJECT, CONSUMER, Cluster, ClusterError, DONE_SUBJECT, STOP_S
 /// After this many deliveries of one call (each ended by its worker dying), it is recorded
 /// as failed instead of being run again: a call that kills its worker must not take the
 /// cluster down one worker at a time.
-pub const MAX_DELIVERIES: i64 = 5;
+const MAX_DELIVERIES: i64 = 5;
 /// How long a worker waits for a message before asking again (and looking at its shutdown).
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
