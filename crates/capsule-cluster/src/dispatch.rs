@@ -9,7 +9,7 @@ use capsule_exec::{BoxFuture, Dispatch, Outcome, RemoteCall};
 use futures_util::StreamExt;
 use python_runtime::{ErrorKind, GuestError};
 
-use crate::message::{CallMessage, MESSAGE_VERSION};
+use crate::message::{CallMessage, MESSAGE_VERSION, Recorded};
 use crate::{CALLS_SUBJECT, Cluster, ClusterError, DONE_SUBJECT, nats, subject_token};
 
 /// How often a waiting caller looks at the results bucket even without a wake-up (which is
@@ -37,14 +37,14 @@ impl Dispatcher {
         // Listen before looking, so that an outcome recorded in between still wakes us.
         let mut done =
             self.cluster.client.subscribe(format!("{DONE_SUBJECT}.{key}")).await.map_err(|e| nats("subscribe")(&e))?;
-        if let Some(outcome) = self.cluster.result(&key).await? {
-            return Ok(outcome);
+        if let Some(recorded) = self.cluster.result(&key).await? {
+            return Ok(replayed(recorded, &call));
         }
-        self.enqueue(call).await?;
+        self.enqueue(call.clone()).await?;
         loop {
             let _ = tokio::time::timeout(RECHECK, done.next()).await;
-            if let Some(outcome) = self.cluster.result(&key).await? {
-                return Ok(outcome);
+            if let Some(recorded) = self.cluster.result(&key).await? {
+                return Ok(replayed(recorded, &call));
             }
         }
     }
@@ -82,6 +82,11 @@ impl Dispatcher {
     }
 }
 
+/// The recorded outcome, or an error if it was recorded for another call at this key.
+fn replayed(recorded: Recorded, call: &RemoteCall) -> Outcome {
+    recorded.outcome_for(call).unwrap_or_else(|why| Outcome::not_run(&call.task, GuestError::new(ErrorKind::Host, why)))
+}
+
 impl Dispatch for Dispatcher {
     fn dispatch(&self, call: RemoteCall) -> BoxFuture<'static, Outcome> {
         let this = self.clone();
@@ -98,8 +103,8 @@ impl Dispatch for Dispatcher {
 }
 
 impl Cluster {
-    /// The outcome recorded for call `key`, if any.
-    pub(crate) async fn result(&self, key: &str) -> Result<Option<Outcome>, ClusterError> {
+    /// What was recorded for call `key`, if anything.
+    pub(crate) async fn result(&self, key: &str) -> Result<Option<Recorded>, ClusterError> {
         let Some(bytes) = self.results.get(key).await.map_err(|e| nats("results")(&e))? else {
             return Ok(None);
         };

@@ -91,43 +91,72 @@ pub struct CallState {
     pub error_type: Option<String>,
 }
 
-/// `outcome` as stored JSON no larger than [`MAX_RECORD_BYTES`]: captured output is cut
-/// from the start (marked truncated) to fit; a result that cannot fit becomes an error.
-pub fn fitted_outcome(mut outcome: Outcome) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec(&outcome).expect("outcomes serialise");
-    // Each stream gives up its share of the excess, from its start; JSON escaping may make a
-    // cut short, so a few rounds.
-    for _ in 0..4 {
-        let streams_bytes = outcome.output.stdout.text.len() + outcome.output.stderr.text.len();
-        if bytes.len() <= MAX_RECORD_BYTES || streams_bytes == 0 {
-            break;
+/// A call's outcome as the results bucket holds it, with what the call was: a parent run
+/// again that makes another call at the same position must not get this outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recorded {
+    pub task: String,
+    /// `capsule_exec::args_hash` of the call's arguments.
+    pub args_hash: String,
+    pub outcome: Outcome,
+}
+
+impl Recorded {
+    pub fn of(call: &RemoteCall, outcome: Outcome) -> Self {
+        Self { task: call.task.clone(), args_hash: capsule_exec::args_hash(&call.args, &call.kwargs), outcome }
+    }
+
+    /// The outcome, if it was recorded for `call`; else why not.
+    pub fn outcome_for(self, call: &RemoteCall) -> Result<Outcome, String> {
+        if self.task == call.task && self.args_hash == capsule_exec::args_hash(&call.args, &call.kwargs) {
+            return Ok(self.outcome);
         }
-        let excess = bytes.len() - MAX_RECORD_BYTES;
-        for captured in [&mut outcome.output.stdout, &mut outcome.output.stderr] {
-            let share = (excess * captured.text.len()).div_ceil(streams_bytes);
-            if share > 0 {
-                let mut cut = (share + 64).min(captured.text.len());
-                while !captured.text.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                captured.text.replace_range(..cut, "");
-                captured.truncated = true;
+        Err(format!(
+            "the run diverged at `{}`: it first called `{}` there, now `{}` with other arguments; a run resumed on the cluster must make the same calls in the same order",
+            call.key, self.task, call.task
+        ))
+    }
+
+    /// As stored: JSON no larger than [`MAX_RECORD_BYTES`]: captured output is cut from the
+    /// start (marked truncated) to fit; a result that cannot fit becomes an error.
+    pub fn to_bytes(mut self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec(&self).expect("records serialise");
+        // Each stream gives up its share of the excess, from its start; JSON escaping may make
+        // a cut short, so a few rounds.
+        for _ in 0..4 {
+            let output = &mut self.outcome.output;
+            let streams_bytes = output.stdout.text.len() + output.stderr.text.len();
+            if bytes.len() <= MAX_RECORD_BYTES || streams_bytes == 0 {
+                break;
             }
+            let excess = bytes.len() - MAX_RECORD_BYTES;
+            for captured in [&mut output.stdout, &mut output.stderr] {
+                let share = (excess * captured.text.len()).div_ceil(streams_bytes);
+                if share > 0 {
+                    let mut cut = (share + 64).min(captured.text.len());
+                    while !captured.text.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    captured.text.replace_range(..cut, "");
+                    captured.truncated = true;
+                }
+            }
+            bytes = serde_json::to_vec(&self).expect("records serialise");
         }
-        bytes = serde_json::to_vec(&outcome).expect("outcomes serialise");
+        if bytes.len() > MAX_RECORD_BYTES {
+            let size = bytes.len();
+            let error = GuestError::new(
+                ErrorKind::Host,
+                format!("the result is {size} bytes; a cluster carries results of at most {MAX_RECORD_BYTES} bytes"),
+            );
+            let mut too_big = Outcome::not_run(&self.outcome.execution.task, error);
+            too_big.execution = self.outcome.execution.clone();
+            self.outcome = too_big;
+            bytes = serde_json::to_vec(&self).expect("records serialise");
+        }
+        bytes
     }
-    if bytes.len() > MAX_RECORD_BYTES {
-        let size = bytes.len();
-        let error = GuestError::new(
-            ErrorKind::Host,
-            format!("the result is {size} bytes; a cluster carries results of at most {MAX_RECORD_BYTES} bytes"),
-        );
-        let mut too_big = Outcome::not_run(&outcome.execution.task, error);
-        too_big.execution = outcome.execution;
-        too_big.output = Default::default();
-        bytes = serde_json::to_vec(&too_big).expect("outcomes serialise");
-    }
-    bytes
 }
 
 #[cfg(test)]
@@ -163,20 +192,34 @@ mod tests {
         assert!(CallMessage::parse(b"\xff garbage").is_err());
     }
 
+    fn call(task: &str, args: Vec<serde_json::Value>) -> RemoteCall {
+        RemoteCall { key: "r1.0.1".into(), depth: 1, task: task.into(), args, kwargs: Default::default() }
+    }
+
     #[test]
     fn outcomes_are_fitted_to_a_message() {
         let mut outcome = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "boom"));
         outcome.output.stdout.text = "x".repeat(3 * MAX_RECORD_BYTES / 2);
         outcome.output.stderr.text = "é".repeat(MAX_RECORD_BYTES / 4);
-        let bytes = fitted_outcome(outcome);
+        let bytes = Recorded::of(&call("main", vec![]), outcome).to_bytes();
         assert!(bytes.len() <= MAX_RECORD_BYTES, "{}", bytes.len());
-        let back: Outcome = serde_json::from_slice(&bytes).unwrap();
-        assert!(back.output.stdout.truncated && back.output.stdout.text.len() > 1000);
-        assert_eq!(back.error.unwrap().message, "boom");
+        let back: Recorded = serde_json::from_slice(&bytes).unwrap();
+        assert!(back.outcome.output.stdout.truncated && back.outcome.output.stdout.text.len() > 1000);
+        assert_eq!(back.outcome.error.unwrap().message, "boom");
 
         let mut huge = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "x"));
         huge.result = serde_json::Value::String("y".repeat(2 * MAX_RECORD_BYTES));
-        let back: Outcome = serde_json::from_slice(&fitted_outcome(huge)).unwrap();
-        assert!(back.error.unwrap().message.contains("at most"));
+        let back: Recorded = serde_json::from_slice(&Recorded::of(&call("main", vec![]), huge).to_bytes()).unwrap();
+        assert!(back.outcome.error.unwrap().message.contains("at most"));
+    }
+
+    #[test]
+    fn a_recorded_outcome_answers_only_the_same_call() {
+        let ok = Outcome::not_run("step", GuestError::new(ErrorKind::Exception, "x"));
+        let recorded = Recorded::of(&call("step", vec![1.into()]), ok);
+        assert!(recorded.clone().outcome_for(&call("step", vec![1.into()])).is_ok());
+        let diverged = recorded.clone().outcome_for(&call("step", vec![2.into()])).unwrap_err();
+        assert!(diverged.contains("diverged at `r1.0.1`"), "{diverged}");
+        assert!(recorded.outcome_for(&call("other", vec![1.into()])).is_err());
     }
 }

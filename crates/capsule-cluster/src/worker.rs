@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use python_runtime::{ErrorKind, GuestError};
 use tokio::sync::Semaphore;
 
-use crate::message::{CallMessage, CallState, fitted_outcome, run_of};
+use crate::message::{CallMessage, CallState, Recorded, run_of};
 use crate::{CALLS_SUBJECT, CONSUMER, Cluster, ClusterError, DONE_SUBJECT, STOP_SUBJECT, nats, setup, store};
 
 /// After this many deliveries of one call (each ended by its worker dying), it is recorded
@@ -186,7 +186,8 @@ impl Worker {
 
         // The outcome is recorded before the message is acknowledged: a worker dying in
         // between leaves a message whose next delivery finds the outcome.
-        let recorded = self.cluster.results.create(&key, fitted_outcome(outcome.clone()).into()).await;
+        let record = Recorded::of(&call.call, outcome.clone()).to_bytes();
+        let recorded = self.cluster.results.create(&key, record.into()).await;
         match recorded {
             Ok(_) => {}
             Err(error) if error.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {

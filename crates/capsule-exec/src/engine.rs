@@ -16,7 +16,7 @@ use crate::artifact::{Artifact, LoadError};
 use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
 use crate::events::EventSink;
-use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, hash_json};
+use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, args_hash};
 use crate::loaded::Loaded;
 use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
@@ -313,7 +313,7 @@ impl Engine {
                     task: record.task.clone(),
                 })?;
                 journal.reopen_run(&run_id)?;
-                let args_hash = hash_json(&serde_json::json!([record.args, record.kwargs]));
+                let args_hash = args_hash(&record.args, &record.kwargs);
                 match journal.enter(&run_id, 0, 0, "task", &task.name, "", &args_hash)? {
                     Entered::Replay { result, .. } => {
                         journal.finish_run(&run_id, RunStatus::Ok)?;

@@ -239,6 +239,11 @@ pub fn new_run_id() -> String {
     format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff)
 }
 
+/// What identifies a call's arguments across runs (the journal's and the cluster's records).
+pub fn args_hash(args: &[Value], kwargs: &serde_json::Map<String, Value>) -> String {
+    hash_json(&serde_json::json!([args, kwargs]))
+}
+
 pub fn hash_json(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))
 }
@@ -320,7 +325,7 @@ impl Journal {
         kwargs: &serde_json::Map<String, Value>,
     ) -> Result<(String, i64), JournalError> {
         let id = new_run_id();
-        let args_hash = hash_json(&serde_json::json!([args, kwargs]));
+        let args_hash = args_hash(args, kwargs);
         let (args, kwargs) = (Value::from(args).to_string(), Value::from(kwargs.clone()).to_string());
         let call = self.atomically(|c| {
             execute(

@@ -36,7 +36,7 @@ pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, TickingEngine, WASMTIME_VER
 pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
 pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
-pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, new_run_id};
+pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, args_hash, new_run_id};
 pub use loaded::Loaded;
 pub use orchestrator::{
     DEFAULT_TIMEOUT, Dispatch, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, Remote, RemoteCall, RunSettings,

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::cancel::Cancel;
 use crate::events::{CallId, Event, EventSink};
 use crate::host::{BoxFuture, HostCalls};
-use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, RunStatus, hash_json};
+use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, RunStatus, args_hash, hash_json};
 use crate::net::{Network, without_query};
 use crate::outcome::{HttpCall, Outcome};
 use crate::run::{AttemptHosts, Call, TaskContext, run_task};
@@ -393,7 +393,7 @@ impl AttemptHost {
             permit: Arc::default(),
         };
         if let Some(position) = &self.scope.journal {
-            let args_hash = hash_json(&json!([request.args, request.kwargs]));
+            let args_hash = args_hash(&request.args, &request.kwargs);
             match position.enter(seq, "task", &task.name, "", &args_hash) {
                 Ok(Entered::Replay { result, .. }) => {
                     let replayed = Event::TaskReplayed {
