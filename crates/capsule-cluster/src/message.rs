@@ -120,7 +120,7 @@ impl Recorded {
 
     /// As stored: JSON no larger than [`MAX_RECORD_BYTES`]: captured output is cut from the
     /// start (marked truncated) to fit; a result that cannot fit becomes an error.
-    pub fn to_bytes(mut self) -> Vec<u8> {
+    pub fn into_bytes(mut self) -> Vec<u8> {
         let mut bytes = serde_json::to_vec(&self).expect("records serialise");
         // Each stream gives up its share of the excess, from its start; JSON escaping may make
         // a cut short, so a few rounds.
@@ -201,7 +201,7 @@ mod tests {
         let mut outcome = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "boom"));
         outcome.output.stdout.text = "x".repeat(3 * MAX_RECORD_BYTES / 2);
         outcome.output.stderr.text = "é".repeat(MAX_RECORD_BYTES / 4);
-        let bytes = Recorded::of(&call("main", vec![]), outcome).to_bytes();
+        let bytes = Recorded::of(&call("main", vec![]), outcome).into_bytes();
         assert!(bytes.len() <= MAX_RECORD_BYTES, "{}", bytes.len());
         let back: Recorded = serde_json::from_slice(&bytes).unwrap();
         assert!(back.outcome.output.stdout.truncated && back.outcome.output.stdout.text.len() > 1000);
@@ -209,7 +209,7 @@ mod tests {
 
         let mut huge = Outcome::not_run("main", GuestError::new(ErrorKind::Exception, "x"));
         huge.result = serde_json::Value::String("y".repeat(2 * MAX_RECORD_BYTES));
-        let back: Recorded = serde_json::from_slice(&Recorded::of(&call("main", vec![]), huge).to_bytes()).unwrap();
+        let back: Recorded = serde_json::from_slice(&Recorded::of(&call("main", vec![]), huge).into_bytes()).unwrap();
         assert!(back.outcome.error.unwrap().message.contains("at most"));
     }
 

@@ -186,7 +186,7 @@ impl Worker {
 
         // The outcome is recorded before the message is acknowledged: a worker dying in
         // between leaves a message whose next delivery finds the outcome.
-        let record = Recorded::of(&call.call, outcome.clone()).to_bytes();
+        let record = Recorded::of(&call.call, outcome.clone()).into_bytes();
         let recorded = self.cluster.results.create(&key, record.into()).await;
         match recorded {
             Ok(_) => {}
