@@ -141,11 +141,11 @@ fn ci() -> Result<()> {
     check_exec_has_no_compiler()?;
     nats::ensure()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
-    // What a new user installs, used as a new user would.
-    wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)?;
-    // Last, so its output does not hide the tests' summary lines.
+    // On the test suite's binaries, before anything rebuilds them another way.
     soak(1_000, "debug")?;
-    bench(true, false)
+    bench(true, false)?;
+    // What a new user installs, used as a new user would.
+    wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)
 }
 
 /// Runs the soak binary of `profile` (built first) for `invocations`.
