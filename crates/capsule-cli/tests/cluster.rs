@@ -263,3 +263,29 @@ fn a_call_longer_than_the_ack_wait_is_kept_by_its_worker() {
     assert_eq!(stdout.trim(), "done");
     assert_eq!(server.hits.lock().unwrap().get("/hit/long"), Some(&1));
 }
+
+#[test]
+fn a_full_queue_makes_callers_wait_not_fail() {
+    let nats = Nats::start();
+    let server = start_server();
+    let dir = project();
+    // Room for 5 waiting calls; the fan-out queues 50 at a time, before any worker runs.
+    let daemon = Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--queue-limit", "5"]);
+    let client = daemon
+        .capsule()
+        .args(["run", "main.py", "--json", "--args-json"])
+        .arg(format!(r#"["{}", 60]"#, server.base))
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let _worker = Worker::start(&nats, "late", 4, dir.path());
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let envelope: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(envelope["result"], (0..60u64).map(|i| i * i).sum::<u64>());
+    assert_eq!(hit_counts(&server, 60), (60, 0));
+}
