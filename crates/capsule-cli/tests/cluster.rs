@@ -77,6 +77,28 @@ fn run_view(daemon: &Daemon, id: &str) -> Option<Value> {
     runs.as_array()?.iter().find(|r| r["id"] == id).cloned()
 }
 
+/// `capsule run main.py` of a fan-out of `count` calls through `daemon`, running.
+fn fan_out(daemon: &Daemon, dir: &std::path::Path, server: &support::Server, count: u64) -> std::process::Child {
+    daemon
+        .capsule()
+        .args(["run", "main.py", "--json", "--args-json"])
+        .arg(format!(r#"["{}", {count}]"#, server.base))
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The fan-out's client ends well with the sum of the squares below `count`.
+fn expect_sum_of_squares(client: std::process::Child, count: u64) {
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let envelope: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(envelope["result"], (0..count).map(|i| i * i).sum::<u64>());
+}
+
 /// (calls hit once, calls hit more than once) among `/hit/0` .. `/hit/{count - 1}`.
 fn hit_counts(server: &support::Server, count: u32) -> (u32, u32) {
     let hits = server.hits.lock().unwrap();
@@ -94,24 +116,12 @@ fn a_fan_out_spreads_over_workers_and_survives_a_killed_worker() {
         ["w1", "w2", "w3"].iter().map(|name| Worker::start(&nats, name, 4, dir.path())).collect();
     let daemon = daemon_on(&nats);
 
-    let client = daemon
-        .capsule()
-        .args(["run", "main.py", "--json", "--args-json"])
-        .arg(format!(r#"["{}"]"#, server.base))
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let client = fan_out(&daemon, dir.path(), &server, 200);
     wait_for("a third of the calls", || server.hits.lock().unwrap().len() >= 70);
     // SIGKILL in the middle of the run: its calls (maybe the top-level one) are delivered
     // again to the other workers once their ack wait passes.
     workers[1].kill();
-    let output = client.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let envelope: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(envelope["result"], (0..200u64).map(|i| i * i).sum::<u64>());
+    expect_sum_of_squares(client, 200);
 
     let (_, twice) = hit_counts(&server, 200);
     assert!(twice <= 4, "only the calls running on the killed worker may run again; {twice} did");
@@ -271,21 +281,9 @@ fn a_full_queue_makes_callers_wait_not_fail() {
     let dir = project();
     // Room for 5 waiting calls; the fan-out queues 50 at a time, before any worker runs.
     let daemon = Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--queue-limit", "5"]);
-    let client = daemon
-        .capsule()
-        .args(["run", "main.py", "--json", "--args-json"])
-        .arg(format!(r#"["{}", 60]"#, server.base))
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let client = fan_out(&daemon, dir.path(), &server, 60);
     thread::sleep(Duration::from_secs(2));
     let _worker = Worker::start(&nats, "late", 4, dir.path());
-    let output = client.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let envelope: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(envelope["result"], (0..60u64).map(|i| i * i).sum::<u64>());
+    expect_sum_of_squares(client, 60);
     assert_eq!(hit_counts(&server, 60), (60, 0));
 }

@@ -570,23 +570,22 @@ impl Runs {
             .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?
             .name
             .clone();
-        let manifest = request.manifest.clone();
+        // Resuming a run on the cluster is waiting for it again: its calls' outcomes are there.
+        let id = resume_id.or_else(|| request.resume.clone()).unwrap_or_else(capsule_exec::new_run_id);
         let call = RemoteCall {
-            key: String::new(),
+            key: format!("{id}.0"),
             depth: 0,
             task: task.clone(),
             args: request.args.clone(),
             kwargs: request.kwargs.clone(),
         };
-        // Resuming a run on the cluster is waiting for it again: its calls' outcomes are there.
-        let id = resume_id.or_else(|| request.resume.clone()).unwrap_or_else(capsule_exec::new_run_id);
+        let manifest = request.manifest.clone();
         let mut shell =
             RunEntry::new(namespace, entry.display().to_string(), request, restarted_from, Cancel::default());
         shell.task = task;
         shell.id = id;
         let entry = Arc::new(shell);
         self.register(&entry)?;
-        let call = RemoteCall { key: format!("{}.0", entry.id), ..call };
         Ok((entry, Body::Cluster { manifest, call }))
     }
 
