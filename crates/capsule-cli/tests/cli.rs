@@ -243,6 +243,7 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     let (code, _, stderr) = run(capsule_in(None).args(["resume", &second_id]));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("workflow diverged at step 1"), "{stderr}");
+    assert!(stderr.contains("(diverged)") && !stderr.contains("hint: resume"), "a resume cannot help: {stderr}");
 
     // A finished step's result changed in the journal behind Capsule's back is not replayed.
     std::fs::write(root.join("durable.py"), source).unwrap();
@@ -257,8 +258,9 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     assert_eq!(changed, 1);
     let (code, _, stderr) = run(capsule_in(None).args(["resume", &third_id]));
     assert_ne!(code, 0, "{stderr}");
-    assert!(stderr.contains("task 'step' failed (host): the journal's record of step 1"), "{stderr}");
+    assert!(stderr.contains("task 'step' failed (diverged): the journal's record of step 1"), "{stderr}");
     assert!(stderr.contains("was changed outside Capsule (its checksum does not match)"), "{stderr}");
+    assert!(!stderr.contains("hint: resume"), "a resume cannot help: {stderr}");
 }
 
 #[test]

@@ -112,6 +112,9 @@ pub(crate) struct Orchestrator {
     workers: Arc<Semaphore>,
     started: AtomicU32,
     unfinished: Arc<Semaphore>,
+    /// Why the journal would not replay a call of this run (a changed program or record), once
+    /// it has refused one: the run's own failure is then that, not what the task made of it.
+    replay_refused: std::sync::OnceLock<String>,
 }
 
 /// Where a task call is in its run.
@@ -148,6 +151,7 @@ impl Orchestrator {
             call_ids,
             started: AtomicU32::new(0),
             unfinished: Arc::new(Semaphore::new(MAX_UNFINISHED_SUBTASKS as usize)),
+            replay_refused: std::sync::OnceLock::new(),
         })
     }
 
@@ -161,6 +165,19 @@ impl Orchestrator {
             remote_key: remote.map(|r| r.key.as_str().into()),
             journal,
             permit: Arc::default(),
+        }
+    }
+
+    /// How a journal's refusal to let a call through reaches the task: a record that does
+    /// not match (changed code, a changed row) is remembered for the run's outcome, as no
+    /// retry or resume can get past it; other failures (the database) are the host's.
+    fn journal_refusal(&self, error: &JournalError) -> (ErrorKind, String) {
+        match error {
+            JournalError::Diverged { .. } | JournalError::Corrupt { .. } => {
+                let _ = self.replay_refused.set(error.to_string());
+                (ErrorKind::Diverged, error.to_string())
+            }
+            _ => (ErrorKind::Host, error.to_string()),
         }
     }
 
@@ -195,6 +212,12 @@ impl Scope {
         });
         let context = TaskContext { call: self.call, events, cancel: &orchestrator.cancel, hosts: &self };
         let (mut outcome, attempts) = run_task(&orchestrator.program, task, call, &context).await;
+        if let (0, Some(refusal), Some(error)) = (self.depth, orchestrator.replay_refused.get(), outcome.error.as_mut())
+        {
+            // The task failed because a replay was refused; that is the run's failure.
+            error.kind = ErrorKind::Diverged;
+            error.message = refusal.clone();
+        }
         if let Some(position) = &self.journal
             && let Err(error) = complete_task(position, &outcome, &attempts, self.depth == 0)
         {
@@ -328,7 +351,10 @@ impl AttemptHost {
             match position.enter(seq, "http", &method, &without_query(&request.url), &hash_json(&identity)) {
                 Ok(Entered::Replay { result, .. }) => return HostReply::Ok(result),
                 Ok(Entered::Run { id }) => row = Some(position.at(id)),
-                Err(error) => return HostReply::http_error(HttpErrorKind::Refused, error.to_string()),
+                Err(error) => {
+                    let (_, message) = self.scope.orchestrator.journal_refusal(&error);
+                    return HostReply::http_error(HttpErrorKind::Refused, message);
+                }
             }
         }
         let cancel = self.scope.orchestrator.cancel.clone();
@@ -405,7 +431,10 @@ impl AttemptHost {
                     return Ok(Prepared::Replay(result));
                 }
                 Ok(Entered::Run { id }) => child.journal = Some(position.at(id)),
-                Err(error) => return Err(refused(ErrorKind::Host, error.to_string())),
+                Err(error) => {
+                    let (kind, message) = orchestrator.journal_refusal(&error);
+                    return Err(refused(kind, message));
+                }
             }
         }
         if let (Some(remote), Some(key)) = (&orchestrator.settings.remote, child.remote_key.clone()) {

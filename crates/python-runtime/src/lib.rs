@@ -163,6 +163,9 @@ pub enum ErrorKind {
     InvalidInput,
     /// The run was stopped from outside (`capsule stop`, a cancelled request).
     Cancelled,
+    /// A resumed run's journal would not replay a step: the code makes other calls than the
+    /// run it resumes, or a record was changed outside Capsule. Resuming again cannot help.
+    Diverged,
 }
 
 impl ErrorKind {
@@ -176,6 +179,7 @@ impl ErrorKind {
             Self::Host => "host",
             Self::InvalidInput => "invalid_input",
             Self::Cancelled => "cancelled",
+            Self::Diverged => "diverged",
         }
     }
 }

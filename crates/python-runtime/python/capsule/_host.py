@@ -57,8 +57,8 @@ class DaemonError(CapsuleError):
 
 @dataclass(frozen=True)
 class ErrorInfo:
-    """Why a task failed: `type` is `exception`, `timeout`, `fuel`, `memory`, `host`,
-    `invalid_input` or `cancelled`."""
+    """Why a task failed: `type` is `exception`, `timeout`, `fuel`, `memory`,
+    `stack_overflow`, `host`, `invalid_input`, `cancelled` or `diverged`."""
 
     type: str
     message: str

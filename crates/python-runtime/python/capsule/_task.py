@@ -21,7 +21,8 @@ _NOT_YET = object()
 
 class TaskError(Exception):
     """A sub-task failed after its retries. `type` is one of the envelope's error types
-    (`exception`, `timeout`, `fuel`, `memory`, `stack_overflow`, `host`, `invalid_input`)."""
+    (`exception`, `timeout`, `fuel`, `memory`, `stack_overflow`, `host`, `invalid_input`,
+    `diverged`)."""
 
     def __init__(self, task, error):
         self.task = task
