@@ -239,11 +239,21 @@ fn a_failed_run_resumes_without_redoing_finished_steps_and_divergence_is_refused
     let (_, listing, _) = run(capsule_in(None).args(["runs", "--json"]));
     let second_id = serde_json::from_str::<Value>(&listing).unwrap()[0]["id"].as_str().unwrap().to_string();
     let source = std::fs::read_to_string(root.join("durable.py")).unwrap();
-    std::fs::write(root.join("durable.py"), source.replace("range(1, count + 1)", "range(count, 0, -1)")).unwrap();
+    // (With retries now: another attempt would meet the same refusal, so none is made.)
+    let changed = source
+        .replace("range(1, count + 1)", "range(count, 0, -1)")
+        .replace("@task(max_retries=0)\ndef main", "@task(max_retries=2)\ndef main");
+    std::fs::write(root.join("durable.py"), changed).unwrap();
     let (code, _, stderr) = run(capsule_in(None).args(["resume", &second_id]));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("workflow diverged at step 1"), "{stderr}");
     assert!(stderr.contains("(diverged)") && !stderr.contains("hint: resume"), "a resume cannot help: {stderr}");
+    let (_, envelope, _) = run(capsule_in(None).args(["resume", &second_id, "--json"]));
+    let envelope: Value = serde_json::from_str(&envelope).unwrap();
+    assert_eq!(
+        (envelope["error"]["type"].as_str(), envelope["execution"]["attempts"].as_u64()),
+        (Some("diverged"), Some(1))
+    );
 
     // A finished step's result changed in the journal behind Capsule's back is not replayed.
     std::fs::write(root.join("durable.py"), source).unwrap();

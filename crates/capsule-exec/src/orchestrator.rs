@@ -244,6 +244,10 @@ impl AttemptHosts for Scope {
             sequence: 0,
         })
     }
+
+    fn replay_refused(&self) -> bool {
+        self.orchestrator.replay_refused.get().is_some()
+    }
 }
 
 /// Records how a task call ended, with its attempts (and, for the top-level call, how the run

@@ -37,6 +37,9 @@ pub struct Call {
 /// Makes the host-call handler of each attempt.
 pub trait AttemptHosts: Sync {
     fn for_attempt(&self, task: &Task, deadline: Instant) -> Box<dyn HostCalls>;
+    /// Whether another attempt would meet the same refusal (the run's journal would not
+    /// replay one of its calls), so a failure is not retried.
+    fn replay_refused(&self) -> bool;
 }
 
 /// Where a task call runs: its id, who hears about it, and what may stop it.
@@ -166,7 +169,9 @@ pub async fn run_task(
         records.push(AttemptRecord::now(error, fuel_consumed, peak_memory_bytes, duration_ms(duration)));
         let mut retrying = false;
         if let Err(error) = &result {
-            retrying = is_retryable(error.kind) && execution.attempts <= task.options.max_retries;
+            retrying = is_retryable(error.kind)
+                && execution.attempts <= task.options.max_retries
+                && !context.hosts.replay_refused();
             context.events.event(&Event::AttemptFailed {
                 call: context.call,
                 attempt: execution.attempts,
