@@ -59,16 +59,17 @@ impl Worker {
         let listener = tokio::spawn(self.clone().listen_for_stops(stops));
         let slots = Arc::new(Semaphore::new(self.options.slots.max(1)));
         tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+        'pulling: loop {
+            // One pull request for as many messages as there are free slots; it waits up to
+            // `PULL_EXPIRES` for them, and each message starts as soon as it arrives.
+            let mut permits = tokio::select! {
+                permit = slots.clone().acquire_owned() => vec![permit.expect("never closed")],
                 () = &mut shutdown => break,
             };
-            let fetched = tokio::select! {
-                fetched = consumer.fetch().max_messages(1).expires(PULL_EXPIRES).messages() => fetched,
-                () = &mut shutdown => break,
-            };
-            let mut batch = match fetched {
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let mut batch = match consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::warn!(%error, "pulling from the queue failed; trying again");
@@ -76,16 +77,22 @@ impl Worker {
                     continue;
                 }
             };
-            match batch.next().await {
-                Some(Ok(message)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        this.handle(message).await;
-                        drop(permit);
-                    });
+            while !permits.is_empty() {
+                let next = tokio::select! {
+                    next = batch.next() => next,
+                    () = &mut shutdown => break 'pulling,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        let (this, permit) = (self.clone(), permits.pop());
+                        tokio::spawn(async move {
+                            this.handle(message).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(error)) => tracing::debug!(%error, "no message"),
+                    None => break,
                 }
-                Some(Err(error)) => tracing::debug!(%error, "no message"),
-                None => {}
             }
         }
         tracing::info!("shutting down: finishing the calls running here");
