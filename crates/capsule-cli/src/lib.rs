@@ -87,10 +87,15 @@ pub fn capsule_exec_main() -> ExitCode {
     block_on(command.execute())
 }
 
-/// Capsule's own diagnostics on stderr, filtered by `CAPSULE_LOG`.
+/// Capsule's own diagnostics on stderr: warnings, or what `CAPSULE_LOG` asks for.
 fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing::level_filters::LevelFilter::WARN.into())
+        .with_env_var("CAPSULE_LOG")
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CAPSULE_LOG"))
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

@@ -10,11 +10,13 @@ use futures_util::StreamExt;
 use python_runtime::{ErrorKind, GuestError};
 
 use crate::message::{CallMessage, MESSAGE_VERSION, Recorded};
-use crate::{CALLS_SUBJECT, Cluster, ClusterError, DONE_SUBJECT, nats, subject_token};
+use crate::{CALLS_SUBJECT, CONSUMER, Cluster, ClusterError, DONE_SUBJECT, nats, subject_token};
 
 /// How often a waiting caller looks at the results bucket even without a wake-up (which is
 /// best effort: a core NATS message).
 const RECHECK: Duration = Duration::from_secs(2);
+/// After this long without an outcome, a caller checks that some worker is taking calls.
+const NO_WORKER_AFTER: Duration = Duration::from_secs(30);
 /// The longest pause between two attempts to queue a call while the queue is full.
 const MAX_FULL_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -41,10 +43,23 @@ impl Dispatcher {
             return Ok(replayed(recorded, &call));
         }
         self.enqueue(call.clone()).await?;
+        let queued = std::time::Instant::now();
+        let mut warned = false;
         loop {
             let _ = tokio::time::timeout(RECHECK, done.next()).await;
             if let Some(recorded) = self.cluster.result(&key).await? {
                 return Ok(replayed(recorded, &call));
+            }
+            // Waiting for a worker is normal (back-pressure, a late worker); waiting with no
+            // worker at all deserves a word in the log.
+            if !warned && queued.elapsed() >= NO_WORKER_AFTER && !self.cluster.has_workers().await {
+                tracing::warn!(
+                    %key,
+                    task = %call.task,
+                    "the call has waited {}s and no worker is taking calls: start `capsule worker --nats <url>`",
+                    queued.elapsed().as_secs()
+                );
+                warned = true;
             }
         }
     }
@@ -103,6 +118,14 @@ impl Dispatch for Dispatcher {
 }
 
 impl Cluster {
+    /// Whether some worker is waiting for calls or holding one (false when none ever came).
+    async fn has_workers(&self) -> bool {
+        match self.calls_stream.consumer_info(CONSUMER).await {
+            Ok(info) => info.num_waiting > 0 || info.num_ack_pending > 0,
+            Err(_) => false,
+        }
+    }
+
     /// What was recorded for call `key`, if anything.
     pub(crate) async fn result(&self, key: &str) -> Result<Option<Recorded>, ClusterError> {
         let Some(bytes) = self.results.get(key).await.map_err(|e| nats("results")(&e))? else {

@@ -108,7 +108,7 @@ impl Daemon {
             // Saved sessions stay with the test's daemon.
             .env("XDG_DATA_HOME", state.with_file_name("data"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_to(&state.with_file_name("daemon.log")))
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -158,9 +158,62 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        show_if_failing("the daemon", &self.state.with_file_name("daemon.log"));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A file for a child's stderr (added to by a restarted child), shown by `show_if_failing`.
+fn log_to(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap().into()
+}
+
+/// When the test is failing, the end of a child's stderr: the other half of the story.
+fn show_if_failing(whose: &str, log: &Path) {
+    if !thread::panicking() {
+        return;
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    eprintln!("--- the last lines {whose} wrote ---");
+    for line in &lines[lines.len().saturating_sub(60)..] {
+        eprintln!("{line}");
+    }
+}
+
+/// Waits for `child` (stdout and stderr piped) at most `limit`, so a test that would hang
+/// fails instead, with what the child wrote so far.
+pub fn output_within(mut child: Child, limit: Duration) -> std::process::Output {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+            panic!(
+                "still running after {limit:?}\n{}\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 /// Runs `command`: (exit code, stdout, stderr).
@@ -217,6 +270,7 @@ impl Drop for Nats {
 pub struct Worker {
     pub child: Child,
     pub cache: tempfile::TempDir,
+    name: String,
 }
 
 impl Worker {
@@ -227,11 +281,12 @@ impl Worker {
             .args(["--ack-wait", "2s", "--project-root"])
             .arg(project_root)
             .env("CAPSULE_CACHE_DIR", cache.path())
+            .env("CAPSULE_LOG", "info,capsule_cluster=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_to(&cache.path().join("worker.log")))
             .spawn()
             .unwrap();
-        Self { child, cache }
+        Self { child, cache, name: name.to_string() }
     }
 
     /// SIGKILL: no chance to finish or acknowledge anything.
@@ -243,6 +298,11 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        if thread::panicking() {
+            let status = self.child.try_wait().ok().flatten();
+            eprintln!("worker `{}`: {}", self.name, status.map_or("still running".into(), |s| format!("exited, {s}")));
+        }
+        show_if_failing(&format!("worker `{}`", self.name), &self.cache.path().join("worker.log"));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
