@@ -10,6 +10,7 @@ use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::outcome::HttpCall;
+use crate::quota::{self, CountsFiles, FileQuota, FileUsage};
 
 /// Largest request a guest may send through `host_call`.
 const MAX_HOST_REQUEST: usize = 16 << 20;
@@ -44,11 +45,18 @@ pub struct SandboxState {
     pub(crate) host_calls: Box<dyn HostCalls>,
     /// The reply of the last `host_call`, waiting for `host_reply` to copy it.
     pending_reply: Vec<u8>,
+    files: FileUsage,
 }
 
 impl SandboxState {
     pub fn new(wasi: WasiP1Ctx, memory_limit: u64, host_calls: Box<dyn HostCalls>) -> Self {
-        Self { wasi, limiter: MemoryLimiter::new(memory_limit), host_calls, pending_reply: Vec::new() }
+        Self {
+            wasi,
+            limiter: MemoryLimiter::new(memory_limit),
+            host_calls,
+            pending_reply: Vec::new(),
+            files: FileUsage::default(),
+        }
     }
 
     /// Puts the state's memory limiter in charge of `store`.
@@ -60,9 +68,16 @@ impl SandboxState {
         &self.limiter
     }
 
-    /// A new call in the same sandbox (a session's): it has not exceeded its memory yet.
-    pub(crate) fn reset_call(&mut self) {
+    /// A new call (in a fresh sandbox, or the same one for a session): it has not exceeded
+    /// its memory yet, nor written anything.
+    pub(crate) fn start_call(&mut self, files: FileQuota) {
         self.limiter.exceeded = false;
+        self.files.start_call(files);
+    }
+
+    /// Which file quota refused the running call something, in words.
+    pub(crate) fn file_quota_refusal(&self) -> Option<String> {
+        self.files.refusal()
     }
 
     async fn handle(&mut self, request: &[u8]) -> HostReply {
@@ -118,6 +133,16 @@ fn guest_memory(caller: &mut Caller<'_, SandboxState>) -> wasmtime::Result<wasmt
     }
 }
 
+impl CountsFiles for SandboxState {
+    fn file_usage(&mut self) -> &mut FileUsage {
+        &mut self.files
+    }
+
+    fn wasi(&mut self) -> &mut WasiP1Ctx {
+        &mut self.wasi
+    }
+}
+
 /// WASI's `EPERM`: the operation is not permitted.
 const WASI_ERRNO_PERM: i32 = 63;
 
@@ -125,6 +150,7 @@ const WASI_ERRNO_PERM: i32 = 63;
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut SandboxState| &mut state.wasi)?;
+    quota::wrap_file_writes(&mut linker)?;
     // A task may not plant links in a folder it was granted that lead out of it (a host tool
     // opening the link later would follow it): creating symbolic links is refused outright.
     linker.allow_shadowing(true);

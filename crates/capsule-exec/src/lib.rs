@@ -25,6 +25,7 @@ mod orchestrator;
 mod outcome;
 mod output;
 mod paths;
+mod quota;
 mod run;
 mod sandbox;
 mod session;

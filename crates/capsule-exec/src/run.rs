@@ -16,6 +16,7 @@ use crate::host::HostCalls;
 use crate::journal::AttemptRecord;
 use crate::outcome::{Execution, Outcome, Output, duration_ms, is_retryable};
 use crate::output::TeeOutput;
+use crate::quota::FileQuota;
 use crate::sandbox::{Attempt, AttemptSetup, Limits, Preopen, Program};
 
 /// Delay before the first retry; it doubles for each further retry, up to [`MAX_BACKOFF`],
@@ -99,6 +100,7 @@ pub fn limits_of(task: &Task, default_timeout: Duration) -> Limits {
         fuel: task.options.compute.fuel(),
         memory_bytes: task.options.ram.bytes(),
         timeout: task.options.timeout.map_or(default_timeout, |t| t.0),
+        files: FileQuota { max_written: task.options.max_written.bytes(), max_created: task.options.max_files_created },
     }
 }
 

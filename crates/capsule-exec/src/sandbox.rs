@@ -13,6 +13,7 @@ use crate::events::Stream;
 use crate::host::{HostCalls, RefuseHostCalls, SandboxState, linker};
 use crate::outcome::{Captured, HttpCall};
 use crate::output::TeeOutput;
+use crate::quota::FileQuota;
 
 /// The limits of one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +21,7 @@ pub struct Limits {
     pub fuel: u64,
     pub memory_bytes: u64,
     pub timeout: Duration,
+    pub files: FileQuota,
 }
 
 /// A host folder the task sees at `guest`.
@@ -218,7 +220,7 @@ impl Sandbox {
         if let Some(host_calls) = host_calls {
             self.store.data_mut().host_calls = host_calls;
         }
-        self.store.data_mut().reset_call();
+        self.store.data_mut().start_call(limits.files);
         let call = async {
             self.instantiate().await?;
             self.store.set_fuel(limits.fuel)?;
@@ -264,6 +266,9 @@ impl Sandbox {
             }
             if error.kind == ErrorKind::Memory && error.message.is_empty() {
                 error.message = format!("the task reached its memory limit of {} bytes", self.memory_bytes);
+            }
+            if let Some(refusal) = self.store.data().file_quota_refusal() {
+                error.message = format!("{} ({refusal})", error.message);
             }
             error
         });
@@ -372,7 +377,7 @@ mod tests {
     use crate::outcome::is_retryable;
 
     fn classify(error: wasmtime::Error) -> GuestError {
-        let limits = Limits { fuel: 1, memory_bytes: 1, timeout: Duration::from_secs(1) };
+        let limits = Limits { fuel: 1, memory_bytes: 1, timeout: Duration::from_secs(1), files: FileQuota::UNLIMITED };
         classify_trap(&error, &limits, 1, false, &Captured::default())
     }
 

@@ -204,6 +204,8 @@ mod tests {
                             FileGrant { path: "data".into(), mode: FileMode::ReadOnly },
                             FileGrant { path: "out/reports".into(), mode: FileMode::ReadWrite },
                         ],
+                        max_written: ByteSize(100_000_000),
+                        max_files_created: 50,
                         secrets: std::collections::BTreeMap::from([(
                             "API_KEY".into(),
                             Secret {

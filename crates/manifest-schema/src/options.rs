@@ -19,6 +19,8 @@ pub mod defaults {
     pub const COMPUTE: Compute = Compute::Medium;
     pub const RAM: ByteSize = ByteSize(256 << 20);
     pub const MAX_RETRIES: u32 = 1;
+    pub const MAX_WRITTEN: ByteSize = ByteSize(1 << 30);
+    pub const MAX_FILES_CREATED: u64 = 10_000;
 }
 
 /// Every option of a task but its name, typed, with defaults for those left out.
@@ -46,6 +48,12 @@ pub struct TaskOptions {
     /// Project folders the task may use; empty means no file system.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_files: Vec<FileGrant>,
+    /// Bytes a call may write to files, all together (each attempt starts from zero).
+    #[serde(default = "max_written_default", skip_serializing_if = "is_max_written_default")]
+    pub max_written: ByteSize,
+    /// Files and folders a call may create (each attempt starts from zero).
+    #[serde(default = "max_files_created_default", skip_serializing_if = "is_max_files_created_default")]
+    pub max_files_created: u64,
     /// Secrets the host adds to the task's HTTP requests, by the name of the runner's
     /// environment variable that holds each value; the values never enter the sandbox.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -83,9 +91,28 @@ impl Default for TaskOptions {
             env_passthrough: Vec::new(),
             allowed_hosts: HostPolicy::default(),
             allowed_files: Vec::new(),
+            max_written: defaults::MAX_WRITTEN,
+            max_files_created: defaults::MAX_FILES_CREATED,
             secrets: BTreeMap::new(),
         }
     }
+}
+
+// The file quotas are written into a manifest only when a task changes them.
+fn max_written_default() -> ByteSize {
+    defaults::MAX_WRITTEN
+}
+
+fn is_max_written_default(size: &ByteSize) -> bool {
+    *size == defaults::MAX_WRITTEN
+}
+
+fn max_files_created_default() -> u64 {
+    defaults::MAX_FILES_CREATED
+}
+
+fn is_max_files_created_default(count: &u64) -> bool {
+    *count == defaults::MAX_FILES_CREATED
 }
 
 impl TaskOptions {
@@ -233,6 +260,18 @@ pub static OPTIONS: &[OptionSpec] = &[
         has_default: true,
         apply: set_allowed_files,
     },
+    OptionSpec {
+        name: "max_written",
+        expects: "a string such as \"100MB\"",
+        has_default: true,
+        apply: set_max_written,
+    },
+    OptionSpec {
+        name: "max_files_created",
+        expects: "an integer >= 0",
+        has_default: true,
+        apply: set_max_files_created,
+    },
 ];
 
 pub fn option(name: &str) -> Option<&'static OptionSpec> {
@@ -288,20 +327,30 @@ fn set_compute(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
 }
 
 fn set_ram(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
-    match &literal.value {
-        Value::Str(text) => spec.options.ram = ByteSize::parse(text).map_err(|p| refuse(literal, p))?,
-        Value::Int(number) => {
-            return Err(refuse(
-                literal,
-                Problem::hinted(
-                    format!("`ram={number}` has no unit"),
-                    format!("write it as a string with a unit, e.g. `ram=\"{number}MB\"` or `ram=\"{number}MiB\"`"),
-                ),
-            ));
-        }
-        _ => return Err(shape(literal)),
-    }
+    spec.options.ram = byte_size("ram", literal)?;
     Ok(())
+}
+
+fn set_max_written(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
+    spec.options.max_written = byte_size("max_written", literal)?;
+    Ok(())
+}
+
+/// A size written with its unit, e.g. `"256MiB"`.
+fn byte_size(option: &str, literal: &Literal) -> Result<ByteSize, Refusal> {
+    match &literal.value {
+        Value::Str(text) => ByteSize::parse(text).map_err(|p| refuse(literal, p)),
+        Value::Int(number) => Err(refuse(
+            literal,
+            Problem::hinted(
+                format!("`{option}={number}` has no unit"),
+                format!(
+                    "write it as a string with a unit, e.g. `{option}=\"{number}MB\"` or `{option}=\"{number}MiB\"`"
+                ),
+            ),
+        )),
+        _ => Err(shape(literal)),
+    }
 }
 
 fn set_timeout(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
@@ -311,11 +360,19 @@ fn set_timeout(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
 }
 
 fn set_max_retries(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
+    spec.options.max_retries = u32::try_from(count(literal)?).map_err(|_| shape(literal))?;
+    Ok(())
+}
+
+fn set_max_files_created(spec: &mut TaskSpec, literal: &Literal) -> Result<(), Refusal> {
+    spec.options.max_files_created = count(literal)?;
+    Ok(())
+}
+
+/// An integer >= 0.
+fn count(literal: &Literal) -> Result<u64, Refusal> {
     match &literal.value {
-        Value::Int(n) if (0..=i128::from(u32::MAX)).contains(n) => {
-            spec.options.max_retries = *n as u32;
-            Ok(())
-        }
+        Value::Int(n) => u64::try_from(*n).map_err(|_| shape(literal)),
         _ => Err(shape(literal)),
     }
 }
@@ -520,6 +577,12 @@ mod tests {
         let grant = lit(Value::Dict(vec![(s("path"), s("./out")), (s("mode"), s("rw"))]));
         let files = apply("allowed_files", lit(Value::List(vec![s("./data"), grant]))).unwrap();
         assert_eq!(files.options.allowed_files[1], FileGrant { path: "out".into(), mode: FileMode::ReadWrite });
+        assert_eq!(apply("max_written", s("10MiB")).unwrap().options.max_written, ByteSize(10 << 20));
+        assert!(
+            apply("max_written", lit(Value::Int(10))).unwrap_err().message.contains("`max_written=10` has no unit")
+        );
+        assert_eq!(apply("max_files_created", lit(Value::Int(0))).unwrap().options.max_files_created, 0);
+        assert!(apply("max_files_created", lit(Value::Int(-5))).is_err());
     }
 
     #[test]
@@ -577,5 +640,16 @@ mod tests {
         let text = toml::to_string(&spec.options).unwrap();
         assert_eq!(toml::from_str::<TaskOptions>(&text).unwrap(), spec.options);
         assert!(toml::from_str::<TaskOptions>(&text.replace("max_retries", "retries")).is_err());
+    }
+
+    #[test]
+    fn file_quotas_left_at_their_defaults_are_not_written() {
+        let text = toml::to_string(&TaskOptions::default()).unwrap();
+        assert!(!text.contains("max_written") && !text.contains("max_files_created"), "{text}");
+        let options: TaskOptions = toml::from_str(&text).unwrap();
+        assert_eq!(
+            (options.max_written, options.max_files_created),
+            (defaults::MAX_WRITTEN, defaults::MAX_FILES_CREATED)
+        );
     }
 }

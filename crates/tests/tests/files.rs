@@ -52,6 +52,37 @@ fn granted_folders_work_and_nothing_else_is_reachable() {
 }
 
 #[test]
+fn file_quotas_refuse_writes_and_creations_beyond_them_and_say_so() {
+    let project = tempfile::tempdir().unwrap();
+    let root = project.path();
+    fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
+    fs::create_dir_all(root.join("out")).unwrap();
+    let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
+
+    // 1 MB in writes of 100 kB: the eleventh is refused whole (EDQUOT, 19); `big.bin` (one of
+    // the three files allowed) exists, so opening it again creates nothing.
+    let expected = json!({"written": 1_000_000, "write refused": 19, "opened": ["a.txt", "b.txt", "big.bin", 19, 19]});
+    for _ in 0..2 {
+        fs::remove_dir_all(root.join("out")).unwrap();
+        fs::create_dir(root.join("out")).unwrap();
+        let outcome = built.run("fill_quotas", vec![]);
+        assert_eq!(outcome.result, expected, "each call starts from zero: {:?}", outcome.error);
+    }
+    assert_eq!(fs::metadata(root.join("out/big.bin")).unwrap().len(), 0, "truncated by the last open");
+    assert!(!root.join("out/c.txt").exists() && !root.join("out/folder").exists());
+
+    let outcome = built.run("overflow", vec![]);
+    let error = outcome.error.expect("refused");
+    assert_eq!(error.kind, ErrorKind::Exception);
+    assert!(
+        error.message.contains("the task reached its `max_written` quota: 0 bytes written to files, 1000000 allowed"),
+        "{}",
+        error.message
+    );
+    assert_eq!(fs::metadata(root.join("out/overflow.bin")).unwrap().len(), 0);
+}
+
+#[test]
 fn a_grant_that_leaves_the_project_through_a_symlink_is_refused_by_the_runner() {
     let project = tempfile::tempdir().unwrap();
     let root = project.path();

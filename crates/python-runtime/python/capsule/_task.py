@@ -8,7 +8,7 @@ import functools
 # here only unknown names are refused, so a typo fails under plain Python too.
 TASK_OPTIONS = (
     "name", "compute", "ram", "timeout", "max_retries", "env_vars", "env_passthrough", "allowed_hosts",
-    "secrets", "allowed_files",
+    "secrets", "allowed_files", "max_written", "max_files_created",
 )
 
 _registry = {}
