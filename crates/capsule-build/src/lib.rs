@@ -174,11 +174,12 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
 
     let compile_started = Instant::now();
     let compiled = engine
-        .wasmtime()
+        .wasmtime(project.metering)
+        .map_err(|e| BuildError::message(e.to_string()))?
         .precompile_module(&snapshot)
         .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))?;
     let compile_time = compile_started.elapsed();
-    let inspection = engine.inspect(&compiled).await.map_err(BuildError::message)?;
+    let inspection = engine.inspect(&compiled, project.metering).await.map_err(BuildError::message)?;
     let registered = inspection.tasks;
     check_registered(&project, &registered)?;
     let initial_memory_bytes = inspection.initial_memory_bytes;
@@ -190,7 +191,8 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
         engine: manifest_schema::Engine {
             wasmtime_version: WASMTIME_VERSION.to_string(),
-            fingerprint: capsule_exec::fingerprint(),
+            fingerprint: capsule_exec::fingerprint(project.metering),
+            metering: project.metering,
         },
         artifact: Artifact {
             file: format!("{sha256}.cwasm"),
@@ -252,7 +254,7 @@ fn build_key(project: &Project, runtime_sha256: &str) -> String {
     field(b"capsule-build/1");
     field(env!("CARGO_PKG_VERSION").as_bytes());
     field(runtime_sha256.as_bytes());
-    field(capsule_exec::fingerprint().as_bytes());
+    field(capsule_exec::fingerprint(project.metering).as_bytes());
     field(project.entry_module.as_bytes());
     field(project.root.as_os_str().as_encoded_bytes());
     // The options as resolved now: a change of defaults or levels must not reuse a manifest.

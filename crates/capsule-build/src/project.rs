@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use manifest_schema::ProjectFile;
+use manifest_schema::{Metering, ProjectFile};
 use python_runtime::{DataFile, SourceModule};
 
 use crate::dependencies::{self, Installed, Requirements};
@@ -29,6 +29,8 @@ pub struct Project {
     pub tasks: Vec<DiscoveredTask>,
     /// Packages installed from the declared requirements (see [`dependencies`]).
     pub dependencies: Option<Installed>,
+    /// How the compiled code counts CPU (`[runtime] metering` in capsule.toml).
+    pub metering: Metering,
 }
 
 impl Project {
@@ -108,6 +110,7 @@ impl Project {
             data_files,
             tasks: info.tasks,
             dependencies,
+            metering: config.runtime.metering,
         })
     }
 }

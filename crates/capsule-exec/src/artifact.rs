@@ -115,7 +115,7 @@ impl Artifact {
         if manifest.engine.wasmtime_version != WASMTIME_VERSION {
             return Err(LoadError::WasmtimeVersion { manifest: shown, built: manifest.engine.wasmtime_version });
         }
-        if manifest.engine.fingerprint != config::fingerprint() {
+        if manifest.engine.fingerprint != config::fingerprint(manifest.engine.metering) {
             return Err(LoadError::EngineFingerprint { manifest: shown, built: manifest.engine.fingerprint });
         }
         Ok(manifest)

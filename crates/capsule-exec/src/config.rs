@@ -1,6 +1,7 @@
 //! The one wasmtime configuration shared by `capsule build` (which compiles with it) and the
 //! runner (which loads what was compiled). Anything here that changes compiled code must
-//! change [`ENGINE_SETTINGS`], so old artifacts are refused with a clear message.
+//! change [`engine_settings`], so old artifacts are refused with a clear message. Fuel
+//! metering is compiled into the code; time metering (the other configuration) is not.
 //!
 //! Cancelling a run uses the same epoch interruption as deadlines, so it needs no setting of
 //! its own.
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use manifest_schema::Metering;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -24,12 +26,18 @@ pub const MAX_WASM_STACK: usize = python_runtime::C_STACK_BYTES;
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Everything about the configuration that the compiled code depends on.
-const ENGINE_SETTINGS: &str = "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB";
+fn engine_settings(metering: Metering) -> &'static str {
+    match metering {
+        Metering::Fuel => "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB",
+        Metering::Time => "capsule-engine/1 fuel=off epoch=on async=on max_wasm_stack=8MiB",
+    }
+}
 
 /// Sandboxes that can exist at once in one process; each reserves (but does not commit)
 /// address space for a 4 GiB linear memory and a fiber stack.
 pub const MAX_LIVE_SANDBOXES: u32 = 256;
 
+/// The configuration for fuel metering; [`with_metering`] gives the other.
 pub fn config() -> Config {
     let mut config = Config::new();
     config.consume_fuel(true);
@@ -59,12 +67,20 @@ pub fn config() -> Config {
     config
 }
 
+/// `config` (from [`config`], plus settings that do not change code) for `metering`: fuel is
+/// counted by instrumented code, time by the epoch ticks every configuration has.
+pub fn with_metering(config: &Config, metering: Metering) -> Config {
+    let mut config = config.clone();
+    config.consume_fuel(metering == Metering::Fuel);
+    config
+}
+
 /// sha256 of the wasmtime version, the settings above and the target, as written in manifests.
-pub fn fingerprint() -> String {
+pub fn fingerprint(metering: Metering) -> String {
     let mut hasher = Sha256::new();
     hasher.update(WASMTIME_VERSION);
     hasher.update([0]);
-    hasher.update(ENGINE_SETTINGS);
+    hasher.update(engine_settings(metering));
     hasher.update([0]);
     hasher.update(std::env::consts::ARCH);
     hasher.update(std::env::consts::OS);

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use manifest_schema::{Explain, Manifest, Task};
+use manifest_schema::{Explain, Manifest, Metering, Task};
 use python_runtime::{ErrorKind, GuestError, RegisteredTask};
 use serde_json::Value;
 use thiserror::Error;
@@ -180,9 +180,12 @@ impl RunHandle {
     }
 }
 
-/// One wasmtime engine (with its epoch ticker) and the artifacts loaded on it.
+/// The wasmtime engines (one per metering, each with its epoch ticker, the time-metered one
+/// made when first needed) and the artifacts loaded on them.
 pub struct Engine {
-    engine: TickingEngine,
+    config: wasmtime::Config,
+    fuel_metered: TickingEngine,
+    time_metered: OnceLock<TickingEngine>,
     /// Verified artifacts by sha256, oldest first.
     loaded: Mutex<Vec<(String, Arc<Loaded>)>>,
     /// Manifests read before, by path, with the size and times of the file then: a manifest
@@ -202,17 +205,34 @@ impl Engine {
     pub fn with_config(config: &wasmtime::Config) -> Result<Self, EngineError> {
         // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let engine = TickingEngine::new(config).map_err(|e| EngineError::Setup(e.to_string()))?;
+        let fuel_metered = TickingEngine::new(&config::with_metering(config, Metering::Fuel))
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Self {
-            engine,
+            config: config.clone(),
+            fuel_metered,
+            time_metered: OnceLock::new(),
             loaded: Mutex::default(),
             manifests: Mutex::default(),
             call_ids: Arc::new(AtomicU64::new(1)),
         })
     }
 
-    pub fn wasmtime(&self) -> &wasmtime::Engine {
-        self.engine.engine()
+    /// The wasmtime engine for code compiled with `metering` (the builder compiles with it).
+    pub fn wasmtime(&self, metering: Metering) -> Result<&wasmtime::Engine, EngineError> {
+        let ticking = match metering {
+            Metering::Fuel => &self.fuel_metered,
+            Metering::Time => match self.time_metered.get() {
+                Some(engine) => engine,
+                None => {
+                    let engine = TickingEngine::new(&config::with_metering(&self.config, Metering::Time))
+                        .map_err(|e| EngineError::Setup(e.to_string()))?;
+                    // Two first uses at once: one engine is kept, the other dropped.
+                    let _ = self.time_metered.set(engine);
+                    self.time_metered.get().expect("set above")
+                }
+            },
+        };
+        Ok(ticking.engine())
     }
 
     /// Loads the artifact of the manifest at `path`, verified; an artifact with the same
@@ -244,8 +264,12 @@ impl Engine {
         if let Some((_, known)) = loaded.iter().find(|(hash, _)| *hash == sha256) {
             return Ok(Arc::new(known.with_manifest(manifest)));
         }
-        let module = Artifact::load(self.wasmtime(), path, &manifest)?;
-        let program = Program::new(self.wasmtime(), &module)
+        let metering = manifest.engine.metering;
+        let engine = self
+            .wasmtime(metering)
+            .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
+        let module = Artifact::load(engine, path, &manifest)?;
+        let program = Program::new(engine, &module, metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
         let fresh = Arc::new(Loaded::new(manifest, program));
         if loaded.len() >= LOADED_ARTIFACTS {
@@ -255,12 +279,14 @@ impl Engine {
         Ok(fresh)
     }
 
-    /// What the snapshot compiled as `compiled` (by this engine) registered.
-    pub async fn inspect(&self, compiled: &[u8]) -> Result<Inspection, String> {
+    /// What the snapshot compiled as `compiled` (by [`Engine::wasmtime`] of `metering`)
+    /// registered.
+    pub async fn inspect(&self, compiled: &[u8], metering: Metering) -> Result<Inspection, String> {
+        let engine = self.wasmtime(metering).map_err(|e| e.to_string())?;
         // SAFETY: the builder passes bytes this engine's own compiler produced just now.
-        let module = unsafe { wasmtime::Module::deserialize(self.wasmtime(), compiled) }
+        let module = unsafe { wasmtime::Module::deserialize(engine, compiled) }
             .map_err(|e| format!("loading the compiled snapshot failed: {e}"))?;
-        let program = Program::new(self.wasmtime(), &module).map_err(|e| e.to_string())?;
+        let program = Program::new(engine, &module, metering).map_err(|e| e.to_string())?;
         Ok(Inspection { tasks: program.describe().await?, initial_memory_bytes: program.initial_memory_bytes() })
     }
 

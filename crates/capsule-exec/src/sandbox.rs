@@ -3,12 +3,14 @@
 
 use std::time::{Duration, Instant};
 
+use manifest_schema::{Compute, Metering};
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
 use wasmtime::{Engine, Instance, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::cancel::Cancel;
+use crate::config::EPOCH_TICK;
 use crate::events::Stream;
 use crate::host::{HostCalls, RefuseHostCalls, SandboxState, linker};
 use crate::outcome::{Captured, HttpCall};
@@ -59,14 +61,16 @@ pub struct Attempt {
 pub struct Program {
     engine: Engine,
     pre: InstancePre<SandboxState>,
+    metering: Metering,
 }
 
 const NO_RUN: &str = "this sandbox belongs to no run";
 
 impl Program {
-    pub fn new(engine: &Engine, module: &Module) -> wasmtime::Result<Self> {
+    /// `module` compiled by `engine`, whose code counts CPU by `metering`.
+    pub fn new(engine: &Engine, module: &Module, metering: Metering) -> wasmtime::Result<Self> {
         let pre = linker(engine)?.instantiate_pre(module)?;
-        Ok(Self { engine: engine.clone(), pre })
+        Ok(Self { engine: engine.clone(), pre, metering })
     }
 
     /// Linear memory the module has before any code runs (the snapshot's size).
@@ -166,7 +170,9 @@ impl Sandbox {
         if let Some(instance) = self.instance {
             return Ok(instance);
         }
-        self.store.set_fuel(u64::MAX)?;
+        if self.program.metering == Metering::Fuel {
+            self.store.set_fuel(u64::MAX)?;
+        }
         self.store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let instance = self.program.pre.instantiate_async(&mut self.store).await?;
         self.instance = Some(instance);
@@ -221,14 +227,31 @@ impl Sandbox {
             self.store.data_mut().host_calls = host_calls;
         }
         self.store.data_mut().start_call(limits.files);
+        let metering = self.program.metering;
         let call = async {
             self.instantiate().await?;
-            self.store.set_fuel(limits.fuel)?;
+            // Under fuel metering the code counts its own instructions; under time metering
+            // each epoch tick seen while Wasm runs is counted against the budget's time.
+            let cpu_ticks = match metering {
+                Metering::Fuel => {
+                    self.store.set_fuel(limits.fuel)?;
+                    u64::MAX
+                }
+                Metering::Time => {
+                    let budget = Compute::time_of(limits.fuel);
+                    (budget.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+                }
+            };
             // CPU-bound code is stopped at the next epoch tick after the deadline or a
             // cancel; code waiting in the host (e.g. `time.sleep`) by the timeout and the
             // cancel around the whole call.
             let ticking_cancel = cancel.clone();
+            let mut ticks = 0u64;
             self.store.epoch_deadline_callback(move |_| {
+                ticks += 1;
+                if ticks > cpu_ticks {
+                    return Err(Trap::OutOfFuel.into());
+                }
                 Ok(if Instant::now() >= deadline || ticking_cancel.is_cancelled() {
                     UpdateDeadline::Interrupt
                 } else {
@@ -247,7 +270,8 @@ impl Sandbox {
             self.instance = None;
             self.broken = true;
         }
-        let fuel_left = self.store.get_fuel().unwrap_or(0);
+        // Nothing is counted under time metering: the attempt reports no fuel.
+        let fuel_left = self.store.get_fuel().unwrap_or(limits.fuel);
         let memory = self.store.data().memory();
         let stderr = self.stderr.take();
         // Once the run is cancelled, whatever failed failed because of it (a parent sees its
@@ -256,7 +280,9 @@ impl Sandbox {
             Some(Ok(Ok(reply))) => reply.into_result(),
             None => Err(cancelled_error()),
             Some(Err(_elapsed)) => Err(timeout_error(limits.timeout)),
-            Some(Ok(Err(error))) => Err(classify_trap(&error, limits, self.memory_bytes, memory.exceeded(), &stderr)),
+            Some(Ok(Err(error))) => {
+                Err(classify_trap(&error, limits, metering, self.memory_bytes, memory.exceeded(), &stderr))
+            }
         }
         .map_err(|error| if cancel.is_cancelled() { cancelled_error() } else { error });
         // A MemoryError raised because the limiter refused to grow is a memory failure.
@@ -336,6 +362,7 @@ fn cancelled_error() -> GuestError {
 fn classify_trap(
     error: &wasmtime::Error,
     limits: &Limits,
+    metering: Metering,
     memory_bytes: u64,
     memory_exceeded: bool,
     stderr: &Captured,
@@ -349,9 +376,17 @@ fn classify_trap(
     };
     let with_tail = |kind, message: String| GuestError { traceback: tail.clone(), ..GuestError::new(kind, message) };
     match error.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => {
-            GuestError::new(ErrorKind::Fuel, format!("the task used up its compute budget of {} fuel", limits.fuel))
-        }
+        Some(Trap::OutOfFuel) => GuestError::new(
+            ErrorKind::Fuel,
+            match metering {
+                Metering::Fuel => format!("the task used up its compute budget of {} fuel", limits.fuel),
+                Metering::Time => format!(
+                    "the task used up its compute budget of {} fuel, {:.2} s of CPU under time metering",
+                    limits.fuel,
+                    Compute::time_of(limits.fuel).as_secs_f64()
+                ),
+            },
+        ),
         Some(Trap::Interrupt) => timeout_error(limits.timeout),
         Some(Trap::StackOverflow) => with_tail(
             ErrorKind::StackOverflow,
@@ -378,7 +413,7 @@ mod tests {
 
     fn classify(error: wasmtime::Error) -> GuestError {
         let limits = Limits { fuel: 1, memory_bytes: 1, timeout: Duration::from_secs(1), files: FileQuota::UNLIMITED };
-        classify_trap(&error, &limits, 1, false, &Captured::default())
+        classify_trap(&error, &limits, Metering::Fuel, 1, false, &Captured::default())
     }
 
     #[test]

@@ -57,6 +57,36 @@ pub struct Engine {
     pub wasmtime_version: String,
     /// sha256 of the engine settings that affect compiled code (see `capsule-exec`).
     pub fingerprint: String,
+    /// How CPU budgets are counted in the compiled code.
+    #[serde(default, skip_serializing_if = "Metering::is_fuel")]
+    pub metering: Metering,
+}
+
+/// How a project's CPU budgets (`compute`) are counted: `[runtime] metering` in capsule.toml.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metering {
+    /// Wasm fuel, about one unit per instruction, counted by the compiled code: exact and the
+    /// same on every machine, at a cost of about a fifth of CPU-bound speed.
+    #[default]
+    Fuel,
+    /// Time spent running Wasm, checked at the engine's epoch ticks: the budget is the CPU time
+    /// the fuel would buy ([`Compute::FUEL_PER_SECOND`]). Faster code, but a budget is not
+    /// deterministic: it depends on the machine and its load.
+    Time,
+}
+
+impl Metering {
+    pub fn is_fuel(&self) -> bool {
+        *self == Self::Fuel
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fuel => "fuel",
+            Self::Time => "time",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,7 +209,11 @@ mod tests {
         Manifest {
             schema_version: SCHEMA_VERSION,
             capsule_version: "0.1.0".into(),
-            engine: Engine { wasmtime_version: "48.0.8".into(), fingerprint: "cd".repeat(32) },
+            engine: Engine {
+                wasmtime_version: "48.0.8".into(),
+                fingerprint: "cd".repeat(32),
+                metering: Metering::Fuel,
+            },
             artifact: Artifact {
                 file: format!("{sha}.cwasm"),
                 sha256: sha,

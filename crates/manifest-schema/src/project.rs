@@ -7,6 +7,9 @@
 //! entrypoint = "main.py"      # so that `capsule run` needs no file argument
 //! dependencies = ["jinja2>=3", "pyyaml"]  # from PyPI, installed at build time
 //!
+//! [runtime]
+//! metering = "time"           # CPU budgets in time instead of fuel (default "fuel")
+//!
 //! [tasks]                     # defaults for options a task leaves out:
 //! default_compute = "MEDIUM"  # `default_<option>` for any `@task` option but `name`
 //! default_ram = "512MB"
@@ -31,6 +34,8 @@ pub const PROJECT_FILE: &str = "capsule.toml";
 pub struct ProjectFile {
     #[serde(default)]
     pub workflow: Workflow,
+    #[serde(default)]
+    pub runtime: Runtime,
     /// `default_<option> = value`, checked against the option table when read.
     #[serde(default)]
     tasks: BTreeMap<String, toml::Value>,
@@ -46,6 +51,15 @@ pub struct Workflow {
     pub entrypoint: Option<String>,
     /// Packages to install from PyPI at build time, as PEP 508 requirements.
     pub dependencies: Option<Vec<String>>,
+}
+
+/// How the project's code is compiled and run.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// How CPU budgets are counted.
+    #[serde(default)]
+    pub metering: crate::Metering,
 }
 
 impl ProjectFile {
@@ -152,6 +166,15 @@ mod tests {
         assert_eq!(ProjectFile::default().task_defaults().unwrap(), TaskOptions::default());
         let hosts = ProjectFile::parse("[tasks]\ndefault_allowed_hosts = [\"api.example.com\"]\n", "c.toml").unwrap();
         assert!(!hosts.task_defaults().unwrap().allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn metering_is_fuel_unless_the_project_asks_for_time() {
+        assert_eq!(ProjectFile::default().runtime.metering, crate::Metering::Fuel);
+        let timed = ProjectFile::parse("[runtime]\nmetering = \"time\"\n", "capsule.toml").unwrap();
+        assert_eq!(timed.runtime.metering, crate::Metering::Time);
+        let error = ProjectFile::parse("[runtime]\nmetering = \"fast\"\n", "capsule.toml").unwrap_err().to_string();
+        assert!(error.contains("line 2") && error.contains("`fuel`") && error.contains("`time`"), "{error}");
     }
 
     #[test]

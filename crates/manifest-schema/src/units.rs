@@ -21,6 +21,9 @@ impl Compute {
     pub const LOW_FUEL: u64 = 5_000_000_000;
     pub const MEDIUM_FUEL: u64 = 50_000_000_000;
     pub const HIGH_FUEL: u64 = 500_000_000_000;
+    /// Fuel a pure-Python loop burns per second of CPU on the reference machine (README's
+    /// compute levels): what converts a budget to time under time metering.
+    pub const FUEL_PER_SECOND: u64 = 7_000_000_000;
 
     pub fn fuel(self) -> u64 {
         match self {
@@ -29,6 +32,11 @@ impl Compute {
             Self::High => Self::HIGH_FUEL,
             Self::Fuel(fuel) => fuel,
         }
+    }
+
+    /// The CPU time a fuel budget of `fuel` buys, for time metering.
+    pub fn time_of(fuel: u64) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(fuel as f64 / Self::FUEL_PER_SECOND as f64)
     }
 
     /// Parses `"LOW"`, `"MEDIUM"`, `"HIGH"` (any case) or a positive integer given as text.

@@ -1,10 +1,10 @@
 //! Limits that always hold: fuel, memory, deadline, retries, bounded output, and a host that
 //! carries on after every kind of failure.
 
-use manifest_schema::Compute;
+use manifest_schema::{Compute, Metering};
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::shared;
+use tests::{build_into, load, shared};
 
 const LIMITS: &str = "valid/limits.py";
 
@@ -29,6 +29,33 @@ fn fuel_budgets_are_enforced_and_reported() {
     assert_eq!(exhausted.execution.fuel_consumed, 50_000_000, "a custom budget is exact");
     let within = built.run("count_custom", vec![json!(1_000)]);
     assert!(within.success && within.execution.fuel_consumed < 50_000_000, "{:?}", within.error);
+}
+
+#[test]
+fn time_metering_counts_a_budget_in_cpu_time_instead_of_fuel() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures::path(LIMITS), project.path().join("limits.py")).unwrap();
+    std::fs::write(project.path().join("capsule.toml"), "[runtime]\nmetering = \"time\"\n").unwrap();
+    let output = build_into(&project.path().join("limits.py"), &project.path().join(".capsule/build"), true);
+    assert_eq!(output.manifest.engine.metering, Metering::Time);
+    assert!(std::fs::read_to_string(&output.manifest_path).unwrap().contains("metering = \"time\""));
+    let built = load(output);
+
+    let within = built.run("count_low", vec![json!(1_000)]);
+    assert!(within.success, "{:?}", within.error);
+    assert_eq!(within.result, json!(499_500));
+    assert_eq!(within.execution.fuel_consumed, 0, "nothing counts fuel");
+
+    // 50,000,000 fuel buys ~7 ms under time metering; the loop would run for minutes (and
+    // meet the 5-minute deadline, a `timeout`, if nothing counted its time).
+    let exhausted = built.run("count_custom", vec![json!(1_000_000_000)]);
+    let error = exhausted.error.expect("stopped");
+    assert_eq!(error.kind, ErrorKind::Fuel, "{}", error.message);
+    assert!(error.message.contains("0.01 s of CPU under time metering"), "{}", error.message);
+
+    // The same engine runs fuel-metered artifacts beside it.
+    let fuel = shared(LIMITS).run("count_custom", vec![json!(1_000_000_000)]);
+    assert_eq!(fuel.execution.fuel_consumed, 50_000_000);
 }
 
 fn resident_bytes() -> u64 {
