@@ -271,7 +271,7 @@ fn main() {
         ms(p50),
         format!("{} (`python3 hello.py`)", ms(python_hello)),
         Some(p50.as_secs_f64() / python_hello.as_secs_f64()),
-        "<= 0.3 ms",
+        "<= 0.2 ms",
     ));
     rows.push(row(
         "in-process invoke of hello, p99",
@@ -300,7 +300,7 @@ fn main() {
         format!("{rate:.0}/s"),
         format!("{:.1}/s (`python3 hello.py` processes)", cores as f64 / python_hello.as_secs_f64()),
         Some(rate / (cores as f64 / python_hello.as_secs_f64())),
-        ">= 4,000/s",
+        ">= 6,000/s",
     ));
 
     // 3. The runner as a process (in-process: no daemon answers on its socket), against the
