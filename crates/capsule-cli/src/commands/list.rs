@@ -175,7 +175,8 @@ fn facts(call: &CallView) -> String {
     if let Some(worker) = &call.worker {
         facts.push(format!("on {worker}"));
     }
-    if let Some(fuel) = call.fuel {
+    // Time-metered projects count no fuel.
+    if let Some(fuel) = call.fuel.filter(|&fuel| fuel > 0) {
         facts.push(format!("fuel {fuel}"));
     }
     if let Some(memory) = call.peak_memory_bytes {

@@ -83,7 +83,8 @@ fn draw(children: &BTreeMap<i64, Vec<&CallRecord>>, parent: i64, prefix: &str) {
         if let Some(attempts) = call.attempts {
             facts.push(format!("attempts {attempts}"));
         }
-        if let Some(fuel) = call.fuel {
+        // Time-metered projects count no fuel.
+        if let Some(fuel) = call.fuel.filter(|&fuel| fuel > 0) {
             facts.push(format!("fuel {fuel}"));
         }
         if let Some(memory) = call.peak_memory_bytes {
