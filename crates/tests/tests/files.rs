@@ -4,19 +4,28 @@ use std::fs;
 
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::{build_into, load};
+use tests::{Built, build_into, load};
 
-#[test]
-fn granted_folders_work_and_nothing_else_is_reachable() {
+/// A temporary project holding `files.py`; `prepare` lays out its folders before the build.
+fn project(prepare: impl FnOnce(&std::path::Path)) -> (tempfile::TempDir, Built) {
     let project = tempfile::tempdir().unwrap();
     let root = project.path();
     fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
-    fs::create_dir_all(root.join("data")).unwrap();
-    fs::create_dir_all(root.join("out")).unwrap();
-    fs::write(root.join("data/input.txt"), "granted input").unwrap();
-    fs::write(root.join("secret.txt"), "not granted").unwrap();
-    std::os::unix::fs::symlink("/etc", root.join("data/link")).unwrap();
+    prepare(root);
     let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
+    (project, built)
+}
+
+#[test]
+fn granted_folders_work_and_nothing_else_is_reachable() {
+    let (project, built) = project(|root| {
+        fs::create_dir_all(root.join("data")).unwrap();
+        fs::create_dir_all(root.join("out")).unwrap();
+        fs::write(root.join("data/input.txt"), "granted input").unwrap();
+        fs::write(root.join("secret.txt"), "not granted").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("data/link")).unwrap();
+    });
+    let root = project.path();
 
     assert_eq!(built.run("read_input", vec![]).result, json!("granted input"));
     assert_eq!(built.run("write_report", vec![json!("done")]).result, json!(["report.txt"]));
@@ -53,11 +62,8 @@ fn granted_folders_work_and_nothing_else_is_reachable() {
 
 #[test]
 fn file_quotas_refuse_writes_and_creations_beyond_them_and_say_so() {
-    let project = tempfile::tempdir().unwrap();
+    let (project, built) = project(|root| fs::create_dir_all(root.join("out")).unwrap());
     let root = project.path();
-    fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
-    fs::create_dir_all(root.join("out")).unwrap();
-    let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
 
     // 1 MB in writes of 100 kB: the eleventh is refused whole (EDQUOT, 19); `big.bin` (one of
     // the three files allowed) exists, so opening it again creates nothing.
@@ -84,12 +90,8 @@ fn file_quotas_refuse_writes_and_creations_beyond_them_and_say_so() {
 
 #[test]
 fn a_grant_that_leaves_the_project_through_a_symlink_is_refused_by_the_runner() {
-    let project = tempfile::tempdir().unwrap();
-    let root = project.path();
-    fs::copy(fixtures::path("valid/files.py"), root.join("files.py")).unwrap();
     let outside = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(outside.path(), root.join("data")).unwrap();
-    let built = load(build_into(&root.join("files.py"), &root.join(".capsule/build"), true));
+    let (_project, built) = project(|root| std::os::unix::fs::symlink(outside.path(), root.join("data")).unwrap());
     let outcome = built.run("read_input", vec![]);
     let error = outcome.error.expect("refused");
     assert_eq!(error.kind, ErrorKind::Host);
