@@ -261,4 +261,12 @@ mod tests {
            └─ summarise (running, attempt 1, 120 ms, fuel 1000, 24.0 MiB)
         ");
     }
+
+    #[test]
+    fn a_call_that_counted_no_fuel_shows_none() {
+        let mut timed = call(1, None, "main", "ok");
+        timed.fuel = Some(0);
+        assert_eq!(facts(&timed), "ok, attempt 1, 120 ms, 24.0 MiB");
+        assert_eq!(facts(&call(1, None, "main", "ok")), "ok, attempt 1, 120 ms, fuel 1000, 24.0 MiB");
+    }
 }
