@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use capsule_exec::{Engine, WASMTIME_VERSION, sha256_hex};
 use manifest_schema::{Artifact, Compute, Manifest, SCHEMA_VERSION, Task};
-use python_runtime::{InitRequest, RegisteredTask};
+use python_runtime::{Flavour, InitRequest, RegisteredTask};
 use sha2::{Digest, Sha256};
 
 pub use cache::{CACHE_DIR_ENV, cache_dir};
@@ -128,18 +128,30 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     }
     let started = Instant::now();
     let project = Project::load(&options.entry)?;
-    let runtime = fs::read(&options.runtime).map_err(|e| {
-        BuildError::usage(
-            format!("cannot read the CPython runtime `{}`: {e}", options.runtime.display()),
+    let runtime_path = project.flavour.beside(&options.runtime);
+    let runtime = fs::read(&runtime_path).map_err(|e| match project.flavour {
+        Flavour::Base => BuildError::usage(
+            format!("cannot read the CPython runtime `{}`: {e}", runtime_path.display()),
             "build it once with `cargo xtask build-runtime`, or point `CAPSULE_RUNTIME` at a built `capsule-python.wasm`",
-        )
+        ),
+        flavour => BuildError::usage(
+            format!(
+                "capsule.toml asks for the `{}` runtime (`[runtime] flavour`), but `{}` cannot be read: {e}",
+                flavour.as_str(),
+                runtime_path.display()
+            ),
+            format!(
+                "build it once with `cargo xtask build-runtime --flavour {}`, or install a Capsule that ships it",
+                flavour.as_str()
+            ),
+        ),
     })?;
     let runtime_sha256 = sha256_hex(&runtime);
-    check_runtime(&options.runtime, &runtime_sha256)?;
+    check_runtime(&runtime_path, &runtime_sha256)?;
     let key = build_key(&project, &runtime_sha256);
     let out_dir = out_dir_of(options);
     let manifest_path = out_dir.join(MANIFEST_FILE);
-    let fingerprint = project.fingerprint(&options.runtime);
+    let fingerprint = project.fingerprint(&runtime_path);
 
     if !options.force
         && let Some(manifest) = cached(&out_dir, &key)
@@ -156,6 +168,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         entry_module: project.entry_module.clone(),
         modules: project.modules.clone(),
         data_files: project.data_files.clone(),
+        preload: project.preload.clone(),
     };
     let hash_seed = u32::from_le_bytes(Sha256::digest(key.as_bytes())[..4].try_into().expect("4 bytes"));
     let init_engine = snapshot::init_engine().map_err(|e| BuildError::message(format!("{e:#}")))?;

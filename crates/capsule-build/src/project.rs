@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use manifest_schema::{Metering, ProjectFile};
-use python_runtime::{DataFile, SourceModule};
+use python_runtime::{DataFile, Flavour, SourceModule};
 
 use crate::dependencies::{self, Installed, Requirements};
 use crate::discover::{Diagnostic, Diagnostics, DiscoveredTask, parse_module};
@@ -31,6 +31,11 @@ pub struct Project {
     pub dependencies: Option<Installed>,
     /// How the compiled code counts CPU (`[runtime] metering` in capsule.toml).
     pub metering: Metering,
+    /// The runtime it is built on (`[runtime] flavour`).
+    pub flavour: Flavour,
+    /// The packages of that runtime that the project's code imports, anywhere: the build
+    /// imports them into the snapshot.
+    pub preload: Vec<String>,
 }
 
 impl Project {
@@ -84,8 +89,13 @@ impl Project {
         let mut data_files = Vec::new();
         let mut pending: Vec<String> = info.imports.into_iter().collect();
         let mut seen = BTreeSet::new();
+        let flavour = config.runtime.flavour;
+        let mut preload = BTreeSet::new();
         while let Some(import) = pending.pop() {
             let top = import.split('.').next().unwrap_or_default().to_string();
+            if let Some(package) = flavour.packages().iter().find(|p| **p == top) {
+                preload.insert(package.to_string());
+            }
             if !seen.insert(top.clone()) || modules.contains_key(&top) {
                 continue;
             }
@@ -111,6 +121,8 @@ impl Project {
             tasks: info.tasks,
             dependencies,
             metering: config.runtime.metering,
+            flavour,
+            preload: preload.into_iter().collect(),
         })
     }
 }

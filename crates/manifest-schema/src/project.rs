@@ -9,6 +9,7 @@
 //!
 //! [runtime]
 //! metering = "time"           # CPU budgets in time instead of fuel (default "fuel")
+//! flavour = "data"            # the runtime with numpy (default "base")
 //!
 //! [tasks]                     # defaults for options a task leaves out:
 //! default_compute = "MEDIUM"  # `default_<option>` for any `@task` option but `name`
@@ -60,6 +61,9 @@ pub struct Runtime {
     /// How CPU budgets are counted.
     #[serde(default)]
     pub metering: crate::Metering,
+    /// Which runtime the project is built on: `base`, or `data` (with numpy).
+    #[serde(default)]
+    pub flavour: python_runtime::Flavour,
 }
 
 impl ProjectFile {

@@ -68,6 +68,9 @@ def main():
     parser.add_argument("--path-map", action="append", default=[])
     # Pure-Python wheels packed with the stdlib, their data files included (`tzdata`).
     parser.add_argument("--wheel", action="append", default=[])
+    # A site-packages folder whose Python files are packed (the data flavour's numpy; its
+    # extension modules are linked into the runtime instead).
+    parser.add_argument("--site", action="append", default=[])
     args = parser.parse_args()
 
     modules = {}
@@ -83,6 +86,15 @@ def main():
                 # A few stdlib files are templates or Python-2 leftovers; they cannot be imported.
                 print(f"pack_modules: skipping {rel}: {error}")
                 continue
+            modules[name] = (is_package, origin, marshal.dumps(code))
+
+    for root in args.site:
+        for rel in python_files(root):
+            name, is_package = module_name(rel)
+            origin = f"{WHEEL_ORIGIN}/{rel}"
+            # Docstrings kept: numpy's code edits some of them while importing.
+            with open(os.path.join(root, rel), "rb") as f:
+                code = compile(f.read(), origin, "exec", dont_inherit=True)
             modules[name] = (is_package, origin, marshal.dumps(code))
 
     for path in args.generated:

@@ -15,6 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef CAPSULE_BUILTIN_MODULES
+#include "builtin_modules.h" /* generated: `builtin_modules`, an `_inittab` table */
+#endif
+
 #define EXPORT(name) __attribute__((export_name(name)))
 #define HOST_IMPORT(name) __attribute__((import_module("capsule"), import_name(name)))
 
@@ -210,6 +214,12 @@ static void start_interpreter(void) {
 EXPORT("capsule_initialize") void capsule_initialize(void) {
     if (PyImport_AppendInittab("_capsule", init_capsule_module) < 0)
         fatal_status("registering `_capsule`", PyStatus_Error("PyImport_AppendInittab failed"));
+#ifdef CAPSULE_BUILTIN_MODULES
+    /* The data flavour's extension modules (numpy's), linked in; dotted names are found by
+     * the built-in importer before any package's `__path__` is searched. */
+    if (PyImport_ExtendInittab(builtin_modules) < 0)
+        fatal_status("registering the built-in extension modules", PyStatus_Error("PyImport_ExtendInittab failed"));
+#endif
     start_interpreter();
     runtime_module = PyImport_ImportModule("_capsule_dispatch");
     if (runtime_module == NULL) fatal_python_error("importing _capsule_dispatch");

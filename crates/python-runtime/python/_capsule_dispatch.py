@@ -76,6 +76,10 @@ def initialize():
     _capsule_bootstrap.IMPORTER.after_import("threading", _unavailable.guard_threads)
     _capsule_bootstrap.IMPORTER.after_import("os", _unavailable.guard_links)
     try:
+        # The runtime's own packages the project uses (numpy, for the data flavour): imported
+        # now, they are in the snapshot and every run starts with them loaded.
+        for name in request.get("preload", ()):
+            importlib.import_module(name)
         importlib.import_module(request["entry_module"])
     except BaseException as exc:  # noqa: BLE001 (reported to the build with its traceback)
         return _user_traceback(exc, user_paths)
@@ -123,6 +127,10 @@ def _prepare_run(request):
     random = sys.modules.get("random")
     if random is not None:
         random.seed()
+    # Likewise numpy's global generator (`np.random.rand()`), once something imported it.
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
     os.environ.clear()
     os.environ.update(request.get("env") or {})
     _context._attempt = request.get("attempt", 1)

@@ -3,23 +3,68 @@
 //! `c/capsule_runtime.c` and the Python side `python/capsule/_runtime.py`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// File name of the built runtime module.
-pub const RUNTIME_FILE: &str = "capsule-python.wasm";
+/// Which runtime module a project is built on, `[runtime] flavour` in capsule.toml.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// CPython and its standard library: the small, fast default.
+    #[default]
+    Base,
+    /// The base plus numpy, its C extension modules linked in as built-in modules.
+    Data,
+}
 
-/// Environment variable naming a runtime module to use instead of the installed one.
+impl Flavour {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Data => "data",
+        }
+    }
+
+    /// File name of the built runtime module.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Base => "capsule-python.wasm",
+            Self::Data => "capsule-python-data.wasm",
+        }
+    }
+
+    /// The packages this flavour has beyond the standard library, which the build imports
+    /// into the snapshot when a project's code imports them.
+    pub fn packages(self) -> &'static [&'static str] {
+        match self {
+            Self::Base => &[],
+            Self::Data => &["numpy"],
+        }
+    }
+
+    /// The module of this flavour, which lives beside the base runtime `base` (see
+    /// [`runtime_path`]).
+    pub fn beside(self, base: &Path) -> PathBuf {
+        match self {
+            Self::Base => base.to_path_buf(),
+            _ => base.with_file_name(self.file_name()),
+        }
+    }
+}
+
+/// Environment variable naming a (base) runtime module to use instead of the installed one;
+/// the other flavours are found beside it.
 pub const RUNTIME_ENV: &str = "CAPSULE_RUNTIME";
 
-/// Where an installation keeps the runtime, relative to the folder of the `capsule` binary
-/// (`<prefix>/bin/capsule` and `<prefix>/share/capsule/capsule-python.wasm`: the wheel, the
-/// tarball, `cargo xtask install`). A `capsule-python.wasm.sha256` beside it is checked.
+/// Where an installation keeps the base runtime, relative to the folder of the `capsule`
+/// binary (`<prefix>/bin/capsule` and `<prefix>/share/capsule/capsule-python.wasm`: the
+/// wheel, the tarball, `cargo xtask install`), the other flavours beside it. A
+/// `<file>.sha256` beside each is checked.
 pub const INSTALLED_RUNTIME: &str = "../share/capsule/capsule-python.wasm";
 
-/// Where the runtime is: `$CAPSULE_RUNTIME`; else the one installed beside the running
+/// Where the base runtime is: `$CAPSULE_RUNTIME`; else the one installed beside the running
 /// binary; else, for a binary built in this checkout, the one `cargo xtask build-runtime`
 /// wrote there.
 pub fn runtime_path() -> PathBuf {
@@ -32,7 +77,7 @@ pub fn runtime_path() -> PathBuf {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")), PathBuf::from);
-    target.join("python-runtime").join(RUNTIME_FILE)
+    target.join("python-runtime").join(Flavour::Base.file_name())
 }
 
 /// Module name of every host function the runtime imports.
@@ -86,6 +131,10 @@ pub struct InitRequest {
     /// `importlib.resources`): templates, certificates, time zone archives.
     #[serde(default)]
     pub data_files: Vec<DataFile>,
+    /// Packages of the runtime to import before the user's module (see
+    /// [`Flavour::packages`]), so that the snapshot holds them imported.
+    #[serde(default)]
+    pub preload: Vec<String>,
 }
 
 /// A package's data file, by the path its module's `__file__` makes: e.g.

@@ -41,7 +41,7 @@ pub struct Dist {
 }
 
 pub fn dist(profile: Profile) -> Result<Dist> {
-    let runtime = crate::runtime::build_runtime(false)?;
+    let runtime = crate::runtime::build_runtime(python_runtime::Flavour::Base, false)?;
     let out = target_dir().join("dist").join(profile.dir());
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -119,7 +119,7 @@ fn tarball(profile: Profile, out: &Path, share: &Path) -> Result<PathBuf> {
 /// `cargo xtask install --root DIR`: the commands into `DIR/bin`, the runtime into
 /// `DIR/share/capsule/` (where an installed `capsule` looks for it).
 pub fn install(root: &Path) -> Result<()> {
-    let runtime = crate::runtime::build_runtime(false)?;
+    let runtime = crate::runtime::build_runtime(python_runtime::Flavour::Base, false)?;
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(workspace_root())
         .args(["install", "--locked", "--path", "crates/capsule-cli", "--root"])

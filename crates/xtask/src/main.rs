@@ -2,6 +2,7 @@
 
 mod dist;
 mod nats;
+mod numpy;
 mod peers;
 mod runtime;
 mod toolchain;
@@ -13,6 +14,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use python_runtime::Flavour;
 
 use crate::util::{run, workspace_root};
 
@@ -36,9 +38,15 @@ enum Task {
         /// Rebuild the final module even when its key matches.
         #[arg(long)]
         force: bool,
+        /// `base`, or `data` (with numpy; compiles numpy the first time, a few minutes).
+        #[arg(long, default_value = "base", value_parser = parse_flavour)]
+        flavour: Flavour,
     },
     /// Rebuild the runtime in another directory and check the result is byte-identical.
-    CheckReproducible,
+    CheckReproducible {
+        #[arg(long, default_value = "base", value_parser = parse_flavour)]
+        flavour: Flavour,
+    },
     /// Build the Python wheel and the tar.gz of the commands and runtime (target/dist/).
     Dist {
         /// Release binaries (published), or the debug build (quick, for testing the packaging).
@@ -86,8 +94,8 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Ci => ci(),
         Task::NatsServer => nats::ensure().map(|path| eprintln!("xtask: {}", path.display())),
-        Task::BuildRuntime { force } => runtime::build_runtime(force).map(drop),
-        Task::CheckReproducible => runtime::check_reproducible(),
+        Task::BuildRuntime { force, flavour } => runtime::build_runtime(flavour, force).map(drop),
+        Task::CheckReproducible { flavour } => runtime::check_reproducible(flavour),
         Task::Dist { profile, check_reproducible } => make_dist(profile, check_reproducible),
         Task::Install { root } => dist::install(&root),
         Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
@@ -116,6 +124,14 @@ fn make_dist(profile: dist::Profile, check_reproducible: bool) -> Result<()> {
     Ok(())
 }
 
+fn parse_flavour(text: &str) -> Result<Flavour, String> {
+    match text {
+        "base" => Ok(Flavour::Base),
+        "data" => Ok(Flavour::Data),
+        _ => Err(format!("`{text}` is not a runtime flavour: `base` or `data`")),
+    }
+}
+
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
@@ -123,7 +139,7 @@ fn cargo() -> Command {
 }
 
 fn demo() -> Result<()> {
-    runtime::build_runtime(false)?;
+    runtime::build_runtime(Flavour::Base, false)?;
     run(cargo().args(["build", "--bin", "capsule", "--bin", "capsule-exec"]))?;
     let capsule = util::target_dir().join("debug/capsule");
     eprintln!("\nxtask: running `capsule run examples/hello.py`\n");
@@ -136,8 +152,10 @@ fn demo() -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    runtime::build_runtime(false)?;
-    runtime::check_reproducible()?;
+    for flavour in [Flavour::Base, Flavour::Data] {
+        runtime::build_runtime(flavour, false)?;
+        runtime::check_reproducible(flavour)?;
+    }
     check_exec_has_no_compiler()?;
     nats::ensure()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
@@ -150,7 +168,7 @@ fn ci() -> Result<()> {
 
 /// Runs the soak binary of `profile` (built first) for `invocations`.
 fn soak(invocations: u64, profile: &str) -> Result<()> {
-    runtime::build_runtime(false)?;
+    runtime::build_runtime(Flavour::Base, false)?;
     build_bins(profile)?;
     run(Command::new(util::target_dir().join(profile).join("capsule-soak")).arg(invocations.to_string()))
 }
@@ -172,7 +190,9 @@ const BENCH_START: &str = "<!-- bench:start -->";
 const BENCH_END: &str = "<!-- bench:end -->";
 
 fn bench(quick: bool, write: bool) -> Result<()> {
-    runtime::build_runtime(false)?;
+    for flavour in [Flavour::Base, Flavour::Data] {
+        runtime::build_runtime(flavour, false)?;
+    }
     nats::ensure()?;
     // Figures are of release builds, as users run them; the quick pass only checks that the
     // benchmark still works, on the debug build CI already has.

@@ -1,7 +1,8 @@
 //! `cargo xtask build-runtime`: CPython 3.13 compiled for `wasm32-wasi` and linked as the
-//! Capsule reactor (`target/python-runtime/capsule-python.wasm`).
+//! Capsule reactor (`target/python-runtime/capsule-python.wasm`), and with `--flavour data`
+//! the same with numpy linked in (`capsule-python-data.wasm`, see [`crate::numpy`]).
 //!
-//! Three cached layers, each in a folder named by a hash of its inputs and marked complete
+//! Three cached layers (four for the data flavour: numpy's between the last two), each in a folder named by a hash of its inputs and marked complete
 //! only once fully built. They live outside the checkout, under
 //! `$XDG_CACHE_HOME/capsule-dev/python-runtime` (else `~/.cache/...`), so a fresh clone whose
 //! inputs did not change reuses them; a lock file serialises builders sharing that folder.
@@ -26,10 +27,15 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use python_runtime::Flavour;
+
+use crate::numpy::{self, NumpySources};
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
 const CPYTHON_VERSION: &str = "3.13.5";
+/// `major.minor`, as in CPython's folder names.
+pub const PYTHON_MINOR: &str = "3.13";
 /// A pristine upstream tarball (`.orig`) from a Debian source package, pinned by sha256.
 struct DebianSource {
     package: &'static str,
@@ -160,15 +166,33 @@ const C_LIBRARIES: &[CLibrary] = &[
     },
 ];
 
+/// A file from PyPI, pinned by sha256.
+pub struct PypiFile {
+    pub file: &'static str,
+    pub url: &'static str,
+    pub sha256: &'static str,
+}
+
+impl PypiFile {
+    /// The file in `downloads`, downloaded unless it is already there.
+    pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
+        let path = downloads.join(self.file);
+        if !(path.exists() && sha256_file(&path)? == self.sha256) {
+            download(self.url, &path, self.sha256)?;
+        }
+        Ok(path)
+    }
+}
+
 /// IANA time zone data for `zoneinfo`, as the `tzdata` wheel on PyPI packages it.
-const TZDATA_WHEEL: &str = "tzdata-2026.6-py2.py3-none-any.whl";
-const TZDATA_URL: &str = "https://files.pythonhosted.org/packages/0a/66/9a06c2227fedfd4919f0eaaa8b94377d9730882a7e4f95823c9a331ab5e1/tzdata-2026.6-py2.py3-none-any.whl";
-const TZDATA_SHA256: &str = "0a10eec6e13ef16b627fabed9a5f2ba61a62b1c67f327305f4e7e412a70b4aec";
+const TZDATA_WHEEL: PypiFile = PypiFile {
+    file: "tzdata-2026.6-py2.py3-none-any.whl",
+    url: "https://files.pythonhosted.org/packages/0a/66/9a06c2227fedfd4919f0eaaa8b94377d9730882a7e4f95823c9a331ab5e1/tzdata-2026.6-py2.py3-none-any.whl",
+    sha256: "0a10eec6e13ef16b627fabed9a5f2ba61a62b1c67f327305f4e7e412a70b4aec",
+};
 
 /// Linear-memory C stack of the reactor. The host's `max_wasm_stack` is sized to match.
 const C_STACK_BYTES: u64 = 8 << 20;
-
-pub const RUNTIME_FILE: &str = "capsule-python.wasm";
 
 pub struct RuntimePaths {
     /// `target/python-runtime`: the installed module, its key, and a link to the native Python.
@@ -181,11 +205,11 @@ impl RuntimePaths {
     pub fn new() -> Self {
         Self { root: target_dir().join("python-runtime"), layers: dev_cache_dir().join("python-runtime") }
     }
-    pub fn installed_runtime(&self) -> PathBuf {
-        self.root.join(RUNTIME_FILE)
+    pub fn installed_runtime(&self, flavour: Flavour) -> PathBuf {
+        self.root.join(flavour.file_name())
     }
-    fn installed_key(&self) -> PathBuf {
-        self.root.join("capsule-python.key")
+    fn installed_key(&self, flavour: Flavour) -> PathBuf {
+        self.installed_runtime(flavour).with_extension("key")
     }
     /// Where tests find the native CPython (and its `Lib`) of the runtime's version.
     fn native_python_link(&self) -> PathBuf {
@@ -222,7 +246,7 @@ fn runtime_crate() -> PathBuf {
     workspace_root().join("crates/python-runtime")
 }
 
-fn hex_sha256(parts: &[&[u8]]) -> String {
+pub fn hex_sha256(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update((part.len() as u64).to_le_bytes());
@@ -232,7 +256,7 @@ fn hex_sha256(parts: &[&[u8]]) -> String {
 }
 
 /// Every file below `dir`, sorted, as (relative path, contents).
-fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(current) = stack.pop() {
@@ -260,16 +284,24 @@ fn cpython_key() -> Result<String> {
     Ok(hex_sha256(&[
         CPYTHON_SOURCE.sha256.as_bytes(),
         c_libraries_fingerprint().as_bytes(),
-        toolchain::fingerprint().as_bytes(),
+        toolchain::fingerprint(toolchain::PACKAGES).as_bytes(),
         &config_site,
         configure_args_fingerprint().as_bytes(),
     ]))
 }
 
-/// Key of the final module: the `libpython` layer plus everything in the runtime crate.
-fn runtime_key() -> Result<String> {
-    let mut parts: Vec<Vec<u8>> =
-        vec![cpython_key()?.into_bytes(), include_bytes!("runtime.rs").to_vec(), C_STACK_BYTES.to_le_bytes().to_vec()];
+/// Key of the final module: the `libpython` layer plus everything in the runtime crate, and
+/// for the data flavour the numpy layer.
+fn runtime_key(flavour: Flavour) -> Result<String> {
+    let cpython_key = cpython_key()?;
+    let mut parts: Vec<Vec<u8>> = vec![
+        cpython_key.clone().into_bytes(),
+        include_bytes!("runtime.rs").to_vec(),
+        C_STACK_BYTES.to_le_bytes().to_vec(),
+    ];
+    if flavour == Flavour::Data {
+        parts.push(numpy::key(&cpython_key)?.into_bytes());
+    }
     for sub in ["c", "python", "build"] {
         for (rel, contents) in tree_contents(&runtime_crate().join(sub))? {
             parts.push(format!("{sub}/{rel}").into_bytes());
@@ -286,16 +318,16 @@ fn configure_args_fingerprint() -> String {
 
 const WASI_CONFIGURE_ARGS: &[&str] = &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no"];
 
-/// Builds the runtime if its inputs changed; returns the path of the installed module.
-pub fn build_runtime(force: bool) -> Result<PathBuf> {
+/// Builds the runtime of `flavour` if its inputs changed; returns the installed module.
+pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
     let paths = RuntimePaths::new();
-    let key = runtime_key()?;
-    let installed = paths.installed_runtime();
+    let key = runtime_key(flavour)?;
+    let installed = paths.installed_runtime(flavour);
     let linked = fs::canonicalize(paths.native_python_link()).is_ok_and(|dir| dir.join(".complete").exists());
     if !force
         && linked
         && installed.exists()
-        && fs::read_to_string(paths.installed_key()).is_ok_and(|k| k.trim() == key)
+        && fs::read_to_string(paths.installed_key(flavour)).is_ok_and(|k| k.trim() == key)
     {
         eprintln!("xtask: runtime up to date: {}", installed.display());
         return Ok(installed);
@@ -308,13 +340,13 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
         fs::remove_dir_all(&reactor_dir).with_context(|| format!("clearing {}", reactor_dir.display()))?;
     }
     if !reactor_dir.join(".complete").exists() {
-        toolchain::ensure_installed(&paths.downloads())?;
+        toolchain::ensure_installed(toolchain::PACKAGES, &paths.downloads())?;
     }
-    let sources = Sources::fetch(&paths)?;
+    let sources = Sources::fetch(&paths, flavour)?;
     let build_python = build_native_python(&paths, &sources.cpython)?;
     let wasm = build_reactor(&paths.layers, &sources, &build_python, &key)?;
     fs::copy(&wasm, &installed).with_context(|| format!("installing {}", installed.display()))?;
-    write_atomic(&paths.installed_key(), key.as_bytes())?;
+    write_atomic(&paths.installed_key(flavour), key.as_bytes())?;
     let size = fs::metadata(&installed)?.len();
     eprintln!(
         "xtask: built {} ({:.1} MB, sha256 {}) in {:.0?}",
@@ -326,20 +358,24 @@ pub fn build_runtime(force: bool) -> Result<PathBuf> {
     Ok(installed)
 }
 
-/// Builds the `libpython` layer and the reactor a second time under another directory and
+/// Builds the layers and the reactor of `flavour` a second time under another directory and
 /// checks that the module is byte-identical to the installed one. A pass is recorded in the
 /// reactor's cached layer: the same inputs need not be checked again.
-pub fn check_reproducible() -> Result<()> {
-    let first = build_runtime(false)?;
+pub fn check_reproducible(flavour: Flavour) -> Result<()> {
+    let first = build_runtime(flavour, false)?;
     let paths = RuntimePaths::new();
-    let key = runtime_key()?;
+    let key = runtime_key(flavour)?;
     let _lock = paths.lock()?;
     let checked = reactor_dir(&paths.layers, &key).join(".reproducible");
     if checked.exists() {
-        eprintln!("xtask: reproducible: these inputs (key {}) were already built twice to the same bytes", &key[..16]);
+        eprintln!(
+            "xtask: reproducible: these {} runtime inputs (key {}) were already built twice to the same bytes",
+            flavour.as_str(),
+            &key[..16]
+        );
         return Ok(());
     }
-    let sources = Sources::fetch(&paths)?;
+    let sources = Sources::fetch(&paths, flavour)?;
     let build_python = build_native_python(&paths, &sources.cpython)?;
     let elsewhere = paths.layers.join("reproducibility-check");
     if elsewhere.exists() {
@@ -400,14 +436,21 @@ struct Sources {
     /// The tarballs of [`C_LIBRARIES`], in order.
     libraries: Vec<PathBuf>,
     tzdata: PathBuf,
+    /// For the data flavour.
+    numpy: Option<NumpySources>,
 }
 
 impl Sources {
-    fn fetch(paths: &RuntimePaths) -> Result<Self> {
+    fn fetch(paths: &RuntimePaths, flavour: Flavour) -> Result<Self> {
+        let downloads = paths.downloads();
         Ok(Self {
             cpython: fetch_source(paths, &CPYTHON_SOURCE)?,
             libraries: C_LIBRARIES.iter().map(|l| fetch_source(paths, &l.source)).collect::<Result<_>>()?,
-            tzdata: fetch_tzdata(paths)?,
+            tzdata: TZDATA_WHEEL.fetch(&downloads)?,
+            numpy: match flavour {
+                Flavour::Base => None,
+                Flavour::Data => Some(NumpySources::fetch(&downloads)?),
+            },
         })
     }
 }
@@ -426,15 +469,6 @@ fn fetch_source(paths: &RuntimePaths, source: &DebianSource) -> Result<PathBuf> 
     let url = format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, source.tarball.replace('+', "%2b"));
     download(&url, &tarball, source.sha256)?;
     Ok(tarball)
-}
-
-/// The `tzdata` wheel, downloaded from PyPI unless the download folder has it.
-fn fetch_tzdata(paths: &RuntimePaths) -> Result<PathBuf> {
-    let wheel = paths.downloads().join(TZDATA_WHEEL);
-    if !(wheel.exists() && sha256_file(&wheel)? == TZDATA_SHA256) {
-        download(TZDATA_URL, &wheel, TZDATA_SHA256)?;
-    }
-    Ok(wheel)
 }
 
 /// Downloads `url` to `dest` with apt's own downloader, which checks the sha256 before the
@@ -462,7 +496,7 @@ fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
 }
 
 /// A folder that is only used once a `.complete` marker says it was fully built.
-fn fresh_layer(dir: &Path) -> Result<bool> {
+pub fn fresh_layer(dir: &Path) -> Result<bool> {
     if dir.join(".complete").exists() {
         return Ok(false);
     }
@@ -473,7 +507,7 @@ fn fresh_layer(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-fn make_jobs() -> String {
+pub fn make_jobs() -> String {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     format!("-j{cores}")
 }
@@ -509,11 +543,17 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
     Ok(python)
 }
 
-/// Builds `libpython3.13.a` for WASI below `base`, then the reactor; returns the module path.
+/// Builds `libpython3.13.a` for WASI below `base` (and numpy, for the data flavour), then the
+/// reactor; returns the module path.
 fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str) -> Result<PathBuf> {
     let libs = build_libpython(base, sources, build_python)?;
+    let numpy = match &sources.numpy {
+        Some(numpy_sources) => Some(numpy::build_numpy(base, numpy_sources, &libs, build_python, &cpython_key()?)?),
+        None => None,
+    };
+    let flavour = if numpy.is_some() { Flavour::Data } else { Flavour::Base };
     let out_dir = reactor_dir(base, key);
-    let module = out_dir.join(RUNTIME_FILE);
+    let module = out_dir.join(flavour.file_name());
     if !fresh_layer(&out_dir)? {
         return Ok(module);
     }
@@ -526,8 +566,8 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
 
     // The stdlib and the `capsule` package as bytecode, in one blob that the C code embeds.
     let blob = out_dir.join("capsule_modules.bin");
-    run(Command::new(build_python)
-        .args(["-S", "-s", "-B"])
+    let mut pack = Command::new(build_python);
+    pack.args(["-S", "-s", "-B"])
         .arg(crate_dir.join("build/pack_modules.py"))
         .arg("--stdlib")
         .arg(libs.src.join("Lib"))
@@ -544,41 +584,82 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         .arg(&sources.tzdata)
         .arg("--out")
         .arg(&blob)
-        .env("PYTHONHASHSEED", "0"))?;
+        .env("PYTHONHASHSEED", "0");
+    if let Some(numpy) = &numpy {
+        pack.arg("--site").arg(&numpy.site);
+    }
+    run(&mut pack)?;
 
-    let object = out_dir.join("capsule_runtime.o");
-    run(Command::new(&wrappers.cc)
+    let mut objects = vec![out_dir.join("capsule_runtime.o")];
+    let mut compile = Command::new(&wrappers.cc);
+    compile
         .args(["-O2", "-std=c23", "-Wall", "-Werror", "-c"])
         .arg(crate_dir.join("c/capsule_runtime.c"))
         .arg(format!("-I{}", libs.src.join("Include").display()))
         .arg(format!("-I{}", libs.build.display()))
         .arg(format!("--embed-dir={}", out_dir.display()))
         .arg("-o")
-        .arg(&object))?;
-    run(Command::new(&wrappers.cc)
-        .arg("-mexec-model=reactor")
+        .arg(&objects[0]);
+    let mut link = Command::new(&wrappers.cc);
+    link.arg("-mexec-model=reactor")
         .arg(format!("-Wl,-z,stack-size={C_STACK_BYTES}"))
-        .args(["-Wl,--stack-first", "-Wl,--strip-debug"])
+        // A direct call whose signature does not match its definition is an error.
+        .args(["-Wl,--stack-first", "-Wl,--strip-debug", "-Wl,--fatal-warnings"])
         .arg("-o")
-        .arg(&module)
-        .arg(&object)
-        .args(&libs.archives)
-        .args(["-lwasi-emulated-signal", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks", "-lm"]))?;
+        .arg(&module);
+    let mut libraries = vec![];
+    if let Some(numpy) = &numpy {
+        let modules = numpy.modules()?;
+        fs::write(out_dir.join("builtin_modules.h"), builtin_modules_header(&modules))?;
+        compile.args(["-DCAPSULE_BUILTIN_MODULES", &format!("-I{}", out_dir.display())]);
+        let exceptions = out_dir.join("cxx_exceptions.o");
+        run(Command::new(&wrappers.cc)
+            .args(["-O2", "-Wall", "-Werror", "-c"])
+            .arg(crate_dir.join("data/cxx_exceptions.c"))
+            .arg("-o")
+            .arg(&exceptions))?;
+        objects.push(exceptions);
+        libraries.extend(modules.into_iter().map(|(_, _, archive)| archive));
+        libraries.extend(numpy.support_archives());
+    }
+    run(&mut compile)?;
+    libraries.extend(libs.archives.iter().cloned());
+    link.args(&objects).args(&libraries);
+    if numpy.is_some() {
+        // numpy's C++ parts, and `long double` (binary128) formatting.
+        link.args(["-lc++", "-lc++abi", "-lc-printscan-long-double"]);
+    }
+    run(link.args(["-lwasi-emulated-signal", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks", "-lm"]))?;
     fs::remove_file(&blob)?;
-    fs::remove_file(&object)?;
+    for object in &objects {
+        fs::remove_file(object)?;
+    }
     fs::remove_dir_all(&wrappers.dir)?;
     fs::write(out_dir.join(".complete"), "")?;
     eprintln!("xtask: reactor linked in {:.0?}", started.elapsed());
     Ok(module)
 }
 
-struct Libpython {
-    src: PathBuf,
-    build: PathBuf,
+/// C declarations and the `_inittab` table of the extension modules linked in as built-ins.
+fn builtin_modules_header(modules: &[(String, String, PathBuf)]) -> String {
+    let mut header = String::from("/* Generated by `cargo xtask build-runtime`. */\n");
+    for (_, init, _) in modules {
+        header.push_str(&format!("extern PyObject *{init}(void);\n"));
+    }
+    header.push_str("static struct _inittab builtin_modules[] = {\n");
+    for (name, init, _) in modules {
+        header.push_str(&format!("    {{\"{name}\", {init}}},\n"));
+    }
+    header.push_str("    {NULL, NULL},\n};\n");
+    header
+}
+
+pub struct Libpython {
+    pub src: PathBuf,
+    pub build: PathBuf,
     archives: Vec<PathBuf>,
 }
 
-/// The folder of the native build CPython (`build-python-*`), from its executable's path.
 fn reactor_dir(base: &Path, key: &str) -> PathBuf {
     base.join(format!("reactor-{}", &key[..16]))
 }
@@ -587,13 +668,14 @@ fn libpython_dir(base: &Path) -> Result<PathBuf> {
     Ok(base.join(format!("cpython-wasi-{}", &cpython_key()?[..16])))
 }
 
+/// The folder of the native build CPython (`build-python-*`), from its executable's path.
 fn build_python_dir(build_python: &Path) -> &Path {
     build_python.ancestors().nth(4).unwrap_or(build_python)
 }
 
 /// The `_sysconfigdata_*.py` module CPython's build wrote for the WASI target.
 fn sysconfigdata(libs: &Libpython) -> Result<PathBuf> {
-    let dir = libs.build.join(format!("build/lib.wasi-wasm32-{}", &CPYTHON_VERSION[..4]));
+    let dir = libs.build.join(format!("build/lib.wasi-wasm32-{PYTHON_MINOR}"));
     let name = "_sysconfigdata__wasi_wasm32-wasi.py";
     let path = dir.join(name);
     if !path.is_file() {

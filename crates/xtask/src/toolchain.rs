@@ -1,5 +1,6 @@
 //! The wasm C toolchain: Debian's clang 19, lld 19 and wasi-libc (and Tcl, for SQLite's
-//! generated source), pinned by version and sha256.
+//! generated source), pinned by version and sha256; for the `data` runtime also Debian's
+//! libc++ for wasm32.
 //!
 //! The packages come from the machine's own Debian archive through `apt-get`. Each `.deb` is
 //! downloaded first, its sha256 compared with the pin below, and only then installed, so a
@@ -58,6 +59,21 @@ pub const PACKAGES: &[DebPackage] = &[
     },
 ];
 
+/// The C++ standard library for wasm32 (numpy has C++ parts), needed by the `data` runtime
+/// only. Built without exceptions: see `crates/python-runtime/data/cxx_exceptions.c`.
+pub const CXX_PACKAGES: &[DebPackage] = &[
+    DebPackage {
+        name: "libc++-19-dev-wasm32",
+        version: "1:19.1.7-3~deb12u1",
+        sha256: "e2c3a1ec97f42ff660688e7a435dab7cb785211d9e9559eef86192a218c24ce8",
+    },
+    DebPackage {
+        name: "libc++abi-19-dev-wasm32",
+        version: "1:19.1.7-3~deb12u1",
+        sha256: "a0835ee4cf44d41ee988e77be30d023134160a80bdea02b03a6a384c3f048e4d",
+    },
+];
+
 /// Debian's single-threaded wasi-libc headers and libraries.
 const WASI_INCLUDE: &str = "/usr/include/wasm32-wasi";
 const WASI_LIB: &str = "/usr/lib/wasm32-wasi";
@@ -69,10 +85,10 @@ fn installed_version(name: &str) -> Option<String> {
     status.ends_with("installed").then(|| version.to_string())
 }
 
-/// Makes sure every pinned package is installed at its pinned version.
-pub fn ensure_installed(download_dir: &Path) -> Result<()> {
+/// Makes sure each of `packages` is installed at its pinned version.
+pub fn ensure_installed(packages: &[DebPackage], download_dir: &Path) -> Result<()> {
     let missing: Vec<&DebPackage> =
-        PACKAGES.iter().filter(|p| installed_version(p.name).as_deref() != Some(p.version)).collect();
+        packages.iter().filter(|p| installed_version(p.name).as_deref() != Some(p.version)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -130,9 +146,9 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid == "0")
 }
 
-/// A text describing the toolchain, part of the runtime's cache key.
-pub fn fingerprint() -> String {
-    PACKAGES.iter().map(|p| format!("{}={} {}\n", p.name, p.version, p.sha256)).collect()
+/// A text describing `packages`, part of the runtime's cache key.
+pub fn fingerprint(packages: &[DebPackage]) -> String {
+    packages.iter().map(|p| format!("{}={} {}\n", p.name, p.version, p.sha256)).collect()
 }
 
 /// Compiler wrappers that always target WASI with a private sysroot, so the host's glibc
@@ -140,6 +156,8 @@ pub fn fingerprint() -> String {
 pub struct Wrappers {
     pub cc: PathBuf,
     pub cpp: PathBuf,
+    /// The C++ compiler; finds libc++ only once [`CXX_PACKAGES`] are installed.
+    pub cxx: PathBuf,
     pub dir: PathBuf,
 }
 
@@ -156,9 +174,11 @@ pub fn write_wrappers(dir: &Path, prefix_maps: &[(&Path, &str)]) -> Result<Wrapp
     }
     let cc = dir.join("bin/wasi-clang");
     let cpp = dir.join("bin/wasi-clang-cpp");
+    let cxx = dir.join("bin/wasi-clang++");
     write_executable(&cc, &format!("#!/bin/sh\nexec clang-19 {flags} \"$@\"\n"))?;
     write_executable(&cpp, &format!("#!/bin/sh\nexec clang-19 {flags} -E \"$@\"\n"))?;
-    Ok(Wrappers { cc, cpp, dir: dir.to_path_buf() })
+    write_executable(&cxx, &format!("#!/bin/sh\nexec clang++-19 {flags} \"$@\"\n"))?;
+    Ok(Wrappers { cc, cpp, cxx, dir: dir.to_path_buf() })
 }
 
 fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
