@@ -1,0 +1,138 @@
+//! The `data` runtime: real numpy in real Wasm, built from `crates/fixtures/data` (whose
+//! capsule.toml asks for the flavour), checked for correct results and for every limit.
+
+use std::fs;
+use std::sync::OnceLock;
+
+use python_runtime::ErrorKind;
+use serde_json::{Value, json};
+use tests::{Built, build_into, load};
+
+/// The fixture project, copied beside a granted `data/` folder and built once.
+fn project() -> &'static (tempfile::TempDir, Built) {
+    static PROJECT: OnceLock<(tempfile::TempDir, Built)> = OnceLock::new();
+    PROJECT.get_or_init(|| {
+        let project = tempfile::tempdir().unwrap();
+        let root = project.path();
+        for file in ["capsule.toml", "numpy_tasks.py"] {
+            fs::copy(fixtures::path(&format!("data/{file}")), root.join(file)).unwrap();
+        }
+        fs::create_dir(root.join("data")).unwrap();
+        fs::write(root.join("data/table.csv"), "a,b\n1,2.5\n3,4.5\n5,-1\n").unwrap();
+        let built = load(build_into(&root.join("numpy_tasks.py"), &root.join(".capsule/build"), true));
+        (project, built)
+    })
+}
+
+fn run_ok(task: &str, args: Vec<Value>) -> Value {
+    let outcome = project().1.run(task, args);
+    assert!(outcome.success, "{task}: {:?}\n{}", outcome.error, outcome.output.stderr.text);
+    outcome.result
+}
+
+fn failure(task: &str) -> python_runtime::GuestError {
+    let outcome = project().1.run(task, vec![]);
+    assert!(!outcome.success, "{task} succeeded: {:?}", outcome.result);
+    outcome.error.expect("a failed run has an error")
+}
+
+#[test]
+fn dtypes_behave_as_in_native_numpy() {
+    assert_eq!(
+        run_ok("dtypes", vec![]),
+        json!({
+            "int8": [100, -56, 44],
+            "int8_dtype": "int8",
+            "float16": [1.5, 2.5],
+            // IEEE binary128 in software, as wasm32 defines `long double`.
+            "longdouble_bits": 128,
+            "longdouble_third": "0.333333",
+            "strings": ["a!", "bc!"],
+            "scalar_copy": 2.25,
+            "complex": "2j",
+        })
+    );
+}
+
+#[test]
+fn broadcasting_and_reductions() {
+    assert_eq!(
+        run_ok("broadcasting", vec![]),
+        json!({
+            "grid": [[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]],
+            "shape": [3, 4],
+            "means": [10.0, 11.0, 12.0, 13.0],
+            "masked": [0, 2, 10, 12, 20, 22],
+            "einsum": 2402,
+        })
+    );
+}
+
+#[test]
+fn linear_algebra_and_fft() {
+    let result = run_ok("linalg", vec![]);
+    assert!(result["residual"].as_f64().unwrap() < 1e-9, "{result}");
+    assert_eq!(result["det_sign"], json!(1.0));
+    assert_eq!(result["inverse_ok"], json!(true));
+    assert_eq!(result["eigenvalues"], json!([2.0, 3.0]));
+    // trace(M Mᵀ) = Σ m² for m = k/1e6, k < 1e6: (n-1)n(2n-1)/6 / 1e12.
+    let expected = 999_999.0 * 1_000_000.0 * 1_999_999.0 / 6.0 / 1e12;
+    assert!((result["trace"].as_f64().unwrap() - expected).abs() < 1e-6 * expected, "{result}");
+    assert_eq!(result["fft"], json!([0.0, 2.0, 0.0, 2.0]));
+}
+
+#[test]
+fn datetimes() {
+    assert_eq!(
+        run_ok("dates", vec![]),
+        json!({
+            "days": ["2026-02-26", "2026-02-27", "2026-02-28", "2026-03-01", "2026-03-02"],
+            "span": "4 days",
+            "weekdays": 3,
+        })
+    );
+}
+
+#[test]
+fn csv_from_a_granted_folder_and_npy_files_written_back() {
+    assert_eq!(run_ok("table", vec![json!("table.csv")]), json!({"rows": 3, "sums": [9.0, 6.0]}));
+    let written = fs::read(project().0.path().join("data/sums.npy")).unwrap();
+    assert!(written.starts_with(b"\x93NUMPY"), "an .npy file reached the host");
+}
+
+#[test]
+fn each_run_draws_fresh_random_numbers() {
+    let first = run_ok("random_draws", vec![]);
+    let second = run_ok("random_draws", vec![]);
+    for i in 0..2 {
+        assert_ne!(first[i], second[i], "generator {i} repeated the snapshot's state: {first} {second}");
+    }
+}
+
+#[test]
+fn a_huge_array_hits_the_memory_limit() {
+    let error = failure("huge_array");
+    assert_eq!(error.kind, ErrorKind::Memory, "{error:?}");
+    assert!(error.message.starts_with("Unable to allocate 512. MiB"), "{error:?}");
+}
+
+#[test]
+fn a_long_numpy_loop_meets_its_deadline() {
+    let error = failure("long_loop");
+    assert_eq!(error.kind, ErrorKind::Timeout, "{error:?}");
+}
+
+#[test]
+fn fuel_counts_numpy_native_code() {
+    let error = failure("busy_sorting");
+    assert_eq!(error.kind, ErrorKind::Fuel, "{error:?}");
+}
+
+#[test]
+fn numpy_is_imported_into_the_snapshot_when_only_a_function_imports_it() {
+    let (project, _) = project();
+    fs::copy(fixtures::path("data/lazy_numpy.py"), project.path().join("lazy_numpy.py")).unwrap();
+    let built = load(build_into(&project.path().join("lazy_numpy.py"), &project.path().join(".capsule/lazy"), true));
+    let outcome = built.run("numpy_was_loaded", vec![]);
+    assert_eq!(outcome.result, json!(true), "{:?}", outcome.error);
+}
