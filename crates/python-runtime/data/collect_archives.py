@@ -1,13 +1,13 @@
-"""Gathers numpy's extension modules, built as static archives, for the runtime's link.
+"""Gathers a package's extension modules, built as static archives, for the runtime's link.
 
-Usage: collect_archives.py LLVM_AR BUILD_DIR SITE_PACKAGES OUT_DIR
+Usage: collect_archives.py LLVM_AR SITE_PACKAGES PACKAGE OUT_DIR [HELPER_ARCHIVE...]
 
-Each `numpy/**/X.cpython-313-wasm32-wasi.so` under SITE_PACKAGES (an archive, see
+Each `PACKAGE/**/X.cpython-313-wasm32-wasi.so` under SITE_PACKAGES (an archive, see
 static_extension.py) becomes `OUT_DIR/lib<dotted module name>.a`. Members identical in name
-and bytes in several modules (lapack_lite's f2c objects, compiled for two modules) move to
-`libnumpy_shared.a`, or the static link would define them twice. `libnpymath.a` and
-`libnpyrandom.a` are copied from BUILD_DIR. `OUT_DIR/modules.tsv` lists, per module, its
-dotted name, its init function and its archive, in that order.
+and bytes in several modules (numpy's lapack_lite objects, pandas' tokenizer) move to
+`libshared.a`, or the static link would define them twice. The helper archives (static
+libraries of the build that several modules link) are copied. `OUT_DIR/modules.tsv` lists,
+per module, its dotted name, its init function and its archive, in that order.
 """
 
 import glob
@@ -19,15 +19,15 @@ import sys
 import tempfile
 
 SUFFIX = ".cpython-313-wasm32-wasi.so"
-SHARED_ARCHIVE = "libnumpy_shared.a"
+SHARED_ARCHIVE = "libshared.a"
 
 
 def main():
-    ar, build, site, out = sys.argv[1:5]
+    ar, site, package, out, *helpers = sys.argv[1:]
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="collect-archives-") as scratch:
         members = {}  # dotted name -> [(member name, extracted path, sha256)]
-        for archive in sorted(glob.glob(os.path.join(site, "numpy", "**", "*" + SUFFIX), recursive=True)):
+        for archive in sorted(glob.glob(os.path.join(site, package, "**", "*" + SUFFIX), recursive=True)):
             dotted = os.path.relpath(archive, site)[: -len(SUFFIX)].replace(os.sep, ".")
             folder = os.path.join(scratch, dotted)
             os.makedirs(folder)
@@ -57,11 +57,11 @@ def main():
             own = [path for name, path, digest in listed if (name, digest) not in shared]
             subprocess.run([ar, "qcsD", os.path.join(out, archive), *own], check=True)
             rows.append(f"{dotted}\tPyInit_{dotted.rsplit('.', 1)[1]}\t{archive}\n")
-    for helper in ("numpy/_core/libnpymath.a", "numpy/random/libnpyrandom.a"):
-        shutil.copyfile(os.path.join(build, helper), os.path.join(out, os.path.basename(helper)))
+    for helper in helpers:
+        shutil.copyfile(helper, os.path.join(out, os.path.basename(helper)))
     with open(os.path.join(out, "modules.tsv"), "w") as f:
         f.writelines(rows)
-    print(f"collect_archives: {len(rows)} modules, {len(shared)} shared members")
+    print(f"collect_archives: {package}: {len(rows)} modules, {len(shared)} shared members")
 
 
 if __name__ == "__main__":

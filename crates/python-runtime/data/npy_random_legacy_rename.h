@@ -1,7 +1,8 @@
 /* numpy 2.4.6: mtrand compiles its own copy of random/src/distributions/distributions.c with
    -DNP_RANDOM_LEGACY=1; its 66 global functions have the same names as libnpyrandom's (used by
    _generator etc.). Harmless in separate .so files, duplicate symbols in one static link.
-   Force-included (-include) into every C file of the mtrand target only (see wasi-cc). */
+   Force-included into every object of the mtrand target only (see the data runtime's
+   compiler wrappers). */
 #ifndef NPY_RANDOM_LEGACY_RENAME_H
 #define NPY_RANDOM_LEGACY_RENAME_H
 #define random_beta npy_mtrand_random_beta

@@ -16,6 +16,10 @@ import sys
 from _frozen_importlib import ModuleSpec
 
 
+# Where the modules of packed wheels are, as their `__file__` says (see pack_modules.py).
+PACKED_WHEELS = "/lib/site-packages/"
+
+
 class MemoryImporter:
     """A meta-path finder and loader over code held in linear memory."""
 
@@ -52,10 +56,11 @@ class MemoryImporter:
 
     def read_data(self, path):
         """A data file's bytes, by path: the user's (as `__file__` paths make them), else
-        a packed wheel's; None if there is none."""
+        a packed wheel's, by its path in the wheel or as its modules' `__file__` makes it
+        (`pkgutil.get_data`); None if there is none."""
         if path in self._user_data:
             return self._user_data[path]
-        entry = self._data.get(path)
+        entry = self._data.get(path.removeprefix(PACKED_WHEELS))
         if entry is None:
             return None
         offset, length = entry

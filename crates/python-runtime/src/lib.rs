@@ -15,7 +15,8 @@ pub enum Flavour {
     /// CPython and its standard library: the small, fast default.
     #[default]
     Base,
-    /// The base plus numpy, its C extension modules linked in as built-in modules.
+    /// The base plus numpy and pandas, their C extension modules linked in as built-in
+    /// modules.
     Data,
 }
 
@@ -40,7 +41,7 @@ impl Flavour {
     pub fn packages(self) -> &'static [&'static str] {
         match self {
             Self::Base => &[],
-            Self::Data => &["numpy"],
+            Self::Data => &["numpy", "pandas"],
         }
     }
 

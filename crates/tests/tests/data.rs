@@ -1,5 +1,5 @@
-//! The `data` runtime: real numpy in real Wasm, built from `crates/fixtures/data` (whose
-//! capsule.toml asks for the flavour), checked for correct results and for every limit.
+//! The `data` runtime: real numpy and pandas in real Wasm, built from `crates/fixtures/data`
+//! (whose capsule.toml asks for the flavour), checked for correct results and every limit.
 
 use std::fs;
 use std::sync::OnceLock;
@@ -14,12 +14,12 @@ fn project() -> &'static (tempfile::TempDir, Built) {
     PROJECT.get_or_init(|| {
         let project = tempfile::tempdir().unwrap();
         let root = project.path();
-        for file in ["capsule.toml", "numpy_tasks.py"] {
+        for file in ["capsule.toml", "data_tasks.py"] {
             fs::copy(fixtures::path(&format!("data/{file}")), root.join(file)).unwrap();
         }
         fs::create_dir(root.join("data")).unwrap();
         fs::write(root.join("data/table.csv"), "a,b\n1,2.5\n3,4.5\n5,-1\n").unwrap();
-        let built = load(build_into(&root.join("numpy_tasks.py"), &root.join(".capsule/build"), true));
+        let built = load(build_into(&root.join("data_tasks.py"), &root.join(".capsule/build"), true));
         (project, built)
     })
 }
@@ -98,6 +98,39 @@ fn csv_from_a_granted_folder_and_npy_files_written_back() {
     assert_eq!(run_ok("table", vec![json!("table.csv")]), json!({"rows": 3, "sums": [9.0, 6.0]}));
     let written = fs::read(project().0.path().join("data/sums.npy")).unwrap();
     assert!(written.starts_with(b"\x93NUMPY"), "an .npy file reached the host");
+}
+
+#[test]
+fn pandas_groupby() {
+    assert_eq!(
+        run_ok("groupby", vec![]),
+        json!([
+            {"team": "a", "points": 16, "games": 6, "best": 9, "per_game": 16.0 / 6.0},
+            {"team": "b", "points": 6, "games": 3, "best": 5, "per_game": 2.0},
+            {"team": "c", "points": 1, "games": 1, "best": 1, "per_game": 1.0},
+        ])
+    );
+}
+
+#[test]
+fn pandas_datetime_index_with_a_time_zone() {
+    assert_eq!(
+        run_ok("time_series", vec![]),
+        json!({
+            "monthly": {"2026-01-01": 1, "2026-02-01": 14},
+            "utc_offset": "1:00:00",
+            "weekday": "Sunday",
+            "shifted": "2026-01-31 12:00:00+01:00",
+        })
+    );
+}
+
+#[test]
+fn pandas_reads_a_csv_from_a_granted_folder() {
+    assert_eq!(
+        run_ok("read_csv", vec![json!("table.csv")]),
+        json!({"columns": ["a", "b"], "sums": {"a": 9.0, "b": 6.0}, "dtypes": {"a": "int64", "b": "float64"}})
+    );
 }
 
 #[test]

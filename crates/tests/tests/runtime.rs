@@ -165,6 +165,7 @@ fn compression_and_time_zones_work_from_the_standard_library() {
             "paris": "2026-07-01T14:00:00+02:00",
             "tokyo": "2026-07-01T21:00:00+09:00",
             "zones": true,
+            "get_data": "TZif",
             "platform": ["wasi", "wasi-0.0.0-wasm32"],
         }),
         "{:?}",

@@ -1,6 +1,6 @@
 //! `cargo xtask dist`: what users install. A Python wheel per platform (maturin, bin
-//! bindings: the `capsule` and `capsule-exec` commands, the runtime under `share/capsule/`
-//! with its sha256, and the `capsule` Python package), and a `tar.gz` of the same for
+//! bindings: the `capsule` and `capsule-exec` commands, the runtimes (base and data) under
+//! `share/capsule/` with their sha256, and the `capsule` Python package), and a `tar.gz` of the same for
 //! servers. Both reproducible: timestamps from `SOURCE_DATE_EPOCH`, files in a fixed order.
 
 use std::fs;
@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use python_runtime::Flavour;
 
 use crate::util::{run, sha256_file, target_dir, workspace_root};
 use crate::venv::{Missing, Venv};
@@ -40,19 +41,30 @@ pub struct Dist {
     pub tarball: PathBuf,
 }
 
+/// Copies the runtime of every flavour into `share`, each with its `.sha256` beside it;
+/// returns the files' names.
+fn install_runtimes(share: &Path) -> Result<Vec<String>> {
+    fs::create_dir_all(share)?;
+    let mut files = Vec::new();
+    for flavour in [Flavour::Base, Flavour::Data] {
+        let runtime = crate::runtime::build_runtime(flavour, false)?;
+        let name = flavour.file_name();
+        fs::copy(&runtime, share.join(name))?;
+        fs::write(share.join(format!("{name}.sha256")), format!("{}  {name}\n", sha256_file(&runtime)?))?;
+        files.extend([name.to_string(), format!("{name}.sha256")]);
+    }
+    Ok(files)
+}
+
 pub fn dist(profile: Profile) -> Result<Dist> {
-    let runtime = crate::runtime::build_runtime(python_runtime::Flavour::Base, false)?;
     let out = target_dir().join("dist").join(profile.dir());
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
 
-    // The runtime, staged where pyproject.toml's `data` says: installed as `share/capsule/`.
+    // The runtimes, staged where pyproject.toml's `data` says: installed as `share/capsule/`.
     let share = target_dir().join("dist/wheel-data/data/share/capsule");
     let _ = fs::remove_dir_all(target_dir().join("dist/wheel-data"));
-    fs::create_dir_all(&share)?;
-    let runtime_sha256 = sha256_file(&runtime)?;
-    fs::copy(&runtime, share.join("capsule-python.wasm"))?;
-    fs::write(share.join("capsule-python.wasm.sha256"), format!("{runtime_sha256}  capsule-python.wasm\n"))?;
+    let runtime_files = install_runtimes(&share)?;
 
     let tools = Venv::ensure("dist-tools", &[MATURIN], Missing::Fail)?;
     let mut maturin = Command::new(tools.bin("maturin"));
@@ -68,7 +80,7 @@ pub fn dist(profile: Profile) -> Result<Dist> {
     run(&mut maturin)?;
     let wheel = only_file(&out, ".whl")?;
 
-    let tarball = tarball(profile, &out, &share)?;
+    let tarball = tarball(profile, &out, &share, &runtime_files)?;
     for file in [&wheel, &tarball] {
         let size = fs::metadata(file)?.len();
         eprintln!("xtask: {} ({:.1} MB, sha256 {})", file.display(), size as f64 / 1e6, sha256_file(file)?);
@@ -88,7 +100,7 @@ fn only_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
 }
 
 /// `capsule-<version>-linux-<arch>.tar.gz`: `bin/`, `share/capsule/`, the README and the API.
-fn tarball(profile: Profile, out: &Path, share: &Path) -> Result<PathBuf> {
+fn tarball(profile: Profile, out: &Path, share: &Path, runtime_files: &[String]) -> Result<PathBuf> {
     let name = format!("capsule-{}-linux-{}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
     let root = out.join(&name);
     fs::create_dir_all(root.join("bin"))?;
@@ -100,7 +112,7 @@ fn tarball(profile: Profile, out: &Path, share: &Path) -> Result<PathBuf> {
         fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
         run(Command::new("strip").arg(&copy))?;
     }
-    for file in ["capsule-python.wasm", "capsule-python.wasm.sha256"] {
+    for file in runtime_files {
         fs::copy(share.join(file), root.join("share/capsule").join(file))?;
     }
     fs::copy(workspace_root().join("README.md"), root.join("README.md"))?;
@@ -116,20 +128,17 @@ fn tarball(profile: Profile, out: &Path, share: &Path) -> Result<PathBuf> {
     Ok(tarball)
 }
 
-/// `cargo xtask install --root DIR`: the commands into `DIR/bin`, the runtime into
-/// `DIR/share/capsule/` (where an installed `capsule` looks for it).
+/// `cargo xtask install --root DIR`: the commands into `DIR/bin`, the runtimes into
+/// `DIR/share/capsule/` (where an installed `capsule` looks for them).
 pub fn install(root: &Path) -> Result<()> {
-    let runtime = crate::runtime::build_runtime(python_runtime::Flavour::Base, false)?;
+    let share = root.join("share/capsule");
+    install_runtimes(&share)?;
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(workspace_root())
         .args(["install", "--locked", "--path", "crates/capsule-cli", "--root"])
         .arg(root))?;
-    let share = root.join("share/capsule");
-    fs::create_dir_all(&share)?;
-    fs::copy(&runtime, share.join("capsule-python.wasm"))?;
-    fs::write(share.join("capsule-python.wasm.sha256"), format!("{}  capsule-python.wasm\n", sha256_file(&runtime)?))?;
     eprintln!(
-        "xtask: installed `capsule` and `capsule-exec` in {}, the runtime in {}",
+        "xtask: installed `capsule` and `capsule-exec` in {}, the runtimes in {}",
         root.join("bin").display(),
         share.display()
     );

@@ -1,8 +1,8 @@
 //! Project automation, run as `cargo xtask <command>`.
 
+mod data;
 mod dist;
 mod nats;
-mod numpy;
 mod peers;
 mod runtime;
 mod toolchain;

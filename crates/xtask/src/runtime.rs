@@ -1,8 +1,9 @@
 //! `cargo xtask build-runtime`: CPython 3.13 compiled for `wasm32-wasi` and linked as the
 //! Capsule reactor (`target/python-runtime/capsule-python.wasm`), and with `--flavour data`
-//! the same with numpy linked in (`capsule-python-data.wasm`, see [`crate::numpy`]).
+//! the same with numpy and pandas linked in (`capsule-python-data.wasm`, see [`crate::data`]).
 //!
-//! Three cached layers (four for the data flavour: numpy's between the last two), each in a folder named by a hash of its inputs and marked complete
+//! Three cached layers (for the data flavour, numpy's and pandas' between the last two),
+//! each in a folder named by a hash of its inputs and marked complete
 //! only once fully built. They live outside the checkout, under
 //! `$XDG_CACHE_HOME/capsule-dev/python-runtime` (else `~/.cache/...`), so a fresh clone whose
 //! inputs did not change reuses them; a lock file serialises builders sharing that folder.
@@ -29,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use python_runtime::Flavour;
 
-use crate::numpy::{self, NumpySources};
+use crate::data::{self, DataSources};
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
@@ -291,7 +292,7 @@ fn cpython_key() -> Result<String> {
 }
 
 /// Key of the final module: the `libpython` layer plus everything in the runtime crate, and
-/// for the data flavour the numpy layer.
+/// for the data flavour the packages' layers.
 fn runtime_key(flavour: Flavour) -> Result<String> {
     let cpython_key = cpython_key()?;
     let mut parts: Vec<Vec<u8>> = vec![
@@ -300,7 +301,7 @@ fn runtime_key(flavour: Flavour) -> Result<String> {
         C_STACK_BYTES.to_le_bytes().to_vec(),
     ];
     if flavour == Flavour::Data {
-        parts.push(numpy::key(&cpython_key)?.into_bytes());
+        parts.push(data::key(&cpython_key)?.into_bytes());
     }
     for sub in ["c", "python", "build"] {
         for (rel, contents) in tree_contents(&runtime_crate().join(sub))? {
@@ -437,7 +438,7 @@ struct Sources {
     libraries: Vec<PathBuf>,
     tzdata: PathBuf,
     /// For the data flavour.
-    numpy: Option<NumpySources>,
+    data: Option<DataSources>,
 }
 
 impl Sources {
@@ -447,9 +448,9 @@ impl Sources {
             cpython: fetch_source(paths, &CPYTHON_SOURCE)?,
             libraries: C_LIBRARIES.iter().map(|l| fetch_source(paths, &l.source)).collect::<Result<_>>()?,
             tzdata: TZDATA_WHEEL.fetch(&downloads)?,
-            numpy: match flavour {
+            data: match flavour {
                 Flavour::Base => None,
-                Flavour::Data => Some(NumpySources::fetch(&downloads)?),
+                Flavour::Data => Some(DataSources::fetch(&downloads)?),
             },
         })
     }
@@ -543,15 +544,15 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
     Ok(python)
 }
 
-/// Builds `libpython3.13.a` for WASI below `base` (and numpy, for the data flavour), then the
+/// Builds `libpython3.13.a` for WASI below `base` (and the packages, for the data flavour), then the
 /// reactor; returns the module path.
 fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str) -> Result<PathBuf> {
     let libs = build_libpython(base, sources, build_python)?;
-    let numpy = match &sources.numpy {
-        Some(numpy_sources) => Some(numpy::build_numpy(base, numpy_sources, &libs, build_python, &cpython_key()?)?),
-        None => None,
+    let packages = match &sources.data {
+        Some(data_sources) => data::build_packages(base, data_sources, &libs, build_python, &cpython_key()?)?,
+        None => Vec::new(),
     };
-    let flavour = if numpy.is_some() { Flavour::Data } else { Flavour::Base };
+    let flavour = if sources.data.is_some() { Flavour::Data } else { Flavour::Base };
     let out_dir = reactor_dir(base, key);
     let module = out_dir.join(flavour.file_name());
     if !fresh_layer(&out_dir)? {
@@ -585,8 +586,11 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         .arg("--out")
         .arg(&blob)
         .env("PYTHONHASHSEED", "0");
-    if let Some(numpy) = &numpy {
-        pack.arg("--site").arg(&numpy.site);
+    for package in &packages {
+        pack.arg("--site").arg(&package.site);
+    }
+    for wheel in sources.data.iter().flat_map(|data| &data.wheels) {
+        pack.arg("--wheel").arg(wheel);
     }
     run(&mut pack)?;
 
@@ -608,8 +612,11 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         .arg("-o")
         .arg(&module);
     let mut libraries = vec![];
-    if let Some(numpy) = &numpy {
-        let modules = numpy.modules()?;
+    if flavour == Flavour::Data {
+        let mut modules = Vec::new();
+        for package in &packages {
+            modules.extend(package.modules()?);
+        }
         fs::write(out_dir.join("builtin_modules.h"), builtin_modules_header(&modules))?;
         compile.args(["-DCAPSULE_BUILTIN_MODULES", &format!("-I{}", out_dir.display())]);
         let exceptions = out_dir.join("cxx_exceptions.o");
@@ -620,13 +627,13 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
             .arg(&exceptions))?;
         objects.push(exceptions);
         libraries.extend(modules.into_iter().map(|(_, _, archive)| archive));
-        libraries.extend(numpy.support_archives());
+        libraries.extend(packages.iter().flat_map(|package| package.support_archives()));
     }
     run(&mut compile)?;
     libraries.extend(libs.archives.iter().cloned());
     link.args(&objects).args(&libraries);
-    if numpy.is_some() {
-        // numpy's C++ parts, and `long double` (binary128) formatting.
+    if flavour == Flavour::Data {
+        // numpy's and pandas' C++ parts, and `long double` (binary128) formatting.
         link.args(["-lc++", "-lc++abi", "-lc-printscan-long-double"]);
     }
     run(link.args(["-lwasi-emulated-signal", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks", "-lm"]))?;

@@ -1,7 +1,8 @@
 //! The wheel as a new user meets it: a fresh virtual environment in a folder outside the
 //! checkout, `pip install` of the wheel, a `hello.py`, `capsule run hello.py`, then
 //! `capsule.run("hello.py")` from Python (which starts a daemon of its own and must leave no
-//! process behind), the SDK's tests, and `cargo install` run from another folder.
+//! process behind), a pandas project on the data runtime, the SDK's tests, and `cargo
+//! install` run from another folder.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +14,9 @@ use crate::util::{output, run, target_dir, workspace_root};
 const PYTEST: &str = "pytest==8.3.4";
 /// The official MCP client, for the end-to-end test of `capsule mcp`.
 const MCP_CLIENT: &str = "mcp==2.3.0";
+
+/// A project on the data runtime, which the wheel ships too.
+const PANDAS_PROJECT: &str = "import pandas as pd\nfrom capsule import task\n\n\n@task\ndef main() -> str:\n    frame = pd.DataFrame({\"k\": [\"a\", \"b\", \"a\"], \"v\": [1, 2, 3]})\n    return str(frame.groupby(\"k\")[\"v\"].sum().to_dict())\n";
 
 const HELLO: &str = "from capsule import task\n\n\n@task(compute=\"LOW\", ram=\"64MB\", timeout=\"10s\")\ndef main(name: str = \"world\") -> str:\n    return f\"Hello, {name}!\"\n";
 
@@ -52,6 +56,12 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
     if !left.is_empty() {
         bail!("`capsule.run` left processes behind: {left:?}");
     }
+    let data_project = base.join("data-project");
+    std::fs::create_dir_all(&data_project)?;
+    std::fs::write(data_project.join("capsule.toml"), "[runtime]\nflavour = \"data\"\n")?;
+    std::fs::write(data_project.join("stats.py"), PANDAS_PROJECT)?;
+    let said = output(user(&venv.join("bin/capsule"), &home, &venv, &data_project).args(["run", "stats.py"]))?;
+    expect(&said, "{'a': 4, 'b': 2}", "`capsule run` of a pandas project")?;
 
     let tests = workspace_root().join("crates/python-runtime/tests/sdk");
     run(user(&venv.join("bin/python"), &home, &venv, &project)
