@@ -182,6 +182,15 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_flavour_is_base_unless_the_project_asks_for_data() {
+        assert_eq!(ProjectFile::default().runtime.flavour, python_runtime::Flavour::Base);
+        let data = ProjectFile::parse("[runtime]\nflavour = \"data\"\n", "capsule.toml").unwrap();
+        assert_eq!(data.runtime.flavour, python_runtime::Flavour::Data);
+        let error = ProjectFile::parse("[runtime]\nflavour = \"numpy\"\n", "capsule.toml").unwrap_err().to_string();
+        assert!(error.contains("line 2") && error.contains("`base`") && error.contains("`data`"), "{error}");
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_units() {
         let error = |text: &str| ProjectFile::parse(text, "capsule.toml").unwrap_err().to_string();
         insta::assert_snapshot!(error("[workflow]\nentry = \"main.py\"\n"));

@@ -21,6 +21,8 @@ pub enum Flavour {
 }
 
 impl Flavour {
+    pub const ALL: [Flavour; 2] = [Flavour::Base, Flavour::Data];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Base => "base",

@@ -169,3 +169,27 @@ fn numpy_is_imported_into_the_snapshot_when_only_a_function_imports_it() {
     let outcome = built.run("numpy_was_loaded", vec![]);
     assert_eq!(outcome.result, json!(true), "{:?}", outcome.error);
 }
+
+#[test]
+fn a_data_project_without_the_data_runtime_says_how_to_get_it() {
+    let runtimes = tempfile::tempdir().unwrap();
+    let base = runtimes.path().join(python_runtime::Flavour::Base.file_name());
+    std::os::unix::fs::symlink(python_runtime::runtime_path(), &base).unwrap();
+    let project = tempfile::tempdir().unwrap();
+    for file in ["capsule.toml", "lazy_numpy.py"] {
+        fs::copy(fixtures::path(&format!("data/{file}")), project.path().join(file)).unwrap();
+    }
+    let options = capsule_build::BuildOptions {
+        entry: project.path().join("lazy_numpy.py"),
+        out_dir: Some(project.path().join("out")),
+        runtime: base,
+        force: true,
+    };
+    let Err(capsule_build::BuildError::Other(problem)) =
+        tests::block_on(capsule_build::build(tests::engine(), &options))
+    else {
+        panic!("the build must fail with a problem and a hint");
+    };
+    assert!(problem.message.contains("capsule.toml asks for the `data` runtime"), "{problem:?}");
+    assert!(problem.hint.unwrap_or_default().contains("cargo xtask build-runtime --flavour data"));
+}

@@ -279,10 +279,14 @@ fn build_package(
     // Cython finds the `.pxd` files of the packages built before (`cimport numpy`) on its path.
     let cython_path: Vec<String> =
         std::iter::once(&pylib).chain(earlier.iter().map(|p| &p.site)).map(|dir| dir.display().to_string()).collect();
+    // `--generate-shared` (pandas' shared utility module) names a random temporary folder in
+    // the C it writes: replaced by the bare file name, for a reproducible build.
     write_executable(
         &bin.join("cython"),
         &format!(
-            "#!/bin/sh\nPYTHONPATH={} exec {} -c 'import sys; from Cython.Compiler.Main import setuptools_main; sys.exit(setuptools_main())' \"$@\"\n",
+            "#!/bin/sh\n\
+             PYTHONPATH={} {} -c 'import sys; from Cython.Compiler.Main import setuptools_main; sys.exit(setuptools_main())' \"$@\" || exit\n\
+             for arg do\n  case \"$arg\" in\n    --generate-shared=*) sed -i -E 's#\"[^\"]*/_cyutility[.]pyx\"#\"_cyutility.pyx\"#g' \"${{arg#--generate-shared=}}\" ;;\n  esac\ndone\n",
             cython_path.join(":"),
             build_python.display()
         ),

@@ -46,7 +46,7 @@ pub struct Dist {
 fn install_runtimes(share: &Path) -> Result<Vec<String>> {
     fs::create_dir_all(share)?;
     let mut files = Vec::new();
-    for flavour in [Flavour::Base, Flavour::Data] {
+    for flavour in Flavour::ALL {
         let runtime = crate::runtime::build_runtime(flavour, false)?;
         let name = flavour.file_name();
         fs::copy(&runtime, share.join(name))?;

@@ -42,10 +42,11 @@ enum Task {
         #[arg(long, default_value = "base", value_parser = parse_flavour)]
         flavour: Flavour,
     },
-    /// Rebuild the runtime in another directory and check the result is byte-identical.
+    /// Rebuild the runtimes in another directory and check the results are byte-identical.
     CheckReproducible {
-        #[arg(long, default_value = "base", value_parser = parse_flavour)]
-        flavour: Flavour,
+        /// Only this flavour (default: both).
+        #[arg(long, value_parser = parse_flavour)]
+        flavour: Option<Flavour>,
     },
     /// Build the Python wheel and the tar.gz of the commands and runtime (target/dist/).
     Dist {
@@ -95,7 +96,10 @@ fn main() -> Result<()> {
         Task::Ci => ci(),
         Task::NatsServer => nats::ensure().map(|path| eprintln!("xtask: {}", path.display())),
         Task::BuildRuntime { force, flavour } => runtime::build_runtime(flavour, force).map(drop),
-        Task::CheckReproducible { flavour } => runtime::check_reproducible(flavour),
+        Task::CheckReproducible { flavour } => match flavour {
+            Some(flavour) => runtime::check_reproducible(&[flavour]),
+            None => runtime::check_reproducible(&Flavour::ALL),
+        },
         Task::Dist { profile, check_reproducible } => make_dist(profile, check_reproducible),
         Task::Install { root } => dist::install(&root),
         Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
@@ -152,10 +156,7 @@ fn demo() -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    for flavour in [Flavour::Base, Flavour::Data] {
-        runtime::build_runtime(flavour, false)?;
-        runtime::check_reproducible(flavour)?;
-    }
+    runtime::check_reproducible(&Flavour::ALL)?;
     check_exec_has_no_compiler()?;
     nats::ensure()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
@@ -190,7 +191,7 @@ const BENCH_START: &str = "<!-- bench:start -->";
 const BENCH_END: &str = "<!-- bench:end -->";
 
 fn bench(quick: bool, write: bool) -> Result<()> {
-    for flavour in [Flavour::Base, Flavour::Data] {
+    for flavour in Flavour::ALL {
         runtime::build_runtime(flavour, false)?;
     }
     nats::ensure()?;

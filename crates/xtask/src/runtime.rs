@@ -359,42 +359,55 @@ pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
     Ok(installed)
 }
 
-/// Builds the layers and the reactor of `flavour` a second time under another directory and
-/// checks that the module is byte-identical to the installed one. A pass is recorded in the
-/// reactor's cached layer: the same inputs need not be checked again.
-pub fn check_reproducible(flavour: Flavour) -> Result<()> {
-    let first = build_runtime(flavour, false)?;
+/// Builds the layers and the reactors of `flavours` a second time under another directory
+/// (sharing one second `libpython`) and checks that each module is byte-identical to the
+/// installed one. A pass is recorded in the reactor's cached layer: the same inputs need not
+/// be checked again.
+pub fn check_reproducible(flavours: &[Flavour]) -> Result<()> {
     let paths = RuntimePaths::new();
-    let key = runtime_key(flavour)?;
-    let _lock = paths.lock()?;
-    let checked = reactor_dir(&paths.layers, &key).join(".reproducible");
-    if checked.exists() {
-        eprintln!(
-            "xtask: reproducible: these {} runtime inputs (key {}) were already built twice to the same bytes",
-            flavour.as_str(),
-            &key[..16]
-        );
-        return Ok(());
-    }
-    let sources = Sources::fetch(&paths, flavour)?;
-    let build_python = build_native_python(&paths, &sources.cpython)?;
     let elsewhere = paths.layers.join("reproducibility-check");
+    let mut fresh = true;
+    for &flavour in flavours {
+        let first = build_runtime(flavour, false)?;
+        let key = runtime_key(flavour)?;
+        let _lock = paths.lock()?;
+        let checked = reactor_dir(&paths.layers, &key).join(".reproducible");
+        if checked.exists() {
+            eprintln!(
+                "xtask: reproducible: these {} runtime inputs (key {}) were already built twice to the same bytes",
+                flavour.as_str(),
+                &key[..16]
+            );
+            continue;
+        }
+        if fresh {
+            if elsewhere.exists() {
+                fs::remove_dir_all(&elsewhere)?;
+            }
+            fs::create_dir_all(&elsewhere)?;
+            fresh = false;
+        }
+        let sources = Sources::fetch(&paths, flavour)?;
+        let build_python = build_native_python(&paths, &sources.cpython)?;
+        let second = build_reactor(&elsewhere, &sources, &build_python, &key)?;
+        let (a, b) = (sha256_file(&first)?, sha256_file(&second)?);
+        if a != b {
+            bail!(
+                "the {} runtime is not reproducible: {} has sha256 {a}, the rebuild {} has {b}",
+                flavour.as_str(),
+                first.display(),
+                second.display()
+            );
+        }
+        fs::write(&checked, &a)?;
+        eprintln!(
+            "xtask: reproducible: two builds of the {} runtime in different directories both have sha256 {a}",
+            flavour.as_str()
+        );
+    }
     if elsewhere.exists() {
         fs::remove_dir_all(&elsewhere)?;
     }
-    fs::create_dir_all(&elsewhere)?;
-    let second = build_reactor(&elsewhere, &sources, &build_python, &key)?;
-    let (a, b) = (sha256_file(&first)?, sha256_file(&second)?);
-    if a != b {
-        bail!(
-            "the runtime is not reproducible: {} has sha256 {a}, the rebuild {} has {b}",
-            first.display(),
-            second.display()
-        );
-    }
-    fs::remove_dir_all(&elsewhere)?;
-    fs::write(&checked, &a)?;
-    eprintln!("xtask: reproducible: two builds in different directories both have sha256 {a}");
     Ok(())
 }
 
