@@ -88,23 +88,29 @@ def main():
                 continue
             modules[name] = (is_package, origin, marshal.dumps(code))
 
+    # The most specific folder first: one may lie inside another.
+    path_maps = sorted((m.split("=", 1) for m in args.path_map), key=lambda m: -len(m[0]))
+
+    def read_mapped(path):
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        for folder, shown in path_maps:
+            source = source.replace(folder, shown)
+        return source
+
     for root in args.site:
         for rel in python_files(root):
             name, is_package = module_name(rel)
             origin = f"{WHEEL_ORIGIN}/{rel}"
+            # Build folders mapped: numpy's `__config__` records its compilers' paths.
             # Docstrings kept: numpy's code edits some of them while importing.
-            with open(os.path.join(root, rel), "rb") as f:
-                code = compile(f.read(), origin, "exec", dont_inherit=True)
+            code = compile(read_mapped(os.path.join(root, rel)), origin, "exec", dont_inherit=True)
             modules[name] = (is_package, origin, marshal.dumps(code))
 
     for path in args.generated:
         rel = os.path.basename(path)
         name, is_package = module_name(rel)
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        # The most specific folder first: one may lie inside another.
-        for folder, shown in sorted((m.split("=", 1) for m in args.path_map), key=lambda m: -len(m[0])):
-            source = source.replace(folder, shown)
+        source = read_mapped(path)
         origin = f"{STDLIB_ORIGIN}/{rel}"
         code = compile(source, origin, "exec", dont_inherit=True, optimize=2)
         modules[name] = (is_package, origin, marshal.dumps(code))
