@@ -5,11 +5,11 @@ JSON the `main` task returns in Capsule. Native BLAS is held to one thread by th
 """
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
 from capsule import task
+from timing import best_of
 
 
 def matmul(n):
@@ -39,16 +39,7 @@ KERNELS = {
 @task(compute="HIGH", ram="512MB", timeout="10m", max_retries=0)
 def main(repeat=3):
     """The best of `repeat` timings of each kernel, in seconds."""
-    timings = {}
-    for name, (kernel, size) in KERNELS.items():
-        best = None
-        for _ in range(repeat):
-            started = time.perf_counter()
-            kernel(size)
-            elapsed = time.perf_counter() - started
-            best = elapsed if best is None else min(best, elapsed)
-        timings[name] = best
-    return timings
+    return best_of(KERNELS, repeat)
 
 
 @task

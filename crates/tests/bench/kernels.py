@@ -5,9 +5,9 @@ Run natively (`python3 kernels.py`) it prints the same JSON the `main` task retu
 
 import json
 import re
-import time
 
 from capsule import task
+from timing import best_of
 
 
 def nbody(steps):
@@ -95,16 +95,7 @@ KERNELS = {
 @task(compute="HIGH", ram="256MB", timeout="10m", max_retries=0)
 def main(repeat=3):
     """The best of `repeat` timings of each kernel, in seconds."""
-    timings = {}
-    for name, (kernel, size) in KERNELS.items():
-        best = None
-        for _ in range(repeat):
-            started = time.perf_counter()
-            kernel(size)
-            elapsed = time.perf_counter() - started
-            best = elapsed if best is None else min(best, elapsed)
-        timings[name] = best
-    return timings
+    return best_of(KERNELS, repeat)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ use serde_json::{Value, json};
 use tests::{block_on, build_into, load};
 
 use crate::peers::Peers;
-use crate::{Row, Settings, bench_dir, invoke_task, mib, ms, percentile, row, workspace};
+use crate::{Row, Settings, bench_dir, bench_sources, invoke_task, mib, ms, percentile, row, workspace};
 
 pub fn measure(settings: &Settings, peers: &Peers, rows: &mut Vec<Row>) {
-    let kernels_py = workspace().join("crates/tests/bench/data_kernels.py");
+    let kernels_py = bench_sources().join("data_kernels.py");
     let project = bench_dir().join("data-project");
     fs::create_dir_all(&project).expect("bench folder");
-    fs::copy(&kernels_py, project.join("data_kernels.py")).expect("copy data_kernels.py");
+    for file in ["data_kernels.py", "timing.py"] {
+        fs::copy(bench_sources().join(file), project.join(file)).expect("copy the kernels");
+    }
     fs::write(project.join("capsule.toml"), "[runtime]\nflavour = \"data\"\n").expect("capsule.toml");
 
     // The first data build compiles the runtime's code; a second project reuses it.

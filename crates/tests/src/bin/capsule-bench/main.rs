@@ -80,6 +80,11 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace")
 }
 
+/// `crates/tests/bench`: the benchmark's Python.
+fn bench_sources() -> PathBuf {
+    workspace().join("crates/tests/bench")
+}
+
 fn bench_dir() -> PathBuf {
     workspace().join("target/bench")
 }
@@ -182,7 +187,7 @@ fn main() {
     // SAFETY: no other thread runs yet.
     unsafe { std::env::set_var(capsule_build::CACHE_DIR_ENV, &cache) };
     let mut rows = Vec::new();
-    let hello_py = workspace().join("crates/tests/bench/hello.py");
+    let hello_py = bench_sources().join("hello.py");
     if settings.only_service {
         let project = bench_dir().join("service-project");
         std::fs::create_dir_all(&project).unwrap();
@@ -292,7 +297,7 @@ fn main() {
     // The cluster: what the queue adds to each call of a fan-out.
     let fanout = bench_dir().join("fanout-project");
     std::fs::create_dir_all(&fanout).unwrap();
-    std::fs::copy(workspace().join("crates/tests/bench/fanout.py"), fanout.join("main.py")).unwrap();
+    std::fs::copy(bench_sources().join("fanout.py"), fanout.join("main.py")).unwrap();
     let fanout_manifest = build_into(&fanout.join("main.py"), &fanout.join("out"), false).manifest_path;
     cluster::measure(&settings, &mut rows, &sibling("capsule"), &fanout, &fanout_manifest);
 
@@ -339,14 +344,16 @@ fn main() {
     ));
 
     // 5. CPU-bound kernels.
-    let kernels_py = workspace().join("crates/tests/bench/kernels.py");
+    let kernels_py = bench_sources().join("kernels.py");
     let repeat = if settings.quick { "1" } else { "3" };
     let native = python3(&[kernels_py.to_str().unwrap(), repeat]).output().expect("python3 runs");
     let native: Value = serde_json::from_slice(&native.stdout).expect("kernel timings");
     // The same kernels in a copy of the project with `[runtime] metering = "time"`.
     let timed_project = bench_dir().join("kernels-time-metered");
     fs::create_dir_all(&timed_project).expect("bench folder");
-    fs::copy(&kernels_py, timed_project.join("kernels.py")).expect("copy kernels.py");
+    for file in ["kernels.py", "timing.py"] {
+        fs::copy(bench_sources().join(file), timed_project.join(file)).expect("copy the kernels");
+    }
     fs::write(timed_project.join("capsule.toml"), "[runtime]\nmetering = \"time\"\n").expect("capsule.toml");
     let projects = [
         (kernels_py.clone(), bench_dir().join("kernels"), ""),

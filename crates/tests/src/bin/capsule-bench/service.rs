@@ -72,7 +72,7 @@ pub fn python_timing(mut command: Command) -> Option<serde_json::Value> {
 }
 
 pub fn sdk_script() -> PathBuf {
-    crate::workspace().join("crates/tests/bench/sdk.py")
+    crate::bench_sources().join("sdk.py")
 }
 
 /// `bench/sdk.py MODE FILE COUNT` with this checkout's SDK, talking to the bench's daemon.
