@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::runtime::{Libpython, PypiFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{PypiFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
 use crate::toolchain::{self, Wrappers};
 use crate::util::{run, workspace_root, write_executable};
 
@@ -145,6 +145,16 @@ impl DataSources {
     }
 }
 
+/// The WASI CPython the packages compile against.
+pub struct TargetPython<'a> {
+    /// Its source tree (the headers).
+    pub src: &'a Path,
+    /// Its build folder (`pyconfig.h`).
+    pub build: &'a Path,
+    /// The folder of its `_sysconfigdata` module.
+    pub sysconfig_dir: &'a Path,
+}
+
 /// One package, built: what the data reactor links and packs.
 pub struct BuiltPackage {
     /// The archives, `modules.tsv` beside them.
@@ -229,7 +239,7 @@ pub fn key(cpython_key: &str) -> Result<String> {
 pub fn build_packages(
     base: &Path,
     sources: &DataSources,
-    libs: &Libpython,
+    target: &TargetPython,
     build_python: &Path,
     cpython_key: &str,
 ) -> Result<Vec<BuiltPackage>> {
@@ -240,7 +250,7 @@ pub fn build_packages(
         let helpers = package.helpers.iter().map(|h| dir.join("lib").join(Path::new(h).file_name().expect("a file")));
         let result = BuiltPackage { lib: dir.join("lib"), site: dir.join("site"), helpers: helpers.collect() };
         if fresh_layer(&dir)? {
-            build_package(package, &dir, sdist, sources, libs, build_python, &built)?;
+            build_package(package, &dir, sdist, sources, target, build_python, &built)?;
         }
         built.push(result);
     }
@@ -252,7 +262,7 @@ fn build_package(
     dir: &Path,
     sdist: &Path,
     sources: &DataSources,
-    libs: &Libpython,
+    target: &TargetPython,
     build_python: &Path,
     earlier: &[BuiltPackage],
 ) -> Result<()> {
@@ -306,9 +316,9 @@ fn build_package(
     let build = dir.join("build");
     let wrappers = toolchain::write_wrappers(
         &tools.join("toolchain"),
-        &[(dir, &format!("/{name}")), (&libs.src, "/cpython"), (&data_dir(), "/data")],
+        &[(dir, &format!("/{name}")), (target.src, "/cpython"), (&data_dir(), "/data")],
     )?;
-    let cross_file = write_cross_file(package, &tools, &wrappers, libs, build_python, &host_packages)?;
+    let cross_file = write_cross_file(package, &tools, &wrappers, target, build_python, &host_packages)?;
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
     // numpy's vendored meson (a fork with what numpy needs) builds every package.
     let numpy_dir = format!("{}-{}", NUMPY.name, NUMPY.version);
@@ -356,7 +366,7 @@ fn write_cross_file(
     package: &MesonPackage,
     tools: &Path,
     wrappers: &Wrappers,
-    libs: &Libpython,
+    target: &TargetPython,
     build_python: &Path,
     host_packages: &Path,
 ) -> Result<PathBuf> {
@@ -391,7 +401,6 @@ fn write_cross_file(
     // host stand-ins of packages built before and Cython (pandas' generators use its
     // templates).
     let python = tools.join("python-wasi-cross");
-    let target_lib = libs.build.join(format!("build/lib.wasi-wasm32-{}", crate::runtime::PYTHON_MINOR));
     write_executable(
         &python,
         &format!(
@@ -401,8 +410,8 @@ fn write_cross_file(
              export _PYTHON_SYSCONFIGDATA_NAME=_sysconfigdata__wasi_wasm32-wasi\n\
              export PYTHONPATH={target_lib}:{host_packages}:{tools}/pylib\n\
              exec {build_python} \"$@\"\n",
-            base = libs.build.display(),
-            target_lib = target_lib.display(),
+            base = target.build.display(),
+            target_lib = target.sysconfig_dir.display(),
             host_packages = host_packages.display(),
             tools = tools.display(),
             build_python = build_python.display(),

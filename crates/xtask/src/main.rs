@@ -2,6 +2,7 @@
 
 mod data;
 mod dist;
+mod layers;
 mod nats;
 mod peers;
 mod runtime;

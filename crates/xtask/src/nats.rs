@@ -8,7 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::runtime::{debian_archive_url, dev_cache_dir, download};
+use crate::layers::download;
+use crate::runtime::{debian_archive_url, dev_cache_dir};
 use crate::util::{run, target_dir};
 
 const VERSION: &str = "2.9.10-1+b3";

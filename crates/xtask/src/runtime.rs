@@ -26,17 +26,17 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 
 use python_runtime::Flavour;
 
-use crate::data::{self, DataSources};
+use crate::data::{self, DataSources, TargetPython};
+use crate::layers::{PypiFile, download, fresh_layer, hex_sha256, make_jobs, tree_contents};
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
 const CPYTHON_VERSION: &str = "3.13.5";
 /// `major.minor`, as in CPython's folder names.
-pub const PYTHON_MINOR: &str = "3.13";
+const PYTHON_MINOR: &str = "3.13";
 /// A pristine upstream tarball (`.orig`) from a Debian source package, pinned by sha256.
 struct DebianSource {
     package: &'static str,
@@ -167,24 +167,6 @@ const C_LIBRARIES: &[CLibrary] = &[
     },
 ];
 
-/// A file from PyPI, pinned by sha256.
-pub struct PypiFile {
-    pub file: &'static str,
-    pub url: &'static str,
-    pub sha256: &'static str,
-}
-
-impl PypiFile {
-    /// The file in `downloads`, downloaded unless it is already there.
-    pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
-        let path = downloads.join(self.file);
-        if !(path.exists() && sha256_file(&path)? == self.sha256) {
-            download(self.url, &path, self.sha256)?;
-        }
-        Ok(path)
-    }
-}
-
 /// IANA time zone data for `zoneinfo`, as the `tzdata` wheel on PyPI packages it.
 const TZDATA_WHEEL: PypiFile = PypiFile {
     file: "tzdata-2026.6-py2.py3-none-any.whl",
@@ -245,38 +227,6 @@ pub fn dev_cache_dir() -> PathBuf {
 
 fn runtime_crate() -> PathBuf {
     workspace_root().join("crates/python-runtime")
-}
-
-pub fn hex_sha256(parts: &[&[u8]]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    hex::encode(hasher.finalize())
-}
-
-/// Every file below `dir`, sorted, as (relative path, contents).
-pub fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(current) = stack.pop() {
-        for entry in fs::read_dir(&current).with_context(|| format!("reading {}", current.display()))? {
-            let path = entry?.path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            if name == "__pycache__" || name.starts_with('.') {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
-                files.push((rel, fs::read(&path)?));
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// Key of the `libpython` layer: the source, the toolchain and the configure recipe.
@@ -485,21 +435,6 @@ fn fetch_source(paths: &RuntimePaths, source: &DebianSource) -> Result<PathBuf> 
     Ok(tarball)
 }
 
-/// Downloads `url` to `dest` with apt's own downloader, which checks the sha256 before the
-/// file appears (checked again here, as the build's guarantee).
-pub fn download(url: &str, dest: &Path, sha256: &str) -> Result<()> {
-    fs::create_dir_all(dest.parent().context("download folder")?)?;
-    run(Command::new("/usr/lib/apt/apt-helper").arg("download-file").arg(url).arg(dest).arg(format!("SHA256:{sha256}")))
-        .with_context(|| {
-            format!("downloading {url}\nhint: if the registry dropped this version, update the pin in crates/xtask/src/runtime.rs")
-        })?;
-    let actual = sha256_file(dest)?;
-    if actual != sha256 {
-        bail!("{} has sha256 {actual}, expected {sha256}; refusing to build from it", dest.display());
-    }
-    Ok(())
-}
-
 fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
     fs::create_dir_all(into)?;
     run(Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(into))?;
@@ -507,23 +442,6 @@ fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
     // Configure scripts read this optional file; an empty one keeps the build to the defaults.
     fs::write(src.join("Modules/Setup.local"), "")?;
     Ok(src)
-}
-
-/// A folder that is only used once a `.complete` marker says it was fully built.
-pub fn fresh_layer(dir: &Path) -> Result<bool> {
-    if dir.join(".complete").exists() {
-        return Ok(false);
-    }
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir)?;
-    Ok(true)
-}
-
-pub fn make_jobs() -> String {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    format!("-j{cores}")
 }
 
 /// A native CPython of the same version; the cross build runs it to freeze modules, and we
@@ -562,7 +480,15 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
 fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str) -> Result<PathBuf> {
     let libs = build_libpython(base, sources, build_python)?;
     let packages = match &sources.data {
-        Some(data_sources) => data::build_packages(base, data_sources, &libs, build_python, &cpython_key()?)?,
+        Some(data_sources) => {
+            let sysconfig = sysconfigdata(&libs)?;
+            let target = TargetPython {
+                src: &libs.src,
+                build: &libs.build,
+                sysconfig_dir: sysconfig.parent().expect("a file has a folder"),
+            };
+            data::build_packages(base, data_sources, &target, build_python, &cpython_key()?)?
+        }
         None => Vec::new(),
     };
     let flavour = if sources.data.is_some() { Flavour::Data } else { Flavour::Base };
@@ -674,9 +600,9 @@ fn builtin_modules_header(modules: &[(String, String, PathBuf)]) -> String {
     header
 }
 
-pub struct Libpython {
-    pub src: PathBuf,
-    pub build: PathBuf,
+struct Libpython {
+    src: PathBuf,
+    build: PathBuf,
     archives: Vec<PathBuf>,
 }
 
