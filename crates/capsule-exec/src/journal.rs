@@ -231,12 +231,19 @@ fn short_hash(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
 
-/// sha256 of a canonical JSON value (object keys sorted).
-/// A new run's id: its start time in milliseconds and 20 random bits, in hex (ids sort by
-/// start time).
+/// A new run's id: its start time in milliseconds and 20 bits, in 16 hex digits (ids sort by
+/// start time). The 20 bits start at a random value (two processes sharing a journal rarely
+/// meet) and count up within a process, so its ids never repeat however many runs start in one
+/// millisecond (a busy daemon starts several).
 pub fn new_run_id() -> String {
     use std::hash::{BuildHasher, RandomState};
-    format!("{:011x}{:05x}", now_ms(), RandomState::new().hash_one(now_ms()) & 0xfffff)
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let millis = now_ms() as u64;
+    let candidate = (millis << 20) | (RandomState::new().hash_one(millis) & 0xfffff);
+    let next = |last: u64| candidate.max(last + 1);
+    let previous = LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(next(last))).unwrap_or_default();
+    format!("{:016x}", next(previous))
 }
 
 /// What identifies a call's arguments across runs (the journal's and the cluster's records).
@@ -244,6 +251,7 @@ pub fn args_hash(args: &[Value], kwargs: &serde_json::Map<String, Value>) -> Str
     hash_json(&serde_json::json!([args, kwargs]))
 }
 
+/// sha256 of a canonical JSON value (object keys sorted).
 pub fn hash_json(value: &Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))
 }
@@ -614,6 +622,21 @@ fn query_row<T>(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn run_ids_never_repeat_and_sort_by_start() {
+        let threads: Vec<_> =
+            (0..4).map(|_| std::thread::spawn(|| (0..20_000).map(|_| new_run_id()).collect::<Vec<_>>())).collect();
+        let mut seen = std::collections::HashSet::new();
+        for thread in threads {
+            let ids = thread.join().unwrap();
+            assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "one thread's ids increase");
+            for id in ids {
+                assert_eq!(id.len(), 16, "{id}");
+                assert!(seen.insert(id.clone()), "{id} was given twice");
+            }
+        }
+    }
 
     /// A call that succeeded with `result`, with nothing else to record.
     fn succeeded(result: &Value) -> Completion<'_> {
