@@ -82,6 +82,19 @@ fn linear_algebra_and_fft() {
 }
 
 #[test]
+fn every_precision_runs_on_openblas() {
+    let result = run_ok("blas", vec![]);
+    assert_eq!(result["blas"], json!("openblas"), "{result}");
+    // No LAPACK library: numpy's own lapack_lite, calling OpenBLAS.
+    assert_eq!(result["lapack"], json!("none"), "{result}");
+    for (dtype, tolerance) in [("float32", 1e-4), ("float64", 1e-12), ("complex64", 1e-4), ("complex128", 1e-12)] {
+        let error = result["errors"][dtype].as_f64().unwrap();
+        assert!(error < tolerance, "{dtype}: {error} ({result})");
+    }
+    assert_eq!(result["polyfit"], json!([2.0, 0.0, 1.0]));
+}
+
+#[test]
 fn datetimes() {
     assert_eq!(
         run_ok("dates", vec![]),

@@ -7,7 +7,8 @@
 //! (`data/static_extension.py`), `-fPIC` is dropped (a static link needs no
 //! position-independent code), and objects whose functions would clash in one static link
 //! get them renamed by a forced include. Each sdist is patched (`data/<name>-*-wasi.patch`).
-//! Cython and ninja come from their PyPI wheels; meson is the copy numpy vendors.
+//! Cython and ninja come from their PyPI wheels; meson is the copy numpy vendors. numpy's
+//! BLAS is OpenBLAS ([`crate::openblas`]), built first.
 //!
 //! One cached layer per package, `<name>-wasi-<key>`, keyed by every input (pandas' key
 //! includes numpy's: it compiles against numpy's headers), holds the archives, `modules.tsv`
@@ -20,9 +21,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::layers::{PypiFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{PypiFile, data_dir, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::openblas::{self, OpenBlas};
 use crate::toolchain::{self, Wrappers};
-use crate::util::{run, workspace_root, write_executable};
+use crate::util::{run, write_executable};
 
 /// A package built by its own meson build.
 struct MesonPackage {
@@ -38,6 +40,11 @@ struct MesonPackage {
     helpers: &'static [&'static str],
     /// What `meson install` installs: `--tags`, or everything.
     install_tags: Option<&'static str>,
+    /// Scripts in `data/` run on the patched source (`python3 SCRIPT SOURCE_DIR`): edits
+    /// too mechanical for a patch.
+    source_scripts: &'static [&'static str],
+    /// Links OpenBLAS (its archive is linked after the package's).
+    links_blas: bool,
 }
 
 const NUMPY: MesonPackage = MesonPackage {
@@ -48,14 +55,17 @@ const NUMPY: MesonPackage = MesonPackage {
         url: "https://files.pythonhosted.org/packages/d0/ad/fed0499ce6a338d2a03ebae59cd15093910c8875328855781952abf6c2fe/numpy-2.4.6.tar.gz",
         sha256: "f3a3570c4a2a16746ac2c31a7c7c7b0c186b95ce902e33db6f28094ed7387dda",
     },
-    // No BLAS library (numpy's own lapack_lite), no threads.
-    options: &["-Dblas=none", "-Dlapack=none", "-Dallow-noblas=true", "-Ddisable-threading=true"],
+    // OpenBLAS for BLAS, numpy's own lapack_lite for LAPACK (on OpenBLAS's BLAS), no threads.
+    // (`allow-noblas` is about LAPACK here; the tests check that numpy reports OpenBLAS.)
+    options: &["-Dblas=openblas", "-Dlapack=none", "-Dallow-noblas=true", "-Ddisable-threading=true"],
     // `numpy.random.mtrand` compiles its own copy of the `random_*` functions.
     renames: &[("*/mtrand.cpython-*.so.p/*.o", "npy_random_legacy_rename.h")],
     helpers: &["numpy/_core/libnpymath.a", "numpy/random/libnpyrandom.a"],
     // Not the tests (their extension modules would be linked in); `devel` brings the headers
     // pandas compiles against.
     install_tags: Some("runtime,python-runtime,devel"),
+    source_scripts: &["lapack_lite_blas.py"],
+    links_blas: true,
 };
 
 const PANDAS: MesonPackage = MesonPackage {
@@ -72,6 +82,8 @@ const PANDAS: MesonPackage = MesonPackage {
     helpers: &[],
     // Its Python subpackages are installed untagged.
     install_tags: None,
+    source_scripts: &[],
+    links_blas: false,
 };
 
 impl MesonPackage {
@@ -127,6 +139,7 @@ const FLAGS: &[&str] = &[
 /// The downloaded inputs, each checked against its pin.
 pub struct DataSources {
     sdists: Vec<PathBuf>,
+    openblas: PathBuf,
     cython: PathBuf,
     ninja: PathBuf,
     /// [`PURE_WHEELS`], in order.
@@ -138,6 +151,7 @@ impl DataSources {
         toolchain::ensure_installed(toolchain::CXX_PACKAGES, downloads)?;
         Ok(Self {
             sdists: PACKAGES.iter().map(|p| p.sdist.fetch(downloads)).collect::<Result<_>>()?,
+            openblas: openblas::SOURCE.fetch(downloads)?,
             cython: CYTHON_WHEEL.fetch(downloads)?,
             ninja: NINJA_WHEEL.fetch(downloads)?,
             wheels: PURE_WHEELS.iter().map(|w| w.fetch(downloads)).collect::<Result<_>>()?,
@@ -189,19 +203,16 @@ impl BuiltPackage {
 /// Written by `collect_archives.py`: objects several modules of a package compile alike.
 const SHARED_ARCHIVE: &str = "libshared.a";
 
-fn data_dir() -> PathBuf {
-    workspace_root().join("crates/python-runtime/data")
-}
-
 /// The files of `data/` every package's build uses.
 const BUILD_SCRIPTS: &[&str] = &["static_extension.py", "collect_archives.py"];
 
 /// Key of the layer of `PACKAGES[index]`: the `libpython` layer (the packages compile
-/// against its headers and `pyconfig.h`), this file, the tools, and the pins and files of
-/// this package and those before it (pandas compiles against numpy).
+/// against its headers and `pyconfig.h`), OpenBLAS's, this file, the tools, and the pins and
+/// files of this package and those before it (pandas compiles against numpy).
 fn layer_key(cpython_key: &str, index: usize) -> Result<String> {
     let mut parts: Vec<Vec<u8>> = vec![
         cpython_key.as_bytes().to_vec(),
+        openblas::key()?.into_bytes(),
         include_bytes!("data.rs").to_vec(),
         toolchain::fingerprint(toolchain::CXX_PACKAGES).into_bytes(),
         CYTHON_WHEEL.sha256.as_bytes().to_vec(),
@@ -212,6 +223,7 @@ fn layer_key(cpython_key: &str, index: usize) -> Result<String> {
         parts.push(package.sdist.sha256.as_bytes().to_vec());
         files.push(package.patch());
         files.extend(package.renames.iter().map(|(_, header)| header.to_string()));
+        files.extend(package.source_scripts.iter().map(|script| script.to_string()));
     }
     for file in files {
         let path = data_dir().join(&file);
@@ -243,14 +255,19 @@ pub fn build_packages(
     build_python: &Path,
     cpython_key: &str,
 ) -> Result<Vec<BuiltPackage>> {
+    let blas = openblas::build(base, &sources.openblas)?;
     let mut built: Vec<BuiltPackage> = Vec::new();
     for (index, (package, sdist)) in PACKAGES.iter().zip(&sources.sdists).enumerate() {
         let key = layer_key(cpython_key, index)?;
         let dir = base.join(format!("{}-wasi-{}", package.name, &key[..16]));
-        let helpers = package.helpers.iter().map(|h| dir.join("lib").join(Path::new(h).file_name().expect("a file")));
-        let result = BuiltPackage { lib: dir.join("lib"), site: dir.join("site"), helpers: helpers.collect() };
+        let mut helpers: Vec<PathBuf> =
+            package.helpers.iter().map(|h| dir.join("lib").join(Path::new(h).file_name().expect("a file"))).collect();
+        if package.links_blas {
+            helpers.push(blas.archive());
+        }
+        let result = BuiltPackage { lib: dir.join("lib"), site: dir.join("site"), helpers };
         if fresh_layer(&dir)? {
-            build_package(package, &dir, sdist, sources, target, build_python, &built)?;
+            build_package(package, &dir, sdist, sources, target, build_python, &blas, &built)?;
         }
         built.push(result);
     }
@@ -264,6 +281,7 @@ fn build_package(
     sources: &DataSources,
     target: &TargetPython,
     build_python: &Path,
+    blas: &OpenBlas,
     earlier: &[BuiltPackage],
 ) -> Result<()> {
     let started = Instant::now();
@@ -273,6 +291,9 @@ fn build_package(
     run(Command::new("tar").arg("xf").arg(sdist).arg("-C").arg(dir))?;
     let patch = data_dir().join(package.patch());
     run(Command::new("patch").args(["-s", "-p1", "-i"]).arg(&patch).current_dir(&src))?;
+    for script in package.source_scripts {
+        run(Command::new(build_python).arg(data_dir().join(script)).arg(&src))?;
+    }
 
     // Cython and ninja, unpacked from their wheels (zip files; ninja's binary loses its mode).
     let tools = dir.join("tools");
@@ -318,7 +339,7 @@ fn build_package(
         &tools.join("toolchain"),
         &[(dir, &format!("/{name}")), (target.src, "/cpython"), (&data_dir(), "/data")],
     )?;
-    let cross_file = write_cross_file(package, &tools, &wrappers, target, build_python, &host_packages)?;
+    let cross_file = write_cross_file(package, &tools, &wrappers, target, build_python, &host_packages, blas)?;
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
     // numpy's vendored meson (a fork with what numpy needs) builds every package.
     let numpy_dir = format!("{}-{}", NUMPY.name, NUMPY.version);
@@ -369,6 +390,7 @@ fn write_cross_file(
     target: &TargetPython,
     build_python: &Path,
     host_packages: &Path,
+    blas: &OpenBlas,
 ) -> Result<PathBuf> {
     let static_extension = data_dir().join("static_extension.py");
     // A `-shared` link makes an archive; no -fPIC; some objects get renames.
@@ -440,6 +462,8 @@ fn write_cross_file(
              [properties]\n\
              needs_exe_wrapper = true\n\
              longdouble_format = 'IEEE_QUAD_LE'\n\
+             openblas_includedir = '{blas_include}'\n\
+             openblas_librarydir = '{blas_lib}'\n\
              \n\
              [host_machine]\n\
              system = 'wasi'\n\
@@ -450,6 +474,8 @@ fn write_cross_file(
             cxx = cxx.display(),
             python = python.display(),
             flags = quoted(FLAGS),
+            blas_include = blas.include_dir().display(),
+            blas_lib = blas.lib_dir().display(),
         ),
     )?;
     Ok(cross)

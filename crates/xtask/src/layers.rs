@@ -8,7 +8,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::util::{run, sha256_file};
+use crate::util::{run, sha256_file, workspace_root};
+
+/// The data runtime's build inputs beside the code: patches, scripts, headers.
+pub fn data_dir() -> PathBuf {
+    workspace_root().join("crates/python-runtime/data")
+}
 
 /// A file from PyPI, pinned by sha256.
 pub struct PypiFile {
@@ -26,6 +31,62 @@ impl PypiFile {
         }
         Ok(path)
     }
+}
+
+/// A pristine upstream tarball (`.orig`) from a Debian source package, pinned by sha256.
+pub struct DebianSource {
+    pub package: &'static str,
+    pub tarball: &'static str,
+    pub sha256: &'static str,
+}
+
+impl DebianSource {
+    /// The tarball in `downloads`, downloaded from the Debian archive's pool (kept there as
+    /// long as a release uses that upstream version) unless it is already there.
+    pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
+        let path = downloads.join(self.tarball);
+        if !(path.exists() && sha256_file(&path)? == self.sha256) {
+            let package = self.package;
+            let section = if package.starts_with("lib") { &package[..4] } else { &package[..1] };
+            let url =
+                format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, self.tarball.replace('+', "%2b"));
+            download(&url, &path, self.sha256)?;
+        }
+        Ok(path)
+    }
+}
+
+/// Finds the archive this machine's apt already uses, from its sources lists.
+pub fn debian_archive_url() -> Result<String> {
+    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for file in files {
+            if matches!(file.extension().and_then(|e| e.to_str()), Some("list" | "sources")) {
+                texts.push(fs::read_to_string(&file).unwrap_or_default());
+            }
+        }
+    }
+    for text in &texts {
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let url = match words.as_slice() {
+                ["URIs:", url, ..] => url,
+                ["deb", rest @ ..] => match rest.iter().find(|w| w.contains("://")) {
+                    Some(url) => url,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            if url.trim_end_matches('/').ends_with("/debian") {
+                return Ok(url.trim_end_matches('/').to_string());
+            }
+        }
+    }
+    bail!(
+        "no Debian archive found in /etc/apt/sources.list*\nhint: CPython's and its libraries' sources come from Debian's source packages"
+    )
 }
 
 /// Downloads `url` to `dest` with apt's own downloader, which checks the sha256 before the

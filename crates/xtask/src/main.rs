@@ -4,6 +4,7 @@ mod data;
 mod dist;
 mod layers;
 mod nats;
+mod openblas;
 mod peers;
 mod runtime;
 mod toolchain;

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::layers::download;
-use crate::runtime::{debian_archive_url, dev_cache_dir};
+use crate::layers::{debian_archive_url, download};
+use crate::runtime::dev_cache_dir;
 use crate::util::{run, target_dir};
 
 const VERSION: &str = "2.9.10-1+b3";

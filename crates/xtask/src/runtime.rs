@@ -2,7 +2,7 @@
 //! Capsule reactor (`target/python-runtime/capsule-python.wasm`), and with `--flavour data`
 //! the same with numpy and pandas linked in (`capsule-python-data.wasm`, see [`crate::data`]).
 //!
-//! Three cached layers (for the data flavour, numpy's and pandas' between the last two),
+//! Three cached layers (for the data flavour, OpenBLAS's, numpy's and pandas' between the last two),
 //! each in a folder named by a hash of its inputs and marked complete
 //! only once fully built. They live outside the checkout, under
 //! `$XDG_CACHE_HOME/capsule-dev/python-runtime` (else `~/.cache/...`), so a fresh clone whose
@@ -30,20 +30,13 @@ use anyhow::{Context, Result, bail};
 use python_runtime::Flavour;
 
 use crate::data::{self, DataSources, TargetPython};
-use crate::layers::{PypiFile, download, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{DebianSource, PypiFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
 const CPYTHON_VERSION: &str = "3.13.5";
 /// `major.minor`, as in CPython's folder names.
 const PYTHON_MINOR: &str = "3.13";
-/// A pristine upstream tarball (`.orig`) from a Debian source package, pinned by sha256.
-struct DebianSource {
-    package: &'static str,
-    tarball: &'static str,
-    sha256: &'static str,
-}
-
 const CPYTHON_SOURCE: DebianSource = DebianSource {
     package: "python3.13",
     tarball: "python3.13_3.13.5.orig.tar.xz",
@@ -361,39 +354,6 @@ pub fn check_reproducible(flavours: &[Flavour]) -> Result<()> {
     Ok(())
 }
 
-/// Finds the archive this machine's apt already uses, from its sources lists.
-pub fn debian_archive_url() -> Result<String> {
-    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
-    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        for file in files {
-            if matches!(file.extension().and_then(|e| e.to_str()), Some("list" | "sources")) {
-                texts.push(fs::read_to_string(&file).unwrap_or_default());
-            }
-        }
-    }
-    for text in &texts {
-        for line in text.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let url = match words.as_slice() {
-                ["URIs:", url, ..] => url,
-                ["deb", rest @ ..] => match rest.iter().find(|w| w.contains("://")) {
-                    Some(url) => url,
-                    None => continue,
-                },
-                _ => continue,
-            };
-            if url.trim_end_matches('/').ends_with("/debian") {
-                return Ok(url.trim_end_matches('/').to_string());
-            }
-        }
-    }
-    bail!(
-        "no Debian archive found in /etc/apt/sources.list*\nhint: CPython's and its libraries' sources come from Debian's source packages"
-    )
-}
-
 /// The downloaded inputs of the build, each checked against its pin.
 struct Sources {
     cpython: PathBuf,
@@ -408,8 +368,8 @@ impl Sources {
     fn fetch(paths: &RuntimePaths, flavour: Flavour) -> Result<Self> {
         let downloads = paths.downloads();
         Ok(Self {
-            cpython: fetch_source(paths, &CPYTHON_SOURCE)?,
-            libraries: C_LIBRARIES.iter().map(|l| fetch_source(paths, &l.source)).collect::<Result<_>>()?,
+            cpython: CPYTHON_SOURCE.fetch(&downloads)?,
+            libraries: C_LIBRARIES.iter().map(|l| l.source.fetch(&downloads)).collect::<Result<_>>()?,
             tzdata: TZDATA_WHEEL.fetch(&downloads)?,
             data: match flavour {
                 Flavour::Base => None,
@@ -417,22 +377,6 @@ impl Sources {
             },
         })
     }
-}
-
-/// Downloads `source`'s tarball from the Debian archive's pool (kept there as long as a
-/// release uses that upstream version) unless the download folder has it; `apt-helper`
-/// checks the sha256 before the file appears.
-fn fetch_source(paths: &RuntimePaths, source: &DebianSource) -> Result<PathBuf> {
-    let downloads = paths.downloads();
-    let tarball = downloads.join(source.tarball);
-    if tarball.exists() && sha256_file(&tarball)? == source.sha256 {
-        return Ok(tarball);
-    }
-    let package = source.package;
-    let section = if package.starts_with("lib") { &package[..4] } else { &package[..1] };
-    let url = format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, source.tarball.replace('+', "%2b"));
-    download(&url, &tarball, source.sha256)?;
-    Ok(tarball)
 }
 
 fn extract(tarball: &Path, into: &Path) -> Result<PathBuf> {
