@@ -92,6 +92,18 @@ fn every_precision_runs_on_openblas() {
         assert!(error < tolerance, "{dtype}: {error} ({result})");
     }
     assert_eq!(result["polyfit"], json!([2.0, 0.0, 1.0]));
+    assert_eq!(result["singular"], json!("Singular matrix"), "OpenBLAS's LU reports a zero pivot");
+}
+
+#[test]
+fn floating_point_flags_numpy_raises_itself_warn_and_raise() {
+    assert_eq!(
+        run_ok("floating_point_flags", vec![]),
+        json!({
+            "warnings": ["divide by zero encountered in floor_divide"],
+            "raised": "divide by zero encountered in floor_divide",
+        })
+    );
 }
 
 #[test]

@@ -40,10 +40,8 @@ struct MesonPackage {
     helpers: &'static [&'static str],
     /// What `meson install` installs: `--tags`, or everything.
     install_tags: Option<&'static str>,
-    /// Scripts in `data/` run on the patched source (`python3 SCRIPT SOURCE_DIR`): edits
-    /// too mechanical for a patch.
-    source_scripts: &'static [&'static str],
-    /// Links OpenBLAS (its archive is linked after the package's).
+    /// Links OpenBLAS (its archive is linked after the package's), and its LAPACK
+    /// (`lapack_lite`) is pointed at OpenBLAS by [`LAPACK_LITE_SCRIPT`].
     links_blas: bool,
 }
 
@@ -64,7 +62,6 @@ const NUMPY: MesonPackage = MesonPackage {
     // Not the tests (their extension modules would be linked in); `devel` brings the headers
     // pandas compiles against.
     install_tags: Some("runtime,python-runtime,devel"),
-    source_scripts: &["lapack_lite_blas.py"],
     links_blas: true,
 };
 
@@ -82,7 +79,6 @@ const PANDAS: MesonPackage = MesonPackage {
     helpers: &[],
     // Its Python subpackages are installed untagged.
     install_tags: None,
-    source_scripts: &[],
     links_blas: false,
 };
 
@@ -203,6 +199,10 @@ impl BuiltPackage {
 /// Written by `collect_archives.py`: objects several modules of a package compile alike.
 const SHARED_ARCHIVE: &str = "libshared.a";
 
+/// Run on the patched source of a package that links OpenBLAS: too mechanical an edit for a
+/// patch.
+const LAPACK_LITE_SCRIPT: &str = "lapack_lite_blas.py";
+
 /// The files of `data/` every package's build uses.
 const BUILD_SCRIPTS: &[&str] = &["static_extension.py", "collect_archives.py"];
 
@@ -223,7 +223,9 @@ fn layer_key(cpython_key: &str, index: usize) -> Result<String> {
         parts.push(package.sdist.sha256.as_bytes().to_vec());
         files.push(package.patch());
         files.extend(package.renames.iter().map(|(_, header)| header.to_string()));
-        files.extend(package.source_scripts.iter().map(|script| script.to_string()));
+        if package.links_blas {
+            files.push(LAPACK_LITE_SCRIPT.to_string());
+        }
     }
     for file in files {
         let path = data_dir().join(&file);
@@ -291,8 +293,12 @@ fn build_package(
     run(Command::new("tar").arg("xf").arg(sdist).arg("-C").arg(dir))?;
     let patch = data_dir().join(package.patch());
     run(Command::new("patch").args(["-s", "-p1", "-i"]).arg(&patch).current_dir(&src))?;
-    for script in package.source_scripts {
-        run(Command::new(build_python).arg(data_dir().join(script)).arg(&src))?;
+    if package.links_blas {
+        run(Command::new(build_python)
+            .arg(data_dir().join(LAPACK_LITE_SCRIPT))
+            .arg("llvm-nm-19")
+            .arg(blas.archive())
+            .arg(&src))?;
     }
 
     // Cython and ninja, unpacked from their wheels (zip files; ninja's binary loses its mode).

@@ -1,13 +1,16 @@
-//! OpenBLAS for the `data` runtime: numpy's matrix products (`cblas_dgemm`, ...) and, through
-//! numpy's `lapack_lite`, LAPACK's inner loops run on OpenBLAS's blocked kernels, its
-//! `WASM128_GENERIC` target using wasm SIMD (`-msimd128`).
+//! OpenBLAS for the `data` runtime: numpy's matrix products (`cblas_dgemm`, ...) run on
+//! OpenBLAS's blocked kernels, its `WASM128_GENERIC` target using wasm SIMD (`-msimd128`), and
+//! so does numpy's LAPACK: OpenBLAS's own LU, Cholesky and triangular routines replace
+//! `lapack_lite`'s, whose other routines call OpenBLAS's BLAS
+//! (`crates/python-runtime/data/lapack_lite_blas.py`).
 //!
-//! The source is Debian's `openblas` source package (its `+ds` tarball drops the Fortran
-//! LAPACK, which we do not build: no Fortran compiler targets wasm, and numpy brings its own
-//! LAPACK). Built with OpenBLAS's own makefiles as BLAS and CBLAS only: single-threaded (a
-//! sandbox runs on one thread), buffers from malloc (`OS_EMBEDDED`: WASI has no mmap), no
-//! position-independent code (it is linked statically). Its `xerbla_` is renamed so that
-//! numpy's, which raises a Python exception, keeps the name LAPACK calls.
+//! The source is Debian's `openblas` source package (its `+ds` tarball drops the reference
+//! LAPACK, in Fortran: no Fortran compiler targets wasm, and numpy brings its own LAPACK).
+//! Built with OpenBLAS's own makefiles (`libs`: BLAS, CBLAS and OpenBLAS's LAPACK routines,
+//! not the reference LAPACK): single-threaded (a sandbox runs on one thread), buffers from
+//! malloc (`OS_EMBEDDED`: WASI has no mmap), no position-independent code (it is linked
+//! statically). Its `xerbla_` is renamed so that numpy's, which raises a Python exception,
+//! keeps the name lapack_lite calls.
 //!
 //! One cached layer, `openblas-wasi-<key>`: `lib/libopenblas.a` and its headers.
 
@@ -41,7 +44,6 @@ const MAKE_VARIABLES: &[&str] = &[
     "AR=llvm-ar-19",
     "RANLIB=llvm-ranlib-19",
     "NOFORTRAN=1",
-    "NO_LAPACK=1",
     "NO_LAPACKE=1",
     "NO_SHARED=1",
     "NEED_PIC=0",
