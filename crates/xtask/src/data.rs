@@ -269,23 +269,31 @@ pub fn build_packages(
         }
         let result = BuiltPackage { lib: dir.join("lib"), site: dir.join("site"), helpers };
         if fresh_layer(&dir)? {
-            build_package(package, &dir, sdist, sources, target, build_python, &blas, &built)?;
+            let context = BuildContext { sources, target, build_python, blas: &blas };
+            build_package(package, &dir, sdist, &context, &built)?;
         }
         built.push(result);
     }
     Ok(built)
 }
 
+/// What every package's build uses.
+struct BuildContext<'a> {
+    sources: &'a DataSources,
+    target: &'a TargetPython<'a>,
+    /// The native Python that runs meson, Cython and the scripts.
+    build_python: &'a Path,
+    blas: &'a OpenBlas,
+}
+
 fn build_package(
     package: &MesonPackage,
     dir: &Path,
     sdist: &Path,
-    sources: &DataSources,
-    target: &TargetPython,
-    build_python: &Path,
-    blas: &OpenBlas,
+    context: &BuildContext,
     earlier: &[BuiltPackage],
 ) -> Result<()> {
+    let BuildContext { sources, target, build_python, blas } = context;
     let started = Instant::now();
     let (name, version) = (package.name, package.version);
     eprintln!("xtask: compiling {name} {version} for WASI (a few minutes, once per machine)");
@@ -345,7 +353,7 @@ fn build_package(
         &tools.join("toolchain"),
         &[(dir, &format!("/{name}")), (target.src, "/cpython"), (&data_dir(), "/data")],
     )?;
-    let cross_file = write_cross_file(package, &tools, &wrappers, target, build_python, &host_packages, blas)?;
+    let cross_file = write_cross_file(package, &tools, &wrappers, context, &host_packages)?;
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
     // numpy's vendored meson (a fork with what numpy needs) builds every package.
     let numpy_dir = format!("{}-{}", NUMPY.name, NUMPY.version);
@@ -393,11 +401,10 @@ fn write_cross_file(
     package: &MesonPackage,
     tools: &Path,
     wrappers: &Wrappers,
-    target: &TargetPython,
-    build_python: &Path,
+    context: &BuildContext,
     host_packages: &Path,
-    blas: &OpenBlas,
 ) -> Result<PathBuf> {
+    let BuildContext { target, build_python, blas, .. } = context;
     let static_extension = data_dir().join("static_extension.py");
     // A `-shared` link makes an archive; no -fPIC; some objects get renames.
     let wrapper = |compiler: &Path, per_argument: &str| {

