@@ -1,6 +1,6 @@
 //! What the host gives a sandbox: WASI (with stdio and granted folders only), a memory
-//! limiter, and the `capsule.host_call` channel, answered by whoever built the sandbox
-//! through [`HostCalls`].
+//! limiter, the data runtime's BLAS kernel, and the `capsule.host_call` channel, answered by
+//! whoever built the sandbox through [`HostCalls`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +9,7 @@ use python_runtime::{ErrorKind, HOST_MODULE, HostReply, HostRequest, exports, im
 use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
+use crate::blas;
 use crate::outcome::HttpCall;
 use crate::quota::{self, CountsFiles, FileQuota, FileUsage};
 
@@ -160,6 +161,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
         |_: Caller<'_, SandboxState>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { WASI_ERRNO_PERM },
     )?;
     linker.allow_shadowing(false);
+    blas::add_to_linker(&mut linker)?;
     linker.func_wrap_async(
         HOST_MODULE,
         imports::HOST_CALL,

@@ -8,11 +8,12 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths` (leaves); `artifact`, `output`,
+//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `blas` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
 mod artifact;
+mod blas;
 mod cancel;
 mod config;
 mod engine;

@@ -86,6 +86,9 @@ pub fn runtime_path() -> PathBuf {
 /// Module name of every host function the runtime imports.
 pub const HOST_MODULE: &str = "capsule";
 
+/// Module name of the BLAS kernels the data runtime leaves to the host.
+pub const BLAS_MODULE: &str = "capsule_blas";
+
 /// Functions the runtime exports.
 pub mod exports {
     /// `() -> ()`: Wizer's initialisation entry; reads an [`InitRequest`](super::InitRequest) on stdin.
@@ -101,13 +104,17 @@ pub mod exports {
     pub const MEMORY: &str = "memory";
 }
 
-/// Functions the runtime imports from [`HOST_MODULE`].
+/// Functions the runtime imports from [`HOST_MODULE`] (and the data runtime from [`BLAS_MODULE`]).
 pub mod imports {
     /// `(ptr: i32, len: i32) -> i32`: a JSON request to the host; returns the reply's length,
     /// or -1 if the host refused to answer.
     pub const HOST_CALL: &str = "host_call";
     /// `(destination: i32) -> ()`: copy the reply of the last `host_call` into guest memory.
     pub const HOST_REPLY: &str = "host_reply";
+    /// From [`BLAS_MODULE`](super::BLAS_MODULE): `(m: i32, n: i32, k: i32, alpha: f64, a: i32,
+    /// b: i32, c: i32, ldc: i32) -> ()`: OpenBLAS's double GEMM micro-kernel,
+    /// `C += alpha * A * B` on packed panels of A and B.
+    pub const DGEMM_KERNEL: &str = "dgemm_kernel";
 }
 
 /// Environment variable, read only while initialising, that sets `PYTHONHASHSEED`.

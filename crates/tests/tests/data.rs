@@ -30,8 +30,8 @@ fn run_ok(task: &str, args: Vec<Value>) -> Value {
     outcome.result
 }
 
-fn failure(task: &str) -> python_runtime::GuestError {
-    let outcome = project().1.run(task, vec![]);
+fn failure(task: &str, args: Vec<Value>) -> python_runtime::GuestError {
+    let outcome = project().1.run(task, args);
     assert!(!outcome.success, "{task} succeeded: {:?}", outcome.result);
     outcome.error.expect("a failed run has an error")
 }
@@ -93,6 +93,20 @@ fn every_precision_runs_on_openblas() {
     }
     assert_eq!(result["polyfit"], json!([2.0, 0.0, 1.0]));
     assert_eq!(result["singular"], json!("Singular matrix"), "OpenBLAS's LU reports a zero pivot");
+}
+
+#[test]
+fn double_products_run_in_the_host_kernel_with_the_same_bits_everywhere() {
+    let result = run_ok("host_kernel_products", vec![]);
+    assert_eq!(result, json!({"differing": 0, "integers": true, "transposed": true}));
+}
+
+#[test]
+fn the_host_kernel_charges_a_fuel_unit_per_multiply_add() {
+    // 400**3 = 64 M multiply-adds fit the task's 200 M fuel; 700**3 = 343 M do not.
+    assert_eq!(run_ok("budgeted_product", vec![json!(400)]), json!(400.0));
+    let error = failure("budgeted_product", vec![json!(700)]);
+    assert_eq!(error.kind, ErrorKind::Fuel, "{error:?}");
 }
 
 #[test]
@@ -169,20 +183,20 @@ fn each_run_draws_fresh_random_numbers() {
 
 #[test]
 fn a_huge_array_hits_the_memory_limit() {
-    let error = failure("huge_array");
+    let error = failure("huge_array", vec![]);
     assert_eq!(error.kind, ErrorKind::Memory, "{error:?}");
     assert!(error.message.starts_with("Unable to allocate 512. MiB"), "{error:?}");
 }
 
 #[test]
 fn a_long_numpy_loop_meets_its_deadline() {
-    let error = failure("long_loop");
+    let error = failure("long_loop", vec![]);
     assert_eq!(error.kind, ErrorKind::Timeout, "{error:?}");
 }
 
 #[test]
 fn fuel_counts_numpy_native_code() {
-    let error = failure("busy_sorting");
+    let error = failure("busy_sorting", vec![]);
     assert_eq!(error.kind, ErrorKind::Fuel, "{error:?}");
 }
 
