@@ -1,11 +1,12 @@
-//! The BLAS kernel the data runtime leaves to the host: OpenBLAS's double-precision GEMM
-//! micro-kernel, `C += alpha * A * B` on packed panels, imported as
-//! `capsule_blas.dgemm_kernel` and computed here, natively, on the sandbox's memory.
+//! The BLAS kernels the data runtime leaves to the host: OpenBLAS's GEMM micro-kernel in
+//! double and single precision, `C += alpha * A * B` on packed panels, imported as
+//! `capsule_blas.dgemm_kernel` and `capsule_blas.sgemm_kernel` and computed here, natively,
+//! on the sandbox's memory.
 //!
 //! Why: Wasm has 128-bit SIMD and no fused multiply-add, so a matrix product in Wasm runs
-//! ~8x slower than native OpenBLAS on a CPU with AVX-512. Every level-3 routine in double
-//! precision (and LAPACK's blocked factorisations above them) spends its time in this one
-//! kernel; OpenBLAS's drivers, its packing and everything else stay in the sandbox.
+//! ~8x slower than native OpenBLAS on a CPU with AVX-512. Every real level-3 routine (and
+//! LAPACK's blocked factorisations above them) spends its time in this one kernel;
+//! OpenBLAS's drivers, its packing and everything else stay in the sandbox.
 //!
 //! What a task can rely on:
 //! - The same result on every host: each element of C is its products added in order of
@@ -17,43 +18,89 @@
 //! - Nothing outside the sandbox's memory is read or written: A, B and C are checked
 //!   against it, and C may not overlap A or B.
 
+use std::fmt::Debug;
 use std::ops::Range;
 
 use python_runtime::{BLAS_MODULE, exports, imports};
-use wasmtime::{Caller, Extern, Linker, Trap};
+use wasmtime::{Caller, Extern, Linker, Trap, WasmTy};
 
-// Wasm memory is little-endian; the operands are read in place as the host's f64.
-const _: () = assert!(cfg!(target_endian = "little"), "the BLAS kernel reads Wasm memory as native f64");
+// Wasm memory is little-endian; the operands are read in place as the host's floats.
+const _: () = assert!(cfg!(target_endian = "little"), "the BLAS kernels read Wasm memory as native floats");
 
-/// Width of OpenBLAS's packed panels (`DGEMM_DEFAULT_UNROLL_M/N` in the runtime's OpenBLAS
+/// Width of OpenBLAS's packed panels (`?GEMM_DEFAULT_UNROLL_M/N` in the runtime's OpenBLAS
 /// patch); the last panels of a dimension are 4, 2 and 1 wide, as it needs.
 const PANEL: usize = 8;
 
 pub(crate) fn add_to_linker<T: 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    add_kernel::<T, f64>(linker, imports::DGEMM_KERNEL)?;
+    add_kernel::<T, f32>(linker, imports::SGEMM_KERNEL)
+}
+
+fn add_kernel<T: 'static, F: Float>(linker: &mut Linker<T>, name: &'static str) -> wasmtime::Result<()> {
     linker.func_wrap(
         BLAS_MODULE,
-        imports::DGEMM_KERNEL,
-        |mut caller: Caller<'_, T>,
-         m: i32,
-         n: i32,
-         k: i32,
-         alpha: f64,
-         a: i32,
-         b: i32,
-         c: i32,
-         ldc: i32|
-         -> wasmtime::Result<()> {
-            let shape = Shape::new(m, n, k, ldc)?;
+        name,
+        move |mut caller: Caller<'_, T>,
+              m: i32,
+              n: i32,
+              k: i32,
+              alpha: F,
+              a: i32,
+              b: i32,
+              c: i32,
+              ldc: i32|
+              -> wasmtime::Result<()> {
+            let shape = Shape::new(m, n, k, ldc).map_err(|message| kernel_error(name, message))?;
             charge_fuel(&mut caller, shape.multiply_adds())?;
             let Some(Extern::Memory(memory)) = caller.get_export(exports::MEMORY) else {
-                return Err(kernel_error("the module exports no memory".to_string()));
+                return Err(kernel_error(name, "the module exports no memory".to_string()));
             };
-            let (a, b, c) = shape.operands(memory.data_mut(&mut caller), a as u32, b as u32, c as u32)?;
-            dgemm(shape, alpha, a, b, c);
+            let Operands { a, b, c } = shape
+                .operands(memory.data_mut(&mut caller), a as u32, b as u32, c as u32)
+                .map_err(|message| kernel_error(name, message))?;
+            gemm(shape, alpha, a, b, c);
             Ok(())
         },
     )?;
     Ok(())
+}
+
+/// The two element types. Private: the kernels read them from any bytes of guest memory,
+/// which is sound only for types where every bit pattern is a value.
+trait Float: Copy + Debug + Send + Sync + WasmTy + 'static {
+    const ZERO: Self;
+    /// `self * a + b` with one rounding.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// A 24 x 8 tile of C: three A panels against one full B panel.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512VL and FMA.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_24x8(k: usize, alpha: Self, a: &[Self], b: &[Self], c: &mut [Self], ldc: usize);
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_24x8(k: usize, alpha: Self, a: &[Self], b: &[Self], c: &mut [Self], ldc: usize) {
+        // SAFETY: the caller has checked the CPU's features.
+        unsafe { x86::tile_24x8_f64(k, alpha, a, b, c, ldc) }
+    }
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_24x8(k: usize, alpha: Self, a: &[Self], b: &[Self], c: &mut [Self], ldc: usize) {
+        // SAFETY: the caller has checked the CPU's features.
+        unsafe { x86::tile_24x8_f32(k, alpha, a, b, c, ldc) }
+    }
 }
 
 /// One kernel call's dimensions: A is `m x k`, B is `k x n`, C is `m x n` with columns `ldc`
@@ -67,13 +114,11 @@ struct Shape {
 }
 
 impl Shape {
-    fn new(m: i32, n: i32, k: i32, ldc: i32) -> wasmtime::Result<Self> {
-        let size = |value: i32, name: &str| {
-            usize::try_from(value).map_err(|_| kernel_error(format!("{name} = {value} is negative")))
-        };
+    fn new(m: i32, n: i32, k: i32, ldc: i32) -> Result<Self, String> {
+        let size = |value: i32, name: &str| usize::try_from(value).map_err(|_| format!("{name} = {value} is negative"));
         let shape = Self { m: size(m, "m")?, n: size(n, "n")?, k: size(k, "k")?, ldc: size(ldc, "ldc")? };
         if shape.n > 1 && shape.ldc < shape.m {
-            return Err(kernel_error(format!("ldc = {ldc} is less than m = {m}")));
+            return Err(format!("ldc = {ldc} is less than m = {m}"));
         }
         Ok(shape)
     }
@@ -84,21 +129,15 @@ impl Shape {
 
     /// A, B and C in `memory` (Wasm addresses `a`, `b`, `c`): in bounds, aligned, and C
     /// apart from A and B.
-    fn operands(
-        self,
-        memory: &mut [u8],
-        a: u32,
-        b: u32,
-        c: u32,
-    ) -> wasmtime::Result<(&[f64], &[f64], &mut [f64])> {
+    fn operands<F: Float>(self, memory: &mut [u8], a: u32, b: u32, c: u32) -> Result<Operands<'_, F>, String> {
         let c_len = if self.m == 0 || self.n == 0 { 0 } else { (self.n - 1) * self.ldc + self.m };
-        let a = doubles_at(a, self.m * self.k, memory.len(), "A")?;
-        let b = doubles_at(b, self.n * self.k, memory.len(), "B")?;
-        let c = doubles_at(c, c_len, memory.len(), "C")?;
+        let a = elements_at::<F>(a, self.m * self.k, memory.len(), "A")?;
+        let b = elements_at::<F>(b, self.n * self.k, memory.len(), "B")?;
+        let c = elements_at::<F>(c, c_len, memory.len(), "C")?;
         let (below, rest) = memory.split_at_mut(c.start);
         let (c_bytes, above) = rest.split_at_mut(c.len());
         let (below, above) = (&*below, &*above);
-        let read = |range: Range<usize>, name: &str| -> wasmtime::Result<&[u8]> {
+        let read = |range: Range<usize>, name: &str| -> Result<&[u8], String> {
             if range.is_empty() {
                 Ok(&[])
             } else if range.end <= c.start {
@@ -106,43 +145,50 @@ impl Shape {
             } else if range.start >= c.end {
                 Ok(&above[range.start - c.end..range.end - c.end])
             } else {
-                Err(kernel_error(format!("{name} overlaps C")))
+                Err(format!("{name} overlaps C"))
             }
         };
-        let (a, b) = (read(a, "A")?, read(b, "B")?);
-        let misaligned = || kernel_error("an operand is not aligned to 8 bytes".to_string());
-        Ok((as_doubles(a).ok_or_else(misaligned)?, as_doubles(b).ok_or_else(misaligned)?, {
-            // SAFETY: every bit pattern is a valid f64 and every f64 a valid byte sequence;
-            // `align_to_mut` puts only whole, aligned f64s in the middle part.
-            let (head, c, tail) = unsafe { c_bytes.align_to_mut::<f64>() };
-            if !head.is_empty() || !tail.is_empty() {
-                return Err(misaligned());
-            }
-            c
-        }))
+        let misaligned = || format!("an operand is not aligned to {} bytes", size_of::<F>());
+        let a = as_floats(read(a, "A")?).ok_or_else(misaligned)?;
+        let b = as_floats(read(b, "B")?).ok_or_else(misaligned)?;
+        // SAFETY: `F` is f32 or f64, for which every bit pattern is a value; `align_to_mut`
+        // puts only whole, aligned elements in the middle part.
+        let (head, c, tail) = unsafe { c_bytes.align_to_mut::<F>() };
+        if !head.is_empty() || !tail.is_empty() {
+            return Err(misaligned());
+        }
+        Ok(Operands { a, b, c })
     }
 }
 
-/// The byte range of `count` f64s at Wasm address `address`, if inside a memory of `memory_len` bytes.
-fn doubles_at(address: u32, count: usize, memory_len: usize, name: &str) -> wasmtime::Result<Range<usize>> {
+/// A kernel call's matrices, in the sandbox's memory.
+struct Operands<'m, F> {
+    a: &'m [F],
+    b: &'m [F],
+    c: &'m mut [F],
+}
+
+/// The byte range of `count` elements at Wasm address `address`, if inside a memory of
+/// `memory_len` bytes.
+fn elements_at<F>(address: u32, count: usize, memory_len: usize, name: &str) -> Result<Range<usize>, String> {
     let start = address as usize;
     count
-        .checked_mul(8)
+        .checked_mul(size_of::<F>())
         .and_then(|len| start.checked_add(len))
         .filter(|end| *end <= memory_len)
         .map(|end| start..end)
-        .ok_or_else(|| kernel_error(format!("{name} ({count} doubles at {address:#x}) is outside the sandbox's memory")))
+        .ok_or_else(|| format!("{name} ({count} elements at {address:#x}) is outside the sandbox's memory"))
 }
 
-fn as_doubles(bytes: &[u8]) -> Option<&[f64]> {
-    // SAFETY: every bit pattern is a valid f64; `align_to` puts only whole, aligned f64s in
-    // the middle part.
-    let (head, doubles, tail) = unsafe { bytes.align_to::<f64>() };
-    (head.is_empty() && tail.is_empty()).then_some(doubles)
+fn as_floats<F: Float>(bytes: &[u8]) -> Option<&[F]> {
+    // SAFETY: `F` is f32 or f64, for which every bit pattern is a value; `align_to` puts
+    // only whole, aligned elements in the middle part.
+    let (head, floats, tail) = unsafe { bytes.align_to::<F>() };
+    (head.is_empty() && tail.is_empty()).then_some(floats)
 }
 
-fn kernel_error(message: String) -> wasmtime::Error {
-    wasmtime::format_err!("{BLAS_MODULE}.{}: {message}", imports::DGEMM_KERNEL)
+fn kernel_error(name: &str, message: String) -> wasmtime::Error {
+    wasmtime::format_err!("{BLAS_MODULE}.{name}: {message}")
 }
 
 /// Takes `cost` from the store's fuel, or stops the task as out of fuel. Under time metering
@@ -159,19 +205,22 @@ fn charge_fuel<T>(caller: &mut Caller<'_, T>, cost: u64) -> wasmtime::Result<()>
 }
 
 /// `c += alpha * a * b` with the widest code this CPU runs.
-fn dgemm(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64]) {
+fn gemm<F: Float>(shape: Shape, alpha: F, a: &[F], b: &[F], c: &mut [F]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { x86::dgemm_avx512(shape, alpha, a, b, c) };
+            return unsafe { x86::gemm_avx512(shape, alpha, a, b, c) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { x86::dgemm_avx2(shape, alpha, a, b, c) };
+            return unsafe { x86::gemm_avx2(shape, alpha, a, b, c) };
         }
     }
-    kernel::<false>(shape, alpha, a, b, c);
+    kernel::<F, false>(shape, alpha, a, b, c);
 }
 
 /// The panels of a dimension of `len`: `(start, width)`, full panels first, then 4, 2, 1.
@@ -185,10 +234,10 @@ fn panels(len: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..full).step_by(PANEL).map(|start| (start, PANEL)).chain(remainders)
 }
 
-/// Every tile of C, panel by panel. `WIDE` uses `x86::tile_24x8` for rows in threes of full
-/// panels; only `x86::dgemm_avx512` sets it.
+/// Every tile of C, panel by panel. `WIDE` uses [`Float::tile_24x8`] for rows in threes of
+/// full panels; only `x86::gemm_avx512` sets it.
 #[inline(always)]
-fn kernel<const WIDE: bool>(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64]) {
+fn kernel<F: Float, const WIDE: bool>(shape: Shape, alpha: F, a: &[F], b: &[F], c: &mut [F]) {
     let Shape { m, n, k, ldc } = shape;
     for (column, width) in panels(n) {
         let b_panel = &b[column * k..][..width * k];
@@ -197,9 +246,9 @@ fn kernel<const WIDE: bool>(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &
         if WIDE && width == PANEL {
             while m - done >= x86::WIDE_ROWS {
                 let a_panels = &a[done * k..][..x86::WIDE_ROWS * k];
-                // SAFETY: `WIDE` is set only by `x86::dgemm_avx512`, which runs only on CPUs
-                // with AVX-512F and FMA.
-                unsafe { x86::tile_24x8(k, alpha, a_panels, b_panel, &mut c[column * ldc + done..], ldc) };
+                // SAFETY: `WIDE` is set only by `x86::gemm_avx512`, which runs only on CPUs
+                // with AVX-512F, AVX-512VL and FMA.
+                unsafe { F::tile_24x8(k, alpha, a_panels, b_panel, &mut c[column * ldc + done..], ldc) };
                 done += x86::WIDE_ROWS;
             }
         }
@@ -210,14 +259,28 @@ fn kernel<const WIDE: bool>(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &
             macro_rules! tiles {
                 ($(($h:literal, $w:literal)),*) => {
                     match (height, width) {
-                        $(($h, $w) => tile::<$h, $w>(k, alpha, a_panel, b_panel, c, ldc),)*
+                        $(($h, $w) => tile::<F, $h, $w>(k, alpha, a_panel, b_panel, c, ldc),)*
                         _ => unreachable!("panels are 8, 4, 2 or 1 wide"),
                     }
                 };
             }
             tiles!(
-                (8, 8), (8, 4), (8, 2), (8, 1), (4, 8), (4, 4), (4, 2), (4, 1),
-                (2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)
+                (8, 8),
+                (8, 4),
+                (8, 2),
+                (8, 1),
+                (4, 8),
+                (4, 4),
+                (4, 2),
+                (4, 1),
+                (2, 8),
+                (2, 4),
+                (2, 2),
+                (2, 1),
+                (1, 8),
+                (1, 4),
+                (1, 2),
+                (1, 1)
             );
         }
     }
@@ -225,8 +288,8 @@ fn kernel<const WIDE: bool>(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &
 
 /// One `H x W` tile of C from an A panel `H` rows high and a B panel `W` columns wide.
 #[inline(always)]
-fn tile<const H: usize, const W: usize>(k: usize, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64], ldc: usize) {
-    let mut sums = [[0.0f64; H]; W];
+fn tile<F: Float, const H: usize, const W: usize>(k: usize, alpha: F, a: &[F], b: &[F], c: &mut [F], ldc: usize) {
+    let mut sums = [[F::ZERO; H]; W];
     for (a, b) in a.chunks_exact(H).zip(b.chunks_exact(W)).take(k) {
         for (sums, b) in sums.iter_mut().zip(b) {
             for (sum, a) in sums.iter_mut().zip(a) {
@@ -243,33 +306,41 @@ fn tile<const H: usize, const W: usize>(k: usize, alpha: f64, a: &[f64], b: &[f6
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use std::arch::x86_64::{__m512d, _mm512_fmadd_pd, _mm512_loadu_pd, _mm512_set1_pd, _mm512_setzero_pd, _mm512_storeu_pd};
+    use std::arch::x86_64::{
+        __m256, __m512d, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        _mm512_fmadd_pd, _mm512_loadu_pd, _mm512_set1_pd, _mm512_setzero_pd, _mm512_storeu_pd,
+    };
 
-    use super::{PANEL, Shape, kernel};
+    use super::{Float, PANEL, Shape, kernel};
 
     /// Rows of C a wide tile covers: three A panels, 24 of AVX-512's 32 registers as sums.
     pub(super) const WIDE_ROWS: usize = 3 * PANEL;
 
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) fn dgemm_avx512(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64]) {
-        kernel::<true>(shape, alpha, a, b, c);
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
+    pub(super) fn gemm_avx512<F: Float>(shape: Shape, alpha: F, a: &[F], b: &[F], c: &mut [F]) {
+        kernel::<F, true>(shape, alpha, a, b, c);
     }
 
     /// The plain kernel, vectorised by the compiler for AVX2.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dgemm_avx2(shape: Shape, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64]) {
-        kernel::<false>(shape, alpha, a, b, c);
+    pub(super) fn gemm_avx2<F: Float>(shape: Shape, alpha: F, a: &[F], b: &[F], c: &mut [F]) {
+        kernel::<F, false>(shape, alpha, a, b, c);
     }
 
-    /// A 24 x 8 tile of C: three A panels against one full B panel.
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) fn tile_24x8(k: usize, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64], ldc: usize) {
+    /// Three A panels and the C block of a wide tile, checked once so the loops below index
+    /// nothing out of bounds.
+    fn wide_operands<'a, F>(k: usize, a: &'a [F], b: &[F], c: &[F], ldc: usize) -> [&'a [F]; 3] {
         assert!(a.len() >= WIDE_ROWS * k && b.len() >= PANEL * k && c.len() >= (PANEL - 1) * ldc + WIDE_ROWS);
+        [&a[..PANEL * k], &a[PANEL * k..2 * PANEL * k], &a[2 * PANEL * k..3 * PANEL * k]]
+    }
+
+    /// Double precision: each panel row is one 512-bit register.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) fn tile_24x8_f64(k: usize, alpha: f64, a: &[f64], b: &[f64], c: &mut [f64], ldc: usize) {
+        let panels = wide_operands(k, a, b, c, ldc);
         let mut sums: [[__m512d; PANEL]; 3] = [[_mm512_setzero_pd(); PANEL]; 3];
-        let panels = [&a[..PANEL * k], &a[PANEL * k..2 * PANEL * k], &a[2 * PANEL * k..3 * PANEL * k]];
         for (step, b) in b.chunks_exact(PANEL).take(k).enumerate() {
-            // SAFETY: each panel holds `PANEL * k` doubles (asserted above), so the 8 at
-            // `step * PANEL` are inside it.
+            // SAFETY: each panel holds `PANEL * k` elements, so the 8 at `step * PANEL` are in it.
             let rows = panels.map(|panel| unsafe { _mm512_loadu_pd(panel.as_ptr().add(step * PANEL)) });
             for (j, b) in b.iter().enumerate() {
                 let b = _mm512_set1_pd(*b);
@@ -281,10 +352,34 @@ mod x86 {
         let alpha = _mm512_set1_pd(alpha);
         for (panel, sums) in sums.iter().enumerate() {
             for (j, sum) in sums.iter().enumerate() {
-                let start = j * ldc + panel * PANEL;
-                let c = &mut c[start..start + PANEL];
-                // SAFETY: `c` is 8 doubles long.
+                let c = &mut c[j * ldc + panel * PANEL..][..PANEL];
+                // SAFETY: `c` is 8 elements long.
                 unsafe { _mm512_storeu_pd(c.as_mut_ptr(), _mm512_fmadd_pd(alpha, *sum, _mm512_loadu_pd(c.as_ptr()))) };
+            }
+        }
+    }
+
+    /// Single precision: each panel row is one 256-bit register (AVX-512VL gives 32 of them).
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
+    pub(super) fn tile_24x8_f32(k: usize, alpha: f32, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize) {
+        let panels = wide_operands(k, a, b, c, ldc);
+        let mut sums: [[__m256; PANEL]; 3] = [[_mm256_setzero_ps(); PANEL]; 3];
+        for (step, b) in b.chunks_exact(PANEL).take(k).enumerate() {
+            // SAFETY: each panel holds `PANEL * k` elements, so the 8 at `step * PANEL` are in it.
+            let rows = panels.map(|panel| unsafe { _mm256_loadu_ps(panel.as_ptr().add(step * PANEL)) });
+            for (j, b) in b.iter().enumerate() {
+                let b = _mm256_set1_ps(*b);
+                for (sums, rows) in sums.iter_mut().zip(rows) {
+                    sums[j] = _mm256_fmadd_ps(rows, b, sums[j]);
+                }
+            }
+        }
+        let alpha = _mm256_set1_ps(alpha);
+        for (panel, sums) in sums.iter().enumerate() {
+            for (j, sum) in sums.iter().enumerate() {
+                let c = &mut c[j * ldc + panel * PANEL..][..PANEL];
+                // SAFETY: `c` is 8 elements long.
+                unsafe { _mm256_storeu_ps(c.as_mut_ptr(), _mm256_fmadd_ps(alpha, *sum, _mm256_loadu_ps(c.as_ptr()))) };
             }
         }
     }
@@ -294,8 +389,31 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Packs the `m x k` matrix `value(i, p)` as OpenBLAS does: panels of rows, `k` steps each.
-    fn packed(rows: usize, k: usize, value: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+    /// Test values of each element type, with full mantissas, so that any change in the order
+    /// of operations shows.
+    trait Noise: Float + PartialEq {
+        fn from_f64(value: f64) -> Self;
+    }
+    impl Noise for f64 {
+        fn from_f64(value: f64) -> Self {
+            value
+        }
+    }
+    impl Noise for f32 {
+        fn from_f64(value: f64) -> Self {
+            value as f32
+        }
+    }
+
+    fn noise<F: Noise>(seed: usize) -> impl Fn(usize, usize) -> F {
+        move |i, p| {
+            let x = (i * 7919 + p * 104_729 + seed * 1_299_709) as f64;
+            F::from_f64((x * 0.618_033_988_749_894_9).fract() - 0.5)
+        }
+    }
+
+    /// Packs the `rows x k` matrix `value(i, p)` as OpenBLAS does: panels of rows, `k` steps each.
+    fn packed<F: Noise>(rows: usize, k: usize, value: impl Fn(usize, usize) -> F) -> Vec<F> {
         let mut out = Vec::with_capacity(rows * k);
         for (start, width) in panels(rows) {
             for p in 0..k {
@@ -305,68 +423,71 @@ mod tests {
         out
     }
 
-    /// Values with full mantissas, so that any change in the order of operations shows.
-    fn noise(seed: usize) -> impl Fn(usize, usize) -> f64 {
-        move |i, p| {
-            let x = (i * 7919 + p * 104_729 + seed * 1_299_709) as f64;
-            (x * 0.618_033_988_749_894_9).fract() - 0.5
-        }
-    }
-
     /// The documented arithmetic, one element at a time.
-    fn reference(shape: Shape, alpha: f64, c: &[f64]) -> Vec<f64> {
-        let (a, b) = (noise(1), noise(2));
+    fn reference<F: Noise>(shape: Shape, alpha: F, c: &[F]) -> Vec<F> {
+        let (a, b) = (noise::<F>(1), noise::<F>(2));
         let mut out = c.to_vec();
         for j in 0..shape.n {
             for i in 0..shape.m {
-                let sum = (0..shape.k).fold(0.0f64, |sum, p| a(i, p).mul_add(b(j, p), sum));
+                let sum = (0..shape.k).fold(F::ZERO, |sum, p| a(i, p).mul_add(b(j, p), sum));
                 out[j * shape.ldc + i] = alpha.mul_add(sum, c[j * shape.ldc + i]);
             }
         }
         out
     }
 
-    fn run(shape: Shape, alpha: f64, kernel: fn(Shape, f64, &[f64], &[f64], &mut [f64])) {
-        let a = packed(shape.m, shape.k, noise(1));
-        let b = packed(shape.n, shape.k, noise(2));
-        let c: Vec<f64> = (0..(shape.n.max(1) - 1) * shape.ldc + shape.m).map(|i| noise(3)(i, 0)).collect();
+    fn run<F: Noise>(shape: Shape, alpha: F, kernel: fn(Shape, F, &[F], &[F], &mut [F])) {
+        let a = packed(shape.m, shape.k, noise::<F>(1));
+        let b = packed(shape.n, shape.k, noise::<F>(2));
+        let c: Vec<F> = (0..(shape.n.max(1) - 1) * shape.ldc + shape.m).map(|i| noise::<F>(3)(i, 0)).collect();
         let mut out = c.clone();
         kernel(shape, alpha, &a, &b, &mut out);
-        let expected = reference(shape, alpha, &c);
-        let same = out.iter().zip(&expected).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{shape:?}: the kernel's result differs from the reference");
+        // Finite values: `==` fails on any difference in rounding.
+        assert!(out == reference(shape, alpha, &c), "{shape:?}: the kernel's result differs from the reference");
     }
 
     fn shapes() -> impl Iterator<Item = Shape> {
         let sizes = [1, 2, 3, 7, 8, 9, 15, 23, 24, 25, 48, 61];
         sizes.into_iter().flat_map(move |m| {
-            sizes.into_iter().flat_map(move |n| {
-                [0, 1, 5, 33].into_iter().map(move |k| Shape { m, n, k, ldc: m + n % 3 })
-            })
+            sizes
+                .into_iter()
+                .flat_map(move |n| [0, 1, 5, 33].into_iter().map(move |k| Shape { m, n, k, ldc: m + n % 3 }))
         })
     }
 
-    #[test]
-    fn every_shape_gives_the_documented_result_bit_for_bit() {
+    fn every_path<F: Noise>(alpha: f64) {
         for shape in shapes() {
-            run(shape, -0.75, dgemm);
-            run(shape, 1.0, |shape, alpha, a, b, c| kernel::<false>(shape, alpha, a, b, c));
+            run(shape, F::from_f64(alpha), gemm);
+            run(shape, F::from_f64(alpha), kernel::<F, false>);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features.
+                    run(shape, F::from_f64(alpha), |shape, alpha, a, b, c| unsafe {
+                        x86::gemm_avx512(shape, alpha, a, b, c)
+                    });
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features.
+                    run(shape, F::from_f64(alpha), |shape, alpha, a, b, c| unsafe {
+                        x86::gemm_avx2(shape, alpha, a, b, c)
+                    });
+                }
+            }
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_vector_paths_agree_with_the_plain_one() {
-        for shape in shapes() {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has the features.
-                run(shape, 0.5, |shape, alpha, a, b, c| unsafe { x86::dgemm_avx512(shape, alpha, a, b, c) });
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has the features.
-                run(shape, 0.5, |shape, alpha, a, b, c| unsafe { x86::dgemm_avx2(shape, alpha, a, b, c) });
-            }
-        }
+    fn every_path_gives_the_documented_result_bit_for_bit_in_double_precision() {
+        every_path::<f64>(-0.75);
+    }
+
+    #[test]
+    fn every_path_gives_the_documented_result_bit_for_bit_in_single_precision() {
+        every_path::<f32>(1.5);
     }
 
     #[test]
@@ -382,15 +503,18 @@ mod tests {
         let mut buffer = vec![0u8; 1032];
         let skew = buffer.as_ptr().align_offset(8);
         let memory = &mut buffer[skew..skew + 1024];
+        let error = |a, b, c, memory: &mut [u8]| shape.operands::<f64>(memory, a, b, c).err().unwrap();
         // A: 32 doubles, B: 8, C: 16.
-        assert!(shape.operands(memory, 0, 256, 512).is_ok());
-        let error = |a, b, c, memory: &mut [u8]| shape.operands(memory, a, b, c).unwrap_err().to_string();
-        assert!(error(0, 256, 1000, memory).contains("C (16 doubles at 0x3e8) is outside"));
-        assert!(error(u32::MAX - 3, 256, 512, memory).contains("A (32 doubles at 0xfffffffc) is outside"));
+        assert!(shape.operands::<f64>(memory, 0, 256, 512).is_ok());
+        assert!(error(0, 256, 1000, memory).contains("C (16 elements at 0x3e8) is outside"));
+        assert!(error(u32::MAX - 3, 256, 512, memory).contains("A (32 elements at 0xfffffffc) is outside"));
         assert!(error(0, 256, 128, memory).contains("A overlaps C"));
         assert!(error(0, 520, 512, memory).contains("B overlaps C"));
-        assert!(error(0, 257, 512, memory).contains("not aligned"));
-        assert!(Shape::new(4, 2, 1, 3).unwrap_err().to_string().contains("ldc = 3 is less than m = 4"));
-        assert!(Shape::new(-1, 2, 1, 3).unwrap_err().to_string().contains("m = -1 is negative"));
+        assert!(error(0, 257, 512, memory).contains("not aligned to 8 bytes"));
+        // Single precision: 4-byte alignment suffices.
+        assert!(shape.operands::<f32>(memory, 4, 260, 516).is_ok());
+        assert!(shape.operands::<f32>(memory, 0, 258, 512).err().unwrap().contains("not aligned to 4 bytes"));
+        assert!(Shape::new(4, 2, 1, 3).unwrap_err().contains("ldc = 3 is less than m = 4"));
+        assert!(Shape::new(-1, 2, 1, 3).unwrap_err().contains("m = -1 is negative"));
     }
 }

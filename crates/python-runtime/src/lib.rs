@@ -115,6 +115,9 @@ pub mod imports {
     /// b: i32, c: i32, ldc: i32) -> ()`: OpenBLAS's double GEMM micro-kernel,
     /// `C += alpha * A * B` on packed panels of A and B.
     pub const DGEMM_KERNEL: &str = "dgemm_kernel";
+    /// From [`BLAS_MODULE`](super::BLAS_MODULE): as [`DGEMM_KERNEL`] in single precision
+    /// (`alpha: f32`).
+    pub const SGEMM_KERNEL: &str = "sgemm_kernel";
 }
 
 /// Environment variable, read only while initialising, that sets `PYTHONHASHSEED`.

@@ -12,9 +12,13 @@ from capsule import task
 from timing import best_of
 
 
-def matmul(n):
-    a = np.arange(n * n, dtype=np.float64).reshape(n, n) / (n * n)
+def matmul(n, dtype=np.float64):
+    a = (np.arange(n * n, dtype=np.float64).reshape(n, n) / (n * n)).astype(dtype)
     return float((a @ a.T)[0, 0])
+
+
+def matmul_float32(n):
+    return matmul(n, np.float32)
 
 
 def solve(n):
@@ -31,6 +35,7 @@ def groupby(rows):
 
 KERNELS = {
     "matmul 1000x1000": (matmul, 1000),
+    "matmul 1000x1000 float32": (matmul_float32, 1000),
     "linalg.solve 200x200": (solve, 200),
     "pandas groupby 100,000 rows": (groupby, 100_000),
 }
