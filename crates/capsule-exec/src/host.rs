@@ -1,5 +1,5 @@
 //! What the host gives a sandbox: WASI (with stdio and granted folders only), a memory
-//! limiter, the data runtime's BLAS kernel, and the `capsule.host_call` channel, answered by
+//! limiter, the data runtime's BLAS kernels, and the `capsule.host_call` channel, answered by
 //! whoever built the sandbox through [`HostCalls`].
 
 use std::future::Future;
