@@ -18,7 +18,7 @@ pub async fn launch(mut what: Launch, args: &RunArgs, layout: &ProjectLayout) ->
     }
     let engine = match what.built_with.take() {
         Some(engine) => engine,
-        None => Engine::new()?,
+        None => Engine::for_one_run()?,
     };
     let loaded = engine.load(&what.manifest)?;
     run_in_process(&engine, &loaded, what, args, layout).await

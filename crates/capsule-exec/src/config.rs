@@ -33,8 +33,9 @@ fn engine_settings(metering: Metering) -> &'static str {
     }
 }
 
-/// Sandboxes that can exist at once in one process; each reserves (but does not commit)
-/// address space for a 4 GiB linear memory and a fiber stack.
+/// Sandboxes that can exist at once in a process that serves many runs (an engine from
+/// `Engine::new`); each reserves (but does not commit) address space for a 4 GiB linear
+/// memory and a fiber stack.
 pub const MAX_LIVE_SANDBOXES: u32 = 256;
 
 /// The configuration for fuel metering; [`with_metering`] gives the other.
@@ -64,6 +65,16 @@ pub fn config() -> Config {
         .pagemap_scan(Enabled::Auto);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config.memory_init_cow(true);
+    config
+}
+
+/// `config` for a process that makes one run and exits: sandboxes allocated on demand, not
+/// from a pool, which such a process would spend part of its start setting up (a guard page
+/// per fiber stack) for slots it never uses. Memory still starts as a copy-on-write mapping
+/// of the snapshot.
+pub(crate) fn on_demand(config: &Config) -> Config {
+    let mut config = config.clone();
+    config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
     config
 }
 

@@ -195,9 +195,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine for running artifacts.
+    /// An engine for running artifacts, with room for many runs at once.
     pub fn new() -> Result<Self, EngineError> {
         Self::with_config(&config::config())
+    }
+
+    /// An engine for a process that makes one run and exits (`capsule-exec`, `capsule run`
+    /// without a daemon): it starts faster than [`Engine::new`]'s, whose pool of sandboxes
+    /// pays off only over many runs.
+    pub fn for_one_run() -> Result<Self, EngineError> {
+        Self::with_config(&config::on_demand(&config::config()))
     }
 
     /// An engine on `config`, which must be [`config::config`] plus settings that do not

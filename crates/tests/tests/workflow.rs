@@ -2,7 +2,7 @@
 
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::shared;
+use tests::{block_on, quiet_run, shared};
 
 const WORKFLOW: &str = "valid/workflow.py";
 
@@ -56,4 +56,20 @@ fn a_fork_bomb_ends_with_a_clear_error_and_the_host_carries_on() {
     assert_eq!(error.exc_type, "TaskError");
     assert!(error.message.contains("at most"), "{}", error.message);
     assert_eq!(built.run("still_fine", vec![]).result, json!("still fine"));
+}
+
+#[test]
+fn an_engine_for_one_run_has_a_sandbox_for_every_unfinished_sub_task() {
+    // The most sandboxes one run can hold at once: its task and, with as many workers,
+    // every sub-task it may have unfinished, all running. (The engine allocates them on
+    // demand; a pool would have to be this large.)
+    let built = shared(WORKFLOW);
+    let engine = capsule_exec::Engine::for_one_run().unwrap();
+    let loaded = engine.load(&built.output.manifest_path).unwrap();
+    let count = capsule_exec::MAX_UNFINISHED_SUBTASKS;
+    let mut request = quiet_run("wide_fan_out", vec![json!(count)]);
+    request.settings.workers = count as usize;
+    let outcome = block_on(async { engine.prepare(&loaded, request).expect("the run starts").run().await });
+    assert!(outcome.success, "{:?}", outcome.error);
+    assert_eq!(outcome.result, json!((0..count).sum::<u32>()));
 }
