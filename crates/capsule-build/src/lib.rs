@@ -9,16 +9,19 @@ mod fingerprint;
 mod project;
 mod signature;
 mod snapshot;
+mod split;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{Engine, WASMTIME_VERSION, sha256_hex};
+use capsule_exec::{Engine, Program, WASMTIME_VERSION, sha256_hex};
 use manifest_schema::{Artifact, Compute, Manifest, SCHEMA_VERSION, Task};
 use python_runtime::{Flavour, InitRequest, RegisteredTask};
 use sha2::{Digest, Sha256};
+use snapshot::RuntimeCode;
+use split::{Layout, State};
 
 pub use cache::{CACHE_DIR_ENV, cache_dir};
 pub use discover::{Diagnostic, Diagnostics};
@@ -56,7 +59,9 @@ pub struct BuildOutput {
 /// Where a build spent its time.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
+    /// Importing the project in the runtime.
     pub snapshot: Duration,
+    /// Compiling the snapshot, and the runtime's code when the cache did not have it.
     pub compile: Duration,
     pub total: Duration,
 }
@@ -76,16 +81,9 @@ pub fn entry_from_project(dir: &Path) -> Result<PathBuf, BuildError> {
     }
 }
 
-/// An engine whose compiler keeps an incremental cache (see [`cache`]), for building; it
-/// runs what it builds like any other.
+/// The engine builds compile with; it runs what it builds like any other.
 pub fn build_engine() -> Result<Engine, BuildError> {
-    let mut config = capsule_exec::config();
-    if let Some(dir) = cache::cache_dir() {
-        config
-            .enable_incremental_compilation(cache::FileCacheStore::new(dir.join("cranelift")))
-            .map_err(|e| BuildError::message(format!("cannot use the compilation cache: {e}")))?;
-    }
-    Engine::with_config(&config).map_err(|e| BuildError::message(e.to_string()))
+    Engine::new().map_err(|e| BuildError::message(e.to_string()))
 }
 
 /// The output folder of a build of `entry`: `out_dir`, else `.capsule/build/<stem>/` beside it.
@@ -109,7 +107,7 @@ pub fn up_to_date(options: &BuildOptions) -> Option<BuildOutput> {
     }
     let manifest_path = out_dir.join(MANIFEST_FILE);
     let manifest = Manifest::load(&manifest_path).ok()?;
-    out_dir.join(&manifest.artifact.file).is_file().then(|| {
+    artifact_files_present(&out_dir, &manifest).then(|| {
         let timings = Timings { total: started.elapsed(), ..Timings::default() };
         BuildOutput { manifest_path, manifest, cache_hit: true, timings, notes: Vec::new() }
     })
@@ -171,28 +169,41 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         preload: project.preload.clone(),
     };
     let hash_seed = u32::from_le_bytes(Sha256::digest(key.as_bytes())[..4].try_into().expect("4 bytes"));
-    let init_engine = snapshot::init_engine().map_err(|e| BuildError::message(format!("{e:#}")))?;
+    let wasmtime = engine.wasmtime(project.metering).map_err(|e| BuildError::message(e.to_string()))?;
+    let (layout, initial) = Layout::read(&runtime).map_err(|e| BuildError::message(e.to_string()))?;
+    let compile_started = Instant::now();
+    let code = RuntimeCode::get(wasmtime, &layout, &runtime, &runtime_sha256, project.metering)?;
+    let mut compile_time = compile_started.elapsed();
     let snapshot_started = Instant::now();
-    let snapshot = snapshot::snapshot(&init_engine, &runtime, &request, hash_seed).await.map_err(|error| {
-        match (error, &project.dependencies) {
-            // An import that failed for want of a compiled file the install left out says so.
-            (BuildError::Other(problem), Some(installed)) => match installed.explain(&problem.message) {
-                Some(hint) => BuildError::Other(manifest_schema::Problem::hinted(problem.message, hint)),
-                None => BuildError::Other(problem),
-            },
-            (error, _) => error,
-        }
-    })?;
+    let compile = |state: &State| {
+        let wasm = layout.state_module(state).map_err(|e| BuildError::message(e.to_string()))?;
+        wasmtime
+            .precompile_module(&wasm)
+            .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))
+    };
+    let compiled_initial = compile(&initial)?;
+    // SAFETY: bytes this engine's own compiler produced just now.
+    let initial = unsafe { wasmtime::Module::deserialize(wasmtime, &compiled_initial) }
+        .map_err(|e| BuildError::message(format!("loading the runtime's initial state failed: {e}")))?;
+    let program = Program::new(wasmtime, &initial, &code.module, project.metering)
+        .map_err(|e| BuildError::message(format!("linking the runtime failed: {e:#}")))?;
+    let state =
+        snapshot::snapshot(wasmtime, &program, layout.globals(), &request, hash_seed).await.map_err(|error| {
+            match (error, &project.dependencies) {
+                // An import that failed for want of a compiled file the install left out says so.
+                (BuildError::Other(problem), Some(installed)) => match installed.explain(&problem.message) {
+                    Some(hint) => BuildError::Other(manifest_schema::Problem::hinted(problem.message, hint)),
+                    None => BuildError::Other(problem),
+                },
+                (error, _) => error,
+            }
+        })?;
     let snapshot_time = snapshot_started.elapsed();
 
     let compile_started = Instant::now();
-    let compiled = engine
-        .wasmtime(project.metering)
-        .map_err(|e| BuildError::message(e.to_string()))?
-        .precompile_module(&snapshot)
-        .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))?;
-    let compile_time = compile_started.elapsed();
-    let inspection = engine.inspect(&compiled, project.metering).await.map_err(BuildError::message)?;
+    let compiled = compile(&state)?;
+    compile_time += compile_started.elapsed();
+    let inspection = engine.inspect(&compiled, &code.module, project.metering).await.map_err(BuildError::message)?;
     let registered = inspection.tasks;
     check_registered(&project, &registered)?;
     let initial_memory_bytes = inspection.initial_memory_bytes;
@@ -217,19 +228,20 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
                 .iter()
                 .any(|t| !t.options.allowed_files.is_empty())
                 .then(|| project.root.display().to_string()),
+            code: code.compiled.clone(),
         },
         tasks: manifest_tasks(&project, &registered),
         dependencies: project.dependencies.as_ref().map(|d| d.locked.clone()).unwrap_or_default(),
     };
     manifest.validate().map_err(BuildError::message)?;
-    write_output(&out_dir, &manifest, &compiled, &key)?;
+    write_output(&out_dir, &manifest, &compiled, &code, &key)?;
     // Last: a fingerprint only ever describes a complete build.
     fingerprint.write(&out_dir).map_err(|e| BuildError::io("cannot record the build's fingerprint", e))?;
     let timings = Timings { snapshot: snapshot_time, compile: compile_time, total: started.elapsed() };
     tracing::info!(
         ?timings,
         runtime_bytes = runtime.len(),
-        snapshot_bytes = snapshot.len(),
+        snapshot_bytes = state.memory.len(),
         artifact_bytes = compiled.len(),
         manifest = %manifest_path.display(),
         "built"
@@ -296,8 +308,13 @@ fn cached(out_dir: &Path, key: &str) -> Option<Manifest> {
         return None;
     }
     let manifest = Manifest::load(&out_dir.join(MANIFEST_FILE)).ok()?;
-    // The runner verifies the hash before loading; here it is enough that the file is there.
-    out_dir.join(&manifest.artifact.file).is_file().then_some(manifest)
+    artifact_files_present(out_dir, &manifest).then_some(manifest)
+}
+
+/// Whether the files the manifest names are there (the runner verifies their hashes before
+/// loading them; here it is enough that they exist).
+fn artifact_files_present(out_dir: &Path, manifest: &Manifest) -> bool {
+    out_dir.join(&manifest.artifact.file).is_file() && out_dir.join(&manifest.artifact.code.file).is_file()
 }
 
 /// The tasks Python registered must be exactly those the parser found.
@@ -379,7 +396,13 @@ fn take_turn(out_dir: &Path) -> Result<fs::File, BuildError> {
 /// of earlier builds, and the temporary files of builds killed while writing (the caller
 /// holds the folder's lock, so no live build is writing them). A reader never sees a
 /// manifest whose artifact is missing.
-fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str) -> Result<(), BuildError> {
+fn write_output(
+    out_dir: &Path,
+    manifest: &Manifest,
+    compiled: &[u8],
+    code: &RuntimeCode,
+    key: &str,
+) -> Result<(), BuildError> {
     let io = |what: &str, path: &Path, e: std::io::Error| BuildError::io(format!("{what} `{}`", path.display()), e);
     fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), BuildError> {
@@ -389,12 +412,14 @@ fn write_output(out_dir: &Path, manifest: &Manifest, compiled: &[u8], key: &str)
         fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))
     };
     write(&manifest.artifact.file, compiled)?;
+    code.place(out_dir).map_err(|e| io("cannot write", &out_dir.join(&code.compiled.file), e))?;
     write(MANIFEST_FILE, manifest.to_toml().as_bytes())?;
     write(KEY_FILE, key.as_bytes())?;
     if let Ok(entries) = fs::read_dir(out_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let stale_artifact = name.ends_with(".cwasm") && name != manifest.artifact.file;
+            let stale_artifact =
+                name.ends_with(".cwasm") && name != manifest.artifact.file && name != manifest.artifact.code.file;
             let killed_write = name.starts_with('.') && name.ends_with(".tmp");
             if stale_artifact || killed_write {
                 let _ = fs::remove_file(entry.path());

@@ -1,25 +1,26 @@
-//! Pre-initialising the runtime with Wizer: CPython starts, imports the user's module, and
-//! the resulting memory becomes the module every task instance starts from.
+//! Pre-initialising the runtime: CPython starts and imports the user's module in an
+//! instance of the runtime's code linked to its initial state, and the memory and globals it
+//! ends with become the build's state module (see [`crate::split`]).
 //!
 //! The initialisation is deterministic: fixed clocks, a fixed random stream and a hash seed
 //! derived from the build key, no files, no environment beyond the seed, and no host calls.
 //! The same inputs therefore give a byte-identical snapshot.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{
-    MAX_WASM_STACK, RefuseHostCalls, SandboxState, Stream, TeeOutput, TickingEngine, WASMTIME_VERSION, linker,
-};
+use capsule_exec::{Program, RefuseHostCalls, SandboxState, Stream, TeeOutput, fingerprint};
+use manifest_schema::{CompiledFile, Metering};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use wasmtime::{Config, Instance, OptLevel, Store, UpdateDeadline, Val};
+use wasmtime::{Store, UpdateDeadline, Val};
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
-use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use crate::cache::{cache_dir, hex_sha256, write_atomic};
 use crate::error::BuildError;
+use crate::split::{Layout, State, Value, global_export};
 
 /// How long importing the user's module may take at build time.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,51 +50,120 @@ impl HostMonotonicClock for FixedMonotonicClock {
     }
 }
 
-/// Describes [`init_engine`]'s configuration, for the key of its cached compilations.
-const INIT_ENGINE_SETTINGS: &str = "capsule-init-engine/1 opt=none epoch=on max_wasm_stack=8MiB";
+/// Bumped when [`crate::split`] makes a different code module from the same runtime.
+const CODE_LAYOUT: &str = "capsule-code/1";
 
-/// The engine Wizer runs the initialisation on. Its code runs once per build, so it is
-/// compiled for compile speed, not run speed; the snapshot it produces does not depend on it.
-pub fn init_engine() -> wasmtime::Result<TickingEngine> {
-    let mut config = Config::new();
-    config.cranelift_opt_level(OptLevel::None);
-    config.epoch_interruption(true);
-    config.max_wasm_stack(MAX_WASM_STACK);
-    config.async_stack_size(MAX_WASM_STACK + (1 << 20));
-    TickingEngine::new(&config)
+/// The runtime's code module, compiled for one engine configuration.
+pub struct RuntimeCode {
+    pub module: wasmtime::Module,
+    pub compiled: CompiledFile,
+    /// The compiled bytes: a file in the cache folder, or in memory without one.
+    origin: Origin,
 }
 
-/// The instrumented runtime, compiled for the init engine: from the cache when it was
-/// compiled before (it only changes with the runtime), else compiled and cached.
-fn init_module(engine: &wasmtime::Engine, instrumented: &[u8]) -> wasmtime::Result<wasmtime::Module> {
-    let Some(dir) = cache_dir() else {
-        return wasmtime::Module::new(engine, instrumented);
-    };
-    let key = hex_sha256(&[instrumented, WASMTIME_VERSION.as_bytes(), INIT_ENGINE_SETTINGS.as_bytes()]);
-    let path = dir.join("init").join(format!("{key}.cwasm"));
-    if path.is_file() {
-        // SAFETY: written below by this code from this engine's own compilation; the cache
-        // folder is trusted like the build tool itself (see `cache`).
-        match unsafe { wasmtime::Module::deserialize_file(engine, &path) } {
-            Ok(module) => return Ok(module),
-            Err(error) => tracing::warn!(%error, path = %path.display(), "ignoring an unusable cache entry"),
+enum Origin {
+    Cached(PathBuf),
+    Fresh(Vec<u8>),
+}
+
+impl RuntimeCode {
+    /// The runtime's code compiled by `engine` (of `metering`): from the cache folder when
+    /// this runtime was compiled for this configuration before, else compiled and cached.
+    pub fn get(
+        engine: &wasmtime::Engine,
+        layout: &Layout,
+        runtime: &[u8],
+        runtime_sha256: &str,
+        metering: Metering,
+    ) -> Result<Self, BuildError> {
+        let key = hex_sha256(&[CODE_LAYOUT.as_bytes(), runtime_sha256.as_bytes(), fingerprint(metering).as_bytes()]);
+        let cached = cache_dir().map(|dir| dir.join("code").join(format!("{key}.cwasm")));
+        if let Some(path) = &cached
+            && let Some(code) = Self::cached(engine, path)
+        {
+            return Ok(code);
+        }
+        let started = Instant::now();
+        if let Some(dir) = cache_dir() {
+            // What builds cached before the runtime's code was shared (an incremental
+            // compilation cache of several GB, an instrumented runtime): no longer read.
+            for obsolete in ["cranelift", "init"] {
+                let _ = std::fs::remove_dir_all(dir.join(obsolete));
+            }
+        }
+        let wasm = layout.code_module(runtime).map_err(|e| BuildError::message(e.to_string()))?;
+        let bytes = engine
+            .precompile_module(&wasm)
+            .map_err(|e| BuildError::message(format!("compiling the runtime failed: {e:#}")))?;
+        tracing::info!(elapsed = ?started.elapsed(), "compiled the runtime's code");
+        let compiled = CompiledFile::named_by(capsule_exec::sha256_hex(&bytes));
+        // SAFETY: bytes this engine's own compiler produced just now.
+        let module = unsafe { wasmtime::Module::deserialize(engine, &bytes) }
+            .map_err(|e| BuildError::message(format!("loading the compiled runtime failed: {e}")))?;
+        let origin = match cached {
+            Some(path) => {
+                // The hash last: an entry without it is not used.
+                let written = write_atomic(&path, &bytes)
+                    .and_then(|()| write_atomic(&path.with_extension("sha256"), compiled.sha256.as_bytes()));
+                match written {
+                    Ok(()) => Origin::Cached(path),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not cache the compiled runtime");
+                        Origin::Fresh(bytes)
+                    }
+                }
+            }
+            None => Origin::Fresh(bytes),
+        };
+        Ok(Self { module, compiled, origin })
+    }
+
+    fn cached(engine: &wasmtime::Engine, path: &Path) -> Option<Self> {
+        let sha256 = std::fs::read_to_string(path.with_extension("sha256")).ok()?;
+        // SAFETY: written by `get` from this engine configuration's own compilation; the
+        // cache folder is trusted like the build tool itself (see `cache`).
+        match unsafe { wasmtime::Module::deserialize_file(engine, path) } {
+            Ok(module) => Some(Self {
+                module,
+                compiled: CompiledFile::named_by(sha256.trim().to_string()),
+                origin: Origin::Cached(path.to_path_buf()),
+            }),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "ignoring an unusable cache entry");
+                None
+            }
         }
     }
-    let module = wasmtime::Module::new(engine, instrumented)?;
-    if let Err(error) = module.serialize().map(|bytes| write_atomic(&path, &bytes)) {
-        tracing::warn!(%error, "could not cache the compiled runtime");
+
+    /// Puts the compiled code in `dir` under its name, unless it is there: a hard link to
+    /// the cache entry where possible.
+    pub fn place(&self, dir: &Path) -> std::io::Result<()> {
+        let dest = dir.join(&self.compiled.file);
+        if dest.is_file() {
+            return Ok(());
+        }
+        let tmp = dir.join(format!(".{}.{}.tmp", self.compiled.file, std::process::id()));
+        match &self.origin {
+            Origin::Cached(path) => {
+                if std::fs::hard_link(path, &tmp).is_err() {
+                    std::fs::copy(path, &tmp)?;
+                }
+            }
+            Origin::Fresh(bytes) => std::fs::write(&tmp, bytes)?,
+        }
+        std::fs::rename(&tmp, &dest)
     }
-    Ok(module)
 }
 
-/// Runs the runtime's initialisation with `request` and returns the snapshot module.
+/// Runs the runtime's initialisation with `request` in `program` (the runtime's code linked
+/// to its initial state) and returns the memory and globals it ends with.
 pub async fn snapshot(
-    engine: &TickingEngine,
-    runtime: &[u8],
+    engine: &wasmtime::Engine,
+    program: &Program,
+    globals: usize,
     request: &InitRequest,
     hash_seed: u32,
-) -> Result<Vec<u8>, BuildError> {
-    let engine = engine.engine();
+) -> Result<State, BuildError> {
     let stdin = serde_json::to_vec(request).expect("init requests serialise");
     let stdout = TeeOutput::quiet(Stream::Stdout);
     let stderr = TeeOutput::quiet(Stream::Stderr);
@@ -113,20 +183,13 @@ pub async fn snapshot(
     ));
     let mut store = Store::new(engine, SandboxState::new(wasi, INIT_MEMORY_LIMIT, host_calls));
     SandboxState::limit(&mut store);
-    let deadline = Instant::now() + INIT_TIMEOUT;
-    store.epoch_deadline_callback(move |_| {
-        Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-    });
-    let linker = linker(engine).map_err(|e| BuildError::message(format!("{e:#}")))?;
-
-    let mut wizer = Wizer::new();
-    wizer.init_func(exports::INITIALIZE);
-    let (context, instrumented) = wizer.instrument(runtime).map_err(|e| BuildError::message(format!("{e:#}")))?;
     let result = async {
         let started = Instant::now();
-        let module = init_module(engine, &instrumented)?;
-        tracing::debug!(elapsed = ?started.elapsed(), "runtime ready for initialisation");
-        let instance = linker.instantiate_async(&mut store, &module).await?;
+        let instance = program.instantiate(&mut store).await?;
+        let deadline = Instant::now() + INIT_TIMEOUT;
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
         // A reactor's `_initialize` runs the C constructors; then the interpreter starts.
         if let Ok(constructors) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             constructors.call_async(&mut store, ()).await?;
@@ -134,9 +197,26 @@ pub async fn snapshot(
         let initialize = instance.get_typed_func::<(), ()>(&mut store, exports::INITIALIZE)?;
         initialize.call_async(&mut store, ()).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "imported the user's module");
-        let snapshot = wizer.snapshot(&context, &mut Snapshotting { store: &mut store, instance }).await;
-        tracing::debug!(elapsed = ?started.elapsed(), "snapshot taken");
-        snapshot
+        let memory = instance
+            .get_memory(&mut store, exports::MEMORY)
+            .ok_or_else(|| wasmtime::format_err!("the runtime exports no memory"))?
+            .data(&store)
+            .to_vec();
+        let globals = (0..globals)
+            .map(|k| {
+                let global = instance
+                    .get_global(&mut store, &global_export(k))
+                    .ok_or_else(|| wasmtime::format_err!("the runtime's code does not export global {k}"))?;
+                match global.get(&mut store) {
+                    Val::I32(x) => Ok(Value::I32(x)),
+                    Val::I64(x) => Ok(Value::I64(x)),
+                    Val::F32(bits) => Ok(Value::F32(bits)),
+                    Val::F64(bits) => Ok(Value::F64(bits)),
+                    other => Err(wasmtime::format_err!("global {k} holds {other:?}, which a snapshot cannot keep")),
+                }
+            })
+            .collect::<wasmtime::Result<Vec<_>>>()?;
+        Ok::<_, wasmtime::Error>(State { memory, globals })
     }
     .await;
     match result {
@@ -179,29 +259,4 @@ fn unavailable_module_hint(traceback: &str) -> Option<String> {
     UNAVAILABLE_MODULES.iter().find_map(|(module, hint)| {
         traceback.contains(&format!("No module named '{module}'")).then(|| (*hint).to_string())
     })
-}
-
-/// Gives Wizer read access to the initialised instance.
-struct Snapshotting<'a> {
-    store: &'a mut Store<SandboxState>,
-    instance: Instance,
-}
-
-impl InstanceState for Snapshotting<'_> {
-    async fn global_get(&mut self, name: &str, _: ValType) -> SnapshotVal {
-        let global = self.instance.get_global(&mut *self.store, name).expect("Wizer asks for exported globals");
-        match global.get(&mut *self.store) {
-            Val::I32(x) => SnapshotVal::I32(x),
-            Val::I64(x) => SnapshotVal::I64(x),
-            Val::F32(x) => SnapshotVal::F32(x),
-            Val::F64(x) => SnapshotVal::F64(x),
-            Val::V128(x) => SnapshotVal::V128(x.as_u128()),
-            other => unreachable!("CPython has no {other:?} globals"),
-        }
-    }
-
-    async fn memory_contents(&mut self, name: &str, contents: impl FnOnce(&[u8]) + Send) {
-        let memory = self.instance.get_memory(&mut *self.store, name).expect("Wizer asks for exported memories");
-        contents(memory.data(&*self.store));
-    }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use manifest_schema::Compute;
+use manifest_schema::{Compute, Manifest};
 use serde_json::Value;
 
 /// `capsule` in-process: no daemon answers on this socket.
@@ -160,7 +160,14 @@ fn a_build_with_a_cold_cache_equals_one_with_a_warm_cache() {
     }
     let manifest = |dir: &tempfile::TempDir| std::fs::read_to_string(dir.path().join("manifest.toml")).unwrap();
     assert_eq!(manifest(&a), manifest(&b), "the compilation cache must not change the artifact");
-    assert!(cache.path().join("cranelift").is_dir() && cache.path().join("init").is_dir());
+    let code = &Manifest::load(&a.path().join("manifest.toml")).unwrap().artifact.code;
+    let cached = std::fs::read_dir(cache.path().join("code")).unwrap().flatten();
+    assert_eq!(
+        cached.filter(|entry| entry.path().extension().is_some_and(|e| e == "cwasm")).count(),
+        1,
+        "the runtime's code was compiled once, for both builds"
+    );
+    assert!(a.path().join(&code.file).is_file() && b.path().join(&code.file).is_file());
 }
 
 #[test]
@@ -314,7 +321,8 @@ fn a_build_killed_at_any_moment_leaves_a_folder_the_next_build_repairs() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.iter().filter(|n| n.ends_with(".cwasm")).count(), 1, "one artifact: {names:?}");
+        // The build's state and the runtime's code.
+        assert_eq!(names.iter().filter(|n| n.ends_with(".cwasm")).count(), 2, "one artifact: {names:?}");
         assert!(!names.iter().any(|n| n.ends_with(".tmp")), "no half-written file left: {names:?}");
     }
 }
@@ -345,5 +353,5 @@ fn eight_concurrent_builds_of_one_new_file_all_succeed_with_the_same_artifact() 
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".cwasm"))
         .count();
-    assert_eq!(artifacts, 1, "one artifact, no leftovers");
+    assert_eq!(artifacts, 2, "one artifact (state and code), no leftovers");
 }

@@ -148,7 +148,7 @@ fn a_fan_out_spreads_over_workers_and_survives_a_killed_worker() {
         let projects: Vec<_> = std::fs::read_dir(worker.cache.path().join("cluster")).unwrap().flatten().collect();
         assert_eq!(projects.len(), 1, "one project in {name}'s cache");
         let files = std::fs::read_dir(projects[0].path()).unwrap().count();
-        assert_eq!(files, 2, "the manifest and its artifact in {name}'s cache");
+        assert_eq!(files, 3, "the manifest, its state and the runtime's code in {name}'s cache");
     }
 }
 

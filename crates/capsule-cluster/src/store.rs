@@ -25,18 +25,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
     move |source| ClusterError::Io { path: path.to_path_buf(), source }
 }
 
-/// Puts the manifest at `path` and its artifact in `store` unless they are there; returns
+/// Puts the manifest at `path` and its compiled files in `store` unless they are there; returns
 /// the manifest's sha256.
 pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String, ClusterError> {
     let text = tokio::fs::read(path).await.map_err(io(path))?;
     let manifest_sha256 = hex::encode(Sha256::digest(&text));
     let manifest = Manifest::from_toml(&String::from_utf8_lossy(&text), &path.display().to_string())
         .map_err(|e| ClusterError::BadManifest { sha256: manifest_sha256.clone(), message: e.to_string() })?;
-    let artifact = path.parent().unwrap_or(Path::new(".")).join(&manifest.artifact.file);
-    // The artifact first: a manifest in the store always has its artifact there too.
-    if store.info(&manifest.artifact.sha256).await.is_err() {
-        let mut file = tokio::fs::File::open(&artifact).await.map_err(io(&artifact))?;
-        store.put(manifest.artifact.sha256.as_str(), &mut file).await.map_err(|e| nats("artifact upload")(&e))?;
+    // The compiled files first: a manifest in the store always has its files there too.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (file, sha256) in compiled_files(&manifest) {
+        if store.info(sha256).await.is_err() {
+            let path = dir.join(file);
+            let mut file = tokio::fs::File::open(&path).await.map_err(io(&path))?;
+            store.put(sha256, &mut file).await.map_err(|e| nats("artifact upload")(&e))?;
+        }
     }
     if store.info(&manifest_sha256).await.is_err() {
         store.put(manifest_sha256.as_str(), &mut text.as_slice()).await.map_err(|e| nats("manifest upload")(&e))?;
@@ -44,7 +47,7 @@ pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String,
     Ok(manifest_sha256)
 }
 
-/// The manifest `sha256` and its artifact, in `cache` (fetched and checked unless already
+/// The manifest `sha256` and its compiled files, in `cache` (fetched and checked unless already
 /// there); returns the manifest's path there, ready for `Engine::load` (which checks the
 /// artifact's hash again before using it).
 pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> Result<PathBuf, ClusterError> {
@@ -65,14 +68,21 @@ pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> R
     let bad = |message: String| ClusterError::BadManifest { sha256: sha256.into(), message };
     let manifest =
         Manifest::from_toml(&String::from_utf8_lossy(&text), "manifest.toml").map_err(|e| bad(e.to_string()))?;
-    let artifact = &manifest.artifact;
-    if !is_sha256(&artifact.sha256) || artifact.file != format!("{}.cwasm", artifact.sha256) {
-        return Err(bad(format!("its artifact `{}` is not named by its sha256", artifact.file)));
+    for (file, sha256) in compiled_files(&manifest) {
+        if !is_sha256(sha256) || file != format!("{sha256}.cwasm") {
+            return Err(bad(format!("its compiled file `{file}` is not named by its sha256")));
+        }
+        fetch_checked(store, sha256, &dir.join(file)).await?;
     }
-    fetch_checked(store, &artifact.sha256, &dir.join(&artifact.file)).await?;
     // The manifest last: its presence says the folder is complete.
     write_atomically(&manifest_path, &text).await?;
     Ok(manifest_path)
+}
+
+/// The compiled files a manifest names (its build's state, the runtime's code), with their sha256.
+fn compiled_files(manifest: &Manifest) -> [(&str, &str); 2] {
+    let (artifact, code) = (&manifest.artifact, &manifest.artifact.code);
+    [(&artifact.file, &artifact.sha256), (&code.file, &code.sha256)]
 }
 
 /// Downloads object `sha256` to `dest`, hashing as it goes; only a file with that hash

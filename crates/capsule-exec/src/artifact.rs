@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use manifest_schema::{Explain, Manifest, ManifestError};
+use manifest_schema::{CompiledFile, Explain, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wasmtime::{Engine, Module};
@@ -104,7 +104,8 @@ fn remember(record: &Path, identity: &FileIdentity) {
     }
 }
 
-/// A built artifact on disk: its manifest and `.cwasm` beside it.
+/// A built artifact on disk: its manifest and, beside it, the `.cwasm` of its state and the
+/// runtime's code.
 pub struct Artifact;
 
 impl Artifact {
@@ -121,21 +122,22 @@ impl Artifact {
         Ok(manifest)
     }
 
-    /// The artifact of `manifest` (read from `manifest_path`), verified and deserialised.
-    pub fn load(engine: &Engine, manifest_path: &Path, manifest: &Manifest) -> Result<Module, LoadError> {
+    /// The file `compiled` beside the manifest at `manifest_path` (its state module or its
+    /// code module), verified against its sha256 and deserialised.
+    pub fn load(engine: &Engine, manifest_path: &Path, compiled: &CompiledFile) -> Result<Module, LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
-        let path = dir.join(&manifest.artifact.file);
+        let path = dir.join(&compiled.file);
         let started = std::time::Instant::now();
         let read_error = |source| LoadError::Read { path: path.clone(), source };
         let mut file = std::fs::File::open(&path).map_err(read_error)?;
-        let expected = &manifest.artifact.sha256;
+        let expected = &compiled.sha256;
         let identity = FileIdentity::of(&file).map_err(read_error)?;
         let record = verified_record(expected);
         if record.as_ref().and_then(|r| std::fs::read_to_string(r).ok()).as_deref() == Some(&identity.0) {
-            tracing::debug!(elapsed = ?started.elapsed(), "the artifact was verified before, unchanged since");
+            tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "verified before, unchanged since");
         } else {
             let actual = sha256_of_reader(&mut file).map_err(read_error)?;
-            tracing::debug!(elapsed = ?started.elapsed(), "hashed the artifact");
+            tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "hashed");
             if actual != *expected {
                 return Err(LoadError::HashMismatch { path, expected: expected.clone(), actual });
             }
@@ -150,7 +152,7 @@ impl Artifact {
         // rewrite the manifest beside it: the manifest is the root of trust.)
         let module = unsafe { Module::deserialize_open_file(engine, file) }
             .map_err(|e| LoadError::Deserialize { path, message: e.to_string() })?;
-        tracing::debug!(elapsed = ?started.elapsed(), "loaded the artifact");
+        tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "loaded");
         Ok(module)
     }
 }

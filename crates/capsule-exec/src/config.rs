@@ -52,7 +52,8 @@ pub fn config() -> Config {
     // PAGEMAP_SCAN where available) are copied back from the snapshot and stay mapped, so
     // the next run in that slot takes no page faults for them.
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_core_instances(MAX_LIVE_SANDBOXES)
+    // Two instances per sandbox: the build's state and the runtime's code (`Program`).
+    pool.total_core_instances(2 * MAX_LIVE_SANDBOXES)
         .total_memories(MAX_LIVE_SANDBOXES)
         .total_tables(MAX_LIVE_SANDBOXES)
         .total_stacks(MAX_LIVE_SANDBOXES)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use manifest_schema::{Explain, Manifest, Metering, Task};
+use manifest_schema::{CompiledFile, Explain, Manifest, Metering, Task};
 use python_runtime::{ErrorKind, GuestError, RegisteredTask};
 use serde_json::Value;
 use thiserror::Error;
@@ -188,6 +188,8 @@ pub struct Engine {
     time_metered: OnceLock<TickingEngine>,
     /// Verified artifacts by sha256, oldest first.
     loaded: Mutex<Vec<(String, Arc<Loaded>)>>,
+    /// Verified code modules by sha256, oldest first.
+    codes: Mutex<Vec<(String, wasmtime::Module)>>,
     /// Manifests read before, by path, with the size and times of the file then: a manifest
     /// unchanged since is not read again.
     manifests: Mutex<HashMap<PathBuf, (FileStamp, Arc<Loaded>)>>,
@@ -219,6 +221,7 @@ impl Engine {
             fuel_metered,
             time_metered: OnceLock::new(),
             loaded: Mutex::default(),
+            codes: Mutex::default(),
             manifests: Mutex::default(),
             call_ids: Arc::new(AtomicU64::new(1)),
         })
@@ -275,8 +278,9 @@ impl Engine {
         let engine = self
             .wasmtime(metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
-        let module = Artifact::load(engine, path, &manifest)?;
-        let program = Program::new(engine, &module, metering)
+        let state = Artifact::load(engine, path, &CompiledFile::named_by(sha256.clone()))?;
+        let code = self.code(engine, path, &manifest.artifact.code)?;
+        let program = Program::new(engine, &state, &code, metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
         let fresh = Arc::new(Loaded::new(manifest, program));
         if loaded.len() >= LOADED_ARTIFACTS {
@@ -286,14 +290,39 @@ impl Engine {
         Ok(fresh)
     }
 
-    /// What the snapshot compiled as `compiled` (by [`Engine::wasmtime`] of `metering`)
-    /// registered.
-    pub async fn inspect(&self, compiled: &[u8], metering: Metering) -> Result<Inspection, String> {
+    /// The runtime's code module `compiled`, beside the manifest at `path`; shared by every
+    /// artifact built on the same runtime, so loaded once.
+    fn code(
+        &self,
+        engine: &wasmtime::Engine,
+        path: &Path,
+        compiled: &CompiledFile,
+    ) -> Result<wasmtime::Module, LoadError> {
+        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, module)) = codes.iter().find(|(hash, _)| *hash == compiled.sha256) {
+            return Ok(module.clone());
+        }
+        let module = Artifact::load(engine, path, compiled)?;
+        if codes.len() >= LOADED_ARTIFACTS {
+            codes.remove(0);
+        }
+        codes.push((compiled.sha256.clone(), module.clone()));
+        Ok(module)
+    }
+
+    /// What the build's state module compiled as `state`, linked to `code` (both by
+    /// [`Engine::wasmtime`] of `metering`), registered.
+    pub async fn inspect(
+        &self,
+        state: &[u8],
+        code: &wasmtime::Module,
+        metering: Metering,
+    ) -> Result<Inspection, String> {
         let engine = self.wasmtime(metering).map_err(|e| e.to_string())?;
         // SAFETY: the builder passes bytes this engine's own compiler produced just now.
-        let module = unsafe { wasmtime::Module::deserialize(engine, compiled) }
+        let state = unsafe { wasmtime::Module::deserialize(engine, state) }
             .map_err(|e| format!("loading the compiled snapshot failed: {e}"))?;
-        let program = Program::new(engine, &module, metering).map_err(|e| e.to_string())?;
+        let program = Program::new(engine, &state, code, metering).map_err(|e| e.to_string())?;
         Ok(Inspection { tasks: program.describe().await?, initial_memory_bytes: program.initial_memory_bytes() })
     }
 

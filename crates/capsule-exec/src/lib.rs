@@ -47,5 +47,6 @@ pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
 pub use paths::{CACHE_DIR_ENV, cache_dir, interpreter_dir, saved_sessions_dir};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
+pub use sandbox::Program;
 pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;

@@ -1,12 +1,13 @@
 //! One attempt of one task: a fresh instance of the snapshot, with its own fuel, memory limit
 //! and deadline, that is thrown away afterwards. Nothing a task does survives into the next.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use manifest_schema::{Compute, Metering};
 use python_runtime::{ErrorKind, GuestError, InvokeReply, InvokeRequest, RegisteredTask, exports, unpack_buffer};
 use serde_json::Value;
-use wasmtime::{Engine, Instance, InstancePre, Module, Store, Trap, TypedFunc, UpdateDeadline};
+use wasmtime::{Engine, Extern, Instance, InstancePre, Module, ModuleExport, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::cancel::Cancel;
@@ -56,30 +57,65 @@ pub struct Attempt {
     pub stderr: Captured,
 }
 
-/// A loaded module, pre-linked so each attempt only instantiates it. Cloning is cheap.
+/// A loaded artifact, pre-linked so each attempt only instantiates it: the build's state
+/// module (memory image and globals, which imports the host functions) and the runtime's
+/// code module, which imports everything from it. Cloning is cheap.
 #[derive(Clone)]
 pub struct Program {
     engine: Engine,
-    pre: InstancePre<SandboxState>,
+    state: InstancePre<SandboxState>,
+    code: Module,
+    /// The state module's export for each import of the code module, in order.
+    links: Arc<[ModuleExport]>,
     metering: Metering,
 }
 
 const NO_RUN: &str = "this sandbox belongs to no run";
 
 impl Program {
-    /// `module` compiled by `engine`, whose code counts CPU by `metering`.
-    pub fn new(engine: &Engine, module: &Module, metering: Metering) -> wasmtime::Result<Self> {
-        let pre = linker(engine)?.instantiate_pre(module)?;
-        Ok(Self { engine: engine.clone(), pre, metering })
+    /// `state` and `code` compiled by `engine`, whose code counts CPU by `metering`.
+    pub fn new(engine: &Engine, state: &Module, code: &Module, metering: Metering) -> wasmtime::Result<Self> {
+        let pre = linker(engine)?.instantiate_pre(state)?;
+        let links = code
+            .imports()
+            .enumerate()
+            .map(|(position, import)| {
+                state.get_export_index(&position.to_string()).ok_or_else(|| {
+                    wasmtime::format_err!(
+                        "the state module has nothing for the code's import `{}.{}`",
+                        import.module(),
+                        import.name()
+                    )
+                })
+            })
+            .collect::<wasmtime::Result<_>>()?;
+        Ok(Self { engine: engine.clone(), state: pre, code: code.clone(), links, metering })
     }
 
-    /// Linear memory the module has before any code runs (the snapshot's size).
+    /// Linear memory the state module starts with (the snapshot's size).
     pub fn initial_memory_bytes(&self) -> u64 {
-        self.pre
+        self.state
             .module()
             .exports()
             .find_map(|export| export.ty().memory().map(|m| m.minimum() * m.page_size()))
             .unwrap_or(0)
+    }
+
+    /// An instance of the program in `store`: the state module's, then the code module's
+    /// linked to it. Fuel (when metered) is unlimited and epoch ticks yield until the caller
+    /// sets its limits.
+    pub async fn instantiate(&self, store: &mut Store<SandboxState>) -> wasmtime::Result<Instance> {
+        if self.metering == Metering::Fuel {
+            store.set_fuel(u64::MAX)?;
+        }
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let state = self.state.instantiate_async(&mut *store).await?;
+        let imports = self
+            .links
+            .iter()
+            .map(|link| state.get_module_export(&mut *store, link).expect("checked in `Program::new`"))
+            .collect::<Vec<Extern>>();
+        Instance::new_async(store, &self.code, &imports).await
     }
 
     /// A sandbox (store, WASI, limiter) for this program; instantiated on its first call.
@@ -170,11 +206,7 @@ impl Sandbox {
         if let Some(instance) = self.instance {
             return Ok(instance);
         }
-        if self.program.metering == Metering::Fuel {
-            self.store.set_fuel(u64::MAX)?;
-        }
-        self.store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-        let instance = self.program.pre.instantiate_async(&mut self.store).await?;
+        let instance = self.program.instantiate(&mut self.store).await?;
         self.instance = Some(instance);
         Ok(instance)
     }

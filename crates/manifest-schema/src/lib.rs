@@ -26,7 +26,7 @@ pub use signature::{Parameter, Scalar, Signature, TypeHint};
 pub use units::{ByteSize, Compute, Timeout, parse_duration, parse_memory};
 
 /// The manifest format this crate reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +103,36 @@ pub struct Artifact {
     /// when a task has `allowed_files`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_root: Option<String>,
+    /// The runtime's compiled code, which the file above (this build's memory image and
+    /// globals) is linked to: the same file for every build on the same runtime.
+    pub code: CompiledFile,
+}
+
+/// A precompiled module beside the manifest, named by its sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompiledFile {
+    /// `<sha256>.cwasm`.
+    pub file: String,
+    pub sha256: String,
+}
+
+impl CompiledFile {
+    pub fn named_by(sha256: String) -> Self {
+        Self { file: format!("{sha256}.cwasm"), sha256 }
+    }
+
+    /// A bare file name beside the manifest, never a path elsewhere, named by its hash.
+    fn validate(&self, field: &str) -> Result<(), String> {
+        let sha = &self.sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err(format!("`{field}.sha256` must be 64 lowercase hex digits, not `{sha}`"));
+        }
+        if self.file != format!("{sha}.cwasm") {
+            return Err(format!("`{field}.file` must be `{sha}.cwasm` (named by its hash), not `{}`", self.file));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,17 +187,8 @@ impl Manifest {
                 self.schema_version
             ));
         }
-        let sha = &self.artifact.sha256;
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-            return Err(format!("`artifact.sha256` must be 64 lowercase hex digits, not `{sha}`"));
-        }
-        // The artifact is a bare file name beside the manifest: never a path elsewhere.
-        if self.artifact.file != format!("{sha}.cwasm") {
-            return Err(format!(
-                "`artifact.file` must be `{sha}.cwasm` (named by its hash), not `{}`",
-                self.artifact.file
-            ));
-        }
+        CompiledFile { file: self.artifact.file.clone(), sha256: self.artifact.sha256.clone() }.validate("artifact")?;
+        self.artifact.code.validate("artifact.code")?;
         if self.tasks.is_empty() {
             return Err("`tasks` is empty".into());
         }
@@ -220,6 +241,7 @@ mod tests {
                 source: "hello.py".into(),
                 initial_memory_bytes: 30 << 20,
                 project_root: Some("/home/user/project".into()),
+                code: CompiledFile::named_by("ef".repeat(32)),
             },
             tasks: vec![
                 Task {
@@ -311,6 +333,7 @@ mod tests {
         insta::assert_snapshot!(error_for(|m| m.tasks.clear()));
         insta::assert_snapshot!(error_for(|m| m.tasks[0].options.env_passthrough.push("MODE".into())));
         insta::assert_snapshot!(error_for(|m| m.tasks[0].options.allowed_files[0].path = "../etc".into()));
+        insta::assert_snapshot!(error_for(|m| m.artifact.code.file = "../code.cwasm".into()));
     }
 
     #[test]

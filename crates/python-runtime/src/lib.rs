@@ -91,7 +91,7 @@ pub const BLAS_MODULE: &str = "capsule_blas";
 
 /// Functions the runtime exports.
 pub mod exports {
-    /// `() -> ()`: Wizer's initialisation entry; reads an [`InitRequest`](super::InitRequest) on stdin.
+    /// `() -> ()`: the build's initialisation entry; reads an [`InitRequest`](super::InitRequest) on stdin.
     pub const INITIALIZE: &str = "capsule_initialize";
     /// `() -> i64`: the registered tasks as JSON ([`RegisteredTask`](super::RegisteredTask) list).
     pub const DESCRIBE: &str = "capsule_describe";

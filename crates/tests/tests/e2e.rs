@@ -2,6 +2,7 @@
 //! refusal of tampered artifacts.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 
 use capsule_exec::LoadError;
 use python_runtime::ErrorKind;
@@ -89,6 +90,15 @@ fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
     assert!(!edited.cache_hit);
     assert_ne!(edited.manifest.artifact.sha256, first.manifest.artifact.sha256);
     assert!(!out.join(&first.manifest.artifact.file).exists(), "the old artifact is cleaned up");
+    // The runtime's code is compiled once: the edit reused the cache's entry, which the
+    // output folder links to, rather than compiling it again.
+    assert_eq!(edited.manifest.artifact.code, first.manifest.artifact.code);
+    let code = fs::metadata(out.join(&edited.manifest.artifact.code.file)).unwrap();
+    let cached = fs::read_dir(capsule_exec::cache_dir().unwrap().join("code")).unwrap();
+    assert!(
+        cached.flatten().any(|entry| entry.metadata().is_ok_and(|m| m.ino() == code.ino())),
+        "the output's code file is the cache's entry"
+    );
     assert_eq!(load(edited).run("main", vec![]).result, json!(2));
 }
 
@@ -103,6 +113,7 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let manifest_path = copy.path().join(capsule_build::MANIFEST_FILE);
     let manifest_text = fs::read_to_string(&manifest_path).unwrap();
     let artifact = copy.path().join(&built.output.manifest.artifact.file);
+    let code = copy.path().join(&built.output.manifest.artifact.code.file);
     // A fresh engine each time, as a new process would be: an engine reuses an artifact it
     // has verified before (by its hash) without reading the file again.
     let runner = || capsule_exec::Engine::new().unwrap();
@@ -118,6 +129,15 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     assert!(error.to_string().contains("does not match its manifest"), "{error}");
     bytes[middle] ^= 0xff;
     fs::write(&artifact, &bytes).unwrap();
+
+    // The same in the runtime's compiled code.
+    let original = fs::read(&code).unwrap();
+    let mut flipped = original.clone();
+    flipped[original.len() / 2] ^= 0xff;
+    fs::write(&code, &flipped).unwrap();
+    let error = runner().load(&manifest_path).err().expect("tampered code");
+    assert!(matches!(&error, LoadError::HashMismatch { path, .. } if *path == code), "{error}");
+    fs::write(&code, &original).unwrap();
 
     // Loaded once, the artifact is known by its file's identity; a change in place, with
     // its modification time set back, is still found (the change time moved).
@@ -144,7 +164,8 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let other_hash = "0".repeat(64);
     let message = refuse(manifest_text.replace(&built.output.manifest.artifact.sha256, &other_hash));
     assert!(message.contains("cannot read artifact") || message.contains("does not match"), "{message}");
-    let message = refuse(manifest_text.replace("schema_version = 2", "schema_version = 2\nunsigned = true"));
+    let version = format!("schema_version = {}", manifest_schema::SCHEMA_VERSION);
+    let message = refuse(manifest_text.replace(&version, &format!("{version}\nunsigned = true")));
     assert!(message.contains("unknown field `unsigned`"), "{message}");
     let fingerprint = &built.output.manifest.engine.fingerprint;
     let message = refuse(manifest_text.replace(fingerprint.as_str(), &"1".repeat(64)));

@@ -1,4 +1,4 @@
-//! The CPython runtime, exercised through the real toolchain: a Wizer snapshot of real
+//! The CPython runtime, exercised through the real toolchain: a snapshot of real
 //! Python, precompiled, run by wasmtime.
 
 use python_runtime::ErrorKind;

@@ -49,11 +49,16 @@ pub fn measure(settings: &Settings, peers: &Peers, rows: &mut Vec<Row>) {
     ));
     let runtime = python_runtime::Flavour::Data.beside(&python_runtime::runtime_path());
     let runtime_bytes = fs::metadata(&runtime).map(|m| m.len()).unwrap_or_default();
-    let artifact = first.out_dir().join(&first.output.manifest.artifact.file);
-    let artifact_bytes = fs::metadata(&artifact).map(|m| m.len()).unwrap_or_default();
+    let size = |file: &str| fs::metadata(first.out_dir().join(file)).map(|m| m.len()).unwrap_or_default();
+    let artifact = &first.output.manifest.artifact;
     rows.push(row(
-        "data runtime: module, and a project's compiled artifact",
-        format!("{} module, {} artifact", mib(runtime_bytes), mib(artifact_bytes)),
+        "data runtime: module, a project's compiled state, the runtime's compiled code",
+        format!(
+            "{} module, {} state, {} code",
+            mib(runtime_bytes),
+            mib(size(&artifact.file)),
+            mib(size(&artifact.code.file))
+        ),
         format!("{} snapshot heap", mib(first.output.manifest.artifact.initial_memory_bytes)),
         None,
         "",
