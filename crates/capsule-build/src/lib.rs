@@ -16,12 +16,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{Engine, Program, WASMTIME_VERSION, sha256_hex};
+use capsule_exec::{Engine, WASMTIME_VERSION, sha256_hex};
 use manifest_schema::{Artifact, Compute, Manifest, SCHEMA_VERSION, Task};
 use python_runtime::{Flavour, InitRequest, RegisteredTask};
 use sha2::{Digest, Sha256};
 use snapshot::RuntimeCode;
-use split::{Layout, State};
+use split::Layout;
 
 pub use cache::{CACHE_DIR_ENV, cache_dir};
 pub use discover::{Diagnostic, Diagnostics};
@@ -175,20 +175,9 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     let code = RuntimeCode::get(wasmtime, &layout, &runtime, &runtime_sha256, project.metering)?;
     let mut compile_time = compile_started.elapsed();
     let snapshot_started = Instant::now();
-    let compile = |state: &State| {
-        let wasm = layout.state_module(state).map_err(|e| BuildError::message(e.to_string()))?;
-        wasmtime
-            .precompile_module(&wasm)
-            .map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))
-    };
-    let compiled_initial = compile(&initial)?;
-    // SAFETY: bytes this engine's own compiler produced just now.
-    let initial = unsafe { wasmtime::Module::deserialize(wasmtime, &compiled_initial) }
-        .map_err(|e| BuildError::message(format!("loading the runtime's initial state failed: {e}")))?;
-    let program = Program::new(wasmtime, &initial, &code.module, project.metering)
-        .map_err(|e| BuildError::message(format!("linking the runtime failed: {e:#}")))?;
-    let state =
-        snapshot::snapshot(wasmtime, &program, layout.globals(), &request, hash_seed).await.map_err(|error| {
+    let state = snapshot::snapshot(wasmtime, &layout, &initial, &code.module, project.metering, &request, hash_seed)
+        .await
+        .map_err(|error| {
             match (error, &project.dependencies) {
                 // An import that failed for want of a compiled file the install left out says so.
                 (BuildError::Other(problem), Some(installed)) => match installed.explain(&problem.message) {
@@ -201,7 +190,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     let snapshot_time = snapshot_started.elapsed();
 
     let compile_started = Instant::now();
-    let compiled = compile(&state)?;
+    let compiled = snapshot::compile_state(wasmtime, &layout, &state)?;
     compile_time += compile_started.elapsed();
     let inspection = engine.inspect(&compiled, &code.module, project.metering).await.map_err(BuildError::message)?;
     let registered = inspection.tasks;

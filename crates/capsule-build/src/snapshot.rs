@@ -135,13 +135,10 @@ impl RuntimeCode {
         }
     }
 
-    /// Puts the compiled code in `dir` under its name, unless it is there: a hard link to
-    /// the cache entry where possible.
+    /// Puts the compiled code in `dir` under its name: a hard link to the cache entry where
+    /// possible. A file already there is replaced, in case it was damaged.
     pub fn place(&self, dir: &Path) -> std::io::Result<()> {
         let dest = dir.join(&self.compiled.file);
-        if dest.is_file() {
-            return Ok(());
-        }
         let tmp = dir.join(format!(".{}.{}.tmp", self.compiled.file, std::process::id()));
         match &self.origin {
             Origin::Cached(path) => {
@@ -151,19 +148,37 @@ impl RuntimeCode {
             }
             Origin::Fresh(bytes) => std::fs::write(&tmp, bytes)?,
         }
-        std::fs::rename(&tmp, &dest)
+        std::fs::rename(&tmp, &dest)?;
+        // Renaming onto another link of the same file does nothing: the temporary remains.
+        let _ = std::fs::remove_file(&tmp);
+        Ok(())
     }
 }
 
-/// Runs the runtime's initialisation with `request` in `program` (the runtime's code linked
-/// to its initial state) and returns the memory and globals it ends with.
+/// `state` as a state module of `layout`'s runtime, compiled by `engine`.
+pub fn compile_state(engine: &wasmtime::Engine, layout: &Layout, state: &State) -> Result<Vec<u8>, BuildError> {
+    let wasm = layout.state_module(state).map_err(|e| BuildError::message(e.to_string()))?;
+    engine.precompile_module(&wasm).map_err(|e| BuildError::message(format!("compiling the snapshot failed: {e:#}")))
+}
+
+/// Runs the runtime's initialisation with `request` in its `code` (compiled by `engine`, of
+/// `metering`) linked to its `initial` state, and returns the memory and globals it ends with.
 pub async fn snapshot(
     engine: &wasmtime::Engine,
-    program: &Program,
-    globals: usize,
+    layout: &Layout,
+    initial: &State,
+    code: &wasmtime::Module,
+    metering: Metering,
     request: &InitRequest,
     hash_seed: u32,
 ) -> Result<State, BuildError> {
+    let initial = compile_state(engine, layout, initial)?;
+    // SAFETY: bytes this engine's own compiler produced just now.
+    let initial = unsafe { wasmtime::Module::deserialize(engine, &initial) }
+        .map_err(|e| BuildError::message(format!("loading the runtime's initial state failed: {e}")))?;
+    let program = Program::new(engine, &initial, code, metering)
+        .map_err(|e| BuildError::message(format!("linking the runtime failed: {e:#}")))?;
+    let globals = layout.globals();
     let stdin = serde_json::to_vec(request).expect("init requests serialise");
     let stdout = TeeOutput::quiet(Stream::Stdout);
     let stderr = TeeOutput::quiet(Stream::Stderr);

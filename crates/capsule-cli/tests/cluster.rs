@@ -145,8 +145,14 @@ fn a_fan_out_spreads_over_workers_and_survives_a_killed_worker() {
 
     // Each worker that ran calls fetched the project into its own cache, checked.
     for (worker, name) in workers.iter().zip(["w1", "w2", "w3"]).filter(|(_, name)| names.contains(name)) {
-        let projects: Vec<_> = std::fs::read_dir(worker.cache.path().join("cluster")).unwrap().flatten().collect();
+        let projects: Vec<_> = std::fs::read_dir(worker.cache.path().join("cluster"))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name() != "compiled")
+            .collect();
         assert_eq!(projects.len(), 1, "one project in {name}'s cache");
+        let shared = std::fs::read_dir(worker.cache.path().join("cluster/compiled")).unwrap().count();
+        assert_eq!(shared, 2, "each compiled file once in {name}'s shared folder");
         let files = std::fs::read_dir(projects[0].path()).unwrap().count();
         assert_eq!(files, 3, "the manifest, its state and the runtime's code in {name}'s cache");
     }

@@ -14,6 +14,10 @@ use crate::{ClusterError, nats};
 /// The largest manifest a worker reads.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
+/// The folder of a worker's cache holding each compiled file once, by name, whichever
+/// projects name it: the runtime's code is the same file for every project on a runtime.
+const SHARED_FILES: &str = "compiled";
+
 /// A name beside `path` for writing before renaming into place, unique to this process and call.
 fn partial(path: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -47,9 +51,10 @@ pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String,
     Ok(manifest_sha256)
 }
 
-/// The manifest `sha256` and its compiled files, in `cache` (fetched and checked unless already
-/// there); returns the manifest's path there, ready for `Engine::load` (which checks the
-/// artifact's hash again before using it).
+/// The manifest `sha256` and its compiled files, in `cache/<sha256>/` (each file fetched and
+/// checked once into the shared folder, unless already there, and linked); returns the
+/// manifest's path there, ready for `Engine::load` (which checks the hashes again before
+/// using the files).
 pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> Result<PathBuf, ClusterError> {
     debug_assert!(is_sha256(sha256), "checked when the message was parsed");
     let dir = cache.join(sha256);
@@ -57,7 +62,9 @@ pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> R
     if tokio::fs::try_exists(&manifest_path).await.unwrap_or(false) {
         return Ok(manifest_path);
     }
-    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+    for folder in [dir.clone(), cache.join(SHARED_FILES)] {
+        tokio::fs::create_dir_all(&folder).await.map_err(io(&folder))?;
+    }
     let mut text = Vec::new();
     let object = store.get(sha256).await.map_err(|_| ClusterError::MissingArtifact(sha256.into()))?;
     object.take(MAX_MANIFEST_BYTES).read_to_end(&mut text).await.map_err(|e| nats("manifest download")(&e))?;
@@ -72,7 +79,9 @@ pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> R
         if !is_sha256(sha256) || file != format!("{sha256}.cwasm") {
             return Err(bad(format!("its compiled file `{file}` is not named by its sha256")));
         }
-        fetch_checked(store, sha256, &dir.join(file)).await?;
+        let shared = cache.join(SHARED_FILES).join(file);
+        fetch_checked(store, sha256, &shared).await?;
+        link_or_copy(&shared, &dir.join(file)).await?;
     }
     // The manifest last: its presence says the folder is complete.
     write_atomically(&manifest_path, &text).await?;
@@ -112,6 +121,16 @@ async fn fetch_checked(store: &ObjectStore, sha256: &str, dest: &Path) -> Result
         return Err(ClusterError::Tampered { sha256: sha256.into(), actual });
     }
     tokio::fs::rename(&partial, dest).await.map_err(io(dest))
+}
+
+/// `target` at `link` too: a hard link, else a copy.
+async fn link_or_copy(target: &Path, link: &Path) -> Result<(), ClusterError> {
+    if tokio::fs::try_exists(link).await.unwrap_or(false) || tokio::fs::hard_link(target, link).await.is_ok() {
+        return Ok(());
+    }
+    let partial = partial(link);
+    tokio::fs::copy(target, &partial).await.map_err(io(&partial))?;
+    tokio::fs::rename(&partial, link).await.map_err(io(link))
 }
 
 async fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {

@@ -114,6 +114,24 @@ fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
 }
 
 #[test]
+fn a_rebuild_replaces_a_damaged_copy_of_the_runtimes_code() {
+    let project = tempfile::tempdir().unwrap();
+    let entry = project.path().join("app.py");
+    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 1\n").unwrap();
+    let out = project.path().join("out");
+    let built = build_into(&entry, &out, false);
+    let code = out.join(&built.manifest.artifact.code.file);
+    // A new file in its place: writing through the link would change the cache's entry.
+    fs::remove_file(&code).unwrap();
+    fs::write(&code, b"damaged").unwrap();
+    let runner = || capsule_exec::Engine::new().unwrap();
+    let error = runner().load(&built.manifest_path).err().expect("damaged code");
+    assert!(matches!(error, LoadError::HashMismatch { .. }), "{error}");
+    build_into(&entry, &out, true);
+    assert!(runner().load(&built.manifest_path).is_ok(), "the rebuild put the code back");
+}
+
+#[test]
 fn a_tampered_artifact_or_manifest_is_refused() {
     let built = shared(MULTI);
     let copy = tempfile::tempdir().unwrap();
