@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use capsule_exec::LoadError;
 use python_runtime::ErrorKind;
@@ -84,19 +85,31 @@ fn rebuilding_from_clean_is_byte_identical() {
     assert_eq!(fs::read_to_string(&first.manifest_path).unwrap(), fs::read_to_string(&second.manifest_path).unwrap());
 }
 
-#[test]
-fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
+/// Writes `entry` with one task, `main`, that returns `value`.
+fn write_main_returning(entry: &Path, value: u32) {
+    fs::write(entry, format!("from capsule import task\n\n@task\ndef main():\n    return {value}\n")).unwrap();
+}
+
+/// A new project (kept while the folder lives) whose `app.py` returns `value`, with its entry
+/// file and output folder.
+fn project_returning(value: u32) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let project = tempfile::tempdir().unwrap();
     let entry = project.path().join("app.py");
-    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 1\n").unwrap();
+    write_main_returning(&entry, value);
     let out = project.path().join("out");
+    (project, entry, out)
+}
+
+#[test]
+fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
+    let (_project, entry, out) = project_returning(1);
     let first = build_into(&entry, &out, false);
     assert!(!first.cache_hit);
     let again = build_into(&entry, &out, false);
     assert!(again.cache_hit, "nothing changed");
     assert_eq!(again.manifest, first.manifest);
 
-    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 2\n").unwrap();
+    write_main_returning(&entry, 2);
     let edited = build_into(&entry, &out, false);
     assert!(!edited.cache_hit);
     assert_ne!(edited.manifest.artifact.sha256, first.manifest.artifact.sha256);
@@ -115,10 +128,7 @@ fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
 
 #[test]
 fn a_rebuild_replaces_a_damaged_copy_of_the_runtimes_code() {
-    let project = tempfile::tempdir().unwrap();
-    let entry = project.path().join("app.py");
-    fs::write(&entry, "from capsule import task\n\n@task\ndef main():\n    return 1\n").unwrap();
-    let out = project.path().join("out");
+    let (_project, entry, out) = project_returning(1);
     let built = build_into(&entry, &out, false);
     let code = out.join(&built.manifest.artifact.code.file);
     // A new file in its place: writing through the link would change the cache's entry.
