@@ -28,6 +28,23 @@ use crate::stamp::FileStamp;
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
 const LOADED_ARTIFACTS: usize = 64;
 
+/// Up to [`LOADED_ARTIFACTS`] values by the sha256 of the file they were loaded from, oldest
+/// first.
+struct ByHash<T>(Vec<(String, T)>);
+
+impl<T> ByHash<T> {
+    fn get(&self, sha256: &str) -> Option<&T> {
+        self.0.iter().find(|(hash, _)| hash == sha256).map(|(_, value)| value)
+    }
+
+    fn insert(&mut self, sha256: String, value: T) {
+        if self.0.len() >= LOADED_ARTIFACTS {
+            self.0.remove(0);
+        }
+        self.0.push((sha256, value));
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error("cannot set up the engine: {0}")]
@@ -187,9 +204,9 @@ pub struct Engine {
     fuel_metered: TickingEngine,
     time_metered: OnceLock<TickingEngine>,
     /// Verified artifacts by sha256, oldest first.
-    loaded: Mutex<Vec<(String, Arc<Loaded>)>>,
+    loaded: Mutex<ByHash<Arc<Loaded>>>,
     /// Verified code modules by sha256, oldest first.
-    codes: Mutex<Vec<(String, wasmtime::Module)>>,
+    codes: Mutex<ByHash<wasmtime::Module>>,
     /// Manifests read before, by path, with the size and times of the file then: a manifest
     /// unchanged since is not read again.
     manifests: Mutex<HashMap<PathBuf, (FileStamp, Arc<Loaded>)>>,
@@ -220,8 +237,8 @@ impl Engine {
             config: config.clone(),
             fuel_metered,
             time_metered: OnceLock::new(),
-            loaded: Mutex::default(),
-            codes: Mutex::default(),
+            loaded: Mutex::new(ByHash(Vec::new())),
+            codes: Mutex::new(ByHash(Vec::new())),
             manifests: Mutex::default(),
             call_ids: Arc::new(AtomicU64::new(1)),
         })
@@ -271,7 +288,7 @@ impl Engine {
         let manifest = Artifact::manifest(path)?;
         let sha256 = manifest.artifact.sha256.clone();
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, known)) = loaded.iter().find(|(hash, _)| *hash == sha256) {
+        if let Some(known) = loaded.get(&sha256) {
             return Ok(Arc::new(known.with_manifest(manifest)));
         }
         let metering = manifest.engine.metering;
@@ -283,10 +300,7 @@ impl Engine {
         let program = Program::new(engine, &state, &code, metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
         let fresh = Arc::new(Loaded::new(manifest, program));
-        if loaded.len() >= LOADED_ARTIFACTS {
-            loaded.remove(0);
-        }
-        loaded.push((sha256, fresh.clone()));
+        loaded.insert(sha256, fresh.clone());
         Ok(fresh)
     }
 
@@ -299,14 +313,11 @@ impl Engine {
         compiled: &CompiledFile,
     ) -> Result<wasmtime::Module, LoadError> {
         let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, module)) = codes.iter().find(|(hash, _)| *hash == compiled.sha256) {
+        if let Some(module) = codes.get(&compiled.sha256) {
             return Ok(module.clone());
         }
         let module = Artifact::load(engine, path, compiled)?;
-        if codes.len() >= LOADED_ARTIFACTS {
-            codes.remove(0);
-        }
-        codes.push((compiled.sha256.clone(), module.clone()));
+        codes.insert(compiled.sha256.clone(), module.clone());
         Ok(module)
     }
 
