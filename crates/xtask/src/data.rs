@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::layers::{PypiFile, data_dir, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{RegistryFile, data_dir, fresh_layer, hex_sha256, make_jobs, tree_contents};
 use crate::openblas::{self, OpenBlas};
 use crate::toolchain::{self, Wrappers};
 use crate::util::{run, write_executable};
@@ -30,7 +30,7 @@ use crate::util::{run, write_executable};
 struct MesonPackage {
     name: &'static str,
     version: &'static str,
-    sdist: PypiFile,
+    sdist: RegistryFile,
     /// Options to `meson setup`.
     options: &'static [&'static str],
     /// Objects (a shell `case` pattern on the object's path) and the header force-included
@@ -48,7 +48,7 @@ struct MesonPackage {
 const NUMPY: MesonPackage = MesonPackage {
     name: "numpy",
     version: "2.4.6",
-    sdist: PypiFile {
+    sdist: RegistryFile {
         file: "numpy-2.4.6.tar.gz",
         url: "https://files.pythonhosted.org/packages/d0/ad/fed0499ce6a338d2a03ebae59cd15093910c8875328855781952abf6c2fe/numpy-2.4.6.tar.gz",
         sha256: "f3a3570c4a2a16746ac2c31a7c7c7b0c186b95ce902e33db6f28094ed7387dda",
@@ -68,7 +68,7 @@ const NUMPY: MesonPackage = MesonPackage {
 const PANDAS: MesonPackage = MesonPackage {
     name: "pandas",
     version: "3.0.6",
-    sdist: PypiFile {
+    sdist: RegistryFile {
         file: "pandas-3.0.6.tar.gz",
         url: "https://files.pythonhosted.org/packages/e2/17/d7b106e05bfa642e8694451e7d3d759c6a241c5386a5d962e4f66c047e06/pandas-3.0.6.tar.gz",
         sha256: "66b07ef7315a31bfe1089cd3d71a7de781c9dca986762d0b4fe7c0ef17465d10",
@@ -93,13 +93,13 @@ impl MesonPackage {
 const PACKAGES: &[&MesonPackage] = &[&NUMPY, &PANDAS];
 
 /// The pure-Python packages pandas imports, packed from their wheels.
-pub const PURE_WHEELS: &[PypiFile] = &[
-    PypiFile {
+pub const PURE_WHEELS: &[RegistryFile] = &[
+    RegistryFile {
         file: "python_dateutil-2.9.0.post0-py2.py3-none-any.whl",
         url: "https://files.pythonhosted.org/packages/ec/57/56b9bcc3c9c6a792fcbaf139543cee77261f3651ca9da0c93f5c1221264b/python_dateutil-2.9.0.post0-py2.py3-none-any.whl",
         sha256: "a8b2bc7bffae282281c8140a97d3aa9c14da0b136dfe83f850eea9a5f7470427",
     },
-    PypiFile {
+    RegistryFile {
         file: "six-1.17.0-py2.py3-none-any.whl",
         url: "https://files.pythonhosted.org/packages/b7/ce/149a00dd41f10bc29e5921b496af8b574d8413afcd5e30dfa0ed46c2cc5e/six-1.17.0-py2.py3-none-any.whl",
         sha256: "4721f391ed90541fddacab5acf947aa0d3dc7d27b2e1e8eda2be8970586c3274",
@@ -107,13 +107,13 @@ pub const PURE_WHEELS: &[PypiFile] = &[
 ];
 
 /// Compiled for CPython 3.13, the native build Python that runs it.
-const CYTHON_WHEEL: PypiFile = PypiFile {
+const CYTHON_WHEEL: RegistryFile = RegistryFile {
     file: "cython-3.1.8-cp313-cp313-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
     url: "https://files.pythonhosted.org/packages/97/59/aaa43285de4970857787c4f43ae5a4f6bb40001c161552e1fe1b6bb5274b/cython-3.1.8-cp313-cp313-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
     sha256: "03959ed8996e16550267469187442f3926ea3ba4bb220a06714e6203e4cb6017",
 };
 
-const NINJA_WHEEL: PypiFile = PypiFile {
+const NINJA_WHEEL: RegistryFile = RegistryFile {
     file: "ninja-1.13.2-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
     url: "https://files.pythonhosted.org/packages/6e/53/ebfed7b689c338dd8ebeec9c0730c8d56821292f14e2536e5f3ef1a05744/ninja-1.13.2-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
     sha256: "65a24341b5ac09fcadcc37082660be40a94174e51a937fabf6e2cae26225fa2c",

@@ -15,14 +15,14 @@ pub fn data_dir() -> PathBuf {
     workspace_root().join("crates/python-runtime/data")
 }
 
-/// A file from PyPI, pinned by sha256.
-pub struct PypiFile {
+/// A file from a package registry (PyPI, crates.io), pinned by sha256.
+pub struct RegistryFile {
     pub file: &'static str,
     pub url: &'static str,
     pub sha256: &'static str,
 }
 
-impl PypiFile {
+impl RegistryFile {
     /// The file in `downloads`, downloaded unless it is already there.
     pub fn fetch(&self, downloads: &Path) -> Result<PathBuf> {
         fetch_pinned(&downloads.join(self.file), self.sha256, || Ok(self.url.to_string()))

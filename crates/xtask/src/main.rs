@@ -6,6 +6,7 @@ mod layers;
 mod nats;
 mod openblas;
 mod peers;
+mod pgo;
 mod runtime;
 mod toolchain;
 mod util;
@@ -18,7 +19,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use python_runtime::Flavour;
 
-use crate::util::{run, workspace_root};
+use crate::util::{cargo, run, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Capsule's build, demo and CI tasks")]
@@ -136,12 +137,6 @@ fn parse_flavour(text: &str) -> Result<Flavour, String> {
         "data" => Ok(Flavour::Data),
         _ => Err(format!("`{text}` is not a runtime flavour: `base` or `data`")),
     }
-}
-
-fn cargo() -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(workspace_root());
-    command
 }
 
 fn demo() -> Result<()> {

@@ -9,13 +9,15 @@
 //! inputs did not change reuses them; a lock file serialises builders sharing that folder.
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
 //! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
-//!    SQLite and liblzma included;
+//!    SQLite and liblzma included, with CPython's small-object allocator (pymalloc, which
+//!    CPython's configure leaves out on WASI) and optimised with a profile of its own test
+//!    suite's training set run under wasmtime ([`crate::pgo`]);
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
 //!
 //! Inputs are pinned by sha256: the upstream tarballs of CPython, zlib, bzip2, SQLite and xz from Debian's source
-//! packages, the `tzdata` wheel from PyPI.
+//! packages, the `tzdata` wheel from PyPI, the `minicov` crate (LLVM's profile runtime) from crates.io.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
 //! `crates/python-runtime/{c,python,build}`: when it matches, nothing is done.
@@ -30,13 +32,14 @@ use anyhow::{Context, Result, bail};
 use python_runtime::Flavour;
 
 use crate::data::{self, DataSources, TargetPython};
-use crate::layers::{DebianSource, PypiFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{DebianSource, RegistryFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::pgo;
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
 
 const CPYTHON_VERSION: &str = "3.13.5";
 /// `major.minor`, as in CPython's folder names.
-const PYTHON_MINOR: &str = "3.13";
+pub const PYTHON_MINOR: &str = "3.13";
 const CPYTHON_SOURCE: DebianSource = DebianSource {
     package: "python3.13",
     tarball: "python3.13_3.13.5.orig.tar.xz",
@@ -161,7 +164,7 @@ const C_LIBRARIES: &[CLibrary] = &[
 ];
 
 /// IANA time zone data for `zoneinfo`, as the `tzdata` wheel on PyPI packages it.
-const TZDATA_WHEEL: PypiFile = PypiFile {
+const TZDATA_WHEEL: RegistryFile = RegistryFile {
     file: "tzdata-2026.6-py2.py3-none-any.whl",
     url: "https://files.pythonhosted.org/packages/0a/66/9a06c2227fedfd4919f0eaaa8b94377d9730882a7e4f95823c9a331ab5e1/tzdata-2026.6-py2.py3-none-any.whl",
     sha256: "0a10eec6e13ef16b627fabed9a5f2ba61a62b1c67f327305f4e7e412a70b4aec",
@@ -231,6 +234,7 @@ fn cpython_key() -> Result<String> {
         toolchain::fingerprint(toolchain::PACKAGES).as_bytes(),
         &config_site,
         configure_args_fingerprint().as_bytes(),
+        pgo::fingerprint()?.as_bytes(),
     ]))
 }
 
@@ -260,7 +264,11 @@ fn configure_args_fingerprint() -> String {
     WASI_CONFIGURE_ARGS.join(" ")
 }
 
-const WASI_CONFIGURE_ARGS: &[&str] = &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no"];
+/// `--with-pymalloc`: CPython's configure turns its small-object allocator off for WASI, and
+/// every object then costs a trip through wasi-libc's `malloc` (about a third of a string- or
+/// dict-heavy loop's time).
+const WASI_CONFIGURE_ARGS: &[&str] =
+    &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no", "--with-pymalloc"];
 
 /// Builds the runtime of `flavour` if its inputs changed; returns the installed module.
 pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
@@ -360,6 +368,8 @@ struct Sources {
     /// The tarballs of [`C_LIBRARIES`], in order.
     libraries: Vec<PathBuf>,
     tzdata: PathBuf,
+    /// The `minicov` crate, for the profile-guided build.
+    profile_runtime: PathBuf,
     /// For the data flavour.
     data: Option<DataSources>,
 }
@@ -371,6 +381,7 @@ impl Sources {
             cpython: CPYTHON_SOURCE.fetch(&downloads)?,
             libraries: C_LIBRARIES.iter().map(|l| l.source.fetch(&downloads)).collect::<Result<_>>()?,
             tzdata: TZDATA_WHEEL.fetch(&downloads)?,
+            profile_runtime: pgo::PROFILE_RUNTIME.fetch(&downloads)?,
             data: match flavour {
                 Flavour::Base => None,
                 Flavour::Data => Some(DataSources::fetch(&downloads)?),
@@ -624,7 +635,9 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
-    run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build).env("SOURCE_DATE_EPOCH", "0"))?;
+    let cpython = pgo::Build { src: &src, build: &build, cc: &wrappers.cc };
+    let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
+    run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
     fs::write(dir.join(".complete"), "")?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
     Ok(libs)

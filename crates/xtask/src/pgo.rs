@@ -1,0 +1,232 @@
+//! Profile-guided optimisation of `libpython`: CPython is compiled once with counters
+//! (`-fprofile-generate`), that build runs the training set of CPython's own test suite
+//! (`python -m test --pgo`, the run CPython's `--enable-optimizations` uses) under wasmtime, and
+//! the counts decide the optimised compile (`-fprofile-use`): which calls are inlined, which
+//! paths fall through, which indirect calls are promoted to direct ones.
+//!
+//! The training must count the same on every run, or the runtime would not be reproducible:
+//! `profile-run` (crates/profile-run) gives the guest clocks that step on each reading and a
+//! seeded random source; the interpreter runs with a fixed hash seed, without writing bytecode
+//! and without the writable folders on its import path (a folder's changing modification time
+//! would decide when the import system lists it again). The sources are mapped read-only; the
+//! tests write to a private `/tmp`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::layers::{RegistryFile, hex_sha256, make_jobs, tree_contents};
+use crate::util::{cargo, run, target_dir, workspace_root};
+
+/// LLVM's profile runtime (raw profile version 10, LLVM 19's), as the `minicov` crate keeps it
+/// free of any host library.
+pub const PROFILE_RUNTIME: RegistryFile = RegistryFile {
+    file: "minicov-0.3.7.crate",
+    url: "https://static.crates.io/crates/minicov/minicov-0.3.7.crate",
+    sha256: "f27fe9f1cc3c22e1687f9446c2083c4c5fc7f0bcf1c7a86bdbded14985895b4b",
+};
+const PROFILE_RUNTIME_DIR: &str = "minicov-0.3.7/c";
+/// The parts of it a registering (non-ELF) target needs.
+const PROFILE_RUNTIME_FILES: &[&str] = &[
+    "InstrProfiling",
+    "InstrProfilingBuffer",
+    "InstrProfilingInternal",
+    "InstrProfilingMerge",
+    "InstrProfilingPlatformOther",
+    "InstrProfilingValue",
+    "InstrProfilingVersionVar",
+    "InstrProfilingWriter",
+];
+
+/// The training run's arguments after the interpreter.
+const TRAINING: &[&str] = &["-m", "test", "--pgo", "--tempdir", "/tmp/work"];
+/// Its environment; see the module's documentation.
+const TRAINING_ENV: &[(&str, &str)] = &[
+    ("PYTHONHASHSEED", "0"),
+    ("PYTHONDONTWRITEBYTECODE", "1"),
+    ("PYTHONSAFEPATH", "1"),
+    ("TMPDIR", "/tmp"),
+    ("CAPSULE_PROFILE_FILE", "/tmp/cpython.profraw"),
+];
+
+/// The training's hooks: the profile writer and a file system that looks the same every run.
+fn hooks_source() -> PathBuf {
+    workspace_root().join("crates/python-runtime/build/pgo/training.c")
+}
+
+/// The wasi-libc functions `training.c` wraps.
+const WRAPPED: &[&str] =
+    &["__wasi_fd_filestat_get", "__wasi_path_filestat_get", "opendir", "fdopendir", "readdir", "closedir"];
+
+fn runner_crate() -> PathBuf {
+    workspace_root().join("crates/profile-run")
+}
+
+/// Everything that changes the profile, for the `libpython` layer's key: the profile runtime
+/// and its hooks, the training and the host that runs it (its code and wasmtime's version).
+pub fn fingerprint() -> Result<String> {
+    let mut parts = vec![
+        PROFILE_RUNTIME.sha256.as_bytes().to_vec(),
+        fs::read(hooks_source())?,
+        TRAINING.join(" ").into_bytes(),
+        format!("{TRAINING_ENV:?} {WRAPPED:?}").into_bytes(),
+        locked_version("wasmtime-wasi")?.into_bytes(),
+    ];
+    for (path, contents) in tree_contents(&runner_crate())? {
+        parts.push(path.into_bytes());
+        parts.push(contents);
+    }
+    let borrowed: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(hex_sha256(&borrowed))
+}
+
+/// The version of `package` in the workspace's Cargo.lock.
+fn locked_version(package: &str) -> Result<String> {
+    let lock = fs::read_to_string(workspace_root().join("Cargo.lock"))?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == format!("name = \"{package}\"")
+            && let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = "))
+        {
+            return Ok(version.trim_matches('"').to_string());
+        }
+    }
+    bail!("{package} is not in Cargo.lock")
+}
+
+/// The CPython build being optimised: its configured build folder below the source tree.
+pub struct Build<'a> {
+    pub src: &'a Path,
+    pub build: &'a Path,
+    /// The wasm C compiler wrapper.
+    pub cc: &'a Path,
+}
+
+/// `make all` in the build folder.
+pub fn make_all(build: &Path) -> Command {
+    let mut make = Command::new("make");
+    make.args(["-s", &make_jobs(), "all"]).current_dir(build).env("SOURCE_DATE_EPOCH", "0");
+    make
+}
+
+/// Builds CPython instrumented in `cpython.build`, trains it, and returns the merged profile
+/// (kept in `dir`). The build folder is left clean for the optimised build.
+pub fn profile(dir: &Path, cpython: &Build, runtime_crate: &Path) -> Result<PathBuf> {
+    let started = Instant::now();
+    fs::create_dir_all(dir)?;
+    let runtime = build_profile_runtime(dir, cpython.cc, runtime_crate)?;
+    // wasm-ld resolves archives in any order, so the runtime can come first on the link line.
+    let wraps: String = WRAPPED.iter().map(|name| format!(" -Wl,--wrap={name}")).collect();
+    run(make_all(cpython.build)
+        .arg("CFLAGS_NODIST=-fprofile-generate")
+        .arg(format!("LDFLAGS_NODIST={}{wraps}", runtime.display())))?;
+    let instrumented = Instant::now();
+    let raw = train(dir, cpython)?;
+    let profile = dir.join("cpython.profdata");
+    run(Command::new("llvm-profdata-19").arg("merge").arg("-o").arg(&profile).arg(&raw))?;
+    fs::remove_dir_all(raw.parent().context("the profile's folder")?)?;
+    run(Command::new("make").args(["-s", "clean"]).current_dir(cpython.build))?;
+    eprintln!(
+        "xtask: CPython profiled in {:.0?} (instrumented build {:.0?}, training {:.0?})",
+        started.elapsed(),
+        instrumented - started,
+        instrumented.elapsed()
+    );
+    Ok(profile)
+}
+
+/// `-fprofile-use` of `profile` for the optimised build's `CFLAGS_NODIST`. Every function is
+/// compiled from the sources the profile was taken from, so a mismatch would be a bug.
+pub fn use_flags(profile: &Path) -> String {
+    format!("CFLAGS_NODIST=-fprofile-use={} -Werror=profile-instr-out-of-date", profile.display())
+}
+
+/// The profile runtime for wasm32, as `dir/libprofile.a`.
+fn build_profile_runtime(dir: &Path, cc: &Path, crate_file: &Path) -> Result<PathBuf> {
+    run(Command::new("tar").arg("xzf").arg(crate_file).arg("-C").arg(dir))?;
+    let sources = dir.join(PROFILE_RUNTIME_DIR);
+    let mut objects = Vec::new();
+    let files = PROFILE_RUNTIME_FILES.iter().map(|name| sources.join(format!("{name}.c")));
+    for source in files.chain([hooks_source()]) {
+        let object = dir.join(source.file_name().context("a source file")?).with_extension("o");
+        run(Command::new(cc)
+            .args(["-O2", "-DCOMPILER_RT_HAS_ATOMICS=1", "-Wno-incompatible-pointer-types-discards-qualifiers"])
+            .arg(format!("-I{}", sources.display()))
+            .arg("-c")
+            .arg(&source)
+            .arg("-o")
+            .arg(&object))?;
+        objects.push(object);
+    }
+    let archive = dir.join("libprofile.a");
+    run(Command::new("llvm-ar-19").arg("rcsD").arg(&archive).args(&objects))?;
+    Ok(archive)
+}
+
+/// Runs the training under `profile-run`; returns the raw profile it wrote.
+fn train(dir: &Path, cpython: &Build) -> Result<PathBuf> {
+    // The tests import from the sources: bytecode a build step left there would be read
+    // instead of compiled, and differ from run to run.
+    remove_bytecode_caches(cpython.src)?;
+    let tmp = dir.join("tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp)?;
+    run(cargo().args(["build", "-q", "-p", "profile-run"]))?;
+    let guest_build = Path::new("/").join(cpython.build.strip_prefix(cpython.src)?);
+    let minor = crate::runtime::PYTHON_MINOR;
+    let log_path = dir.join("training.log");
+    let log = fs::File::create(&log_path)?;
+    let mut runner = Command::new(target_dir().join("debug/profile-run"));
+    runner
+        .arg(cpython.build.join("python.wasm"))
+        .arg("--dir")
+        .arg(format!("{}::/", cpython.src.display()))
+        .arg("--write-dir")
+        .arg(format!("{}::/tmp", tmp.display()))
+        .arg("--env")
+        .arg(format!("PYTHONPATH={}/build/lib.wasi-wasm32-{minor}", guest_build.display()));
+    for (name, value) in TRAINING_ENV {
+        runner.arg("--env").arg(format!("{name}={value}"));
+    }
+    let status = runner
+        .arg("--")
+        .arg(guest_build.join("python.wasm"))
+        .args(TRAINING)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .status()
+        .context("starting profile-run")?;
+    let raw = tmp.join("cpython.profraw");
+    // Some tests fail under WASI or with stepping clocks (regrtest then exits with 2); what
+    // matters is that the run completed and wrote its counts.
+    let summary =
+        fs::read_to_string(&log_path)?.lines().find(|line| line.starts_with("Total tests:")).map(str::to_string);
+    match (summary, raw.is_file()) {
+        (Some(summary), true) => {
+            eprintln!("xtask: training {summary} ({status}; log {})", log_path.display());
+            Ok(raw)
+        }
+        _ => bail!("the profile training run did not complete ({status}); see {}", log_path.display()),
+    }
+}
+
+fn remove_bytecode_caches(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            let path = entry.path();
+            if entry.file_name() == "__pycache__" {
+                fs::remove_dir_all(&path)?;
+            } else {
+                remove_bytecode_caches(&path)?;
+            }
+        }
+    }
+    Ok(())
+}
