@@ -8,8 +8,9 @@
 //! `profile-run` (crates/profile-run) gives the guest clocks that step on each reading and a
 //! seeded random source; the interpreter runs with a fixed hash seed, without writing bytecode
 //! and without the writable folders on its import path (a folder's changing modification time
-//! would decide when the import system lists it again). The sources are mapped read-only; the
-//! tests write to a private `/tmp`.
+//! would decide when the import system lists it again). The sources are mapped read-only, the
+//! build's `_sysconfigdata` from a copy without the layer's path; the tests write to a private
+//! `/tmp`. The guest's own hooks (`training.c`) even out what the file system reports.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -65,10 +66,12 @@ fn runner_crate() -> PathBuf {
     workspace_root().join("crates/profile-run")
 }
 
-/// Everything that changes the profile, for the `libpython` layer's key: the profile runtime
-/// and its hooks, the training and the host that runs it (its code and wasmtime's version).
+/// Everything that changes the profile, for the `libpython` layer's key: this file's recipe,
+/// the profile runtime and its hooks, the host that runs the training (its code and
+/// wasmtime's version).
 pub fn fingerprint() -> Result<String> {
     let mut parts = vec![
+        include_bytes!("pgo.rs").to_vec(),
         PROFILE_RUNTIME.sha256.as_bytes().to_vec(),
         fs::read(hooks_source())?,
         TRAINING.join(" ").into_bytes(),
@@ -99,6 +102,8 @@ fn locked_version(package: &str) -> Result<String> {
 
 /// The CPython build being optimised: its configured build folder below the source tree.
 pub struct Build<'a> {
+    /// The layer folder holding it all; its path is mapped out of what the training reads.
+    pub layer: &'a Path,
     pub src: &'a Path,
     pub build: &'a Path,
     /// The wasm C compiler wrapper.
@@ -178,7 +183,7 @@ fn train(dir: &Path, cpython: &Build) -> Result<PathBuf> {
     fs::create_dir_all(&tmp)?;
     run(cargo().args(["build", "-q", "-p", "profile-run"]))?;
     let guest_build = Path::new("/").join(cpython.build.strip_prefix(cpython.src)?);
-    let minor = crate::runtime::PYTHON_MINOR;
+    let sysconfig = mapped_sysconfig(dir, cpython)?;
     let log_path = dir.join("training.log");
     let log = fs::File::create(&log_path)?;
     let mut runner = Command::new(target_dir().join("debug/profile-run"));
@@ -186,10 +191,12 @@ fn train(dir: &Path, cpython: &Build) -> Result<PathBuf> {
         .arg(cpython.build.join("python.wasm"))
         .arg("--dir")
         .arg(format!("{}::/", cpython.src.display()))
+        .arg("--dir")
+        .arg(format!("{}::/sysconfig", sysconfig.display()))
         .arg("--write-dir")
         .arg(format!("{}::/tmp", tmp.display()))
         .arg("--env")
-        .arg(format!("PYTHONPATH={}/build/lib.wasi-wasm32-{minor}", guest_build.display()));
+        .arg("PYTHONPATH=/sysconfig");
     for (name, value) in TRAINING_ENV {
         runner.arg("--env").arg(format!("{name}={value}"));
     }
@@ -214,6 +221,22 @@ fn train(dir: &Path, cpython: &Build) -> Result<PathBuf> {
         }
         _ => bail!("the profile training run did not complete ({status}); see {}", log_path.display()),
     }
+}
+
+/// The build's `_sysconfigdata` module (which `sysconfig`, and through it the tests, read) in
+/// a folder of its own, with the layer's path replaced by a fixed one: it records the paths of
+/// the build, and a string of another length would change what the interpreter counts.
+fn mapped_sysconfig(dir: &Path, cpython: &Build) -> Result<PathBuf> {
+    let generated = cpython.build.join(format!("build/lib.wasi-wasm32-{}", crate::runtime::PYTHON_MINOR));
+    let mapped = dir.join("sysconfig");
+    fs::create_dir_all(&mapped)?;
+    for entry in fs::read_dir(&generated).with_context(|| format!("reading {}", generated.display()))? {
+        let path = entry?.path();
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let layer = cpython.layer.to_str().context("the layer's path is not UTF-8")?;
+        fs::write(mapped.join(path.file_name().context("a file name")?), text.replace(layer, "/cpython-wasi"))?;
+    }
+    Ok(mapped)
 }
 
 fn remove_bytecode_caches(dir: &Path) -> Result<()> {

@@ -635,7 +635,7 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
-    let cpython = pgo::Build { src: &src, build: &build, cc: &wrappers.cc };
+    let cpython = pgo::Build { layer: &dir, src: &src, build: &build, cc: &wrappers.cc };
     let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
     run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
     fs::write(dir.join(".complete"), "")?;
