@@ -4,7 +4,8 @@
 //! the counts decide the optimised compile (`-fprofile-use`): which calls are inlined, which
 //! paths fall through, which indirect calls are promoted to direct ones.
 //!
-//! The training must count the same on every run, or the runtime would not be reproducible:
+//! The training must count the same on every run, or the runtime would not be reproducible
+//! (it does not quite yet, hence [`ENV`]):
 //! `profile-run` (crates/profile-run) gives the guest clocks that step on each reading and a
 //! seeded random source; the interpreter runs with a fixed hash seed, without writing bytecode
 //! and without the writable folders on its import path (a folder's changing modification time
@@ -21,6 +22,15 @@ use anyhow::{Context, Result, bail};
 
 use crate::layers::{RegistryFile, hex_sha256, make_jobs, tree_contents};
 use crate::util::{cargo, run, target_dir, workspace_root};
+
+/// Set to `1`, `cargo xtask build-runtime` builds `libpython` profile-guided. Not the default
+/// yet: two training runs can still differ by a few counts (see BENCHMARKS.md), and the
+/// runtime must be reproducible.
+pub const ENV: &str = "CAPSULE_PGO";
+
+pub fn enabled() -> bool {
+    std::env::var_os(ENV).is_some_and(|value| value == "1")
+}
 
 /// LLVM's profile runtime (raw profile version 10, LLVM 19's), as the `minicov` crate keeps it
 /// free of any host library.

@@ -9,9 +9,8 @@
 //! inputs did not change reuses them; a lock file serialises builders sharing that folder.
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
 //! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
-//!    SQLite and liblzma included, with CPython's small-object allocator (pymalloc, which
-//!    CPython's configure leaves out on WASI) and optimised with a profile of its own test
-//!    suite's training set run under wasmtime ([`crate::pgo`]);
+//!    SQLite and liblzma included (with `CAPSULE_PGO=1`, optimised with a profile of CPython's
+//!    own test suite's training set run under wasmtime: [`crate::pgo`]);
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
@@ -225,17 +224,23 @@ fn runtime_crate() -> PathBuf {
     workspace_root().join("crates/python-runtime")
 }
 
-/// Key of the `libpython` layer: the source, the toolchain and the configure recipe.
+/// Key of the `libpython` layer: the source, the toolchain and the configure recipe (and the
+/// profile-guided build's, when it is on).
 fn cpython_key() -> Result<String> {
     let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
-    Ok(hex_sha256(&[
+    let libraries = c_libraries_fingerprint();
+    let toolchain = toolchain::fingerprint(toolchain::PACKAGES);
+    let configure_args = configure_args_fingerprint();
+    let mut parts: Vec<&[u8]> = vec![
         CPYTHON_SOURCE.sha256.as_bytes(),
-        c_libraries_fingerprint().as_bytes(),
-        toolchain::fingerprint(toolchain::PACKAGES).as_bytes(),
+        libraries.as_bytes(),
+        toolchain.as_bytes(),
         &config_site,
-        configure_args_fingerprint().as_bytes(),
-        pgo::fingerprint()?.as_bytes(),
-    ]))
+        configure_args.as_bytes(),
+    ];
+    let pgo_fingerprint = if pgo::enabled() { Some(pgo::fingerprint()?) } else { None };
+    parts.extend(pgo_fingerprint.as_ref().map(String::as_bytes));
+    Ok(hex_sha256(&parts))
 }
 
 /// Key of the final module: the `libpython` layer plus everything in the runtime crate, and
@@ -264,11 +269,11 @@ fn configure_args_fingerprint() -> String {
     WASI_CONFIGURE_ARGS.join(" ")
 }
 
-/// `--with-pymalloc`: CPython's configure turns its small-object allocator off for WASI, and
-/// every object then costs a trip through wasi-libc's `malloc` (about a third of a string- or
-/// dict-heavy loop's time).
-const WASI_CONFIGURE_ARGS: &[&str] =
-    &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no", "--with-pymalloc"];
+/// Without pymalloc, as CPython's configure chooses for WASI: it would spare loops that make
+/// many small objects a third of their time in wasi-libc's `malloc`, but it keeps a pool page
+/// per size class, so every fresh sandbox dirties many more snapshot pages and short runs lose
+/// more than half their throughput (BENCHMARKS.md).
+const WASI_CONFIGURE_ARGS: &[&str] = &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no"];
 
 /// Builds the runtime of `flavour` if its inputs changed; returns the installed module.
 pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
@@ -635,9 +640,13 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
-    let cpython = pgo::Build { layer: &dir, src: &src, build: &build, cc: &wrappers.cc };
-    let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
-    run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
+    if pgo::enabled() {
+        let cpython = pgo::Build { layer: &dir, src: &src, build: &build, cc: &wrappers.cc };
+        let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
+        run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
+    } else {
+        run(&mut pgo::make_all(&build))?;
+    }
     fs::write(dir.join(".complete"), "")?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
     Ok(libs)
