@@ -116,6 +116,8 @@ pub struct Build<'a> {
     pub layer: &'a Path,
     pub src: &'a Path,
     pub build: &'a Path,
+    /// The folder where the build writes its `_sysconfigdata` module.
+    pub generated: &'a Path,
     /// The wasm C compiler wrapper.
     pub cc: &'a Path,
 }
@@ -237,10 +239,10 @@ fn train(dir: &Path, cpython: &Build) -> Result<PathBuf> {
 /// a folder of its own, with the layer's path replaced by a fixed one: it records the paths of
 /// the build, and a string of another length would change what the interpreter counts.
 fn mapped_sysconfig(dir: &Path, cpython: &Build) -> Result<PathBuf> {
-    let generated = cpython.build.join(format!("build/lib.wasi-wasm32-{}", crate::runtime::PYTHON_MINOR));
     let mapped = dir.join("sysconfig");
     fs::create_dir_all(&mapped)?;
-    for entry in fs::read_dir(&generated).with_context(|| format!("reading {}", generated.display()))? {
+    let generated = cpython.generated;
+    for entry in fs::read_dir(generated).with_context(|| format!("reading {}", generated.display()))? {
         let path = entry?.path();
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let layer = cpython.layer.to_str().context("the layer's path is not UTF-8")?;

@@ -38,7 +38,7 @@ use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_at
 
 const CPYTHON_VERSION: &str = "3.13.5";
 /// `major.minor`, as in CPython's folder names.
-pub const PYTHON_MINOR: &str = "3.13";
+const PYTHON_MINOR: &str = "3.13";
 const CPYTHON_SOURCE: DebianSource = DebianSource {
     package: "python3.13",
     tarball: "python3.13_3.13.5.orig.tar.xz",
@@ -579,9 +579,14 @@ fn build_python_dir(build_python: &Path) -> &Path {
     build_python.ancestors().nth(4).unwrap_or(build_python)
 }
 
+/// Where CPython's WASI build in `build` writes its generated modules (`_sysconfigdata`).
+fn generated_dir(build: &Path) -> PathBuf {
+    build.join(format!("build/lib.wasi-wasm32-{PYTHON_MINOR}"))
+}
+
 /// The `_sysconfigdata_*.py` module CPython's build wrote for the WASI target.
 fn sysconfigdata(libs: &Libpython) -> Result<PathBuf> {
-    let dir = libs.build.join(format!("build/lib.wasi-wasm32-{PYTHON_MINOR}"));
+    let dir = generated_dir(&libs.build);
     let name = "_sysconfigdata__wasi_wasm32-wasi.py";
     let path = dir.join(name);
     if !path.is_file() {
@@ -641,7 +646,8 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
     if pgo::enabled() {
-        let cpython = pgo::Build { layer: &dir, src: &src, build: &build, cc: &wrappers.cc };
+        let generated = generated_dir(&build);
+        let cpython = pgo::Build { layer: &dir, src: &src, build: &build, generated: &generated, cc: &wrappers.cc };
         let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
         run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
     } else {
