@@ -373,8 +373,8 @@ struct Sources {
     /// The tarballs of [`C_LIBRARIES`], in order.
     libraries: Vec<PathBuf>,
     tzdata: PathBuf,
-    /// The `minicov` crate, for the profile-guided build.
-    profile_runtime: PathBuf,
+    /// The `minicov` crate, when the build is profile-guided.
+    profile_runtime: Option<PathBuf>,
     /// For the data flavour.
     data: Option<DataSources>,
 }
@@ -386,7 +386,7 @@ impl Sources {
             cpython: CPYTHON_SOURCE.fetch(&downloads)?,
             libraries: C_LIBRARIES.iter().map(|l| l.source.fetch(&downloads)).collect::<Result<_>>()?,
             tzdata: TZDATA_WHEEL.fetch(&downloads)?,
-            profile_runtime: pgo::PROFILE_RUNTIME.fetch(&downloads)?,
+            profile_runtime: pgo::enabled().then(|| pgo::PROFILE_RUNTIME.fetch(&downloads)).transpose()?,
             data: match flavour {
                 Flavour::Base => None,
                 Flavour::Data => Some(DataSources::fetch(&downloads)?),
@@ -645,10 +645,10 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         .env("PKG_CONFIG_LIBDIR", sysroot.join("lib/pkgconfig"))
         .env("PKG_CONFIG_SYSROOT_DIR", &sysroot)
         .env("SOURCE_DATE_EPOCH", "0"))?;
-    if pgo::enabled() {
+    if let Some(profile_runtime) = &sources.profile_runtime {
         let generated = generated_dir(&build);
         let cpython = pgo::Build { layer: &dir, src: &src, build: &build, generated: &generated, cc: &wrappers.cc };
-        let profile = pgo::profile(&dir.join("pgo"), &cpython, &sources.profile_runtime)?;
+        let profile = pgo::profile(&dir.join("pgo"), &cpython, profile_runtime)?;
         run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
     } else {
         run(&mut pgo::make_all(&build))?;
