@@ -158,3 +158,10 @@ pub fn make_jobs() -> String {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     format!("-j{cores}")
 }
+
+/// `make all` in a configured build folder, with every core and a fixed build date.
+pub fn make_all(build: &Path) -> Command {
+    let mut make = Command::new("make");
+    make.args(["-s", &make_jobs(), "all"]).current_dir(build).env("SOURCE_DATE_EPOCH", "0");
+    make
+}

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::layers::{RegistryFile, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{RegistryFile, hex_sha256, make_all, tree_contents};
 use crate::util::{cargo, run, target_dir, workspace_root};
 
 /// Set to `1`, `cargo xtask build-runtime` builds `libpython` profile-guided. Not the default
@@ -122,19 +122,12 @@ pub struct Build<'a> {
     pub cc: &'a Path,
 }
 
-/// `make all` in the build folder.
-pub fn make_all(build: &Path) -> Command {
-    let mut make = Command::new("make");
-    make.args(["-s", &make_jobs(), "all"]).current_dir(build).env("SOURCE_DATE_EPOCH", "0");
-    make
-}
-
 /// Builds CPython instrumented in `cpython.build`, trains it, and returns the merged profile
 /// (kept in `dir`). The build folder is left clean for the optimised build.
-pub fn profile(dir: &Path, cpython: &Build, runtime_crate: &Path) -> Result<PathBuf> {
+pub fn profile(dir: &Path, cpython: &Build, minicov_crate: &Path) -> Result<PathBuf> {
     let started = Instant::now();
     fs::create_dir_all(dir)?;
-    let runtime = build_profile_runtime(dir, cpython.cc, runtime_crate)?;
+    let runtime = build_profile_runtime(dir, cpython.cc, minicov_crate)?;
     // wasm-ld resolves archives in any order, so the runtime can come first on the link line.
     let wraps: String = WRAPPED.iter().map(|name| format!(" -Wl,--wrap={name}")).collect();
     run(make_all(cpython.build)
@@ -162,8 +155,8 @@ pub fn use_flags(profile: &Path) -> String {
 }
 
 /// The profile runtime for wasm32, as `dir/libprofile.a`.
-fn build_profile_runtime(dir: &Path, cc: &Path, crate_file: &Path) -> Result<PathBuf> {
-    run(Command::new("tar").arg("xzf").arg(crate_file).arg("-C").arg(dir))?;
+fn build_profile_runtime(dir: &Path, cc: &Path, minicov_crate: &Path) -> Result<PathBuf> {
+    run(Command::new("tar").arg("xzf").arg(minicov_crate).arg("-C").arg(dir))?;
     let sources = dir.join(PROFILE_RUNTIME_DIR);
     let mut objects = Vec::new();
     let files = PROFILE_RUNTIME_FILES.iter().map(|name| sources.join(format!("{name}.c")));

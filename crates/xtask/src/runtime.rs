@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail};
 use python_runtime::Flavour;
 
 use crate::data::{self, DataSources, TargetPython};
-use crate::layers::{DebianSource, RegistryFile, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{DebianSource, RegistryFile, fresh_layer, hex_sha256, make_all, make_jobs, tree_contents};
 use crate::pgo;
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
@@ -649,9 +649,9 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
         let generated = generated_dir(&build);
         let cpython = pgo::Build { layer: &dir, src: &src, build: &build, generated: &generated, cc: &wrappers.cc };
         let profile = pgo::profile(&dir.join("pgo"), &cpython, profile_runtime)?;
-        run(pgo::make_all(&build).arg(pgo::use_flags(&profile)))?;
+        run(make_all(&build).arg(pgo::use_flags(&profile)))?;
     } else {
-        run(&mut pgo::make_all(&build))?;
+        run(&mut make_all(&build))?;
     }
     fs::write(dir.join(".complete"), "")?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
