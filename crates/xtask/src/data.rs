@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::layers::{RegistryFile, data_dir, fresh_layer, hex_sha256, make_jobs, tree_contents};
+use crate::layers::{RegistryFile, data_dir, fresh_layer, hex_sha256, make_jobs, mark_complete, tree_contents};
 use crate::openblas::{self, OpenBlas};
 use crate::toolchain::{self, Wrappers};
 use crate::util::{run, write_executable};
@@ -392,7 +392,7 @@ fn build_package(
     for leftover in [&src, &build, &stage, &tools] {
         fs::remove_dir_all(leftover).with_context(|| format!("removing {}", leftover.display()))?;
     }
-    fs::write(dir.join(".complete"), "")?;
+    mark_complete(dir)?;
     eprintln!("xtask: {name} for WASI built in {:.0?}", started.elapsed());
     Ok(())
 }

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -141,9 +142,24 @@ pub fn tree_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
-/// A folder that is only used once a `.complete` marker says it was fully built.
+/// The marker a layer's folder gets once fully built; its modification time says when the
+/// layer was last used, for [`prune_layers`].
+const COMPLETE: &str = ".complete";
+
+/// How many layers of one kind [`prune_layers`] keeps: the one in use and the one before it,
+/// so that two checkouts on different inputs do not keep deleting each other's layers.
+const LAYERS_KEPT_PER_KIND: usize = 2;
+
+/// A folder that is only used once a `.complete` marker says it was fully built. Using a
+/// complete one counts as its last use.
 pub fn fresh_layer(dir: &Path) -> Result<bool> {
-    if dir.join(".complete").exists() {
+    let marker = dir.join(COMPLETE);
+    if marker.exists() {
+        fs::File::options()
+            .append(true)
+            .open(&marker)
+            .and_then(|file| file.set_modified(SystemTime::now()))
+            .with_context(|| format!("marking {} used", dir.display()))?;
         return Ok(false);
     }
     if dir.exists() {
@@ -151,6 +167,59 @@ pub fn fresh_layer(dir: &Path) -> Result<bool> {
     }
     fs::create_dir_all(dir)?;
     Ok(true)
+}
+
+/// Deletes from `base` the layers of each kind beyond the [`LAYERS_KEPT_PER_KIND`] last
+/// used, and the remains of interrupted builds, so that a long-lived cache (a developer's,
+/// CI's) does not grow by a full set of build trees whenever an input changes. A layer is a
+/// folder named `<kind>-<16 hex digits>`; nothing else is touched. The caller holds the
+/// layers' lock, so no build is using an incomplete folder.
+pub fn prune_layers(base: &Path) -> Result<()> {
+    let mut kinds: std::collections::BTreeMap<String, Vec<(SystemTime, PathBuf)>> = Default::default();
+    let entries = match fs::read_dir(base) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", base.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(kind) = layer_kind(&path) else { continue };
+        match fs::metadata(path.join(COMPLETE)).and_then(|marker| marker.modified()) {
+            Ok(used) => kinds.entry(kind.to_string()).or_default().push((used, path)),
+            Err(_) => remove_layer(&path, "an interrupted build")?,
+        }
+    }
+    for layers in kinds.values_mut() {
+        layers.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+        for (_, path) in layers.iter().skip(LAYERS_KEPT_PER_KIND) {
+            remove_layer(path, "older than the layers of its kind last used")?;
+        }
+    }
+    Ok(())
+}
+
+/// `cpython-wasi` for a layer folder `cpython-wasi-0123456789abcdef`; `None` for anything else.
+fn layer_kind(path: &Path) -> Option<&str> {
+    if !path.is_dir() {
+        return None;
+    }
+    let (kind, hash) = path.file_name()?.to_str()?.rsplit_once('-')?;
+    let is_hash = hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (is_hash && !kind.is_empty()).then_some(kind)
+}
+
+fn remove_layer(path: &Path, why: &str) -> Result<()> {
+    eprintln!("xtask: removing cached layer {} ({why})", path.display());
+    fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
+}
+
+/// Marks `dir` fully built: [`fresh_layer`] reuses it from now on.
+pub fn mark_complete(dir: &Path) -> Result<()> {
+    fs::write(dir.join(COMPLETE), "").with_context(|| format!("marking {} complete", dir.display()))
+}
+
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(COMPLETE).exists()
 }
 
 /// `-jN` for `make` and `ninja`: every core.
@@ -164,4 +233,77 @@ pub fn make_all(build: &Path) -> Command {
     let mut make = Command::new("make");
     make.args(["-s", &make_jobs(), "all"]).current_dir(build).env("SOURCE_DATE_EPOCH", "0");
     make
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A complete layer last used `age` seconds ago.
+    fn layer(base: &Path, name: &str, age: u64) -> PathBuf {
+        let dir = base.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        mark_complete(&dir).unwrap();
+        let used = SystemTime::now() - Duration::from_secs(age);
+        fs::File::options().append(true).open(dir.join(COMPLETE)).unwrap().set_modified(used).unwrap();
+        dir
+    }
+
+    #[test]
+    fn pruning_keeps_the_last_used_layers_of_each_kind() {
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path();
+        let newest = layer(base, "cpython-wasi-0000000000000001", 10);
+        let older = layer(base, "cpython-wasi-0000000000000002", 20);
+        let oldest = layer(base, "cpython-wasi-0000000000000003", 30);
+        let other_kind = layer(base, "reactor-base-0000000000000004", 40);
+        let interrupted = base.join("numpy-wasi-0000000000000005");
+        fs::create_dir_all(&interrupted).unwrap();
+        let not_a_layer = base.join("downloads");
+        fs::create_dir_all(&not_a_layer).unwrap();
+
+        prune_layers(base).unwrap();
+
+        for kept in [&newest, &older, &other_kind, &not_a_layer] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        for removed in [&oldest, &interrupted] {
+            assert!(!removed.exists(), "{} was kept", removed.display());
+        }
+    }
+
+    #[test]
+    fn reusing_a_layer_makes_it_the_last_used() {
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path();
+        let reused = layer(base, "openblas-wasi-00000000000000aa", 30);
+        let dropped = layer(base, "openblas-wasi-00000000000000bb", 20);
+        let kept = layer(base, "openblas-wasi-00000000000000cc", 10);
+
+        assert!(!fresh_layer(&reused).unwrap(), "a complete layer is reused");
+        prune_layers(base).unwrap();
+
+        assert!(reused.exists() && kept.exists());
+        assert!(!dropped.exists());
+    }
+
+    #[test]
+    fn only_folders_named_kind_dash_sixteen_hex_digits_are_layers() {
+        let base = tempfile::tempdir().unwrap();
+        for (name, kind) in [
+            ("cpython-wasi-0123456789abcdef", Some("cpython-wasi")),
+            ("reactor-data-0123456789abcdef", Some("reactor-data")),
+            ("downloads", None),
+            ("nats-server-2.10.24", None),
+            ("reproducibility-check", None),
+            ("x-0123456789ABCDEF", None),
+            ("-0123456789abcdef", None),
+        ] {
+            let dir = base.path().join(name);
+            fs::create_dir_all(&dir).unwrap();
+            assert_eq!(layer_kind(&dir), kind, "{name}");
+        }
+    }
 }

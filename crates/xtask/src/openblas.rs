@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::layers::{DebianSource, data_dir, fresh_layer, hex_sha256, make_jobs};
+use crate::layers::{DebianSource, data_dir, fresh_layer, hex_sha256, make_jobs, mark_complete};
 use crate::toolchain;
 use crate::util::run;
 
@@ -119,7 +119,7 @@ pub fn build(base: &Path, tarball: &Path) -> Result<OpenBlas> {
     for leftover in [src, wrappers.dir, dir.join("bin"), dir.join("lib/cmake"), dir.join("lib/pkgconfig")] {
         fs::remove_dir_all(&leftover).with_context(|| format!("removing {}", leftover.display()))?;
     }
-    fs::write(dir.join(".complete"), "")?;
+    mark_complete(&dir)?;
     eprintln!("xtask: OpenBLAS for WASI built in {:.0?}", started.elapsed());
     Ok(built)
 }

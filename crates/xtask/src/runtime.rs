@@ -6,7 +6,8 @@
 //! each in a folder named by a hash of its inputs and marked complete
 //! only once fully built. They live outside the checkout, under
 //! `$XDG_CACHE_HOME/capsule-dev/python-runtime` (else `~/.cache/...`), so a fresh clone whose
-//! inputs did not change reuses them; a lock file serialises builders sharing that folder.
+//! inputs did not change reuses them; a lock file serialises builders sharing that folder,
+//! and whoever takes it prunes all but the two last-used layers of each kind.
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
 //! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
 //!    SQLite and liblzma included (with `CAPSULE_PGO=1`, optimised with a profile of CPython's
@@ -31,7 +32,10 @@ use anyhow::{Context, Result, bail};
 use python_runtime::Flavour;
 
 use crate::data::{self, DataSources, TargetPython};
-use crate::layers::{DebianSource, RegistryFile, fresh_layer, hex_sha256, make_all, make_jobs, tree_contents};
+use crate::layers::{
+    DebianSource, RegistryFile, fresh_layer, hex_sha256, is_complete, make_all, make_jobs, mark_complete, prune_layers,
+    tree_contents,
+};
 use crate::pgo;
 use crate::toolchain;
 use crate::util::{output, run, sha256_file, target_dir, workspace_root, write_atomic};
@@ -197,6 +201,7 @@ impl RuntimePaths {
         self.layers.join("downloads")
     }
     /// Holds the layers' lock until dropped: builders in other checkouts wait their turn.
+    /// While no one builds, old layers are pruned.
     fn lock(&self) -> Result<fs::File> {
         fs::create_dir_all(&self.layers)?;
         let path = self.layers.join(".lock");
@@ -205,6 +210,7 @@ impl RuntimePaths {
             eprintln!("xtask: waiting for another build using {}", self.layers.display());
             file.lock().with_context(|| format!("locking {}", path.display()))?;
         }
+        prune_layers(&self.layers)?;
         Ok(file)
     }
 }
@@ -280,7 +286,7 @@ pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
     let paths = RuntimePaths::new();
     let key = runtime_key(flavour)?;
     let installed = paths.installed_runtime(flavour);
-    let linked = fs::canonicalize(paths.native_python_link()).is_ok_and(|dir| dir.join(".complete").exists());
+    let linked = fs::canonicalize(paths.native_python_link()).is_ok_and(|dir| is_complete(&dir));
     if !force
         && linked
         && installed.exists()
@@ -292,11 +298,11 @@ pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
     let started = Instant::now();
     fs::create_dir_all(&paths.root)?;
     let _lock = paths.lock()?;
-    let reactor_dir = reactor_dir(&paths.layers, &key);
+    let reactor_dir = reactor_dir(&paths.layers, flavour, &key);
     if force && reactor_dir.exists() {
         fs::remove_dir_all(&reactor_dir).with_context(|| format!("clearing {}", reactor_dir.display()))?;
     }
-    if !reactor_dir.join(".complete").exists() {
+    if !is_complete(&reactor_dir) {
         toolchain::ensure_installed(toolchain::PACKAGES, &paths.downloads())?;
     }
     let sources = Sources::fetch(&paths, flavour)?;
@@ -327,7 +333,7 @@ pub fn check_reproducible(flavours: &[Flavour]) -> Result<()> {
         let first = build_runtime(flavour, false)?;
         let key = runtime_key(flavour)?;
         let _lock = paths.lock()?;
-        let checked = reactor_dir(&paths.layers, &key).join(".reproducible");
+        let checked = reactor_dir(&paths.layers, flavour, &key).join(".reproducible");
         if checked.exists() {
             eprintln!(
                 "xtask: reproducible: these {} runtime inputs (key {}) were already built twice to the same bytes",
@@ -430,7 +436,7 @@ fn build_native_python(paths: &RuntimePaths, tarball: &Path) -> Result<PathBuf> 
         .args(["-q", "--disable-test-modules", "--with-ensurepip=no"])
         .current_dir(&build))?;
     run(Command::new("make").args(["-s", &make_jobs(), "all"]).current_dir(&build))?;
-    fs::write(dir.join(".complete"), "")?;
+    mark_complete(&dir)?;
     eprintln!("xtask: native build python ready in {:.0?}", started.elapsed());
     Ok(python)
 }
@@ -452,7 +458,7 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         None => Vec::new(),
     };
     let flavour = if sources.data.is_some() { Flavour::Data } else { Flavour::Base };
-    let out_dir = reactor_dir(base, key);
+    let out_dir = reactor_dir(base, flavour, key);
     let module = out_dir.join(flavour.file_name());
     if !fresh_layer(&out_dir)? {
         return Ok(module);
@@ -541,7 +547,7 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         fs::remove_file(object)?;
     }
     fs::remove_dir_all(&wrappers.dir)?;
-    fs::write(out_dir.join(".complete"), "")?;
+    mark_complete(&out_dir)?;
     eprintln!("xtask: reactor linked in {:.0?}", started.elapsed());
     Ok(module)
 }
@@ -566,8 +572,8 @@ struct Libpython {
     archives: Vec<PathBuf>,
 }
 
-fn reactor_dir(base: &Path, key: &str) -> PathBuf {
-    base.join(format!("reactor-{}", &key[..16]))
+fn reactor_dir(base: &Path, flavour: Flavour, key: &str) -> PathBuf {
+    base.join(format!("reactor-{}-{}", flavour.as_str(), &key[..16]))
 }
 
 fn libpython_dir(base: &Path) -> Result<PathBuf> {
@@ -653,7 +659,7 @@ fn build_libpython(base: &Path, sources: &Sources, build_python: &Path) -> Resul
     } else {
         run(&mut make_all(&build))?;
     }
-    fs::write(dir.join(".complete"), "")?;
+    mark_complete(&dir)?;
     eprintln!("xtask: libpython for WASI built in {:.0?}", started.elapsed());
     Ok(libs)
 }
