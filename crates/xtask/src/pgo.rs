@@ -69,8 +69,17 @@ fn hooks_source() -> PathBuf {
 }
 
 /// The wasi-libc functions `training.c` wraps.
-const WRAPPED: &[&str] =
-    &["__wasi_fd_filestat_get", "__wasi_path_filestat_get", "opendir", "fdopendir", "readdir", "closedir"];
+const WRAPPED: &[&str] = &[
+    "__wasi_fd_filestat_get",
+    "__wasi_path_filestat_get",
+    "__wasi_path_open",
+    "__wasi_fd_close",
+    "__wasi_fd_renumber",
+    "opendir",
+    "fdopendir",
+    "readdir",
+    "closedir",
+];
 
 fn runner_crate() -> PathBuf {
     workspace_root().join("crates/profile-run")
