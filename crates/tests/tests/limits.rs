@@ -1,6 +1,8 @@
 //! Limits that always hold: fuel, memory, deadline, retries, bounded output, and a host that
 //! carries on after every kind of failure.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use manifest_schema::{Compute, Metering};
 use python_runtime::ErrorKind;
 use serde_json::json;
@@ -58,6 +60,15 @@ fn time_metering_counts_a_budget_in_cpu_time_instead_of_fuel() {
     assert_eq!(fuel.execution.fuel_consumed, 50_000_000);
 }
 
+/// Held by the tests that measure this process's resident memory and by those that make it
+/// grow (a memory bomb, 100 MiB of output): the harness runs a file's tests on parallel
+/// threads of one process, so a measurement would otherwise count another test's memory.
+static HOST_MEMORY: Mutex<()> = Mutex::new(());
+
+fn host_memory_to_myself() -> MutexGuard<'static, ()> {
+    HOST_MEMORY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn resident_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
@@ -66,6 +77,7 @@ fn resident_bytes() -> u64 {
 
 #[test]
 fn a_memory_bomb_stops_at_its_limit_and_the_host_stays_bounded() {
+    let _alone = host_memory_to_myself();
     let built = shared(LIMITS);
     built.run("still_fine", vec![]);
     let before = resident_bytes();
@@ -109,6 +121,7 @@ fn a_task_failing_twice_then_succeeding_reports_three_attempts() {
 
 #[test]
 fn a_thousand_failing_tasks_leave_the_host_healthy_and_its_memory_flat() {
+    let _alone = host_memory_to_myself();
     let built = shared(LIMITS);
     let fail_many = |count: usize| {
         for _ in 0..count {
@@ -133,6 +146,7 @@ fn arguments_that_do_not_match_are_invalid_input_and_not_retried() {
 
 #[test]
 fn output_is_captured_up_to_a_bound() {
+    let _alone = host_memory_to_myself();
     let outcome = shared(LIMITS).run("flood", vec![]);
     assert_eq!(outcome.result, json!("flooded"));
     let stdout = &outcome.output.stdout;
@@ -142,6 +156,7 @@ fn output_is_captured_up_to_a_bound() {
 
 #[test]
 fn the_host_runs_tasks_normally_after_every_kind_of_failure() {
+    let _alone = host_memory_to_myself();
     let built = shared(LIMITS);
     for failing in [("count_custom", vec![json!(1_000_000_000)]), ("hog", vec![]), ("busy", vec![])] {
         assert!(!built.run(failing.0, failing.1).success);
