@@ -33,9 +33,15 @@ fn user(program: &Path, home: &Path, venv: &Path, dir: &Path) -> Command {
     command
 }
 
+/// A folder of its own under the system's temporary folder, removed when dropped, whether the
+/// test passed or not: a failed run must not leave a virtual environment behind.
+fn scratch_dir(name: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().context("creating a temporary folder")
+}
+
 pub fn test_wheel(wheel: &Path) -> Result<()> {
-    let base = std::env::temp_dir().join(format!("capsule-wheel-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let scratch = scratch_dir("capsule-wheel-test")?;
+    let base = scratch.path();
     let (venv, home, project) = (base.join("venv"), base.join("home"), base.join("project"));
     for dir in [&home, &project] {
         std::fs::create_dir_all(dir)?;
@@ -52,7 +58,7 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
     let script = "import capsule; print(capsule.run('hello.py', args=['Ada']).result)";
     let said = output(user(&venv.join("bin/python"), &home, &venv, &project).args(["-c", script]))?;
     expect(&said, "Hello, Ada!", "`capsule.run('hello.py')` from Python")?;
-    let left: Vec<String> = processes_mentioning(&base)?;
+    let left: Vec<String> = processes_mentioning(base)?;
     if !left.is_empty() {
         bail!("`capsule.run` left processes behind: {left:?}");
     }
@@ -67,7 +73,7 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
     run(user(&venv.join("bin/python"), &home, &venv, &project)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(&tests))?;
-    let left: Vec<String> = processes_mentioning(&base)?;
+    let left: Vec<String> = processes_mentioning(base)?;
     if !left.is_empty() {
         bail!("the SDK's tests left processes behind: {left:?}");
     }
@@ -83,7 +89,6 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
         .arg(target_dir()))?;
     let said = output(user(&root.join("bin/capsule"), &home, &venv, &project).args(["run", "hello.py", "Bob"]))?;
     expect(&said, "Hello, Bob!", "a `cargo install`ed `capsule run`")?;
-    std::fs::remove_dir_all(&base).context("cleaning up")?;
     eprintln!("xtask: the wheel installs and works in a fresh virtual environment");
     Ok(())
 }
@@ -91,8 +96,8 @@ pub fn test_wheel(wheel: &Path) -> Result<()> {
 /// Table rows for BENCHMARKS.md: the wheel's size, `pip install` of it into a fresh venv, and
 /// the first `capsule run hello.py` after that (a cold build: empty caches).
 pub fn install_figures(wheel: &Path) -> Result<String> {
-    let base = std::env::temp_dir().join(format!("capsule-install-figures-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let scratch = scratch_dir("capsule-install-figures")?;
+    let base = scratch.path();
     let (venv, home, project) = (base.join("venv"), base.join("home"), base.join("project"));
     for dir in [&home, &project] {
         std::fs::create_dir_all(dir)?;
@@ -107,7 +112,6 @@ pub fn install_figures(wheel: &Path) -> Result<String> {
     let first_run = started.elapsed();
     expect(&said, "Hello, Ada!", "the first `capsule run` after installing")?;
     let size = std::fs::metadata(wheel)?.len() as f64 / 1e6;
-    std::fs::remove_dir_all(&base)?;
     Ok(format!(
         "| wheel size (release) | {size:.1} MB |  | n/a |  |\n\
          | fresh venv + `pip install` of the wheel | {:.1} s |  | n/a |  |\n\
