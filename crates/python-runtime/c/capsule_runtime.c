@@ -5,8 +5,14 @@
  * The ABI is written down in crates/python-runtime/ABI.md and mirrored by the Rust types in
  * crates/python-runtime/src/lib.rs; change all three together.
  */
+#define Py_BUILD_CORE_MODULE 1 /* for pymalloc's state, laid out before the snapshot */
 #include "Python.h"
 #include "marshal.h"
+#include "internal/pycore_interp.h"
+
+#ifndef WITH_PYMALLOC
+#error "the runtime is configured --with-pymalloc (crates/xtask/src/runtime.rs)"
+#endif
 
 #include <stdint.h>
 #include <stdio.h>
@@ -207,6 +213,62 @@ static void start_interpreter(void) {
     if (PyStatus_Exception(status)) fatal_status("finishing interpreter initialisation", status);
 }
 
+/* ---- where a run's small objects go --------------------------------------------------
+ *
+ * When a sandbox slot is reused, wasmtime copies back the pages the last run wrote and keeps
+ * them mapped, but only the first 32 separate stretches of written pages: every page a run
+ * writes past those costs a page fault in every run. pymalloc serves each size class from
+ * that class's current pool, one page each, and after start-up those pools are scattered over
+ * the heap. Before the snapshot, every class is given a fresh pool, all of them adjacent in one
+ * arena in the data segment, so that a run's new small objects land on a few neighbouring
+ * pages low in memory (BENCHMARKS.md: no page faults per run, against six without pymalloc). */
+
+static _Alignas(POOL_SIZE) unsigned char fresh_pools[ARENA_SIZE];
+static PyObjectArenaAllocator heap_arenas;
+static int fresh_pools_wanted;
+
+static void *arena_alloc(void *ctx, size_t size) {
+    if (fresh_pools_wanted && size == sizeof fresh_pools) {
+        fresh_pools_wanted = 0;
+        return fresh_pools;
+    }
+    return heap_arenas.alloc(heap_arenas.ctx, size);
+}
+
+static void arena_free(void *ctx, void *arena, size_t size) {
+    /* Never reached for `fresh_pools`: every pool there keeps the block that opened it. */
+    if (arena != fresh_pools) heap_arenas.free(heap_arenas.ctx, arena, size);
+}
+
+static void *small_block(size_t size) {
+    void *block = PyObject_Malloc(size);
+    if (block == NULL) fatal_python_error("laying out the small-object pools");
+    return block;
+}
+
+/* Blocks taken here are never freed: they are what keeps the layout. */
+static void give_every_size_class_a_fresh_pool(void) {
+    struct _obmalloc_state *state = PyInterpreterState_Get()->obmalloc;
+    PyObjectArenaAllocator ours = {NULL, arena_alloc, arena_free};
+    PyObject_GetArenaAllocator(&heap_arenas);
+    PyObject_SetArenaAllocator(&ours);
+    /* Use up the heap arenas' free pools, so that the next pool comes from a new arena... */
+    while (state->mgmt.usable_arenas != NULL) small_block(SMALL_REQUEST_THRESHOLD);
+    /* ...and every class's partly used pools, so that its next block needs a new pool. */
+    for (unsigned class = 0; class < NB_SMALL_SIZE_CLASSES; class++) {
+        for (;;) {
+            poolp head = state->pools.used[class + class];
+            if (head == head->nextpool) break;
+            small_block(INDEX2SIZE(class));
+        }
+    }
+    /* The first class's block makes the new arena: ours. */
+    fresh_pools_wanted = 1;
+    for (unsigned class = 0; class < NB_SMALL_SIZE_CLASSES; class++) small_block(INDEX2SIZE(class));
+    if (fresh_pools_wanted) fatal_python_error("laying out the small-object pools: no new arena");
+}
+
+
 /* Wizer's initialisation entry: start Python, import the `capsule` package and the user's
  * module (described by the JSON request the build writes to stdin), then return so that
  * Wizer can snapshot the memory. A failure in user code traps after printing its traceback
@@ -233,6 +295,7 @@ EXPORT("capsule_initialize") void capsule_initialize(void) {
         __builtin_trap();
     }
     Py_DECREF(failure);
+    give_every_size_class_a_fresh_pool();
 }
 
 /* The registered tasks as JSON: packed (pointer << 32) | length; the host frees the buffer. */

@@ -172,3 +172,19 @@ fn compression_and_time_zones_work_from_the_standard_library() {
         outcome.error
     );
 }
+
+#[test]
+fn a_runs_new_small_objects_share_a_few_neighbouring_pages() {
+    let built = shared(PROBE);
+    let outcome = built.run("small_objects", vec![]);
+    assert!(outcome.success, "{:?}", outcome.error);
+    assert!(outcome.result["pymalloc_blocks"].as_u64().unwrap() > 0, "the small-object allocator is on");
+    let addresses: Vec<u64> =
+        outcome.result["addresses"].as_array().unwrap().iter().map(|a| a.as_u64().unwrap()).collect();
+    let (lowest, highest) = (addresses.iter().min().unwrap(), addresses.iter().max().unwrap());
+    // One fresh pool per size class, all in one 256 KiB arena: scattered pools spread
+    // objects like these over megabytes of heap.
+    assert!(highest - lowest < 256 << 10, "{} objects spread over {} KiB", addresses.len(), (highest - lowest) >> 10);
+    let again = built.run("small_objects", vec![]).result;
+    assert_eq!(again["addresses"], outcome.result["addresses"], "every run starts from the same layout");
+}

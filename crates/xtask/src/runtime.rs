@@ -275,11 +275,11 @@ fn configure_args_fingerprint() -> String {
     WASI_CONFIGURE_ARGS.join(" ")
 }
 
-/// Without pymalloc, as CPython's configure chooses for WASI: it would spare loops that make
-/// many small objects a third of their time in wasi-libc's `malloc`, but it keeps a pool page
-/// per size class, so every fresh sandbox dirties many more snapshot pages and short runs lose
-/// more than half their throughput (BENCHMARKS.md).
-const WASI_CONFIGURE_ARGS: &[&str] = &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no"];
+/// With pymalloc, which CPython's configure turns off for WASI: without it every small object
+/// goes through wasi-libc's `malloc`. The runtime gives each size class a fresh pool before
+/// the snapshot (`c/capsule_runtime.c`), so that short runs write few pages (BENCHMARKS.md).
+const WASI_CONFIGURE_ARGS: &[&str] =
+    &["--host=wasm32-unknown-wasi", "--disable-test-modules", "--with-ensurepip=no", "--with-pymalloc"];
 
 /// Builds the runtime of `flavour` if its inputs changed; returns the installed module.
 pub fn build_runtime(flavour: Flavour, force: bool) -> Result<PathBuf> {
