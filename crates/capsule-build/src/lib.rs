@@ -102,7 +102,7 @@ pub fn up_to_date(options: &BuildOptions) -> Option<BuildOutput> {
     }
     let started = Instant::now();
     let out_dir = out_dir_of(options);
-    if !Fingerprint::read(&out_dir)?.holds() {
+    if !Fingerprint::read(&out_dir)?.holds(&options.runtime) {
         return None;
     }
     let manifest_path = out_dir.join(MANIFEST_FILE);
@@ -149,7 +149,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     let key = build_key(&project, &runtime_sha256);
     let out_dir = out_dir_of(options);
     let manifest_path = out_dir.join(MANIFEST_FILE);
-    let fingerprint = project.fingerprint(&runtime_path);
+    let fingerprint = project.fingerprint(&options.runtime, &runtime_path);
 
     if !options.force
         && let Some(manifest) = cached(&out_dir, &key)

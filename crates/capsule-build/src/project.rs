@@ -128,12 +128,13 @@ impl Project {
 }
 
 impl Project {
-    /// The fingerprint of everything the build of this project reads: its modules, its
-    /// `capsule.toml` and requirement files (or that there are none) and the runtime.
-    pub fn fingerprint(&self, runtime: &Path) -> crate::Fingerprint {
+    /// The fingerprint of everything the build of this project, asked to use `base_runtime`,
+    /// reads: its modules, its `capsule.toml` and requirement files (or that there are none)
+    /// and the runtime of its flavour, `runtime`.
+    pub fn fingerprint(&self, base_runtime: &Path, runtime: &Path) -> crate::Fingerprint {
         let shown = self.modules.iter().map(|m| &m.path).chain(self.data_files.iter().map(|d| &d.path));
         let mut files: Vec<PathBuf> = shown.map(|path| self.file_of(path)).collect();
-        files.push(std::path::absolute(runtime).unwrap_or_else(|_| runtime.to_path_buf()));
+        files.push(crate::fingerprint::absolute(runtime));
         let mut absent = Vec::new();
         let declaring = dependencies::declaring_files(&self.root);
         for file in std::iter::once(self.root.join(manifest_schema::PROJECT_FILE)).chain(declaring) {
@@ -143,7 +144,7 @@ impl Project {
                 absent.push(file);
             }
         }
-        crate::Fingerprint::of(files, absent)
+        crate::Fingerprint::of(base_runtime, files, absent)
     }
 
     /// The file on disk behind a module's or data file's shown path.

@@ -209,13 +209,38 @@ def _stamp(path: str) -> list[int] | None:
 
 _fingerprints: dict[str, tuple[list[int] | None, Any]] = {}
 # The format of `fingerprint.json` this reads (`VERSION` in `fingerprint.rs`).
-_FINGERPRINT_VERSION = 2
+_FINGERPRINT_VERSION = 3
+# Where an installation keeps the runtime, from its `capsule` command (`INSTALLED_RUNTIME` in
+# `python-runtime`'s lib.rs).
+_INSTALLED_RUNTIME = os.path.join("..", "share", "capsule", "capsule-python.wasm")
+_runtimes: dict[tuple[str | None, str | None], str | None] = {}
+
+
+def _runtime() -> str | None:
+    """The runtime a `capsule build` started from here would use, found as it finds it
+    (`python_runtime::runtime_path`): `$CAPSULE_RUNTIME`, else the one installed beside the
+    command. None when neither is there: a `capsule` built in a checkout knows its own."""
+    key = (os.environ.get("CAPSULE_RUNTIME"), os.environ.get("CAPSULE_BIN"))
+    if key not in _runtimes:
+        try:
+            installed = os.path.join(os.path.dirname(os.path.realpath(_capsule_command())), _INSTALLED_RUNTIME)
+        except DaemonError:
+            installed = None
+        _runtimes[key] = key[0] or (installed if installed and os.path.isfile(installed) else None)
+    return _runtimes[key]
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
     """The manifest in `out_dir` if its build's `fingerprint.json` still holds (see
-    `capsule-build`'s `fingerprint.rs`: every file with the same size and times, every absent
-    file still absent). The file is read again only when it changed."""
+    `capsule-build`'s `fingerprint.rs`: the same runtime, every file with the same size and
+    times, every absent file still absent). The file is read again only when it changed."""
     path = os.path.join(out_dir, "fingerprint.json")
     stamp = _stamp(path)
     known = _fingerprints.get(path)
@@ -227,6 +252,9 @@ def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
             return None
     fingerprint = known[1]
     if fingerprint.get("version") != _FINGERPRINT_VERSION:
+        return None
+    runtime = _runtime()
+    if runtime is not None and not _same_file(fingerprint["runtime"], runtime):
         return None
     for file, file_stamp in fingerprint["files"]:
         if _stamp(file) != file_stamp:
