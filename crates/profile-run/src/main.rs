@@ -2,9 +2,8 @@
 //! every machine: the clocks advance by a fixed step on each reading instead of following
 //! time, random bytes come from a fixed seed, and nothing but the given folders, variables
 //! and arguments is visible. `cargo xtask build-runtime` trains its profile-guided build this
-//! way, so that two runs count alike and the optimised runtime can be reproducible (two full
-//! runs still differ by a few counts in under 1 % of the functions; see BENCHMARKS.md). What
-//! the host's file system reports, times and inode numbers, the guest evens out itself:
+//! way, so that two runs count alike and the optimised runtime is reproducible. What the
+//! host's file system reports, times and inode numbers, the guest evens out itself:
 //! `crates/python-runtime/build/pgo/training.c`.
 
 use std::path::PathBuf;

@@ -268,7 +268,6 @@ static void give_every_size_class_a_fresh_pool(void) {
     if (fresh_pools_wanted) fatal_python_error("laying out the small-object pools: no new arena");
 }
 
-
 /* Wizer's initialisation entry: start Python, import the `capsule` package and the user's
  * module (described by the JSON request the build writes to stdin), then return so that
  * Wizer can snapshot the memory. A failure in user code traps after printing its traceback

@@ -4,14 +4,15 @@
 //! the counts decide the optimised compile (`-fprofile-use`): which calls are inlined, which
 //! paths fall through, which indirect calls are promoted to direct ones.
 //!
-//! The training must count the same on every run, or the runtime would not be reproducible
-//! (it does not quite yet, hence [`ENV`]):
-//! `profile-run` (crates/profile-run) gives the guest clocks that step on each reading and a
-//! seeded random source; the interpreter runs with a fixed hash seed, without writing bytecode
-//! and without the writable folders on its import path (a folder's changing modification time
-//! would decide when the import system lists it again). The sources are mapped read-only, the
-//! build's `_sysconfigdata` from a copy without the layer's path; the tests write to a private
-//! `/tmp`. The guest's own hooks (`training.c`) even out what the file system reports.
+//! The training must count the same on every run and in every folder, or the runtime would
+//! not be reproducible: `profile-run` (crates/profile-run) gives the guest clocks that step on
+//! each reading and a seeded random source; the interpreter runs with a fixed hash seed,
+//! without writing bytecode and without the writable folders on its import path (a folder's
+//! changing modification time would decide when the import system lists it again). The
+//! sources are mapped read-only, the build's `_sysconfigdata` from a copy without the layer's
+//! path, the instrumented interpreter without its debug information (which names the layer);
+//! the tests write to a private `/tmp`. The guest's own hooks (`training.c`) even out what the
+//! file system reports.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,13 +24,12 @@ use anyhow::{Context, Result, bail};
 use crate::layers::{RegistryFile, hex_sha256, make_all, tree_contents};
 use crate::util::{cargo, run, target_dir, workspace_root};
 
-/// Set to `1`, `cargo xtask build-runtime` builds `libpython` profile-guided. Not the default
-/// yet: two training runs can still differ by a few counts (see BENCHMARKS.md), and the
-/// runtime must be reproducible.
+/// Set to `0`, `cargo xtask build-runtime` builds `libpython` without the profile: to measure
+/// what the profile gives (BENCHMARKS.md), or to spare the training on a quick local build.
 pub const ENV: &str = "CAPSULE_PGO";
 
 pub fn enabled() -> bool {
-    std::env::var_os(ENV).is_some_and(|value| value == "1")
+    std::env::var_os(ENV).is_none_or(|value| value != "0")
 }
 
 /// LLVM's profile runtime (raw profile version 10, LLVM 19's), as the `minicov` crate keeps it
@@ -142,6 +142,9 @@ pub fn profile(dir: &Path, cpython: &Build, minicov_crate: &Path) -> Result<Path
     run(make_all(cpython.build)
         .arg("CFLAGS_NODIST=-fprofile-generate")
         .arg(format!("LDFLAGS_NODIST={}{wraps}", runtime.display())))?;
+    // Its debug information names the layer's folder. The training looks at the interpreter's
+    // own file, so with it, a build in another folder would count differently.
+    run(Command::new("llvm-strip-19").arg("--strip-debug").arg(cpython.build.join("python.wasm")))?;
     let instrumented = Instant::now();
     let raw = train(dir, cpython)?;
     let profile = dir.join("cpython.profdata");

@@ -10,8 +10,8 @@
 //! and whoever takes it prunes all but the two last-used layers of each kind.
 //! 1. `build-python-*`: a native CPython of the same version (cross builds need one);
 //! 2. `cpython-wasi-*`: `libpython3.13.a` and its helper libraries for WASI, zlib, bzip2,
-//!    SQLite and liblzma included (with `CAPSULE_PGO=1`, optimised with a profile of CPython's
-//!    own test suite's training set run under wasmtime: [`crate::pgo`]);
+//!    SQLite and liblzma included, optimised with a profile of CPython's own test suite's
+//!    training set run under wasmtime ([`crate::pgo`]; `CAPSULE_PGO=0` leaves it out);
 //! 3. the reactor: the stdlib, the build's `_sysconfigdata`, the `tzdata` wheel (modules and
 //!    zone files) and the `capsule` package packed as bytecode, embedded in the module
 //!    together with the C entry points of `crates/python-runtime/c`.
@@ -231,7 +231,7 @@ fn runtime_crate() -> PathBuf {
 }
 
 /// Key of the `libpython` layer: the source, the toolchain and the configure recipe (and the
-/// profile-guided build's, when it is on).
+/// profile-guided build's, unless it is off).
 fn cpython_key() -> Result<String> {
     let config_site = fs::read(runtime_crate().join("build/config.site-wasi"))?;
     let libraries = c_libraries_fingerprint();
