@@ -9,12 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{Program, RefuseHostCalls, SandboxState, Stream, TeeOutput, fingerprint};
+use capsule_exec::{
+    Cancel, Program, RefuseHostCalls, SandboxState, Stopped, Stream, TeeOutput, fingerprint, until_stopped,
+};
 use manifest_schema::{CompiledFile, Metering};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use wasmtime::{Store, UpdateDeadline, Val};
+use wasmtime::{Store, Val};
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
@@ -198,13 +200,9 @@ pub async fn snapshot(
     ));
     let mut store = Store::new(engine, SandboxState::new(wasi, INIT_MEMORY_LIMIT, host_calls));
     SandboxState::limit(&mut store);
-    let result = async {
-        let started = Instant::now();
+    let started = Instant::now();
+    let import = async {
         let instance = program.instantiate(&mut store).await?;
-        let deadline = Instant::now() + INIT_TIMEOUT;
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-        });
         // A reactor's `_initialize` runs the C constructors; then the interpreter starts.
         if let Ok(constructors) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             constructors.call_async(&mut store, ()).await?;
@@ -232,31 +230,45 @@ pub async fn snapshot(
             })
             .collect::<wasmtime::Result<Vec<_>>>()?;
         Ok::<_, wasmtime::Error>(State { memory, globals })
-    }
-    .await;
+    };
+    let result = until_stopped(started + INIT_TIMEOUT, &Cancel::default(), import).await;
     match result {
-        Ok(snapshot) => Ok(snapshot),
-        Err(error) => {
+        Ok(Ok(snapshot)) => Ok(snapshot),
+        Err(stopped) => {
+            let entry = entry_path(request);
+            // No one cancels a build's import: it can only have run out of time.
+            debug_assert_eq!(stopped, Stopped::Deadline);
+            Err(BuildError::usage(
+                format!("importing `{entry}` took longer than {INIT_TIMEOUT:?}"),
+                MODULE_LEVEL_HINT.to_string(),
+            ))
+        }
+        Ok(Err(error)) => {
             let printed = stderr.captured().text;
-            let entry = request
-                .modules
-                .iter()
-                .find(|m| m.name == request.entry_module)
-                .map_or(request.entry_module.as_str(), |m| m.path.as_str());
-            let reason = match error.root_cause().downcast_ref::<wasmtime::Trap>() {
-                Some(wasmtime::Trap::Interrupt) => format!("importing `{entry}` took longer than {INIT_TIMEOUT:?}"),
-                _ if store.data().memory().exceeded() => {
-                    format!("importing `{entry}` needed more than {} MiB of memory", INIT_MEMORY_LIMIT >> 20)
-                }
-                _ if !printed.trim().is_empty() => format!("importing `{entry}` failed:\n{}", printed.trim_end()),
-                _ => format!("snapshotting `{entry}` failed: {error:#}"),
+            let entry = entry_path(request);
+            let reason = if store.data().memory().exceeded() {
+                format!("importing `{entry}` needed more than {} MiB of memory", INIT_MEMORY_LIMIT >> 20)
+            } else if !printed.trim().is_empty() {
+                format!("importing `{entry}` failed:\n{}", printed.trim_end())
+            } else {
+                format!("snapshotting `{entry}` failed: {error:#}")
             };
-            let hint = unavailable_module_hint(&printed).unwrap_or_else(|| {
-                "module-level code runs once, at build time, without files, network or environment; move such work into a task".into()
-            });
+            let hint = unavailable_module_hint(&printed).unwrap_or_else(|| MODULE_LEVEL_HINT.into());
             Err(BuildError::usage(reason, hint))
         }
     }
+}
+
+const MODULE_LEVEL_HINT: &str =
+    "module-level code runs once, at build time, without files, network or environment; move such work into a task";
+
+/// The path of the module the build imports, as the user named it.
+fn entry_path(request: &InitRequest) -> &str {
+    request
+        .modules
+        .iter()
+        .find(|m| m.name == request.entry_module)
+        .map_or(request.entry_module.as_str(), |m| m.path.as_str())
 }
 
 /// C modules of the standard library that the runtime does not have, and what to do.

@@ -1,10 +1,11 @@
 //! The one wasmtime configuration shared by `capsule build` (which compiles with it) and the
 //! runner (which loads what was compiled). Anything here that changes compiled code must
-//! change [`engine_settings`], so old artifacts are refused with a clear message. Fuel
-//! metering is compiled into the code; time metering (the other configuration) is not.
+//! change [`engine_settings`], so old artifacts are refused with a clear message.
 //!
-//! Cancelling a run uses the same epoch interruption as deadlines, so it needs no setting of
-//! its own.
+//! Each metering compiles its own checks into the code, and only those: fuel counts
+//! instructions (and yields every [`FUEL_YIELD_INTERVAL`] of them), time metering checks the
+//! epoch at loops and calls (and yields at every tick). Deadlines and cancels need no check
+//! of their own: they are looked at whenever the code yields (`cancel::until_stopped`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,13 +23,19 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// recursion limits fire before a stack-overflow trap.
 pub const MAX_WASM_STACK: usize = python_runtime::C_STACK_BYTES;
 
-/// How often the epoch advances; deadlines are checked at this granularity.
+/// How often the epoch advances under time metering: the CPU time a run used is counted,
+/// and its deadline checked, at this granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Under fuel metering, code yields to the host after this many instructions (about a
+/// millisecond): a deadline or a cancel stops CPU-bound code within one interval, and other
+/// runs on the same thread get their turn. Each yield costs a few microseconds.
+pub const FUEL_YIELD_INTERVAL: u64 = 2_000_000;
 
 /// Everything about the configuration that the compiled code depends on.
 fn engine_settings(metering: Metering) -> &'static str {
     match metering {
-        Metering::Fuel => "capsule-engine/1 fuel=on epoch=on async=on max_wasm_stack=8MiB",
+        Metering::Fuel => "capsule-engine/1 fuel=on epoch=off async=on max_wasm_stack=8MiB",
         Metering::Time => "capsule-engine/1 fuel=off epoch=on async=on max_wasm_stack=8MiB",
     }
 }
@@ -42,7 +49,6 @@ pub const MAX_LIVE_SANDBOXES: u32 = 256;
 pub fn config() -> Config {
     let mut config = Config::new();
     config.consume_fuel(true);
-    config.epoch_interruption(true);
     config.max_wasm_stack(MAX_WASM_STACK);
     // Guests run on fibers: the fiber's stack must hold the Wasm stack plus host frames.
     config.async_stack_size(MAX_WASM_STACK + (1 << 20));
@@ -80,10 +86,11 @@ pub(crate) fn on_demand(config: &Config) -> Config {
 }
 
 /// `config` (from [`config`], plus settings that do not change code) for `metering`: fuel is
-/// counted by instrumented code, time by the epoch ticks every configuration has.
+/// counted by instrumented code, time by epoch ticks.
 pub fn with_metering(config: &Config, metering: Metering) -> Config {
     let mut config = config.clone();
     config.consume_fuel(metering == Metering::Fuel);
+    config.epoch_interruption(metering == Metering::Time);
     config
 }
 
@@ -99,8 +106,9 @@ pub fn fingerprint(metering: Metering) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// An engine with its epoch ticking in the background for as long as it lives.
-pub struct TickingEngine {
+/// An engine with its epoch ticking in the background for as long as it lives, for time
+/// metering.
+pub(crate) struct TickingEngine {
     engine: Engine,
     stop: Arc<AtomicBool>,
 }

@@ -197,11 +197,11 @@ impl RunHandle {
     }
 }
 
-/// The wasmtime engines (one per metering, each with its epoch ticker, the time-metered one
-/// made when first needed) and the artifacts loaded on them.
+/// The wasmtime engines (one per metering; the time-metered one, with its epoch ticker, made
+/// when first needed) and the artifacts loaded on them.
 pub struct Engine {
     config: wasmtime::Config,
-    fuel_metered: TickingEngine,
+    fuel_metered: wasmtime::Engine,
     time_metered: OnceLock<TickingEngine>,
     /// Verified artifacts by sha256, oldest first.
     loaded: Mutex<ByHash<Arc<Loaded>>>,
@@ -231,7 +231,7 @@ impl Engine {
     pub fn with_config(config: &wasmtime::Config) -> Result<Self, EngineError> {
         // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let fuel_metered = TickingEngine::new(&config::with_metering(config, Metering::Fuel))
+        let fuel_metered = wasmtime::Engine::new(&config::with_metering(config, Metering::Fuel))
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Self {
             config: config.clone(),
@@ -246,20 +246,19 @@ impl Engine {
 
     /// The wasmtime engine for code compiled with `metering` (the builder compiles with it).
     pub fn wasmtime(&self, metering: Metering) -> Result<&wasmtime::Engine, EngineError> {
-        let ticking = match metering {
-            Metering::Fuel => &self.fuel_metered,
+        match metering {
+            Metering::Fuel => Ok(&self.fuel_metered),
             Metering::Time => match self.time_metered.get() {
-                Some(engine) => engine,
+                Some(ticking) => Ok(ticking.engine()),
                 None => {
-                    let engine = TickingEngine::new(&config::with_metering(&self.config, Metering::Time))
+                    let ticking = TickingEngine::new(&config::with_metering(&self.config, Metering::Time))
                         .map_err(|e| EngineError::Setup(e.to_string()))?;
                     // Two first uses at once: one engine is kept, the other dropped.
-                    let _ = self.time_metered.set(engine);
-                    self.time_metered.get().expect("set above")
+                    let _ = self.time_metered.set(ticking);
+                    Ok(self.time_metered.get().expect("set above").engine())
                 }
             },
-        };
-        Ok(ticking.engine())
+        }
     }
 
     /// Loads the artifact of the manifest at `path`, verified; an artifact with the same

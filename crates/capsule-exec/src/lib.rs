@@ -33,8 +33,8 @@ mod session;
 mod stamp;
 
 pub use artifact::{LoadError, sha256_hex};
-pub use cancel::Cancel;
-pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, TickingEngine, WASMTIME_VERSION, config, fingerprint};
+pub use cancel::{Cancel, Stopped, until_stopped};
+pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, WASMTIME_VERSION, config, fingerprint};
 pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
 pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};

@@ -10,8 +10,8 @@ use serde_json::Value;
 use wasmtime::{Engine, Extern, Instance, InstancePre, Module, ModuleExport, Store, Trap, TypedFunc, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use crate::cancel::Cancel;
-use crate::config::EPOCH_TICK;
+use crate::cancel::{Cancel, Stopped, until_stopped};
+use crate::config::{EPOCH_TICK, FUEL_YIELD_INTERVAL};
 use crate::events::Stream;
 use crate::host::{HostCalls, RefuseHostCalls, SandboxState, linker};
 use crate::outcome::{Captured, HttpCall};
@@ -102,13 +102,17 @@ impl Program {
     }
 
     /// An instance of the program in `store`: the state module's, then the code module's
-    /// linked to it. Fuel (when metered) is unlimited and epoch ticks yield until the caller
-    /// sets its limits.
+    /// linked to it. Its code yields to the host regularly, so that the caller can stop it
+    /// (`cancel::until_stopped`); fuel (when metered) is unlimited until the caller sets its
+    /// limits.
     pub async fn instantiate(&self, store: &mut Store<SandboxState>) -> wasmtime::Result<Instance> {
-        if self.metering == Metering::Fuel {
-            store.set_fuel(u64::MAX)?;
+        match self.metering {
+            Metering::Fuel => {
+                store.set_fuel(u64::MAX)?;
+                store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))?;
+            }
+            Metering::Time => store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1))),
         }
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         let state = self.state.instantiate_async(&mut *store).await?;
         let imports = self
             .links
@@ -264,40 +268,26 @@ impl Sandbox {
             self.instantiate().await?;
             // Under fuel metering the code counts its own instructions; under time metering
             // each epoch tick seen while Wasm runs is counted against the budget's time.
-            let cpu_ticks = match metering {
-                Metering::Fuel => {
-                    self.store.set_fuel(limits.fuel)?;
-                    u64::MAX
-                }
+            match metering {
+                Metering::Fuel => self.store.set_fuel(limits.fuel)?,
                 Metering::Time => {
                     let budget = Compute::time_of(limits.fuel);
-                    (budget.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+                    let cpu_ticks = (budget.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64;
+                    let mut ticks = 0u64;
+                    self.store.epoch_deadline_callback(move |_| {
+                        ticks += 1;
+                        if ticks > cpu_ticks {
+                            return Err(Trap::OutOfFuel.into());
+                        }
+                        Ok(UpdateDeadline::Yield(1))
+                    });
                 }
-            };
-            // CPU-bound code is stopped at the next epoch tick after the deadline or a
-            // cancel; code waiting in the host (e.g. `time.sleep`) by the timeout and the
-            // cancel around the whole call.
-            let ticking_cancel = cancel.clone();
-            let mut ticks = 0u64;
-            self.store.epoch_deadline_callback(move |_| {
-                ticks += 1;
-                if ticks > cpu_ticks {
-                    return Err(Trap::OutOfFuel.into());
-                }
-                Ok(if Instant::now() >= deadline || ticking_cancel.is_cancelled() {
-                    UpdateDeadline::Interrupt
-                } else {
-                    UpdateDeadline::Yield(1)
-                })
-            });
+            }
             let instance = self.instance.expect("instantiated above");
             invoke(&mut self.store, &instance, request).await
         };
-        let call = tokio::select! {
-            call = tokio::time::timeout(limits.timeout, call) => Some(call),
-            () = cancel.cancelled() => None,
-        };
-        if !matches!(call, Some(Ok(Ok(_)))) {
+        let call = until_stopped(deadline, cancel, call).await;
+        if !matches!(call, Ok(Ok(_))) {
             // Stopped inside the guest (or never started): its state is not to be reused.
             self.instance = None;
             self.broken = true;
@@ -309,10 +299,10 @@ impl Sandbox {
         // Once the run is cancelled, whatever failed failed because of it (a parent sees its
         // cancelled child as an exception, for one).
         let result = match call {
-            Some(Ok(Ok(reply))) => reply.into_result(),
-            None => Err(cancelled_error()),
-            Some(Err(_elapsed)) => Err(timeout_error(limits.timeout)),
-            Some(Ok(Err(error))) => {
+            Ok(Ok(reply)) => reply.into_result(),
+            Err(Stopped::Cancelled) => Err(cancelled_error()),
+            Err(Stopped::Deadline) => Err(timeout_error(limits.timeout)),
+            Ok(Err(error)) => {
                 Err(classify_trap(&error, limits, metering, self.memory_bytes, memory.exceeded(), &stderr))
             }
         }
@@ -419,7 +409,6 @@ fn classify_trap(
                 ),
             },
         ),
-        Some(Trap::Interrupt) => timeout_error(limits.timeout),
         Some(Trap::StackOverflow) => with_tail(
             ErrorKind::StackOverflow,
             "the task exhausted the sandbox's stack (runaway recursion in native code)".into(),
