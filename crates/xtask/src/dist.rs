@@ -15,7 +15,8 @@ use crate::venv::{Missing, Venv};
 
 /// The wheel builder, pinned.
 const MATURIN: &str = "maturin==1.16.0";
-/// What every timestamp in the archives says: 1980-01-01, the earliest a zip can hold.
+/// What every timestamp in the archives says: 1980-01-01, the earliest a zip can hold. Every
+/// cargo build of the workspace sees it too (`.cargo/config.toml`).
 const SOURCE_DATE_EPOCH: &str = "315532800";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -143,4 +144,17 @@ pub fn install(root: &Path) -> Result<()> {
         share.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wheel's maturin build and every other build must see one value, or each would
+    /// rebuild what the other built (see `.cargo/config.toml`).
+    #[test]
+    fn cargo_builds_see_the_timestamp_the_wheel_is_built_with() {
+        let config = fs::read_to_string(workspace_root().join(".cargo/config.toml")).unwrap();
+        assert!(config.contains(&format!("SOURCE_DATE_EPOCH = \"{SOURCE_DATE_EPOCH}\"")), "{config}");
+    }
 }
