@@ -100,8 +100,8 @@ mod tests {
         cancel.cancelled().await;
     }
 
-    /// A future that never completes and never yields to its caller on its own: like Wasm
-    /// code that yields at every poll.
+    /// A future that never completes and wakes its task again each time it is polled, like
+    /// Wasm code that keeps yielding.
     async fn busy() {
         loop {
             tokio::task::yield_now().await;
