@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use python_runtime::Flavour;
 
-use crate::util::{run, sha256_file, target_dir, workspace_root};
+use crate::util::{forget_xtask_package, run, sha256_file, target_dir, workspace_root};
 use crate::venv::{Missing, Venv};
 
 /// The wheel builder, pinned.
@@ -69,7 +69,7 @@ pub fn dist(profile: Profile) -> Result<Dist> {
 
     let tools = Venv::ensure("dist-tools", &[MATURIN], Missing::Fail)?;
     let mut maturin = Command::new(tools.bin("maturin"));
-    maturin
+    forget_xtask_package(&mut maturin)
         .current_dir(workspace_root())
         .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
         .args(["build", "--out"])

@@ -29,6 +29,30 @@ pub fn target_dir() -> PathBuf {
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
+    forget_xtask_package(&mut command);
+    command
+}
+
+/// Removes from `command`'s environment what `cargo run` told xtask about its own package.
+/// A cargo started from xtask must see what a cargo started from a shell sees: a build script
+/// that watches one of these (ring's watches `CARGO_MANIFEST_DIR`) would otherwise rerun, and
+/// everything built after it be compiled again, whenever the two kinds of build alternate.
+pub fn forget_xtask_package(command: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let about_xtask = name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            );
+        if about_xtask {
+            command.env_remove(name);
+        }
+    }
     command
 }
 
@@ -87,4 +111,22 @@ pub fn write_executable(path: &Path, contents: &str) -> Result<()> {
     fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cargo_started_by_xtask_does_not_see_xtasks_package() {
+        // `cargo test` gives this process what `cargo run` gives xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let command = cargo();
+        let removed: Vec<_> =
+            command.get_envs().filter(|(_, value)| value.is_none()).map(|(name, _)| name.to_owned()).collect();
+        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION"] {
+            assert!(removed.iter().any(|removed| removed == name), "{name} is still passed on");
+        }
+        assert!(!removed.iter().any(|removed| removed == "CARGO_HOME" || removed == "CARGO"));
+    }
 }
