@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use manifest_schema::{Compute, Metering};
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::{build_into, load, shared};
+use tests::{Built, build_into, load, shared};
 
 const LIMITS: &str = "valid/limits.py";
 
@@ -55,6 +55,9 @@ fn time_metering_counts_a_budget_in_cpu_time_instead_of_fuel() {
     assert_eq!(error.kind, ErrorKind::Fuel, "{}", error.message);
     assert!(error.message.contains("0.01 s of CPU under time metering"), "{}", error.message);
 
+    // Deadlines are looked at whenever the code yields, here at every epoch tick.
+    assert_deadlines_stop_busy_loops_and_sleeps(&built);
+
     // The same engine runs fuel-metered artifacts beside it.
     let fuel = shared(LIMITS).run("count_custom", vec![json!(1_000_000_000)]);
     assert_eq!(fuel.execution.fuel_consumed, 50_000_000);
@@ -98,7 +101,11 @@ fn a_memory_bomb_stops_at_its_limit_and_the_host_stays_bounded() {
 
 #[test]
 fn deadlines_stop_busy_loops_and_sleeps() {
-    let built = shared(LIMITS);
+    assert_deadlines_stop_busy_loops_and_sleeps(&shared(LIMITS));
+}
+
+/// The fixture's `busy` and `sleepy` tasks, each with a 1 s deadline, end as timeouts.
+fn assert_deadlines_stop_busy_loops_and_sleeps(built: &Built) {
     for task in ["busy", "sleepy"] {
         let error = built.run(task, vec![]).error.unwrap_or_else(|| panic!("{task} must time out"));
         assert_eq!(error.kind, ErrorKind::Timeout, "{task}: {error:?}");
