@@ -1,11 +1,12 @@
 //! Caches that make repeated builds fast, in one folder per user:
 //! `$CAPSULE_CACHE_DIR`, else `$XDG_CACHE_HOME/capsule`, else `~/.cache/capsule`.
 //!
-//! - `code/`: the runtime's code module (see `split`) compiled, keyed by the runtime's
-//!   sha256 and the engine's fingerprint, with the sha256 of the compiled file beside it:
-//!   compiled once per runtime and engine configuration, shared by every project's build.
+//! - `code/<key>.sha256`: which compiled file is the runtime's code module (see `split`),
+//!   keyed by the runtime's sha256 and the engine's fingerprint. The file itself is one of
+//!   the runner's own (`compiled/`, see `capsule_exec::Engine::keep_compiled`): compiled once
+//!   per runtime and engine configuration, shared by every project's build.
 //!
-//! Like `~/.cargo`, the folder is trusted: whoever can write it can change what builds run.
+//! The folder is this user's, like `~/.cargo`, and no task's grant reaches it.
 
 use std::fs;
 use std::path::Path;

@@ -90,7 +90,7 @@ pub fn build_engine() -> Result<Engine, BuildError> {
 fn out_dir_of(options: &BuildOptions) -> PathBuf {
     options.out_dir.clone().unwrap_or_else(|| {
         let stem = options.entry.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        options.entry.parent().unwrap_or(Path::new("")).join(".capsule/build").join(stem)
+        options.entry.parent().unwrap_or(Path::new("")).join(manifest_schema::STATE_DIR).join("build").join(stem)
     })
 }
 
@@ -172,7 +172,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
     let wasmtime = engine.wasmtime(project.metering).map_err(|e| BuildError::message(e.to_string()))?;
     let (layout, initial) = Layout::read(&runtime).map_err(|e| BuildError::message(e.to_string()))?;
     let compile_started = Instant::now();
-    let code = RuntimeCode::get(wasmtime, &layout, &runtime, &runtime_sha256, project.metering)?;
+    let code = RuntimeCode::get(engine, &layout, &runtime, &runtime_sha256, project.metering)?;
     let mut compile_time = compile_started.elapsed();
     let snapshot_started = Instant::now();
     let state = snapshot::snapshot(wasmtime, &layout, &initial, &code.module, project.metering, &request, hash_seed)
@@ -223,7 +223,11 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         dependencies: project.dependencies.as_ref().map(|d| d.locked.clone()).unwrap_or_default(),
     };
     manifest.validate().map_err(BuildError::message)?;
-    write_output(&out_dir, &manifest, &compiled, &code, &key)?;
+    // The runner keeps its own copy, so that the first run need not copy it in.
+    if let Err(error) = engine.keep_compiled(&compiled) {
+        tracing::warn!(%error, "could not keep the compiled snapshot");
+    }
+    write_output(engine, &out_dir, &manifest, &compiled, &code, &key)?;
     // Last: a fingerprint only ever describes a complete build.
     fingerprint.write(&out_dir).map_err(|e| BuildError::io("cannot record the build's fingerprint", e))?;
     let timings = Timings { snapshot: snapshot_time, compile: compile_time, total: started.elapsed() };
@@ -381,11 +385,12 @@ fn take_turn(out_dir: &Path) -> Result<fs::File, BuildError> {
     Ok(lock)
 }
 
-/// Writes the artifact, then the manifest, then the key, each atomically; removes artifacts
-/// of earlier builds, and the temporary files of builds killed while writing (the caller
-/// holds the folder's lock, so no live build is writing them). A reader never sees a
-/// manifest whose artifact is missing.
+/// Writes the artifact, then the manifest, then the key, each atomically and read-only;
+/// removes artifacts of earlier builds, and the temporary files of builds killed while
+/// writing (the caller holds the folder's lock, so no live build is writing them). A reader
+/// never sees a manifest whose artifact is missing.
 fn write_output(
+    engine: &Engine,
     out_dir: &Path,
     manifest: &Manifest,
     compiled: &[u8],
@@ -396,13 +401,14 @@ fn write_output(
     fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), BuildError> {
         let path = out_dir.join(name);
-        let tmp = out_dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        fs::write(&tmp, bytes).map_err(|e| io("cannot write", &tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))
+        capsule_exec::write_read_only(&path, bytes).map_err(|e| io("cannot write", &path, e))
     };
     write(&manifest.artifact.file, compiled)?;
-    code.place(out_dir).map_err(|e| io("cannot write", &out_dir.join(&code.compiled.file), e))?;
-    write(MANIFEST_FILE, manifest.to_toml().as_bytes())?;
+    code.place(engine, out_dir)?;
+    let manifest_text = manifest.to_toml();
+    write(MANIFEST_FILE, manifest_text.as_bytes())?;
+    // An earlier build's signature does not sign this manifest.
+    let _ = fs::remove_file(capsule_exec::signature_path(&out_dir.join(MANIFEST_FILE)));
     write(KEY_FILE, key.as_bytes())?;
     if let Ok(entries) = fs::read_dir(out_dir) {
         for entry in entries.flatten() {
@@ -416,6 +422,17 @@ fn write_output(
         }
     }
     Ok(())
+}
+
+/// Signs the manifest at `manifest_path` with `key`: writes `manifest.toml.sig` beside it
+/// (read-only), over the manifest's bytes as they are on disk.
+pub fn sign(manifest_path: &Path, key: &capsule_exec::SigningKey) -> Result<PathBuf, BuildError> {
+    let bytes =
+        fs::read(manifest_path).map_err(|e| BuildError::io(format!("cannot read `{}`", manifest_path.display()), e))?;
+    let path = capsule_exec::signature_path(manifest_path);
+    capsule_exec::write_read_only(&path, key.sign(&bytes).as_bytes())
+        .map_err(|e| BuildError::io(format!("cannot write `{}`", path.display()), e))?;
+    Ok(path)
 }
 
 /// The source of the built-in interpreter image (see [`interpreter_options`]).

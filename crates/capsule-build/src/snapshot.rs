@@ -6,11 +6,11 @@
 //! derived from the build key, no files, no environment beyond the seed, and no host calls.
 //! The same inputs therefore give a byte-identical snapshot.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capsule_exec::{
-    Cancel, Program, RefuseHostCalls, SandboxState, Stopped, Stream, TeeOutput, fingerprint, until_stopped,
+    Cancel, Engine, Program, RefuseHostCalls, SandboxState, Stopped, Stream, TeeOutput, fingerprint, until_stopped,
 };
 use manifest_schema::{CompiledFile, Metering};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
@@ -59,101 +59,101 @@ const CODE_LAYOUT: &str = "capsule-code/1";
 pub struct RuntimeCode {
     pub module: wasmtime::Module,
     pub compiled: CompiledFile,
-    /// The compiled bytes: a file in the cache folder, or in memory without one.
-    origin: Origin,
-}
-
-enum Origin {
-    Cached(PathBuf),
-    Fresh(Vec<u8>),
+    /// The compiled bytes when the runner's store could not keep them.
+    fresh: Option<Vec<u8>>,
 }
 
 impl RuntimeCode {
-    /// The runtime's code compiled by `engine` (of `metering`): from the cache folder when
-    /// this runtime was compiled for this configuration before, else compiled and cached.
+    /// The runtime's code compiled by `engine`'s compiler for `metering`: the compiled file
+    /// the runner keeps (see `capsule_exec::Engine::keep_compiled`) when this runtime was
+    /// compiled for this configuration before (`code/<key>.sha256` in the cache folder names
+    /// it), else compiled now and kept.
     pub fn get(
-        engine: &wasmtime::Engine,
+        engine: &Engine,
         layout: &Layout,
         runtime: &[u8],
         runtime_sha256: &str,
         metering: Metering,
     ) -> Result<Self, BuildError> {
         let key = hex_sha256(&[CODE_LAYOUT.as_bytes(), runtime_sha256.as_bytes(), fingerprint(metering).as_bytes()]);
-        let cached = cache_dir().map(|dir| dir.join("code").join(format!("{key}.cwasm")));
-        if let Some(path) = &cached
-            && let Some(code) = Self::cached(engine, path)
+        let named = cache_dir().map(|dir| dir.join("code").join(format!("{key}.sha256")));
+        if let Some(path) = &named
+            && let Some(code) = Self::kept(engine, path, metering)
         {
             return Ok(code);
         }
         let started = Instant::now();
         if let Some(dir) = cache_dir() {
-            // What builds cached before the runtime's code was shared (an incremental
-            // compilation cache of several GB, an instrumented runtime): no longer read.
-            for obsolete in ["cranelift", "init"] {
-                let _ = std::fs::remove_dir_all(dir.join(obsolete));
-            }
+            remove_obsolete(&dir);
         }
         let wasm = layout.code_module(runtime).map_err(|e| BuildError::message(e.to_string()))?;
-        let bytes = engine
+        let wasmtime = engine.wasmtime(metering).map_err(|e| BuildError::message(e.to_string()))?;
+        let bytes = wasmtime
             .precompile_module(&wasm)
             .map_err(|e| BuildError::message(format!("compiling the runtime failed: {e:#}")))?;
         tracing::info!(elapsed = ?started.elapsed(), "compiled the runtime's code");
-        let compiled = CompiledFile::named_by(capsule_exec::sha256_hex(&bytes));
         // SAFETY: bytes this engine's own compiler produced just now.
-        let module = unsafe { wasmtime::Module::deserialize(engine, &bytes) }
+        let module = unsafe { wasmtime::Module::deserialize(wasmtime, &bytes) }
             .map_err(|e| BuildError::message(format!("loading the compiled runtime failed: {e}")))?;
-        let origin = match cached {
-            Some(path) => {
-                // The hash last: an entry without it is not used.
-                let written = write_atomic(&path, &bytes)
-                    .and_then(|()| write_atomic(&path.with_extension("sha256"), compiled.sha256.as_bytes()));
-                match written {
-                    Ok(()) => Origin::Cached(path),
-                    Err(error) => {
-                        tracing::warn!(%error, "could not cache the compiled runtime");
-                        Origin::Fresh(bytes)
-                    }
-                }
+        let sha256 = match engine.keep_compiled(&bytes) {
+            Ok(sha256) => sha256,
+            Err(error) => {
+                tracing::warn!(%error, "could not keep the compiled runtime");
+                capsule_exec::sha256_hex(&bytes)
             }
-            None => Origin::Fresh(bytes),
         };
-        Ok(Self { module, compiled, origin })
+        let compiled = CompiledFile::named_by(sha256);
+        let kept = engine.kept_module(metering, &compiled.sha256).ok().flatten().is_some();
+        if kept && let Some(path) = &named {
+            if let Err(error) = write_atomic(path, compiled.sha256.as_bytes()) {
+                tracing::warn!(%error, "could not record the compiled runtime's name");
+            }
+        }
+        Ok(Self { module, compiled, fresh: (!kept).then_some(bytes) })
     }
 
-    fn cached(engine: &wasmtime::Engine, path: &Path) -> Option<Self> {
-        let sha256 = std::fs::read_to_string(path.with_extension("sha256")).ok()?;
-        // SAFETY: written by `get` from this engine configuration's own compilation; the
-        // cache folder is trusted like the build tool itself (see `cache`).
-        match unsafe { wasmtime::Module::deserialize_file(engine, path) } {
-            Ok(module) => Some(Self {
-                module,
-                compiled: CompiledFile::named_by(sha256.trim().to_string()),
-                origin: Origin::Cached(path.to_path_buf()),
-            }),
+    /// The compiled code `named` names, if the runner keeps it.
+    fn kept(engine: &Engine, named: &Path, metering: Metering) -> Option<Self> {
+        let sha256 = std::fs::read_to_string(named).ok()?.trim().to_string();
+        match engine.kept_module(metering, &sha256) {
+            Ok(Some(module)) => Some(Self { module, compiled: CompiledFile::named_by(sha256), fresh: None }),
+            Ok(None) => None,
             Err(error) => {
-                tracing::warn!(%error, path = %path.display(), "ignoring an unusable cache entry");
+                tracing::warn!(%error, "ignoring an unusable compiled runtime");
                 None
             }
         }
     }
 
-    /// Puts the compiled code in `dir` under its name: a hard link to the cache entry where
-    /// possible. A file already there is replaced, in case it was damaged.
-    pub fn place(&self, dir: &Path) -> std::io::Result<()> {
+    /// Puts the compiled code in `dir` under its name, read-only: a copy of the runner's,
+    /// checked against its hash (never a link: a project's files must not be the runner's).
+    /// A read-only file of that name already there (an earlier build's) is left: runners
+    /// check it against its name before they run it.
+    pub fn place(&self, engine: &Engine, dir: &Path) -> Result<(), BuildError> {
         let dest = dir.join(&self.compiled.file);
-        let tmp = dir.join(format!(".{}.{}.tmp", self.compiled.file, std::process::id()));
-        match &self.origin {
-            Origin::Cached(path) => {
-                if std::fs::hard_link(path, &tmp).is_err() {
-                    std::fs::copy(path, &tmp)?;
-                }
-            }
-            Origin::Fresh(bytes) => std::fs::write(&tmp, bytes)?,
+        if std::fs::metadata(&dest).is_ok_and(|m| m.permissions().readonly()) {
+            return Ok(());
         }
-        std::fs::rename(&tmp, &dest)?;
-        // Renaming onto another link of the same file does nothing: the temporary remains.
-        let _ = std::fs::remove_file(&tmp);
-        Ok(())
+        let _ = std::fs::remove_file(&dest);
+        match &self.fresh {
+            Some(bytes) => capsule_exec::write_read_only(&dest, bytes)
+                .map_err(|e| BuildError::io(format!("cannot write `{}`", dest.display()), e)),
+            None => engine.copy_kept(&self.compiled.sha256, &dest).map_err(|e| BuildError::message(e.to_string())),
+        }
+    }
+}
+
+/// What earlier versions cached and this one no longer reads: an incremental compilation
+/// cache of several GB, an instrumented runtime, records of verified files, and compiled
+/// code kept under `code/` itself (now the runner keeps it, in `compiled/`).
+fn remove_obsolete(cache: &Path) {
+    for obsolete in ["cranelift", "init", "verified"] {
+        let _ = std::fs::remove_dir_all(cache.join(obsolete));
+    }
+    if let Ok(entries) = std::fs::read_dir(cache.join("code")) {
+        for entry in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cwasm")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

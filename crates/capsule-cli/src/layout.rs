@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// Capsule's folder inside a project.
-const STATE_DIR: &str = ".capsule";
+use manifest_schema::STATE_DIR;
 
 #[derive(Debug, Clone)]
 pub struct ProjectLayout {

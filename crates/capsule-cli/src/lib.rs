@@ -25,7 +25,7 @@ use crate::exit::Failure;
 #[command(
     name = "capsule",
     version,
-    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)\n  capsule python -c '1 + 1'         run a code string in a sandbox\n  capsule mcp tasks.py              an MCP server: `run_python`, sessions, and every task as a tool\n  capsule worker --nats URL         run tasks from a cluster's queue (with `capsule daemon --nats URL`)"
+    after_help = "Examples:\n  capsule run hello.py Ada          build (cached) and run the task `main`\n  capsule build main.py             build only; writes .capsule/build/main/manifest.toml\n  capsule keygen release.key        a key pair to sign builds (`build --sign`) for runners (`--trust`)\n  capsule runs                      list this project's runs\n  capsule resume RUN_ID             resume a failed or interrupted run\n  capsule daemon --detach           keep an engine warm; `run` then goes through it\n  capsule list                      running runs as trees (`--all` for finished ones)\n  capsule python -c '1 + 1'         run a code string in a sandbox\n  capsule mcp tasks.py              an MCP server: `run_python`, sessions, and every task as a tool\n  capsule worker --nats URL         run tasks from a cluster's queue (with `capsule daemon --nats URL`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +36,7 @@ struct Cli {
 enum Command {
     #[cfg(feature = "build")]
     Build(commands::build::BuildCommand),
+    Keygen(commands::keygen::KeygenCommand),
     Run(commands::run::RunCommand),
     #[cfg(feature = "build")]
     Python(commands::python::PythonCommand),
@@ -62,6 +63,7 @@ pub fn capsule_main() -> ExitCode {
             match command {
                 #[cfg(feature = "build")]
                 Command::Build(command) => command.execute().await,
+                Command::Keygen(command) => command.execute().await,
                 Command::Run(command) => command.execute().await,
                 #[cfg(feature = "build")]
                 Command::Python(command) => command.execute().await,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use capsule_daemon::api::{ErrorKind, Line, SubmitRun};
 use capsule_daemon::{Client, ClientError};
-use capsule_exec::{EventSink, Start};
+use capsule_exec::{EventSink, PublicKey, Start, Trust};
 use manifest_schema::{Problem, Timeout};
 
 use crate::exit::{Exit, Failure};
@@ -38,6 +38,7 @@ pub fn failure(error: ClientError) -> Failure {
 pub async fn run(
     mut client: Client,
     what: Launch,
+    trust: Option<&Trust>,
     args: &RunArgs,
     layout: &ProjectLayout,
 ) -> Result<ExitCode, Failure> {
@@ -52,6 +53,7 @@ pub async fn run(
         files_root: args.project.as_deref().map(absolute),
         default_timeout: Some(Timeout(args.default_timeout).to_string()),
         workers: args.workers,
+        trust: trust.map(|t| t.keys().iter().map(PublicKey::to_text).collect()).unwrap_or_default(),
         stop_on_disconnect: true,
         ..SubmitRun::default()
     };

@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Run in this process even when a daemon answers.
     #[arg(long)]
     pub no_daemon: bool,
+    /// Run the manifest only if one of these public keys signed it (`capsule keygen`,
+    /// `capsule build --sign`); repeatable. `CAPSULE_TRUST` adds a colon-separated list.
+    #[arg(long, value_name = "KEY.pub")]
+    pub trust: Vec<PathBuf>,
     /// Start the run in the daemon and print its id instead of waiting (see `capsule list`, `logs`).
     #[arg(long, conflicts_with_all = ["no_daemon", "json"])]
     pub detach: bool,
@@ -132,6 +136,11 @@ impl RunArgs {
         settings
     }
 
+    /// The keys a manifest must be signed by to run, if any (`--trust`, `CAPSULE_TRUST`).
+    pub fn trust(&self) -> Result<Option<capsule_exec::Trust>, Failure> {
+        capsule_exec::Trust::from_files_and_env(&self.trust).map_err(|e| Failure::usage(&e))
+    }
+
     /// A new run of the selected task.
     pub fn start(&self) -> Result<Start, Failure> {
         Ok(Start::Task { task: self.task.clone(), args: self.args()?, kwargs: serde_json::Map::new() })
@@ -159,6 +168,9 @@ pub struct Launch {
     /// Options replacing the task's (the interpreter image's calls bring their own).
     pub options: Option<TaskOptions>,
     pub journaling: Journaling,
+    /// This user's own build in its cache folder (the interpreter image), run without asking
+    /// for a signature.
+    pub own_build: bool,
 }
 
 /// Runs `what` on `loaded` in this process.

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Daemon, Nats, Worker, run, start_server};
+use support::{Daemon, Nats, SUBMITTER, WORKER, Worker, run, start_server};
 
 const FAN_OUT: &str = r#"
 import time
@@ -61,7 +61,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn daemon_on(nats: &Nats) -> Daemon {
-    Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s"])
+    Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--allow-unsigned"])
 }
 
 fn ended(view: &Value) -> bool {
@@ -175,7 +175,7 @@ fn a_killed_coordinator_is_replaced_and_the_next_one_waits_for_its_run() {
     wait_for("some calls", || server.hits.lock().unwrap().len() >= 20);
 
     // The workers go on; the next daemon finds the run in its registry and waits for it.
-    daemon.kill_and_restart(&["--nats", &nats.url, "--ack-wait", "2s"]);
+    daemon.kill_and_restart(&["--nats", &nats.url, "--ack-wait", "2s", "--allow-unsigned"]);
     wait_for("the run to end", || run_view(&daemon, &id).is_some_and(|r| ended(&r)));
     let view = run_view(&daemon, &id).unwrap();
     assert_eq!(view["status"], "ok", "{view}");
@@ -292,10 +292,72 @@ fn a_full_queue_makes_callers_wait_not_fail() {
     let server = start_server();
     let dir = project();
     // Room for 5 waiting calls; the fan-out queues 50 at a time, before any worker runs.
-    let daemon = Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--queue-limit", "5"]);
+    let daemon = Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--queue-limit", "5", "--allow-unsigned"]);
     let client = fan_out(&daemon, dir.path(), &server, 60);
     thread::sleep(Duration::from_secs(2));
     let _worker = Worker::start(&nats, "late", 4, dir.path());
     expect_sum_of_squares(client, 60);
     assert_eq!(hit_counts(&server, 60), (60, 0));
+}
+
+#[test]
+fn workers_run_only_signed_builds_and_each_user_keeps_to_its_part() {
+    let nats = Nats::start_with_users();
+    let dir = project();
+    let capsule = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"));
+        command.current_dir(dir.path()).env("CAPSULE_SOCKET", "/nonexistent/capsule.sock");
+        command
+    };
+    let (code, _, stderr) = run(capsule().args(["keygen", "release"]));
+    assert_eq!(code, 0, "{stderr}");
+    let public = dir.path().join("release.pub");
+    let public = public.to_str().unwrap();
+
+    // Neither a worker nor a daemon with `--nats` starts without a key or an explicit choice.
+    let (code, _, stderr) = run(capsule().args(["worker", "--nats", &nats.url_as(WORKER)]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--trust KEY.pub") && stderr.contains("--allow-unsigned"), "{stderr}");
+
+    let signed = Daemon::start(&["--nats", &nats.url_as(SUBMITTER), "--ack-wait", "2s", "--trust", public]);
+    let _worker = Worker::start_with(&nats.url_as(WORKER), "w1", 2, dir.path(), &["--trust", public]);
+    let (code, _, stderr) = run(capsule().args(["build", "main.py", "--sign", "release"]));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = run(signed
+        .capsule()
+        .args(["run", "main.py", "--task", "naps", "--json", "--args-json", "[3, 0.1]"])
+        .current_dir(dir.path()));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["result"], serde_json::json!([0.1, 0.1, 0.1]));
+
+    // An unsigned build sent by a daemon that accepts unsigned work: the worker refuses it.
+    std::fs::copy(dir.path().join("main.py"), dir.path().join("unsigned.py")).unwrap();
+    let careless = Daemon::start(&["--nats", &nats.url_as(SUBMITTER), "--ack-wait", "2s", "--allow-unsigned"]);
+    let (code, stdout, _) = run(careless
+        .capsule()
+        .args(["run", "unsigned.py", "--task", "nap", "--json", "--args-json", "[0.1]"])
+        .current_dir(dir.path()));
+    assert_eq!(code, 1, "{stdout}");
+    let envelope: Value = serde_json::from_str(&stdout).unwrap();
+    let message = envelope["error"]["message"].as_str().unwrap();
+    assert!(message.contains("worker `w1`") && message.contains("is not signed"), "{message}");
+
+    // The server's users: no one without one; a worker cannot plant a build, a submitter
+    // cannot record an outcome.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let anonymous = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+        assert!(anonymous.connect(nats.url.as_str()).await.is_err(), "a client without a user is refused");
+        let connect = |(user, password): (&str, &str)| {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into()).connect(nats.url.clone())
+        };
+        let worker = async_nats::jetstream::new(connect(WORKER).await.unwrap());
+        let store = worker.get_object_store("capsule-artifacts").await.unwrap();
+        let planted =
+            tokio::time::timeout(Duration::from_secs(15), store.put("planted", &mut &b"native code"[..])).await;
+        assert!(!matches!(planted, Ok(Ok(_))), "a worker uploaded to the artifact store");
+        let submitter = async_nats::jetstream::new(connect(SUBMITTER).await.unwrap());
+        let results = submitter.get_key_value("capsule-results").await.unwrap();
+        let forged = tokio::time::timeout(Duration::from_secs(15), results.put("forged.0", "{}".into())).await;
+        assert!(!matches!(forged, Ok(Ok(_))), "a submitter recorded an outcome");
+    });
 }

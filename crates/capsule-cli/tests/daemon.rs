@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -338,7 +339,25 @@ fn tcp_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "0123456789abcdef0123\n").unwrap();
+    let private =
+        |mode| std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     let address = format!("127.0.0.1:{port}");
+    // A token others can read protects nothing; a listener beyond loopback needs TLS.
+    private(0o644);
+    let refused = |extra: &[&str]| {
+        let state = dir.path().join("refused");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+        command.args(["daemon", "--socket"]).arg(dir.path().join("refused.sock")).arg("--state-dir").arg(&state);
+        run(command.args(extra))
+    };
+    let (code, _, stderr) = refused(&["--listen", &address, "--token-file", token_file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("its mode is 644") && stderr.contains("chmod 600"), "{stderr}");
+    private(0o600);
+    let everywhere = format!("0.0.0.0:{port}");
+    let (code, _, stderr) = refused(&["--listen", &everywhere, "--token-file", token_file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is not a loopback address") && stderr.contains("--tls-cert"), "{stderr}");
     let _daemon = Daemon::start(&["--listen", &address, "--token-file", token_file.to_str().unwrap()]);
     let ask = |authorization: &str| {
         use std::io::{Read, Write};
@@ -360,6 +379,51 @@ fn tcp_needs_the_token() {
     let answer = ask("Authorization: Bearer 0123456789abcdef0123\r\n");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""status":"ok""#));
+}
+
+#[test]
+fn clients_may_not_widen_a_task_nor_reach_what_capsule_keeps() {
+    let daemon = Daemon::start(&[]);
+    let image = interpreter_image(&daemon);
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir(project.path().join("data")).unwrap();
+    let options = |change: &dyn Fn(&mut manifest_schema::TaskOptions)| {
+        let mut options = manifest_schema::TaskOptions::default();
+        change(&mut options);
+        serde_json::to_value(options).unwrap()
+    };
+    let python = |options: Value| {
+        let body = serde_json::json!({"code": "1", "project": project.path(), "options": options});
+        daemon.json("POST", "/v1/python", &body.to_string())
+    };
+    let message = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 400, "{answer}");
+        answer["error"]["message"].as_str().unwrap().to_string()
+    };
+    // The project folder itself, where `.capsule/` is: refused as the request is read.
+    let mut root = options(&|_| {});
+    root["allowed_files"] = serde_json::json!([{"path": ".", "mode": "read-write"}]);
+    let refused = message(python(root));
+    assert!(refused.contains("is the project folder itself, which holds `.capsule/`"), "{refused}");
+    // The daemon's own environment, and a secret of its own choosing.
+    let passthrough = options(&|o| o.env_passthrough = vec!["HOME".into()]);
+    let refused = message(python(passthrough));
+    assert!(refused.contains("`options.env_passthrough` asks for the variable `HOME`"), "{refused}");
+    // A folder outside the project, through `..`.
+    let outside = project.path().join("data/../..");
+    let body = serde_json::json!({"manifest": image, "project": project.path(), "files_root": outside});
+    let refused = message(daemon.json("POST", "/v1/runs", &body.to_string()));
+    assert!(refused.contains("is outside the project"), "{refused}");
+    // A granted folder that is fine runs, and the daemon is still there.
+    let data = options(&|o| {
+        o.allowed_files =
+            vec![manifest_schema::FileGrant { path: "data".into(), mode: manifest_schema::FileMode::ReadWrite }]
+    });
+    let body =
+        serde_json::json!({"code": "open('data/x', 'w').write('ok')", "project": project.path(), "options": data});
+    let (status, answer) = daemon.json("POST", "/v1/python", &body.to_string());
+    assert_eq!((status, &answer["outcome"]["result"]), (200, &serde_json::json!(2)), "{answer}");
+    assert_eq!(daemon.json("GET", "/v1/health", "").0, 200);
 }
 
 /// The interpreter image's manifest, built by the client as the SDK does.

@@ -76,6 +76,22 @@ pub struct ClusterOptions {
 }
 
 impl ClusterOptions {
+    /// The URL without any password in it, for messages and logs.
+    pub fn shown_url(&self) -> String {
+        self.url
+            .split(',')
+            .map(|server| match (server.split_once("://"), server.rsplit_once('@')) {
+                (Some((scheme, rest)), Some((credentials, host))) if rest.contains('@') => {
+                    let user = credentials.rsplit_once("://").map_or(credentials, |(_, c)| c);
+                    let user = user.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}@{host}")
+                }
+                _ => server.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -149,11 +165,19 @@ pub struct Cluster {
 impl Cluster {
     /// Connects, and creates the stream and stores if this is the cluster's first client.
     pub async fn connect(options: ClusterOptions) -> Result<Self, ClusterError> {
-        let connect_error = |message: String| ClusterError::Connect { url: options.url.clone(), message };
+        let connect_error = |message: String| ClusterError::Connect { url: options.shown_url(), message };
         let mut connect = async_nats::ConnectOptions::new()
             .name(&options.name)
             .require_tls(options.require_tls)
             .connection_timeout(Duration::from_secs(5));
+        // A user and password in the URL (`nats://worker:PASSWORD@host:4222`), for a server
+        // whose configuration lists users.
+        let first = options.url.split(',').next().unwrap_or_default().trim();
+        if let Ok(server) = first.parse::<async_nats::ServerAddr>()
+            && let (Some(user), Some(password)) = (server.username(), server.password())
+        {
+            connect = connect.user_and_password(user.to_string(), password.to_string());
+        }
         if let Some(file) = &options.credentials {
             connect = connect
                 .credentials_file(file)
@@ -278,5 +302,11 @@ mod tests {
         assert_eq!(subject_token("my-project"), "my-project");
         assert_eq!(subject_token("a.b *>c"), "a_b___c");
         assert_eq!(subject_token(""), "_");
+    }
+
+    #[test]
+    fn passwords_are_never_shown() {
+        let options = ClusterOptions::new("nats://worker:s3cret@10.0.0.5:4222,nats://10.0.0.6:4222", "w");
+        assert_eq!(options.shown_url(), "nats://worker@10.0.0.5:4222,nats://10.0.0.6:4222");
     }
 }

@@ -13,6 +13,13 @@ use crate::{ClusterError, nats};
 
 /// The largest manifest a worker reads.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// The largest signature a worker reads.
+const MAX_SIGNATURE_BYTES: u64 = 4 << 10;
+
+/// The object holding the signature of the manifest `sha256`, when it was signed.
+fn signature_object(sha256: &str) -> String {
+    format!("{sha256}.sig")
+}
 
 /// The folder of a worker's cache holding each compiled file once, by name, whichever
 /// projects name it: the runtime's code is the same file for every project on a runtime.
@@ -29,8 +36,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
     move |source| ClusterError::Io { path: path.to_path_buf(), source }
 }
 
-/// Puts the manifest at `path` and its compiled files in `store` unless they are there; returns
-/// the manifest's sha256.
+/// Puts the manifest at `path`, its signature (`manifest.toml.sig`, when there is one) and its
+/// compiled files in `store` unless they are there; returns the manifest's sha256.
 pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String, ClusterError> {
     let text = tokio::fs::read(path).await.map_err(io(path))?;
     let manifest_sha256 = hex::encode(Sha256::digest(&text));
@@ -45,6 +52,22 @@ pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String,
             store.put(sha256, &mut file).await.map_err(|e| nats("artifact upload")(&e))?;
         }
     }
+    // The signature before the manifest: a worker that finds the manifest finds it too.
+    let signature_path = capsule_exec::signature_path(path);
+    if let Ok(signature) = tokio::fs::read(&signature_path).await {
+        let name = signature_object(&manifest_sha256);
+        let stored = match store.get(&name).await {
+            Ok(mut object) => {
+                let mut bytes = Vec::new();
+                object.read_to_end(&mut bytes).await.ok().map(|_| bytes)
+            }
+            Err(_) => None,
+        };
+        // A signature by another key (or a new one) replaces the stored one.
+        if stored.as_deref() != Some(signature.as_slice()) {
+            store.put(name.as_str(), &mut signature.as_slice()).await.map_err(|e| nats("signature upload")(&e))?;
+        }
+    }
     if store.info(&manifest_sha256).await.is_err() {
         store.put(manifest_sha256.as_str(), &mut text.as_slice()).await.map_err(|e| nats("manifest upload")(&e))?;
     }
@@ -52,14 +75,23 @@ pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String,
 }
 
 /// The manifest `sha256` and its compiled files, in `cache/<sha256>/` (each file fetched and
-/// checked once into the shared folder, unless already there, and linked); returns the
-/// manifest's path there, ready for `Engine::load` (which checks the hashes again before
-/// using the files).
-pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> Result<PathBuf, ClusterError> {
+/// checked once into the shared folder, unless already there, and linked), and its
+/// signature (fetched again each time, when `signed`: it may have been signed since);
+/// returns the manifest's path there, ready for `Engine::load`, which checks the signature
+/// and the hashes before it uses anything.
+pub async fn fetch_project(
+    store: &ObjectStore,
+    cache: &Path,
+    sha256: &str,
+    signed: bool,
+) -> Result<PathBuf, ClusterError> {
     debug_assert!(is_sha256(sha256), "checked when the message was parsed");
     let dir = cache.join(sha256);
     let manifest_path = dir.join("manifest.toml");
     if tokio::fs::try_exists(&manifest_path).await.unwrap_or(false) {
+        if signed {
+            fetch_signature(store, sha256, &manifest_path).await?;
+        }
         return Ok(manifest_path);
     }
     for folder in [dir.clone(), cache.join(SHARED_FILES)] {
@@ -83,9 +115,25 @@ pub async fn fetch_project(store: &ObjectStore, cache: &Path, sha256: &str) -> R
         fetch_checked(store, sha256, &shared).await?;
         link_or_copy(&shared, &dir.join(file)).await?;
     }
+    if signed {
+        fetch_signature(store, sha256, &manifest_path).await?;
+    }
     // The manifest last: its presence says the folder is complete.
     write_atomically(&manifest_path, &text).await?;
     Ok(manifest_path)
+}
+
+/// The signature of the manifest `sha256` beside `manifest_path`, as the store has it now
+/// (none when it has none; the engine then refuses the manifest as unsigned).
+async fn fetch_signature(store: &ObjectStore, sha256: &str, manifest_path: &Path) -> Result<(), ClusterError> {
+    let path = capsule_exec::signature_path(manifest_path);
+    let Ok(object) = store.get(&signature_object(sha256)).await else {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Ok(());
+    };
+    let mut signature = Vec::new();
+    object.take(MAX_SIGNATURE_BYTES).read_to_end(&mut signature).await.map_err(|e| nats("signature download")(&e))?;
+    write_atomically(&path, &signature).await
 }
 
 /// The compiled files a manifest names (its build's state, the runtime's code), with their sha256.

@@ -225,7 +225,13 @@ impl Worker {
         let failed = |kind, message: String| Outcome::not_run(task, GuestError::new(kind, message));
         let fetched = {
             let _one_at_a_time = self.fetching.lock().await;
-            store::fetch_project(&self.cluster.artifacts, &self.options.cache_dir, &call.manifest_sha256).await
+            store::fetch_project(
+                &self.cluster.artifacts,
+                &self.options.cache_dir,
+                &call.manifest_sha256,
+                self.engine.trust().is_some(),
+            )
+            .await
         };
         let manifest = match fetched {
             Ok(path) => path,

@@ -56,6 +56,10 @@ pub struct SubmitRun {
     /// interpreter image's calls bring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<manifest_schema::TaskOptions>,
+    /// Public keys (the text of `.pub` files): run the manifest only if one of them signed
+    /// it, besides what the daemon's own `--trust` requires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust: Vec<String>,
     /// Answer once the run has ended, instead of at once with the run.
     #[serde(default)]
     pub wait: bool,
@@ -91,6 +95,7 @@ impl Default for SubmitRun {
             default_timeout: None,
             workers: None,
             options: None,
+            trust: Vec::new(),
             wait: false,
             stream: true,
             stop_on_disconnect: false,

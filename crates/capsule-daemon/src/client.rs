@@ -74,6 +74,15 @@ impl Client {
         Ok(Self { target, sender })
     }
 
+    /// Connects to the daemon on the default socket ([`crate::default_socket`]).
+    pub async fn connect_default() -> Result<Self, ClientError> {
+        let socket = crate::default_socket().map_err(|error| ClientError::Unreachable {
+            target: "the default socket".into(),
+            source: std::io::Error::other(error.to_string()),
+        })?;
+        Self::connect(Target::Unix(socket)).await
+    }
+
     pub fn target(&self) -> &Target {
         &self.target
     }

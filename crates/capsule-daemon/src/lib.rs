@@ -7,6 +7,7 @@
 //! `server` holds the routes, `runs` the runs and their queue, `registry` what survives a
 //! crash, `socket` where the socket is and who owns it, `client` the other end.
 
+mod admission;
 pub mod api;
 mod client;
 mod registry;
@@ -14,9 +15,10 @@ mod runs;
 mod server;
 mod sessions;
 mod socket;
+mod tls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,13 +26,14 @@ use capsule_exec::Engine;
 
 pub use client::{Client, ClientError, Target};
 pub use socket::{SOCKET_ENV, default_socket, default_state_dir};
+pub use tls::{Listen, Tls};
 
 /// How a daemon is set up (`capsule daemon`'s options).
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub socket: PathBuf,
     /// A TCP address to listen on too, with the token every request must carry.
-    pub listen: Option<(SocketAddr, String)>,
+    pub listen: Option<Listen>,
     /// Runs running at once.
     pub workers: usize,
     /// Runs waiting beyond those.
@@ -61,6 +64,16 @@ pub enum DaemonError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Cluster(#[from] capsule_cluster::ClusterError),
+    #[error("no folder for the daemon's {0}: HOME is not set")]
+    NoHome(&'static str),
+    #[error("cannot use the token file `{}`: {why}", path.display())]
+    Token { path: PathBuf, why: String },
+    #[error(
+        "`--listen {0}` is not a loopback address, and the token and every request would cross the network in clear"
+    )]
+    ListenWithoutTls(SocketAddr),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
 
 impl manifest_schema::Explain for DaemonError {
@@ -71,6 +84,13 @@ impl manifest_schema::Explain for DaemonError {
                     .into(),
             ),
             Self::Cluster(error) => error.hint(),
+            Self::NoHome(_) => Some(
+                "set HOME, or `CAPSULE_SOCKET` and `XDG_STATE_HOME` (the daemon: `--socket` and `--state-dir`)".into(),
+            ),
+            Self::Token { .. } => Some("keep the token in a file only its owner can read: `chmod 600 FILE`".into()),
+            Self::ListenWithoutTls(_) => Some(
+                "give it a certificate with `--tls-cert FILE --tls-key FILE`, or listen on 127.0.0.1 behind your own proxy".into(),
+            ),
             _ => None,
         }
     }
@@ -85,12 +105,19 @@ async fn gone(pid: Option<u32>) {
     }
 }
 
+/// A server running until the daemon shuts down.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+
 /// Runs a daemon in the foreground until SIGTERM or SIGINT; `ready` is called once it answers.
 pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
     let socket = socket::Bound::claim(&config.socket)?;
-    std::fs::create_dir_all(&config.state_dir)
-        .map_err(|source| DaemonError::Io { path: config.state_dir.clone(), source })?;
-    let registry = registry::Registry::open(&config.state_dir.join("daemon.db"))?;
+    capsule_exec::private_dir(&config.state_dir)
+        .map_err(|why| DaemonError::Io { path: config.state_dir.clone(), source: std::io::Error::other(why) })?;
+    let registry_path = config.state_dir.join("daemon.db");
+    let registry = registry::Registry::open(&registry_path)?;
+    let engine = engine
+        .reserving(registry_path, "the daemon's record of runs")
+        .reserving(config.socket.clone(), "the daemon's socket");
     let engine_runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("capsule-engine")
         .enable_all()
@@ -99,7 +126,13 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
     // The API has a thread of its own: however busy the sandboxes are, it answers.
     let api_runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
-    let limits = runs::Limits { workers: config.workers, queue: config.queue, journal: config.journal.clone() };
+    let own_places = [Some(config.state_dir.clone()), config.socket.parent().map(Path::to_path_buf)];
+    let limits = runs::Limits {
+        workers: config.workers,
+        queue: config.queue,
+        journal: config.journal.clone(),
+        own_places: own_places.into_iter().flatten().collect(),
+    };
     let cluster = match &config.cluster {
         Some(options) => Some(engine_runtime.block_on(capsule_cluster::Cluster::connect(options.clone()))?),
         None => None,
@@ -108,10 +141,10 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
     api_runtime.block_on(async {
         let unix = socket.listener().map_err(|source| DaemonError::Io { path: config.socket.clone(), source })?;
         let tcp = match &config.listen {
-            Some((address, _)) => Some(
-                tokio::net::TcpListener::bind(address)
+            Some(listen) => Some(
+                tokio::net::TcpListener::bind(listen.address)
                     .await
-                    .map_err(|source| DaemonError::Io { path: address.to_string().into(), source })?,
+                    .map_err(|source| DaemonError::Io { path: listen.address.to_string().into(), source })?,
             ),
             None => None,
         };
@@ -135,10 +168,24 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         });
         let unix_server =
             axum::serve(unix, server::router(served.clone(), None)).with_graceful_shutdown(shutdown(stop.clone()));
-        let tcp_server = tcp.map(|listener| {
-            let token: Arc<str> = config.listen.as_ref().expect("a listener has a token").1.as_str().into();
-            axum::serve(listener, server::router(served, Some(token))).with_graceful_shutdown(shutdown(stop.clone()))
-        });
+        let tcp_server: Option<Serving> = match (tcp, &config.listen) {
+            (Some(listener), Some(listen)) => {
+                let router = server::router(served, Some(listen.token.as_str().into()));
+                Some(match &listen.tls {
+                    Some(tls) => {
+                        let listener = tls::TlsListener::new(listener, tls)
+                            .map_err(|source| DaemonError::Io { path: listen.address.to_string().into(), source })?;
+                        Box::pin(
+                            axum::serve(listener, router).with_graceful_shutdown(shutdown(stop.clone())).into_future(),
+                        )
+                    }
+                    None => Box::pin(
+                        axum::serve(listener, router).with_graceful_shutdown(shutdown(stop.clone())).into_future(),
+                    ),
+                })
+            }
+            _ => None,
+        };
         ready(&config);
         let signals = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -156,7 +203,7 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         let servers = async {
             match tcp_server {
                 Some(tcp) => {
-                    let (a, b) = tokio::join!(unix_server.into_future(), tcp.into_future());
+                    let (a, b) = tokio::join!(unix_server.into_future(), tcp);
                     a.and(b)
                 }
                 None => unix_server.await,

@@ -19,6 +19,7 @@ use python_runtime::ErrorKind as GuestKind;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
 
+use crate::admission;
 use crate::api::{ApiError, CallView, ErrorKind, Line, RunView, SubmitRun};
 use crate::registry::{Registered, Registry};
 
@@ -40,6 +41,8 @@ pub struct Limits {
     pub queue: usize,
     /// One journal for every run, instead of each project's own.
     pub journal: Option<PathBuf>,
+    /// The daemon's own folders (its records, its socket): no client's journal goes there.
+    pub own_places: Vec<PathBuf>,
 }
 
 pub struct Runs {
@@ -302,16 +305,12 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::BadRequest, message)
 }
 
-fn absolute(what: &str, path: &Path) -> Result<(), ApiError> {
-    if path.is_absolute() {
-        Ok(())
-    } else {
-        Err(ApiError::hinted(
-            ErrorKind::BadRequest,
-            format!("`{what}` must be an absolute path, not `{}`", path.display()),
-            "the daemon does not share your current folder",
-        ))
-    }
+/// Whether `manifest` (resolved) is the built-in interpreter image's.
+fn is_interpreter_image(manifest: &Path) -> bool {
+    crate::sessions::interpreter_image()
+        .ok()
+        .and_then(|image| image.canonicalize().ok())
+        .is_some_and(|image| image == manifest)
 }
 
 impl Runs {
@@ -464,30 +463,13 @@ impl Runs {
     /// the engine's runtime).
     fn prepare(
         &self,
-        request: SubmitRun,
+        mut request: SubmitRun,
         restarted_from: Option<String>,
         resume_id: Option<String>,
     ) -> Result<(Arc<RunEntry>, Body), ApiError> {
-        absolute("manifest", &request.manifest)?;
+        admission::resolve_paths(&mut request)?;
         let manifest_dir = request.manifest.parent().unwrap_or(Path::new("/")).to_path_buf();
         let project = request.project.clone().unwrap_or(manifest_dir);
-        absolute("project", &project)?;
-        for (what, path) in
-            [("entry", &request.entry), ("journal", &request.journal), ("files_root", &request.files_root)]
-        {
-            if let Some(path) = path {
-                absolute(what, path)?;
-            }
-        }
-        if let Some(root) = &request.files_root
-            && !root.starts_with(&project)
-        {
-            return Err(ApiError::hinted(
-                ErrorKind::BadRequest,
-                format!("`files_root` `{}` is outside the project `{}`", root.display(), project.display()),
-                "granted folders must be inside the caller's project",
-            ));
-        }
         let default_timeout = match &request.default_timeout {
             Some(text) => {
                 manifest_schema::parse_duration(text).map_err(|p| bad(format!("`default_timeout`: {}", p.message)))?
@@ -495,12 +477,26 @@ impl Runs {
             None => capsule_exec::DEFAULT_TIMEOUT,
         };
         let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
-        let loaded = self.engine.load(&request.manifest).map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+        let image = is_interpreter_image(&request.manifest);
+        let loaded = match (admission::trust(&request.trust)?, image) {
+            (Some(trust), _) => self.engine.load_signed(&request.manifest, &trust),
+            // The daemon's own build, in its user's cache: trusted like the daemon itself.
+            (None, true) => self.engine.load_own(&request.manifest),
+            (None, false) => self.engine.load(&request.manifest),
+        }
+        .map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+        if let Some(options) = &request.options {
+            let task = capsule_exec::select_task(loaded.manifest(), request.task.as_deref())
+                .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+            admission::check_options(task, options, image)?;
+        }
         let entry = request.entry.clone().unwrap_or_else(|| request.manifest.clone());
         if self.cluster.is_some() {
             return self.prepare_for_cluster(request, restarted_from, resume_id, namespace, &loaded, entry);
         }
-        let journal = self.journal(&self.journal_path(&request))?;
+        let journal_path = self.journal_path(&request);
+        admission::check_journal(&journal_path, &self.limits.own_places)?;
+        let journal = self.journal(&journal_path)?;
         let start = match (&resume_id, &request.resume) {
             (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
             (None, None) => {
@@ -659,7 +655,7 @@ impl Runs {
     fn journal_path(&self, request: &SubmitRun) -> PathBuf {
         self.limits.journal.clone().or_else(|| request.journal.clone()).unwrap_or_else(|| {
             let project = request.project.clone().or_else(|| request.manifest.parent().map(Path::to_path_buf));
-            project.unwrap_or_default().join(".capsule/journal.db")
+            project.unwrap_or_default().join(manifest_schema::STATE_DIR).join("journal.db")
         })
     }
 

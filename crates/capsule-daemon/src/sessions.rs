@@ -84,9 +84,9 @@ impl Sessions {
                 "close some",
             ));
         }
-        let manifest = match request.manifest {
-            Some(manifest) => manifest,
-            None => interpreter_image()?,
+        let (manifest, own) = match request.manifest {
+            Some(manifest) => (crate::admission::resolved("manifest", &manifest, true)?, false),
+            None => (interpreter_image()?, true),
         };
         let id = random_id();
         let workspace = self.workspaces.join(&id);
@@ -105,6 +105,7 @@ impl Sessions {
             return Err(ApiError::new(ErrorKind::BadRequest, format!("saved session `{saved}` does not match its id")));
         }
         // The workspace is the session's `/`: its files are the caller's to read and write.
+        let requested = request.options.clone();
         let mut options = request.options.unwrap_or_else(|| TaskOptions { max_retries: 0, ..TaskOptions::default() });
         options.allowed_files = vec![FileGrant { path: ".".into(), mode: FileMode::ReadWrite }];
         let settings =
@@ -115,7 +116,16 @@ impl Sessions {
             .runs
             .engine_runtime()
             .spawn(async move {
-                let loaded = runs.engine().load(&manifest).map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+                // The daemon's own interpreter image needs no signature; a client's manifest does
+                // when the daemon requires them.
+                let loaded = if own { runs.engine().load_own(&manifest) } else { runs.engine().load(&manifest) }
+                    .map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+                if let Some(requested) = &requested {
+                    let task = capsule_exec::select_task(loaded.manifest(), task.as_deref())
+                        .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+                    // Its folder is the session's workspace, whatever the request says.
+                    crate::admission::check_options(task, requested, true)?;
+                }
                 let state = match restore {
                     Some(bytes) => Some(
                         runs.engine()

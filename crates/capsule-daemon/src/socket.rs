@@ -1,8 +1,7 @@
 //! Where the daemon's socket is, and owning it: one daemon per socket, a socket left by a
-//! dead daemon replaced, the socket readable by its owner only.
+//! dead daemon replaced, the socket usable by its owner only from the moment it exists.
 
 use std::fs::{self, File, TryLockError};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::DaemonError;
@@ -10,28 +9,29 @@ use crate::DaemonError;
 /// Clients use the socket this names instead of the default.
 pub const SOCKET_ENV: &str = "CAPSULE_SOCKET";
 
-/// `$CAPSULE_SOCKET`, else `$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`.
-pub fn default_socket() -> PathBuf {
+/// `$CAPSULE_SOCKET`, else `$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`;
+/// without any of them, an error (never a shared folder such as `/tmp`).
+pub fn default_socket() -> Result<PathBuf, DaemonError> {
     if let Some(path) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
+        return Ok(PathBuf::from(path));
     }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("capsule/daemon.sock");
+        return Ok(PathBuf::from(dir).join("capsule/daemon.sock"));
     }
-    home().join(".capsule/daemon.sock")
+    Ok(home("socket")?.join(".capsule/daemon.sock"))
 }
 
 /// `$XDG_STATE_HOME/capsule`, else `~/.local/state/capsule`: the daemon's registry of runs,
 /// which must outlive a reboot (unlike the runtime folder the socket is in).
-pub fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> Result<PathBuf, DaemonError> {
     match std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("capsule"),
-        None => home().join(".local/state/capsule"),
+        Some(dir) => Ok(PathBuf::from(dir).join("capsule")),
+        None => Ok(home("state folder")?.join(".local/state/capsule")),
     }
 }
 
-fn home() -> PathBuf {
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+fn home(what: &'static str) -> Result<PathBuf, DaemonError> {
+    capsule_exec::home().ok_or(DaemonError::NoHome(what))
 }
 
 /// A socket this process owns: a lock held on `<socket>.lock` for as long as it lives.
@@ -42,12 +42,16 @@ pub struct Bound {
 }
 
 impl Bound {
+    /// Binds `path`, whose folder is made private (0700) when this creates it; the socket
+    /// is made with mode 0600 (a umask held while binding, before the daemon starts any
+    /// thread), so no other user can connect even for a moment.
     pub fn claim(path: &Path) -> Result<Self, DaemonError> {
         let io = |source| DaemonError::Io { path: path.to_path_buf(), source };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
             && !parent.exists()
         {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io)?;
+            capsule_exec::private_dir(parent)
+                .map_err(|why| DaemonError::Io { path: parent.to_path_buf(), source: std::io::Error::other(why) })?;
         }
         let lock_path = path.with_extension("lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
@@ -64,8 +68,11 @@ impl Bound {
             tracing::info!(socket = %path.display(), "replacing a socket left by a daemon that is gone");
             fs::remove_file(path).map_err(io)?;
         }
-        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)?;
+        // SAFETY: umask has no preconditions; it is set back at once.
+        let previous = unsafe { libc::umask(0o177) };
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        unsafe { libc::umask(previous) };
+        let listener = bound.map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
         Ok(Self { path: path.to_path_buf(), listener: Some(listener), _lock: lock })
     }
@@ -87,6 +94,7 @@ impl Drop for Bound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn one_daemon_per_socket_and_stale_sockets_are_replaced() {
@@ -94,6 +102,7 @@ mod tests {
         let path = dir.path().join("run/daemon.sock");
         let first = Bound::claim(&path).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
         assert!(matches!(Bound::claim(&path), Err(DaemonError::AlreadyRunning(_))));
         drop(first);
         // A socket file left behind by a daemon that was killed.

@@ -1,21 +1,33 @@
-//! Loading a built artifact: the manifest is validated, the engine checked, and the `.cwasm`
-//! hashed before wasmtime is allowed to deserialise it (deserialising untrusted bytes is
-//! unsafe: a `.cwasm` is native code).
+//! Loading a built artifact: the manifest is validated and the engine checked, and each
+//! `.cwasm` is run only from bytes that no one but the runner can change after they were
+//! hashed (deserialising a `.cwasm` is unsafe: it is native code).
+//!
+//! The runner keeps its own copy of every compiled file it runs, by sha256, in a store
+//! folder that only its user can enter (0700, files 0444). A file beside a manifest is read
+//! into the runner's memory, hashed, compared with the manifest, and only those bytes are
+//! copied into the store; later loads map the store's copy. The project's build folder, which
+//! a task with a file grant might reach, is never mapped.
 
-use std::io::Read;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use manifest_schema::{CompiledFile, Explain, Manifest, ManifestError};
+use manifest_schema::{Explain, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wasmtime::{Engine, Module};
 
 use crate::config::{self, WASMTIME_VERSION};
+use crate::paths;
+use crate::trust::TrustError;
 
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
     #[error("`{manifest}` was built for wasmtime {built}, this runner uses {WASMTIME_VERSION}")]
     WasmtimeVersion { manifest: String, built: String },
     #[error("`{manifest}` was compiled for another engine configuration (fingerprint {built})")]
@@ -26,9 +38,18 @@ pub enum LoadError {
     HashMismatch { path: PathBuf, expected: String, actual: String },
     #[error("wasmtime refused artifact `{path}`: {message}")]
     Deserialize { path: PathBuf, message: String },
+    #[error("the store of compiled code `{path}` cannot be used: {why}")]
+    Store { path: PathBuf, why: String },
 }
 
 impl Explain for LoadError {
+    fn problems(&self) -> Vec<manifest_schema::Problem> {
+        match self {
+            Self::Untrusted(error) => error.problems(),
+            _ => vec![manifest_schema::Problem { message: self.to_string(), hint: self.hint() }],
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::WasmtimeVersion { .. } | Self::EngineFingerprint { .. } => {
@@ -38,6 +59,11 @@ impl Explain for LoadError {
                 "the file was modified or corrupted; rebuild it, and never run an artifact whose hash does not match"
                     .into(),
             ),
+            Self::Store { .. } => Some(format!(
+                "it must be a folder of this user's with mode 0700; remove it, or point `{}` elsewhere",
+                paths::CACHE_DIR_ENV
+            )),
+            Self::Untrusted(error) => error.hint(),
             Self::Manifest(_) | Self::Read { .. } | Self::Deserialize { .. } => None,
         }
     }
@@ -47,112 +73,166 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Hashes in chunks through one small buffer: no copy of the whole file in memory.
-fn sha256_of_reader(reader: &mut impl Read) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 20];
-    loop {
-        match reader.read(&mut buffer)? {
-            0 => return Ok(hex::encode(hasher.finalize())),
-            n => hasher.update(&buffer[..n]),
-        }
+/// Checks a manifest read from `shown`: valid, and built for this engine.
+pub fn check_manifest(text: &str, shown: &str) -> Result<Manifest, LoadError> {
+    let manifest = Manifest::from_toml(text, shown)?;
+    if manifest.engine.wasmtime_version != WASMTIME_VERSION {
+        return Err(LoadError::WasmtimeVersion { manifest: shown.into(), built: manifest.engine.wasmtime_version });
     }
+    if manifest.engine.fingerprint != config::fingerprint(manifest.engine.metering) {
+        return Err(LoadError::EngineFingerprint { manifest: shown.into(), built: manifest.engine.fingerprint });
+    }
+    Ok(manifest)
 }
 
-/// What identifies the content of an open file without reading it: device, inode, size, and
-/// the modification and change times to the nanosecond. Writing to the file changes its
-/// change time (`ctime`), which no one but the kernel can set back, so a file modified in
-/// place, even with its modification time restored, no longer matches.
-struct FileIdentity(String);
+/// Store files kept at most; beyond them (or [`STORE_BYTES`]) the oldest go first. A removed
+/// file that a process still maps stays valid for it; the next load copies it in again.
+const STORE_FILES: usize = 256;
+const STORE_BYTES: u64 = 4 << 30;
 
-impl FileIdentity {
-    fn of(file: &std::fs::File) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let m = file.metadata()?;
-        Ok(Self(format!(
-            "{} {} {} {}.{:09} {}.{:09}\n",
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        )))
-    }
+/// The runner's private copies of the compiled files it runs, each named `<sha256>.cwasm`.
+/// Without a folder (no home, no cache folder), each load reads and hashes into memory.
+#[derive(Debug, Clone)]
+pub struct CompiledStore {
+    dir: Option<PathBuf>,
 }
 
-/// Where the identity of the file last verified to hash to `sha256` is kept: in the per-user
-/// cache folder, trusted like the compilation caches (see ARCHITECTURE.md).
-fn verified_record(sha256: &str) -> Option<PathBuf> {
-    let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
-    valid.then(|| crate::paths::cache_dir().map(|dir| dir.join("verified").join(sha256))).flatten()
-}
-
-/// Records that the file `identity` names hashed to its sha256 (best effort: without the
-/// record, the next load hashes again).
-fn remember(record: &Path, identity: &FileIdentity) {
-    let temporary = record.with_extension(format!("{}.tmp", std::process::id()));
-    let written = record
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&temporary, &identity.0))
-        .and_then(|()| std::fs::rename(&temporary, record));
-    if let Err(error) = written {
-        tracing::debug!(%error, "cannot record the verified artifact");
-        let _ = std::fs::remove_file(&temporary);
-    }
-}
-
-/// A built artifact on disk: its manifest and, beside it, the `.cwasm` of its state and the
-/// runtime's code.
-pub struct Artifact;
-
-impl Artifact {
-    /// Reads and validates the manifest, and checks it was built for this engine.
-    pub fn manifest(manifest_path: &Path) -> Result<Manifest, LoadError> {
-        let manifest = Manifest::load(manifest_path)?;
-        let shown = manifest_path.display().to_string();
-        if manifest.engine.wasmtime_version != WASMTIME_VERSION {
-            return Err(LoadError::WasmtimeVersion { manifest: shown, built: manifest.engine.wasmtime_version });
-        }
-        if manifest.engine.fingerprint != config::fingerprint(manifest.engine.metering) {
-            return Err(LoadError::EngineFingerprint { manifest: shown, built: manifest.engine.fingerprint });
-        }
-        Ok(manifest)
+impl CompiledStore {
+    /// The user's store: `compiled/` in the cache folder.
+    pub fn of_user() -> Self {
+        Self { dir: paths::cache_dir().map(|dir| dir.join("compiled")) }
     }
 
-    /// The file `compiled` beside the manifest at `manifest_path` (its state module or its
-    /// code module), verified against its sha256 and deserialised.
-    pub fn load(engine: &Engine, manifest_path: &Path, compiled: &CompiledFile) -> Result<Module, LoadError> {
-        let dir = manifest_path.parent().unwrap_or(Path::new("."));
-        let path = dir.join(&compiled.file);
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir: Some(dir) }
+    }
+
+    /// The store's folder, made private to this user if it was not, or refused.
+    fn folder(&self) -> Result<Option<&Path>, LoadError> {
+        let Some(dir) = &self.dir else { return Ok(None) };
+        paths::private_dir(dir).map_err(|why| LoadError::Store { path: dir.clone(), why })?;
+        Ok(Some(dir))
+    }
+
+    fn stored_path(dir: &Path, sha256: &str) -> PathBuf {
+        dir.join(format!("{sha256}.cwasm"))
+    }
+
+    /// The module of the compiled file `sha256`: the store's copy, else the file `source`
+    /// checked against `sha256` and copied in.
+    pub fn load(&self, engine: &Engine, sha256: &str, source: &Path) -> Result<Module, LoadError> {
         let started = std::time::Instant::now();
-        let read_error = |source| LoadError::Read { path: path.clone(), source };
-        let mut file = std::fs::File::open(&path).map_err(read_error)?;
-        let expected = &compiled.sha256;
-        let identity = FileIdentity::of(&file).map_err(read_error)?;
-        let record = verified_record(expected);
-        if record.as_ref().and_then(|r| std::fs::read_to_string(r).ok()).as_deref() == Some(&identity.0) {
-            tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "verified before, unchanged since");
-        } else {
-            let actual = sha256_of_reader(&mut file).map_err(read_error)?;
-            tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "hashed");
-            if actual != *expected {
-                return Err(LoadError::HashMismatch { path, expected: expected.clone(), actual });
-            }
-            if let Some(record) = record {
-                remember(&record, &identity);
-            }
+        if let Some(module) = self.stored(engine, sha256)? {
+            tracing::debug!(elapsed = ?started.elapsed(), sha256, "loaded from the store");
+            return Ok(module);
         }
-        // SAFETY: the file hashes to the value recorded by `capsule build` when it compiled it
-        // with this engine configuration (checked above), so it is its own output. wasmtime
-        // maps this same open file, so the memory image is shared with the page cache rather
-        // than copied. (Someone able to rewrite the file between the two steps could as well
-        // rewrite the manifest beside it: the manifest is the root of trust.)
+        let read_error = |source_error| LoadError::Read { path: source.to_path_buf(), source: source_error };
+        // Read once into this process's memory: what is hashed is what is kept and run.
+        let bytes = fs::read(source).map_err(read_error)?;
+        let actual = sha256_hex(&bytes);
+        if actual != sha256 {
+            return Err(LoadError::HashMismatch { path: source.to_path_buf(), expected: sha256.into(), actual });
+        }
+        self.keep(sha256, &bytes)?;
+        // SAFETY: these bytes hash to the value the manifest records for this engine
+        // configuration (checked above), and no one else can change them: they are ours.
+        let module = unsafe { Module::deserialize(engine, &bytes) }
+            .map_err(|e| LoadError::Deserialize { path: source.to_path_buf(), message: e.to_string() })?;
+        tracing::debug!(elapsed = ?started.elapsed(), sha256, "hashed and stored");
+        Ok(module)
+    }
+
+    /// The store's copy of `sha256`, if it has one.
+    pub fn stored(&self, engine: &Engine, sha256: &str) -> Result<Option<Module>, LoadError> {
+        let Some(dir) = self.folder()? else { return Ok(None) };
+        let path = Self::stored_path(dir, sha256);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(LoadError::Read { path, source }),
+        };
+        let metadata = file.metadata().map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        if metadata.uid() != paths::effective_uid() || metadata.mode() & 0o222 != 0 {
+            return Err(LoadError::Store {
+                path: dir.to_path_buf(),
+                why: format!("`{}` is writable or not this user's", path.display()),
+            });
+        }
+        // SAFETY: the store's files are written only by `keep`, from bytes hashed to their
+        // name, read-only, in a folder only this user can enter (checked by `folder`).
         let module = unsafe { Module::deserialize_open_file(engine, file) }
             .map_err(|e| LoadError::Deserialize { path, message: e.to_string() })?;
-        tracing::debug!(elapsed = ?started.elapsed(), file = %compiled.file, "loaded");
-        Ok(module)
+        Ok(Some(module))
+    }
+
+    /// Keeps `bytes`, which hash to `sha256`, in the store (nothing without a store folder).
+    pub fn keep(&self, sha256: &str, bytes: &[u8]) -> Result<(), LoadError> {
+        let Some(dir) = self.folder()? else { return Ok(()) };
+        let path = Self::stored_path(dir, sha256);
+        if path.exists() {
+            return Ok(());
+        }
+        write_read_only(&path, bytes).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        prune(dir, &path);
+        Ok(())
+    }
+
+    /// Copies the store's file `sha256` to `dest` (read-only), checking its hash on the way.
+    pub fn copy_out(&self, sha256: &str, dest: &Path) -> Result<(), LoadError> {
+        let Some(dir) = self.folder()? else {
+            return Err(LoadError::Store { path: PathBuf::new(), why: "there is no cache folder".into() });
+        };
+        let path = Self::stored_path(dir, sha256);
+        let bytes = fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        let actual = sha256_hex(&bytes);
+        if actual != sha256 {
+            return Err(LoadError::HashMismatch { path, expected: sha256.into(), actual });
+        }
+        write_read_only(dest, &bytes).map_err(|source| LoadError::Read { path: dest.to_path_buf(), source })
+    }
+}
+
+/// Writes `bytes` at `path` as a new read-only file, through a temporary file beside it, so
+/// that no reader ever sees part of it.
+pub fn write_read_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()));
+    let written = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(bytes))
+        .and_then(|()| fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    written
+}
+
+/// Removes the oldest store files beyond [`STORE_FILES`] or [`STORE_BYTES`], never `kept`.
+fn prune(dir: &Path, kept: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|e| e == "cwasm"))
+        .filter_map(|entry| {
+            let metadata = entry.metadata().ok()?;
+            Some((metadata.modified().ok()?, metadata.len(), entry.path()))
+        })
+        .collect();
+    files.sort();
+    let mut bytes: u64 = files.iter().map(|(_, size, _)| size).sum();
+    let mut count = files.len();
+    for (_, size, path) in files {
+        if count <= STORE_FILES && bytes <= STORE_BYTES {
+            break;
+        }
+        if path != kept && fs::remove_file(&path).is_ok() {
+            count -= 1;
+            bytes -= size;
+        }
     }
 }

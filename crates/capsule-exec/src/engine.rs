@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use manifest_schema::{CompiledFile, Explain, Manifest, Metering, Task};
+use manifest_schema::{Explain, Manifest, Metering, Task};
 use python_runtime::{ErrorKind, GuestError, RegisteredTask};
 use serde_json::Value;
 use thiserror::Error;
 use tokio::task::JoinHandle;
 
-use crate::artifact::{Artifact, LoadError};
+use crate::artifact::{CompiledStore, LoadError, check_manifest};
 use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
 use crate::events::EventSink;
@@ -20,10 +20,12 @@ use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, args_h
 use crate::loaded::Loaded;
 use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
+use crate::paths::Reserved;
 use crate::run::Call;
 use crate::sandbox::Program;
 use crate::session::{Session, SessionState};
 use crate::stamp::FileStamp;
+use crate::trust::{Trust, signature_path};
 
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
 const LOADED_ARTIFACTS: usize = 64;
@@ -211,6 +213,12 @@ pub struct Engine {
     /// unchanged since is not read again.
     manifests: Mutex<HashMap<PathBuf, (FileStamp, Arc<Loaded>)>>,
     call_ids: Arc<AtomicU64>,
+    /// This runner's own copies of the compiled files it runs.
+    store: CompiledStore,
+    /// When set, only manifests one of these keys signed are loaded.
+    trust: Option<Trust>,
+    /// What no grant of any run may reach, besides each run's own project state.
+    reserved: Reserved,
 }
 
 impl Engine {
@@ -231,6 +239,7 @@ impl Engine {
     pub fn with_config(config: &wasmtime::Config) -> Result<Self, EngineError> {
         // TLS for tasks' HTTP calls; a provider installed earlier by the embedder is kept.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::net::trust_roots_from_env();
         let fuel_metered = wasmtime::Engine::new(&config::with_metering(config, Metering::Fuel))
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Self {
@@ -241,7 +250,70 @@ impl Engine {
             codes: Mutex::new(ByHash(Vec::new())),
             manifests: Mutex::default(),
             call_ids: Arc::new(AtomicU64::new(1)),
+            store: CompiledStore::of_user(),
+            trust: None,
+            reserved: Reserved::of_user(),
         })
+    }
+
+    /// Keeps every grant of its runs away from `place` too (a daemon's records, a worker's
+    /// cache), described to users as `what`.
+    pub fn reserving(mut self, place: PathBuf, what: &'static str) -> Self {
+        self.reserved.add(place, what);
+        self
+    }
+
+    /// What the grants of a run of `loaded` (journaled in `journal`, with `settings`) may
+    /// not reach: the engine's places, the manifest's folder, the journal and the project's
+    /// `.capsule` folder.
+    fn reserved_for(&self, loaded: &Loaded, settings: &RunSettings, journal: Option<&Journal>) -> Reserved {
+        let mut reserved = self.reserved.clone();
+        reserved.add(loaded.dir().to_path_buf(), "the build's manifest and compiled code");
+        if let Some(journal) = journal {
+            reserved.add(journal.path().to_path_buf(), "the run's journal");
+        }
+        if let Some(root) = &settings.project_root {
+            reserved.add(root.join(manifest_schema::STATE_DIR), "the project's builds and journal");
+        }
+        reserved
+    }
+
+    /// Keeps the compiled files it runs in `dir` instead of the user's cache folder.
+    pub fn with_store(mut self, dir: PathBuf) -> Self {
+        self.store = CompiledStore::at(dir);
+        self
+    }
+
+    /// Loads only manifests that one of `trust`'s keys signed.
+    pub fn requiring_signatures(mut self, trust: Trust) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    /// The keys this engine requires a signature of, if any.
+    pub fn trust(&self) -> Option<&Trust> {
+        self.trust.as_ref()
+    }
+
+    /// Keeps compiled `bytes` (the builder's output) among the files this runner runs, so
+    /// that its first run need not copy them in; gives their sha256.
+    pub fn keep_compiled(&self, bytes: &[u8]) -> Result<String, LoadError> {
+        let sha256 = crate::artifact::sha256_hex(bytes);
+        self.store.keep(&sha256, bytes)?;
+        Ok(sha256)
+    }
+
+    /// The module of a compiled file this runner keeps, if it keeps it.
+    pub fn kept_module(&self, metering: Metering, sha256: &str) -> Result<Option<wasmtime::Module>, LoadError> {
+        let engine = self
+            .wasmtime(metering)
+            .map_err(|e| LoadError::Deserialize { path: PathBuf::from(sha256), message: e.to_string() })?;
+        self.store.stored(engine, sha256)
+    }
+
+    /// Copies a compiled file this runner keeps to `dest` (read-only), checking its hash.
+    pub fn copy_kept(&self, sha256: &str, dest: &Path) -> Result<(), LoadError> {
+        self.store.copy_out(sha256, dest)
     }
 
     /// The wasmtime engine for code compiled with `metering` (the builder compiles with it).
@@ -261,10 +333,52 @@ impl Engine {
         }
     }
 
-    /// Loads the artifact of the manifest at `path`, verified; an artifact with the same
-    /// hash loaded before is reused without reading it again, and so is a manifest that has
-    /// not changed since it was read.
+    /// Loads the artifact of the manifest at `path`, verified (and, when the engine requires
+    /// signatures, signed by a key it trusts); an artifact with the same hash loaded before
+    /// is reused without reading it again, and so is an unsigned manifest that has not
+    /// changed since it was read.
     pub fn load(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
+        match &self.trust {
+            Some(_) => self.load_verified(path, None),
+            None => self.load_own(path),
+        }
+    }
+
+    /// Loads the manifest at `path` only if one of `trust`'s keys signed it (besides what the
+    /// engine itself requires): a client's own `--trust`.
+    pub fn load_signed(&self, path: &Path, trust: &Trust) -> Result<Arc<Loaded>, LoadError> {
+        self.load_verified(path, Some(trust))
+    }
+
+    /// Loads the manifest at `path` after checking its signature against `extra` and the
+    /// engine's own keys.
+    fn load_verified(&self, path: &Path, extra: Option<&Trust>) -> Result<Arc<Loaded>, LoadError> {
+        let shown = path.display().to_string();
+        // Read once: the bytes whose signature is checked are the bytes parsed.
+        let bytes = std::fs::read(path)
+            .map_err(|source| manifest_schema::ManifestError::Read { path: shown.clone(), source })?;
+        let signature_path = signature_path(path);
+        let signature = match std::fs::read_to_string(&signature_path) {
+            Ok(text) => Some(text),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(LoadError::Read { path: signature_path, source }),
+        };
+        for trust in [extra, self.trust.as_ref()].into_iter().flatten() {
+            trust.verify(&shown, &bytes, signature.as_deref(), &signature_path)?;
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            LoadError::Manifest(manifest_schema::ManifestError::Parse {
+                path: shown.clone(),
+                message: "it is not UTF-8 text".into(),
+            })
+        })?;
+        self.load_manifest(path, check_manifest(&text, &shown)?)
+    }
+
+    /// Loads the manifest at `path` without asking for a signature: for what this runner
+    /// built itself (the built-in interpreter image, in its own cache folder), and for every
+    /// manifest when the engine requires none.
+    pub fn load_own(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
         let stamp = FileStamp::of(path);
         let remembered = self.manifests.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned();
         if let (Some(stamp), Some((known, loaded))) = (stamp, remembered)
@@ -272,7 +386,10 @@ impl Engine {
         {
             return Ok(loaded);
         }
-        let loaded = self.load_manifest(path)?;
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| manifest_schema::ManifestError::Read { path: shown.clone(), source })?;
+        let loaded = self.load_manifest(path, check_manifest(&text, &shown)?)?;
         if let Some(stamp) = stamp {
             let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
             if manifests.len() >= LOADED_ARTIFACTS {
@@ -283,39 +400,40 @@ impl Engine {
         Ok(loaded)
     }
 
-    fn load_manifest(&self, path: &Path) -> Result<Arc<Loaded>, LoadError> {
-        let manifest = Artifact::manifest(path)?;
+    /// The artifact `manifest` (read from `path`) names, from the files beside it.
+    fn load_manifest(&self, path: &Path, manifest: Manifest) -> Result<Arc<Loaded>, LoadError> {
         let sha256 = manifest.artifact.sha256.clone();
+        let dir = path.parent().unwrap_or(Path::new("."));
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(known) = loaded.get(&sha256) {
-            return Ok(Arc::new(known.with_manifest(manifest)));
+            return Ok(Arc::new(known.with_manifest(manifest, dir.to_path_buf())));
         }
         let metering = manifest.engine.metering;
         let engine = self
             .wasmtime(metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
-        let state = Artifact::load(engine, path, &CompiledFile::named_by(sha256.clone()))?;
-        let code = self.code(engine, path, &manifest.artifact.code)?;
+        let state = self.store.load(engine, &sha256, &dir.join(&manifest.artifact.file))?;
+        let code = self.code(engine, dir, &manifest.artifact.code)?;
         let program = Program::new(engine, &state, &code, metering)
             .map_err(|e| LoadError::Deserialize { path: path.to_path_buf(), message: e.to_string() })?;
-        let fresh = Arc::new(Loaded::new(manifest, program));
+        let fresh = Arc::new(Loaded::new(manifest, dir.to_path_buf(), program));
         loaded.insert(sha256, fresh.clone());
         Ok(fresh)
     }
 
-    /// The runtime's code module `compiled`, beside the manifest at `path`; shared by every
+    /// The runtime's code module `compiled`, named in a manifest in `dir`; shared by every
     /// artifact built on the same runtime, so loaded once.
     fn code(
         &self,
         engine: &wasmtime::Engine,
-        path: &Path,
-        compiled: &CompiledFile,
+        dir: &Path,
+        compiled: &manifest_schema::CompiledFile,
     ) -> Result<wasmtime::Module, LoadError> {
         let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(module) = codes.get(&compiled.sha256) {
             return Ok(module.clone());
         }
-        let module = Artifact::load(engine, path, compiled)?;
+        let module = self.store.load(engine, &compiled.sha256, &dir.join(&compiled.file))?;
         codes.insert(compiled.sha256.clone(), module.clone());
         Ok(module)
     }
@@ -355,6 +473,7 @@ impl Engine {
             loaded.program().clone(),
             loaded.manifest().tasks.clone(),
             settings.clone(),
+            self.reserved_for(loaded, &settings, None),
             events.clone(),
             Cancel::default(),
             self.call_ids.clone(),
@@ -421,10 +540,12 @@ impl Engine {
             run: run.into(),
             call,
         });
+        let reserved = self.reserved_for(loaded, &settings, journal.as_deref());
         let orchestrator = Orchestrator::new(
             loaded.program().clone(),
             manifest.tasks.clone(),
             settings,
+            reserved,
             events,
             cancel.clone(),
             self.call_ids.clone(),

@@ -70,10 +70,15 @@ impl SandboxState {
     }
 
     /// A new call (in a fresh sandbox, or the same one for a session): it has not exceeded
-    /// its memory yet, nor written anything.
+    /// its memory yet; what earlier calls of the sandbox wrote counts towards its file quota.
     pub(crate) fn start_call(&mut self, files: FileQuota) {
         self.limiter.exceeded = false;
         self.files.start_call(files);
+    }
+
+    /// What the sandbox's calls wrote and created so far, and setting it on a replacement.
+    pub(crate) fn file_usage(&mut self) -> &mut FileUsage {
+        &mut self.files
     }
 
     /// Which file quota refused the running call something, in words.

@@ -257,6 +257,11 @@ pub fn hash_json(value: &Value) -> String {
 }
 
 impl Journal {
+    /// The journal's database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn open(path: &Path) -> Result<Self, JournalError> {
         if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(folder)

@@ -8,7 +8,7 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `blas` (leaves); `artifact`, `output`,
+//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `trust`, `blas` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
@@ -31,8 +31,9 @@ mod run;
 mod sandbox;
 mod session;
 mod stamp;
+mod trust;
 
-pub use artifact::{LoadError, sha256_hex};
+pub use artifact::{LoadError, sha256_hex, write_read_only};
 pub use cancel::{Cancel, Stopped, until_stopped};
 pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, WASMTIME_VERSION, config, fingerprint};
 pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
@@ -40,13 +41,15 @@ pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
 pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, args_hash, new_run_id};
 pub use loaded::Loaded;
+pub use net::{EXTRA_CA_ENV, trust_http_roots};
 pub use orchestrator::{
     DEFAULT_TIMEOUT, Dispatch, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, Remote, RemoteCall, RunSettings,
 };
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
-pub use paths::{CACHE_DIR_ENV, cache_dir, interpreter_dir, saved_sessions_dir};
+pub use paths::{CACHE_DIR_ENV, cache_dir, effective_uid, home, interpreter_dir, private_dir, saved_sessions_dir};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
 pub use sandbox::Program;
 pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;
+pub use trust::{PublicKey, SigningKey, TRUST_ENV, Trust, TrustError, public_key_path, signature_path};

@@ -1,5 +1,6 @@
 //! A verified artifact loaded into the engine: what every run and session of it shares.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use manifest_schema::Manifest;
@@ -9,20 +10,27 @@ use crate::sandbox::Program;
 /// A verified artifact, loaded and ready to run; shared by every run of it.
 pub struct Loaded {
     manifest: Manifest,
+    /// The folder the manifest was read from: no grant of its runs may reach it.
+    dir: PathBuf,
     program: Program,
     /// The memory an instance starts with, for saving sessions (read once, when needed).
     initial_memory: tokio::sync::OnceCell<Arc<Vec<u8>>>,
 }
 
 impl Loaded {
-    pub(crate) fn new(manifest: Manifest, program: Program) -> Self {
-        Self { manifest, program, initial_memory: Default::default() }
+    pub(crate) fn new(manifest: Manifest, dir: PathBuf, program: Program) -> Self {
+        Self { manifest, dir, program, initial_memory: Default::default() }
     }
 
-    /// The same program under another manifest (another build of the same artifact): the
-    /// compiled code and the initial memory are shared.
-    pub(crate) fn with_manifest(&self, manifest: Manifest) -> Self {
-        Self { manifest, program: self.program.clone(), initial_memory: self.initial_memory.clone() }
+    /// The same program under another manifest (another build of the same artifact), read
+    /// from `dir`: the compiled code and the initial memory are shared.
+    pub(crate) fn with_manifest(&self, manifest: Manifest, dir: PathBuf) -> Self {
+        Self { manifest, dir, program: self.program.clone(), initial_memory: self.initial_memory.clone() }
+    }
+
+    /// The folder its manifest was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn manifest(&self) -> &Manifest {

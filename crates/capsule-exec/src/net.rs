@@ -19,6 +19,35 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use crate::outcome::{HttpCall, duration_ms};
 
+/// A PEM file of certificate authorities tasks' HTTPS trusts besides the public ones (an
+/// internal CA, say), read by the runner when its engine is made.
+pub const EXTRA_CA_ENV: &str = "CAPSULE_EXTRA_CA_CERTS";
+
+/// Authorities added with [`trust_http_roots`], for every task of this process.
+static EXTRA_ROOTS: std::sync::RwLock<Vec<reqwest::Certificate>> = std::sync::RwLock::new(Vec::new());
+
+/// Makes tasks' HTTPS in this process trust the certificate authorities in `pem` too.
+pub fn trust_http_roots(pem: &[u8]) -> Result<(), String> {
+    let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+    if roots.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    EXTRA_ROOTS.write().unwrap_or_else(|e| e.into_inner()).extend(roots);
+    Ok(())
+}
+
+/// Reads [`EXTRA_CA_ENV`] once per process, if it is set.
+pub(crate) fn trust_roots_from_env() {
+    static READ: std::sync::Once = std::sync::Once::new();
+    READ.call_once(|| {
+        let Some(path) = std::env::var_os(EXTRA_CA_ENV).filter(|p| !p.is_empty()) else { return };
+        let path = std::path::PathBuf::from(path);
+        if let Err(error) = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|pem| trust_http_roots(&pem)) {
+            tracing::error!(%error, file = %path.display(), "`{EXTRA_CA_ENV}` cannot be used; tasks trust the public authorities only");
+        }
+    });
+}
+
 /// The largest response body a task may receive.
 pub const MAX_RESPONSE_BYTES: usize = 10 << 20;
 /// Timeout of a call that names none (always cut to the task's remaining time).
@@ -39,12 +68,15 @@ impl Network {
         Self { policy: Arc::new(policy), secrets, deadline }
     }
 
-    /// The secrets for `host:port`, as header names and values; an error if one of them is
-    /// not set in the runner's environment.
-    fn secret_headers(&self, host: &str, port: u16) -> Result<Vec<(String, String, String)>, Failure> {
+    /// The secrets for `scheme://host:port`, as header names and values; an error if one of
+    /// them would go in clear or to another port, or is not set in the runner's environment.
+    fn secret_headers(&self, scheme: &str, host: &str, port: u16) -> Result<Vec<(String, String, String)>, Failure> {
         let mut headers = Vec::new();
         for (name, secret) in &self.secrets {
-            if secret.hosts.check_host(host, port).is_err() {
+            let goes = secret.hosts.secret_goes_to(scheme, host, port).map_err(|why| {
+                (HttpErrorKind::Refused, format!("the request would carry the secret `{name}`: {why}"))
+            })?;
+            if !goes {
                 continue;
             }
             let value = std::env::var(name).map_err(|_| {
@@ -103,7 +135,7 @@ impl Network {
         }
         .min(remaining);
 
-        let secrets = self.secret_headers(&host, port)?;
+        let secrets = self.secret_headers(url.scheme(), &host, port)?;
         let refusal = Arc::new(Mutex::new(None::<String>));
         let current_port = Arc::new(AtomicU16::new(port));
         let carried: Vec<String> = secrets.iter().map(|(name, ..)| name.clone()).collect();
@@ -182,11 +214,22 @@ impl Network {
             let Some((host, port)) = host_and_port(attempt.url()) else {
                 return attempt.error("a redirect to a URL without a host");
             };
-            if let Some((name, _)) = secrets.iter().find(|(_, hosts)| hosts.check_host(&host, port).is_err()) {
+            let scheme = attempt.url().scheme();
+            for (name, hosts) in &secrets {
                 let target = without_query(attempt.url().as_str());
-                return attempt.error(format!(
-                    "redirect to `{target}` refused: the request carries the secret `{name}`, which goes to its own hosts only"
-                ));
+                match hosts.secret_goes_to(scheme, &host, port) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return attempt.error(format!(
+                            "redirect to `{target}` refused: the request carries the secret `{name}`, which goes to its own hosts only"
+                        ));
+                    }
+                    Err(why) => {
+                        return attempt.error(format!(
+                            "redirect to `{target}` refused: the request carries the secret `{name}`: {why}"
+                        ));
+                    }
+                }
             }
             match policy.check_host(&host, port) {
                 Ok(()) => {
@@ -200,7 +243,11 @@ impl Network {
             }
         });
         let resolver = PolicyResolver { policy: self.policy.clone(), port: current_port, refusal };
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for root in EXTRA_ROOTS.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        builder
             .no_proxy()
             .redirect(redirects)
             .dns_resolver(Arc::new(resolver))

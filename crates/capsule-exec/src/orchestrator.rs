@@ -23,6 +23,7 @@ use crate::host::{BoxFuture, HostCalls};
 use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, RunStatus, args_hash, hash_json};
 use crate::net::{Network, without_query};
 use crate::outcome::{HttpCall, Outcome};
+use crate::paths::Reserved;
 use crate::run::{AttemptHosts, Call, TaskContext, run_task};
 use crate::sandbox::Program;
 
@@ -106,6 +107,8 @@ pub(crate) struct Orchestrator {
     program: Program,
     tasks: Vec<Task>,
     settings: RunSettings,
+    /// What no grant of the run may reach.
+    reserved: Arc<Reserved>,
     events: Arc<dyn EventSink>,
     cancel: Cancel,
     call_ids: Arc<AtomicU64>,
@@ -137,6 +140,7 @@ impl Orchestrator {
         program: Program,
         tasks: Vec<Task>,
         settings: RunSettings,
+        reserved: Reserved,
         events: Arc<dyn EventSink>,
         cancel: Cancel,
         call_ids: Arc<AtomicU64>,
@@ -146,6 +150,7 @@ impl Orchestrator {
             tasks,
             workers: Arc::new(Semaphore::new(settings.workers.max(1))),
             settings,
+            reserved: Arc::new(reserved),
             events,
             cancel,
             call_ids,
@@ -187,7 +192,12 @@ impl Orchestrator {
             kwargs,
             default_timeout: self.settings.default_timeout,
             project_root: self.settings.project_root.clone(),
+            reserved: self.reserved.clone(),
         }
+    }
+
+    pub fn reserved(&self) -> &Reserved {
+        &self.reserved
     }
 }
 

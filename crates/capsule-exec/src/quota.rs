@@ -1,22 +1,27 @@
 //! Quotas on what a call leaves in its read-write grants: bytes written to files, and files
 //! (folders, hard links) created. wasmtime's WASI preview 1 has no hook for either, so the
-//! functions that write or create are wrapped: each wrapper checks and counts, then calls
-//! wasmtime's own implementation. A refusal is WASI's `EDQUOT`
+//! functions that write, grow or create are wrapped: each wrapper checks and counts, then
+//! calls wasmtime's own implementation. A refusal is WASI's `EDQUOT`
 //! (Python's `OSError: [Errno 19] ...`), which the task may catch; when it does not, the
 //! failure says which quota it met.
+//!
+//! What counts follows the open file, never its descriptor's number: a write counts when its
+//! descriptor is a regular file (whatever its number: a file opened after `close(1)` is 1), with
+//! the hole it leaves before it when it writes past the end; growing a file by truncating
+//! it longer counts as much. The standard streams are captured and capped elsewhere.
 
 use wasmtime::{AsContextMut, Caller, Extern, Linker};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p1::types::{Fd, Fdflags, Filetype};
 use wasmtime_wasi::p1::wasi_snapshot_preview1::{self, WasiSnapshotPreview1};
 
 const WASI: &str = "wasi_snapshot_preview1";
 const ERRNO_DQUOT: i32 = 19;
+const ERRNO_INVAL: i32 = 28;
 const ERRNO_NOENT: i32 = 44;
 const OFLAGS_CREAT: i32 = 1;
 const RIGHTS_FD_READ: i64 = 1 << 1;
-/// Descriptors 0-2 are the standard streams, captured and capped elsewhere.
-const FIRST_FILE_FD: i32 = 3;
-/// POSIX's `IOV_MAX`: a longer vector is left to wasmtime to refuse.
+/// POSIX's `IOV_MAX`: a longer vector is refused (`EINVAL`), as a POSIX system does.
 const MAX_IOVECS: i32 = 1024;
 
 /// What one call may write and create.
@@ -51,10 +56,21 @@ impl Default for FileUsage {
 }
 
 impl FileUsage {
-    /// A new call (or attempt) starts from zero under `quota`.
+    /// A new call under `quota`. What earlier calls in the same sandbox wrote still counts:
+    /// a session's calls share one quota (each attempt of a task has a sandbox of its own).
     pub fn start_call(&mut self, quota: FileQuota) {
         self.quota = quota;
-        (self.written, self.created, self.refused) = (0, 0, None);
+        self.refused = None;
+    }
+
+    /// Bytes written and files created so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.written, self.created)
+    }
+
+    /// Carries `totals` over from a sandbox this one replaces.
+    pub fn set_totals(&mut self, (written, created): (u64, u64)) {
+        (self.written, self.created) = (written, created);
     }
 
     /// Which quota refused a write or a creation during this call, in words.
@@ -120,11 +136,15 @@ pub fn wrap_file_writes<T: CountsFiles>(linker: &mut Linker<T>) -> wasmtime::Res
         "fd_write",
         |mut caller: Caller<'_, T>, (fd, iovs, iovs_len, written): (i32, i32, i32, i32)| {
             Box::new(async move {
-                if !may_write(&mut caller, fd, iovs, iovs_len) {
+                let charge = match charge_write(&mut caller, fd, iovs, iovs_len, None).await {
+                    Ok(charge) => charge,
+                    Err(errno) => return Ok(errno),
+                };
+                if !may_grow(&mut caller, charge) {
                     return Ok(ERRNO_DQUOT);
                 }
                 let errno = plain_wasi!(&mut caller, fd_write(fd, iovs, iovs_len, written));
-                count_written(&mut caller, fd, errno, written);
+                count_written(&mut caller, charge, errno, written);
                 Ok(errno)
             })
         },
@@ -134,15 +154,37 @@ pub fn wrap_file_writes<T: CountsFiles>(linker: &mut Linker<T>) -> wasmtime::Res
         "fd_pwrite",
         |mut caller: Caller<'_, T>, (fd, iovs, iovs_len, offset, written): (i32, i32, i32, i64, i32)| {
             Box::new(async move {
-                if !may_write(&mut caller, fd, iovs, iovs_len) {
+                let charge = match charge_write(&mut caller, fd, iovs, iovs_len, Some(offset as u64)).await {
+                    Ok(charge) => charge,
+                    Err(errno) => return Ok(errno),
+                };
+                if !may_grow(&mut caller, charge) {
                     return Ok(ERRNO_DQUOT);
                 }
                 let errno = plain_wasi!(&mut caller, fd_pwrite(fd, iovs, iovs_len, offset, written));
-                count_written(&mut caller, fd, errno, written);
+                count_written(&mut caller, charge, errno, written);
                 Ok(errno)
             })
         },
     )?;
+    linker.func_wrap_async(WASI, "fd_filestat_set_size", |mut caller: Caller<'_, T>, (fd, size): (i32, i64)| {
+        Box::new(async move {
+            // Truncating a file longer makes it grow by the difference, like a write.
+            let growth = match file_size(caller.data_mut().wasi(), fd).await {
+                Some(now) => (size as u64).saturating_sub(now),
+                None => 0,
+            };
+            let charge = Some(Charge { hole: growth, bytes: 0 });
+            if !may_grow(&mut caller, charge) {
+                return Ok(ERRNO_DQUOT);
+            }
+            let errno = plain_wasi!(&mut caller, fd_filestat_set_size(fd, size));
+            if errno == 0 {
+                caller.data_mut().file_usage().written += growth;
+            }
+            Ok(errno)
+        })
+    })?;
     linker.func_wrap_async(
         WASI,
         "path_open",
@@ -226,33 +268,82 @@ pub fn wrap_file_writes<T: CountsFiles>(linker: &mut Linker<T>) -> wasmtime::Res
     Ok(())
 }
 
-/// Whether writing the I/O vector to `fd` stays within the quota (the standard streams always do).
-fn may_write<T: CountsFiles>(caller: &mut Caller<'_, T>, fd: i32, iovs: i32, count: i32) -> bool {
-    if fd < FIRST_FILE_FD {
-        return true;
-    }
-    let bytes = asked(caller, iovs, count);
-    caller.data_mut().file_usage().may_write(bytes)
+/// What a write to a regular file may add: the hole it leaves past the end, then its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    hole: u64,
+    bytes: u64,
 }
 
-/// The bytes an I/O vector asks to write (0 when it cannot be read: wasmtime then refuses it).
-fn asked<T>(caller: &mut Caller<'_, T>, iovs: i32, count: i32) -> u64 {
+/// What writing the I/O vector `iovs` to `fd` (at `offset`, else at its position) would
+/// count: `None` when `fd` is not a regular file (a standard stream, or no descriptor: then
+/// wasmtime answers). wasmtime writes only the vector's first non-empty buffer.
+async fn charge_write<T: CountsFiles>(
+    caller: &mut Caller<'_, T>,
+    fd: i32,
+    iovs: i32,
+    count: i32,
+    offset: Option<u64>,
+) -> Result<Option<Charge>, i32> {
     if !(0..=MAX_IOVECS).contains(&count) {
-        return 0;
+        return Err(ERRNO_INVAL);
     }
+    let bytes = first_buffer_len(caller, iovs, count);
+    let wasi = caller.data_mut().wasi();
+    let mut no_memory = wiggle::GuestMemory::Unshared(&mut []);
+    let Ok(stat) = wasi.fd_fdstat_get(&mut no_memory, Fd::from(fd as u32)).await else { return Ok(None) };
+    if stat.fs_filetype != Filetype::RegularFile {
+        return Ok(None);
+    }
+    let Some(size) = file_size(wasi, fd).await else { return Ok(None) };
+    let start = if stat.fs_flags.contains(Fdflags::APPEND) {
+        size
+    } else {
+        match offset {
+            Some(offset) => offset,
+            None => wasi.fd_tell(&mut no_memory, Fd::from(fd as u32)).unwrap_or(size),
+        }
+    };
+    Ok(Some(Charge { hole: start.saturating_sub(size), bytes }))
+}
+
+/// The size of the regular file open as `fd`.
+async fn file_size(wasi: &mut WasiP1Ctx, fd: i32) -> Option<u64> {
+    let mut no_memory = wiggle::GuestMemory::Unshared(&mut []);
+    let stat = wasi.fd_filestat_get(&mut no_memory, Fd::from(fd as u32)).await.ok()?;
+    (stat.filetype == Filetype::RegularFile).then_some(stat.size)
+}
+
+/// Whether `charge` stays within the quota (what is not a file always does).
+fn may_grow<T: CountsFiles>(caller: &mut Caller<'_, T>, charge: Option<Charge>) -> bool {
+    match charge {
+        Some(Charge { hole, bytes }) => caller.data_mut().file_usage().may_write(hole.saturating_add(bytes)),
+        None => true,
+    }
+}
+
+/// The length of the first non-empty buffer of an I/O vector (0 when it cannot be read:
+/// wasmtime then refuses it).
+fn first_buffer_len<T>(caller: &mut Caller<'_, T>, iovs: i32, count: i32) -> u64 {
     let Some(Extern::Memory(memory)) = caller.get_export(python_runtime::exports::MEMORY) else { return 0 };
     let mut vector = vec![0u8; count as usize * 8];
     if memory.read(&*caller, iovs as u32 as usize, &mut vector).is_err() {
         return 0;
     }
     // Each entry: a u32 pointer, then a u32 length.
-    vector.chunks_exact(8).map(|entry| u64::from(u32::from_le_bytes(entry[4..8].try_into().unwrap()))).sum()
+    vector
+        .chunks_exact(8)
+        .map(|entry| u64::from(u32::from_le_bytes(entry[4..8].try_into().unwrap())))
+        .find(|len| *len > 0)
+        .unwrap_or(0)
 }
 
-fn count_written<T: CountsFiles>(caller: &mut Caller<'_, T>, fd: i32, errno: i32, written: i32) {
-    if fd >= FIRST_FILE_FD && errno == 0 {
-        let bytes = read_u32(caller, written).unwrap_or(0);
-        caller.data_mut().file_usage().written += u64::from(bytes);
+/// Counts what a write that `charge`d did: the bytes written, and the hole before them.
+fn count_written<T: CountsFiles>(caller: &mut Caller<'_, T>, charge: Option<Charge>, errno: i32, written: i32) {
+    if let (Some(charge), 0) = (charge, errno) {
+        let bytes = u64::from(read_u32(caller, written).unwrap_or(0));
+        let hole = if bytes > 0 { charge.hole } else { 0 };
+        caller.data_mut().file_usage().written += bytes + hole;
     }
 }
 

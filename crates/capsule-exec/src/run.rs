@@ -16,6 +16,7 @@ use crate::host::HostCalls;
 use crate::journal::AttemptRecord;
 use crate::outcome::{Execution, Outcome, Output, duration_ms, is_retryable};
 use crate::output::TeeOutput;
+use crate::paths::Reserved;
 use crate::quota::FileQuota;
 use crate::sandbox::{Attempt, AttemptSetup, Limits, Preopen, Program};
 
@@ -33,6 +34,8 @@ pub struct Call {
     pub default_timeout: Duration,
     /// The folder `allowed_files` paths are relative to.
     pub project_root: Option<std::path::PathBuf>,
+    /// What no grant may reach.
+    pub reserved: Arc<Reserved>,
 }
 
 /// Makes the host-call handler of each attempt.
@@ -51,9 +54,10 @@ pub struct TaskContext<'a> {
     pub hosts: &'a dyn AttemptHosts,
 }
 
-/// The task's `allowed_files` as folders to preopen, each checked to be a folder inside the
-/// project after symbolic links are resolved.
-pub fn preopens_of(task: &Task, project_root: Option<&Path>) -> Result<Vec<Preopen>, String> {
+/// The task's `allowed_files` as folders to preopen, each checked, after symbolic links are
+/// resolved, to be a folder inside the project, other than the project folder itself (which
+/// holds `.capsule/`), that reaches nothing `reserved`.
+pub fn preopens_of(task: &Task, project_root: Option<&Path>, reserved: &Reserved) -> Result<Vec<Preopen>, String> {
     let grants = &task.options.allowed_files;
     if grants.is_empty() {
         return Ok(Vec::new());
@@ -75,6 +79,14 @@ pub fn preopens_of(task: &Task, project_root: Option<&Path>) -> Result<Vec<Preop
             if !host.is_dir() {
                 return Err(format!("`allowed_files` path `{}` is not a folder", grant.path));
             }
+            // A grant of the root itself is refused when it is read; a link to it is refused here.
+            if host == root && grant.path != "." {
+                return Err(format!(
+                    "`allowed_files` path `{}` resolves to the project folder itself, which holds `.capsule/`; grant a folder of your data instead",
+                    grant.path
+                ));
+            }
+            reserved.check(&grant.path, &host)?;
             Ok(Preopen { host, guest: grant.guest_path(), writable: grant.mode == FileMode::ReadWrite })
         })
         .collect()
@@ -127,7 +139,7 @@ pub async fn run_task(
 ) -> (Outcome, Vec<AttemptRecord>) {
     let started = Instant::now();
     let limits = limits_of(task, call.default_timeout);
-    let dirs = match preopens_of(task, call.project_root.as_deref()) {
+    let dirs = match preopens_of(task, call.project_root.as_deref(), &call.reserved) {
         Ok(dirs) => dirs,
         Err(message) => {
             return (Outcome::without_attempts(&task.name, Err(GuestError::new(ErrorKind::Host, message))), Vec::new());

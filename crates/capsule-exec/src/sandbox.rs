@@ -221,6 +221,16 @@ impl Sandbox {
         self.stderr.mute(muted);
     }
 
+    /// Bytes written and files created by its calls so far.
+    pub fn file_totals(&mut self) -> (u64, u64) {
+        self.store.data_mut().file_usage().totals()
+    }
+
+    /// Takes over the file totals of a sandbox this one replaces.
+    pub fn set_file_totals(&mut self, totals: (u64, u64)) {
+        self.store.data_mut().file_usage().set_totals(totals);
+    }
+
     /// Whether a call was cut short inside the guest: its state can no longer be trusted.
     pub fn broken(&self) -> bool {
         self.broken

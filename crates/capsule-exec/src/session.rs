@@ -211,7 +211,8 @@ impl Session {
         orchestrator: Arc<Orchestrator>,
         state: Option<Arc<SessionState>>,
     ) -> Result<Self, SessionError> {
-        let dirs = preopens_of(&task, settings.project_root.as_deref()).map_err(SessionError::Sandbox)?;
+        let dirs = preopens_of(&task, settings.project_root.as_deref(), orchestrator.reserved())
+            .map_err(SessionError::Sandbox)?;
         let scope = orchestrator.root(None);
         let call = scope.call();
         let sandbox = new_sandbox(&loaded, &task, &dirs, &events, call)?;
@@ -298,8 +299,10 @@ impl Session {
         }
     }
 
-    /// A new sandbox from the checkpoint, with the calls since run again (quietly).
+    /// A new sandbox from the checkpoint, with the calls since run again (quietly). What the
+    /// session wrote stays counted against its file quota, replayed calls or not.
     async fn rebuild(&mut self) -> Result<(), SessionError> {
+        let totals = self.sandbox.file_totals();
         self.sandbox = new_sandbox(&self.loaded, &self.task, &self.dirs, &self.events, self.call)?;
         self.sandbox.mute(true);
         if let Some(state) = self.checkpoint.clone() {
@@ -314,6 +317,7 @@ impl Session {
             }
         }
         self.since = cells;
+        self.sandbox.set_file_totals(totals);
         self.sandbox.mute(false);
         Ok(())
     }

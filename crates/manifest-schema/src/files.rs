@@ -1,6 +1,7 @@
 //! `allowed_files`: project folders a task may use, each read-only or read-write. Paths are
-//! relative to the project root and may not leave it; the runner checks again, after
-//! resolving symbolic links, before it opens anything.
+//! relative to the project root and may not leave it, nor be the root itself or inside
+//! `.capsule/`, where Capsule keeps the project's builds and journal; the runner checks again,
+//! after resolving symbolic links, before it opens anything.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +49,11 @@ fn normalised<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Strin
     normalise_grant_path(&text).map_err(|p| serde::de::Error::custom(p.message))
 }
 
-/// Normalises a grant's path, refusing absolute paths and any way out of the project.
+/// The folder in a project where Capsule keeps its builds and journal.
+pub const STATE_DIR: &str = ".capsule";
+
+/// Normalises a grant's path, refusing absolute paths, any way out of the project, and any
+/// way into Capsule's own folder.
 pub fn normalise_grant_path(text: &str) -> Result<String, Problem> {
     let refuse = |why: &str| Problem {
         message: format!("`{text}` {why}"),
@@ -68,7 +73,20 @@ pub fn normalise_grant_path(text: &str) -> Result<String, Problem> {
     if text.trim().is_empty() {
         return Err(refuse("is empty"));
     }
-    Ok(if parts.is_empty() { ".".into() } else { parts.join("/") })
+    let reserved = |what: &str| Problem {
+        message: format!(
+            "`{text}` {what}, where Capsule keeps the project's builds and journal: a task must never reach them"
+        ),
+        hint: Some(
+            "grant a folder of your data instead, e.g. \"./data\" or {\"path\": \"./out\", \"mode\": \"read-write\"}"
+                .into(),
+        ),
+    };
+    match parts.first() {
+        None => Err(reserved(&format!("is the project folder itself, which holds `{STATE_DIR}/`"))),
+        Some(&STATE_DIR) => Err(reserved(&format!("is inside `{STATE_DIR}/`"))),
+        Some(_) => Ok(parts.join("/")),
+    }
 }
 
 #[cfg(test)]
@@ -79,8 +97,7 @@ mod tests {
     fn normalises_and_refuses_escapes() {
         assert_eq!(normalise_grant_path("./data").unwrap(), "data");
         assert_eq!(normalise_grant_path("data/sub/").unwrap(), "data/sub");
-        assert_eq!(normalise_grant_path(".").unwrap(), ".");
-        for bad in ["/etc", "../outside", "data/../../x", "", "C:\\\\x"] {
+        for bad in ["/etc", "../outside", "data/../../x", "", "C:\\\\x", ".", "./", ".capsule", "./.capsule/build/x"] {
             assert!(normalise_grant_path(bad).is_err(), "{bad}");
         }
         assert_eq!(FileMode::parse("rw").unwrap(), FileMode::ReadWrite);

@@ -68,9 +68,10 @@ impl HostRule {
     }
 
     fn matches_name(&self, host: &str, port: u16) -> bool {
-        if self.port.is_some_and(|p| p != port) {
-            return false;
-        }
+        self.port.is_none_or(|p| p == port) && self.matches_host(host)
+    }
+
+    fn matches_host(&self, host: &str) -> bool {
         let host = normalise(host);
         match &self.pattern {
             Pattern::Any => true,
@@ -206,6 +207,25 @@ impl HostPolicy {
         Ok(())
     }
 
+    /// Is a request to `scheme://host:port` one of a secret's (whose hosts these rules are)?
+    /// `Ok(false)` for another host; refused for one of its hosts over plain HTTP or on
+    /// another port than the rule names (443 when it names none), where the credential would
+    /// travel in clear or to another service.
+    pub fn secret_goes_to(&self, scheme: &str, host: &str, port: u16) -> Result<bool, String> {
+        let matching: Vec<&HostRule> = self.rules.iter().filter(|r| r.matches_host(host)).collect();
+        if matching.is_empty() {
+            return Ok(false);
+        }
+        if scheme != "https" {
+            return Err(format!("a secret for `{host}` goes over HTTPS only, not `{scheme}://`"));
+        }
+        if matching.iter().any(|r| r.port.unwrap_or(443) == port) {
+            return Ok(true);
+        }
+        let expected: Vec<String> = matching.iter().map(|r| r.port.unwrap_or(443).to_string()).collect();
+        Err(format!("a secret for `{host}` goes to port {} only, not {port}", expected.join(" or ")))
+    }
+
     /// May the address `ip`, which `host` resolved to, be connected to on `port`?
     pub fn check_address(&self, host: &str, port: u16, ip: IpAddr) -> Result<(), String> {
         let Some(range) = special_range(ip) else { return Ok(()) };
@@ -278,6 +298,17 @@ mod tests {
         let refused = p.check_host("evil.com", 443).unwrap_err();
         assert!(refused.contains("not in this task's `allowed_hosts`"), "{refused}");
         assert!(policy(&[]).check_host("example.com", 443).unwrap_err().contains("no `allowed_hosts`"));
+    }
+
+    #[test]
+    fn secrets_go_over_https_to_the_rules_port_only() {
+        let p = policy(&["api.example.com", "vault.example.com:8200"]);
+        assert_eq!(p.secret_goes_to("https", "api.example.com", 443), Ok(true));
+        assert_eq!(p.secret_goes_to("https", "other.example.com", 443), Ok(false));
+        assert!(p.secret_goes_to("http", "api.example.com", 80).unwrap_err().contains("HTTPS only"));
+        assert!(p.secret_goes_to("https", "api.example.com", 8443).unwrap_err().contains("port 443 only"));
+        assert_eq!(p.secret_goes_to("https", "vault.example.com", 8200), Ok(true));
+        assert!(p.secret_goes_to("http", "vault.example.com", 8200).is_err());
     }
 
     #[test]

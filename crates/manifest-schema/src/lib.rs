@@ -17,7 +17,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use files::{FileGrant, FileMode, normalise_grant_path};
+pub use files::{FileGrant, FileMode, STATE_DIR, normalise_grant_path};
 pub use hosts::HostPolicy;
 pub use options::{OPTIONS, Secret, TaskOptions, TaskSpec, defaults};
 pub use problem::{Explain, Problem};

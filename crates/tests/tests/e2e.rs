@@ -114,15 +114,17 @@ fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
     assert!(!edited.cache_hit);
     assert_ne!(edited.manifest.artifact.sha256, first.manifest.artifact.sha256);
     assert!(!out.join(&first.manifest.artifact.file).exists(), "the old artifact is cleaned up");
-    // The runtime's code is compiled once: the edit reused the cache's entry, which the
-    // output folder links to, rather than compiling it again.
+    // The runtime's code is compiled once: the edit reused the runner's kept copy rather
+    // than compiling it again, and the project has a read-only copy of its own, never a link
+    // to the runner's (a task that could write the project's would change what runners run).
     assert_eq!(edited.manifest.artifact.code, first.manifest.artifact.code);
     let code = fs::metadata(out.join(&edited.manifest.artifact.code.file)).unwrap();
-    let cached = fs::read_dir(capsule_exec::cache_dir().unwrap().join("code")).unwrap();
-    assert!(
-        cached.flatten().any(|entry| entry.metadata().is_ok_and(|m| m.ino() == code.ino())),
-        "the output's code file is the cache's entry"
-    );
+    let kept =
+        fs::metadata(capsule_exec::cache_dir().unwrap().join("compiled").join(&edited.manifest.artifact.code.file))
+            .expect("the runner keeps the compiled code");
+    assert_ne!(code.ino(), kept.ino(), "the output's code file is a copy");
+    assert_eq!((code.nlink(), code.len()), (1, kept.len()));
+    assert!(code.permissions().readonly() && kept.permissions().readonly());
     assert_eq!(load(edited).run("main", vec![]).result, json!(2));
 }
 
@@ -134,7 +136,9 @@ fn a_rebuild_replaces_a_damaged_copy_of_the_runtimes_code() {
     // A new file in its place: writing through the link would change the cache's entry.
     fs::remove_file(&code).unwrap();
     fs::write(&code, b"damaged").unwrap();
-    let runner = || capsule_exec::Engine::new().unwrap();
+    // A runner that has not kept the code yet reads the project's copy.
+    let store = tempfile::tempdir().unwrap();
+    let runner = || capsule_exec::Engine::new().unwrap().with_store(store.path().to_path_buf());
     let error = runner().load(&built.manifest_path).err().expect("damaged code");
     assert!(matches!(error, LoadError::HashMismatch { .. }), "{error}");
     build_into(&entry, &out, true);
@@ -153,10 +157,19 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let manifest_text = fs::read_to_string(&manifest_path).unwrap();
     let artifact = copy.path().join(&built.output.manifest.artifact.file);
     let code = copy.path().join(&built.output.manifest.artifact.code.file);
-    // A fresh engine each time, as a new process would be: an engine reuses an artifact it
-    // has verified before (by its hash) without reading the file again.
-    let runner = || capsule_exec::Engine::new().unwrap();
-    assert!(runner().load(&manifest_path).is_ok(), "an intact copy loads");
+    for file in [&manifest_path, &artifact, &code] {
+        assert!(fs::metadata(file).unwrap().permissions().readonly(), "{} is written read-only", file.display());
+        let mut permissions = fs::metadata(file).unwrap().permissions();
+        permissions.set_readonly(false);
+        fs::set_permissions(file, permissions).unwrap();
+    }
+    // A fresh engine and store each time, as a new runner would have: a runner keeps its own
+    // copy of what it verified and never reads the project's file again.
+    let store = tempfile::tempdir().unwrap();
+    let runner = || capsule_exec::Engine::new().unwrap().with_store(store.path().join("compiled"));
+    let fresh_store = || {
+        let _ = fs::remove_dir_all(store.path().join("compiled"));
+    };
 
     // One flipped byte in the native code.
     let mut bytes = fs::read(&artifact).unwrap();
@@ -174,26 +187,32 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let mut flipped = original.clone();
     flipped[original.len() / 2] ^= 0xff;
     fs::write(&code, &flipped).unwrap();
+    fresh_store();
     let error = runner().load(&manifest_path).err().expect("tampered code");
     assert!(matches!(&error, LoadError::HashMismatch { path, .. } if *path == code), "{error}");
     fs::write(&code, &original).unwrap();
 
-    // Loaded once, the artifact is known by its file's identity; a change in place, with
-    // its modification time set back, is still found (the change time moved).
+    // Loaded once, the runner runs its own copy: what happens to the project's file later
+    // (a task with a grant on it, say) never reaches the engine.
+    fresh_store();
     assert!(runner().load(&manifest_path).is_ok(), "the restored copy loads");
-    let record = capsule_exec::cache_dir().unwrap().join("verified").join(&built.output.manifest.artifact.sha256);
-    assert!(record.is_file(), "a verified artifact is recorded");
-    let modified = fs::metadata(&artifact).unwrap().modified().unwrap();
-    {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut file = fs::OpenOptions::new().write(true).open(&artifact).unwrap();
-        file.seek(SeekFrom::Start(middle as u64)).unwrap();
-        file.write_all(&[bytes[middle] ^ 0xff]).unwrap();
-        file.set_modified(modified).unwrap();
-    }
-    assert_eq!(fs::metadata(&artifact).unwrap().modified().unwrap(), modified);
-    let error = runner().load(&manifest_path).err().expect("an artifact changed in place");
-    assert!(matches!(error, LoadError::HashMismatch { .. }), "{error}");
+    let kept = store.path().join("compiled").join(&built.output.manifest.artifact.file);
+    assert!(fs::metadata(&kept).unwrap().permissions().readonly(), "the runner's copy is read-only");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(store.path().join("compiled")).unwrap().permissions().mode() & 0o777, 0o700);
+    let kept_bytes = fs::read(&kept).unwrap();
+    bytes[middle] ^= 0xff;
+    fs::write(&artifact, &bytes).unwrap();
+    let outcome = {
+        let engine = runner();
+        let loaded = engine.load(&manifest_path).expect("the runner's copy is used");
+        tests::block_on(async {
+            engine.prepare(&loaded, tests::quiet_run("add", vec![json!(2), json!(3)])).unwrap().run().await
+        })
+    };
+    assert_eq!(outcome.result, json!(5), "{:?}", outcome.error);
+    assert_eq!(fs::read(&kept).unwrap(), kept_bytes, "the runner's copy is unchanged");
+    bytes[middle] ^= 0xff;
     fs::write(&artifact, &bytes).unwrap();
 
     let refuse = |text: String| {

@@ -2,8 +2,8 @@
 //! `allowed_hosts` rules around it.
 
 use serde_json::{Value, json};
-use tests::server::start_server;
-use tests::shared;
+use tests::server::{start_server, start_tls_server};
+use tests::{build_into, load, shared};
 
 const NETWORK: &str = "valid/network.py";
 
@@ -87,26 +87,40 @@ fn only_declared_and_passed_through_variables_are_visible() {
 }
 
 #[test]
-fn a_secret_goes_to_its_hosts_only_and_never_into_the_sandbox() {
+fn a_secret_goes_over_https_to_its_host_and_port_only_and_never_into_the_sandbox() {
     // SAFETY: set before the sandbox reads it; no other test uses this variable.
     unsafe { std::env::set_var("CAPSULE_TEST_TOKEN", "s3cret-value") };
-    let base = start_server();
-    let outcome = run("with_secret", vec![json!(base)]);
+    let (https, http) = (start_tls_server(), start_server());
+    let port = https.rsplit(':').next().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(fixtures::path("valid/secrets.py")).unwrap();
+    std::fs::write(project.path().join("secrets.py"), source.replace("8443", port)).unwrap();
+    let built = load(build_into(&project.path().join("secrets.py"), &project.path().join(".capsule/build"), true));
+
+    let outcome = built.run("with_secret", vec![json!(https), json!(http)]);
+    assert!(outcome.success, "{:?}", outcome.error);
     assert_eq!(outcome.result["here"], "Bearer s3cret-value", "added by the host, over the task's own header");
     assert_eq!(outcome.result["elsewhere"], Value::Null, "another host does not receive it");
-    let redirect = outcome.result["redirect"].as_str().unwrap();
+    let refused = |what: &str| outcome.result[what].as_str().unwrap().to_string();
     assert!(
-        redirect.contains("carries the secret `CAPSULE_TEST_TOKEN`, which goes to its own hosts only"),
-        "{redirect}"
+        refused("redirect elsewhere")
+            .contains("carries the secret `CAPSULE_TEST_TOKEN`, which goes to its own hosts only"),
+        "{}",
+        refused("redirect elsewhere")
     );
+    assert!(
+        refused("redirect to http").contains("goes over HTTPS only, not `http://`"),
+        "{}",
+        refused("redirect to http")
+    );
+    let clear = refused("in clear");
+    assert!(clear.contains("would carry the secret `CAPSULE_TEST_TOKEN`") && clear.contains("HTTPS only"), "{clear}");
     assert_eq!(outcome.result["environment"], json!([]), "the task's environment is empty");
     // The test server echoed the header into the result; nothing of Capsule's own records it.
     let records = serde_json::to_string(&(&outcome.execution, &outcome.output)).unwrap();
     assert!(!records.contains("s3cret-value"), "the value is in no record of the run: {records}");
 
-    let unset = run("with_unset_secret", vec![json!(base)]).result;
-    assert!(
-        unset.as_str().unwrap().contains("the secret `CAPSULE_TEST_UNSET_TOKEN` for `127.0.0.1` is not set"),
-        "{unset}"
-    );
+    let unset = built.run("with_unset_secret", vec![json!(https)]);
+    let unset = unset.result.as_str().unwrap().to_string();
+    assert!(unset.contains("the secret `CAPSULE_TEST_UNSET_TOKEN` for `127.0.0.1` is not set"), "{unset}");
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use capsule_exec::{CallLimits, Cancel, Loaded, NoEvents, RunSettings, Session};
-use manifest_schema::{ByteSize, TaskOptions};
+use manifest_schema::{ByteSize, FileGrant, FileMode, TaskOptions};
 use python_runtime::ErrorKind;
 use serde_json::{Value, json};
 use tests::{block_on, engine};
@@ -150,4 +150,33 @@ fn saved_sessions_restore_elsewhere_and_forks_are_independent() {
     value(&mut fork, "answer = 7");
     assert_eq!(value(&mut s, "answer"), json!(42));
     assert_eq!(value(&mut fork, "answer"), json!(7));
+}
+
+#[test]
+fn a_sessions_calls_share_one_file_quota() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir(project.path().join("out")).unwrap();
+    let options = TaskOptions {
+        max_written: ByteSize::parse("1MB").unwrap(),
+        allowed_files: vec![FileGrant { path: "out".into(), mode: FileMode::ReadWrite }],
+        max_retries: 0,
+        ..TaskOptions::default()
+    };
+    let settings = RunSettings {
+        options: Some(options),
+        project_root: Some(project.path().to_path_buf()),
+        ..RunSettings::default()
+    };
+    let mut s = runtime()
+        .block_on(engine().open_session(&image(), None, settings, Arc::new(NoEvents), None))
+        .expect("a session");
+    let write = "import os\nname = f\"out/part-{len(os.listdir('out'))}.bin\"\nopen(name, 'wb').write(b'x' * 600_000)";
+    assert_eq!(value(&mut s, write), json!(600_000));
+    let second = run(&mut s, write);
+    let error = second.error.expect("the second call goes past the session's quota");
+    assert!(
+        error.message.contains("the task reached its `max_written` quota") && error.message.contains("1000000 allowed"),
+        "{}",
+        error.message
+    );
 }

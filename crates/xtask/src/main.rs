@@ -75,7 +75,8 @@ enum Task {
         #[arg(long, default_value_t = 100_000)]
         invocations: u64,
     },
-    /// The fuzz targets (manifest, capsule.toml, discovery, journal rows, daemon requests:
+    /// The fuzz targets (manifest, capsule.toml, discovery, journal rows, signature files,
+    /// daemon requests and their checks:
     /// every test named `fuzzed_*`) with many more inputs than the test suite gives them.
     Fuzz {
         /// Inputs per target.

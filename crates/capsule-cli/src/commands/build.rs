@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use capsule_build::{BuildOptions, BuildOutput};
-use capsule_exec::Engine;
+use capsule_exec::{Engine, SigningKey};
 use clap::Args;
 
 use super::{BuildChoice, entry_from_project};
@@ -15,13 +15,17 @@ use crate::layout::ProjectLayout;
 /// Snapshot and precompile FILE's tasks; writes a manifest and a `.cwasm` artifact.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  capsule build main.py\n  capsule build main.py -o dist/ --force\n  capsule build            # the entrypoint of ./capsule.toml"
+    after_help = "Examples:\n  capsule build main.py\n  capsule build main.py -o dist/ --force\n  capsule build main.py --sign release.key   # writes manifest.toml.sig, for runners with `--trust release.key.pub`\n  capsule build            # the entrypoint of ./capsule.toml"
 )]
 pub struct BuildCommand {
     /// The Python file that defines the tasks [default: `entrypoint` of ./capsule.toml].
     file: Option<PathBuf>,
     #[command(flatten)]
     output: OutputArgs,
+    /// Sign the manifest with this secret key (from `capsule keygen`): writes
+    /// `manifest.toml.sig` beside it.
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
 }
 
 /// Where a build writes, shared by `build` and `run`.
@@ -47,6 +51,11 @@ impl BuildCommand {
             Some(file) => file,
             None => entry_from_project(Path::new(""))?,
         };
+        // A key that cannot be read fails before the build, not after it.
+        let key = match &self.sign {
+            Some(path) => Some(SigningKey::read(path).map_err(|e| Failure::usage(&e))?),
+            None => None,
+        };
         let layout = ProjectLayout::of_file(&entry, None);
         let options = options(&entry, &layout, &self.output.choice());
         let output = match capsule_build::up_to_date(&options) {
@@ -55,6 +64,10 @@ impl BuildCommand {
         };
         let status = if output.cache_hit { "up to date" } else { "built" };
         println!("{status}: {}", output.manifest_path.display());
+        if let Some(key) = key {
+            let signature = capsule_build::sign(&output.manifest_path, &key)?;
+            println!("signed: {} (key {})", signature.display(), key.public().id());
+        }
         Ok(Exit::Success.into())
     }
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use capsule_daemon::{Client, DaemonConfig, Target, default_socket, default_state_dir};
-use capsule_exec::Engine;
+use capsule_daemon::{Client, DaemonConfig, Listen, Target, Tls, default_socket, default_state_dir};
+use capsule_exec::{Engine, Trust};
 use clap::Args;
 use manifest_schema::Problem;
 
@@ -17,7 +17,7 @@ use crate::exit::{Exit, Failure};
 /// uses it when it answers), listed, stopped and restarted.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  capsule daemon\n  capsule daemon --detach\n  capsule daemon --socket /run/capsule.sock --workers 8 --journal /var/lib/capsule/journal.db\n  capsule daemon --listen 127.0.0.1:7070 --token-file /etc/capsule/token\n  capsule daemon --nats nats://10.0.0.5:4222     runs go to the workers of a cluster"
+    after_help = "Examples:\n  capsule daemon\n  capsule daemon --detach\n  capsule daemon --socket /run/capsule.sock --workers 8 --journal /var/lib/capsule/journal.db\n  capsule daemon --listen 127.0.0.1:7070 --token-file /etc/capsule/token\n  capsule daemon --listen 0.0.0.0:7443 --token-file token --tls-cert cert.pem --tls-key key.pem\n  capsule daemon --trust release.pub            runs only manifests that key signed\n  capsule daemon --nats nats://submitter:PASSWORD@10.0.0.5:4222 --trust release.pub"
 )]
 pub struct DaemonCommand {
     /// The socket [default: `$CAPSULE_SOCKET`, else `$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`].
@@ -26,9 +26,23 @@ pub struct DaemonCommand {
     /// Also listen on this TCP address; every request must then carry the token of `--token-file`.
     #[arg(long, value_name = "ADDR", requires = "token_file")]
     listen: Option<SocketAddr>,
-    /// The file holding the token TCP clients must send (`Authorization: Bearer <token>`).
+    /// The file holding the token TCP clients must send (`Authorization: Bearer <token>`);
+    /// only its owner may read it.
     #[arg(long, value_name = "FILE", requires = "listen")]
     token_file: Option<PathBuf>,
+    /// The TLS certificate chain (PEM) for `--listen`; required on any address but loopback.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Run only manifests one of these public keys signed (`capsule keygen`, `capsule build
+    /// --sign`); repeatable. `CAPSULE_TRUST` adds a colon-separated list.
+    #[arg(long, value_name = "KEY.pub")]
+    trust: Vec<PathBuf>,
+    /// With `--nats` and no key to trust: send unsigned work to the cluster anyway.
+    #[arg(long, requires = "nats")]
+    allow_unsigned: bool,
     /// Runs that may run at once [default: the number of cores].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -67,14 +81,26 @@ impl DaemonCommand {
         if self.detach {
             return detach(&config);
         }
-        let engine = Engine::new()?;
+        let mut engine = Engine::new()?;
+        if let Some(trust) = Trust::from_files_and_env(&self.trust).map_err(|e| Failure::usage(&e))? {
+            engine = engine.requiring_signatures(trust);
+        } else if self.nats.is_some() && !self.allow_unsigned {
+            return Err(Failure::problem(
+                Exit::Usage,
+                Problem::hinted(
+                    "a daemon with `--nats` sends work that every worker runs as native code: it must be signed",
+                    "give the key builds are signed with, `--trust KEY.pub`, or accept unsigned work explicitly with `--allow-unsigned`",
+                ),
+            ));
+        }
         capsule_daemon::serve(config, engine, |config| {
             eprintln!("capsule: daemon {} listening on {}", std::process::id(), config.socket.display());
-            if let Some((address, _)) = &config.listen {
-                eprintln!("capsule: and on {address} (token required)");
+            if let Some(listen) = &config.listen {
+                let tls = if listen.tls.is_some() { "TLS, " } else { "" };
+                eprintln!("capsule: and on {} ({tls}token required)", listen.address);
             }
             if let Some(cluster) = &config.cluster {
-                eprintln!("capsule: runs go to the workers of the cluster at {}", cluster.url);
+                eprintln!("capsule: runs go to the workers of the cluster at {}", cluster.shown_url());
             }
         })
         .map_err(|e| Failure::new(Exit::Internal, &e))?;
@@ -82,33 +108,33 @@ impl DaemonCommand {
     }
 
     fn config(&self) -> Result<DaemonConfig, Failure> {
+        let daemon_failure = |e: capsule_daemon::DaemonError| Failure::usage(&e);
         let listen = match (&self.listen, &self.token_file) {
             (Some(address), Some(file)) => {
-                let token = std::fs::read_to_string(file).map_err(|e| {
-                    Failure::problem(Exit::Usage, Problem::new(format!("cannot read `{}`: {e}", file.display())))
-                })?;
-                let token = token.trim().to_string();
-                if token.len() < 16 {
-                    return Err(Failure::problem(
-                        Exit::Usage,
-                        Problem::hinted(
-                            format!("the token in `{}` is too short to protect a TCP listener", file.display()),
-                            "use at least 16 random characters, e.g. `head -c 32 /dev/urandom | base64`",
-                        ),
-                    ));
-                }
-                Some((*address, token))
+                let tls = match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => Some(Tls::from_pem_files(cert, key).map_err(daemon_failure)?),
+                    _ => None,
+                };
+                Some(Listen::new(*address, file, tls).map_err(daemon_failure)?)
             }
             _ => None,
         };
+        let socket = match &self.socket {
+            Some(socket) => socket.clone(),
+            None => default_socket().map_err(daemon_failure)?,
+        };
+        let state_dir = match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => default_state_dir().map_err(daemon_failure)?,
+        };
         let absolute = |path: PathBuf| std::path::absolute(&path).unwrap_or(path);
         Ok(DaemonConfig {
-            socket: absolute(self.socket.clone().unwrap_or_else(default_socket)),
+            socket: absolute(socket),
             listen,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             queue: self.queue,
             journal: self.journal.clone().map(absolute),
-            state_dir: absolute(self.state_dir.clone().unwrap_or_else(default_state_dir)),
+            state_dir: absolute(state_dir),
             resume: !self.no_resume,
             grace: self.grace,
             exit_with: self.exit_with,
@@ -124,8 +150,8 @@ impl DaemonCommand {
 fn detach(config: &DaemonConfig) -> Result<ExitCode, Failure> {
     use std::os::unix::process::CommandExt;
     let internal = |message: String| Failure::problem(Exit::Internal, Problem::new(message));
-    std::fs::create_dir_all(&config.state_dir)
-        .map_err(|e| internal(format!("cannot create `{}`: {e}", config.state_dir.display())))?;
+    capsule_exec::private_dir(&config.state_dir)
+        .map_err(|e| internal(format!("cannot use `{}`: {e}", config.state_dir.display())))?;
     let log_path = config.state_dir.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

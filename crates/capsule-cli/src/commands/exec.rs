@@ -42,6 +42,7 @@ impl ExecCommand {
             start,
             options: None,
             journaling: Journaling::OnRequest,
+            own_build: false,
         };
         launch(what, &self.run, &layout).await
     }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use capsule_daemon::Client;
 use capsule_daemon::api::{CallView, RunView};
-use capsule_daemon::{Client, Target, default_socket};
 use capsule_exec::{HttpCall, Journal, RunRecord};
 use clap::Args;
 
@@ -41,7 +41,7 @@ impl ListCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
         let daemon = match self.no_daemon {
             true => None,
-            false => Client::connect(Target::Unix(default_socket())).await.ok(),
+            false => Client::connect_default().await.ok(),
         };
         let runs = match daemon {
             Some(mut client) => client.runs(self.all).await.map_err(failure)?,

@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use capsule_daemon::Client;
 use capsule_daemon::api::Line;
-use capsule_daemon::{Client, Target, default_socket};
 use capsule_exec::{Event, Journal, Stream};
 use clap::Args;
 use manifest_schema::Problem;
@@ -37,7 +37,7 @@ fn write(stream: Stream, text: &[u8]) {
 
 impl LogsCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
-        if let Ok(mut client) = Client::connect(Target::Unix(default_socket())).await {
+        if let Ok(mut client) = Client::connect_default().await {
             let streamed = client
                 .logs(&self.run_id, self.follow, |line| {
                     if let Line::Event { event: Event::Output { stream, text, .. } } = line {

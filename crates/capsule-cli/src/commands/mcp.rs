@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use capsule_daemon::{Client, Target, default_socket};
+use capsule_daemon::{Client, Target};
 use capsule_mcp::{McpConfig, ProjectTasks};
 use clap::Args;
 use manifest_schema::{Manifest, Problem};
@@ -57,7 +57,7 @@ impl McpCommand {
             Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
             None => here,
         };
-        let (daemon, _private) = match Client::connect(Target::Unix(default_socket())).await {
+        let (daemon, _private) = match Client::connect_default().await {
             Ok(client) => (client.target().clone(), None),
             Err(error) if self.daemon => return Err(Failure::usage(&error)),
             Err(_) => {

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod daemon;
 pub mod exec;
+pub mod keygen;
 pub mod list;
 pub mod logs;
 #[cfg(feature = "build")]
@@ -89,6 +90,7 @@ pub async fn launch_project(
         start,
         options: None,
         journaling: Journaling::Project,
+        own_build: false,
     };
     launch(what, args, layout).await
 }

@@ -69,6 +69,7 @@ impl PythonCommand {
             daemon: self.daemon,
             no_daemon: self.no_daemon,
             detach: false,
+            trust: Vec::new(),
             args: Vec::new(),
         };
         let layout = ProjectLayout::current(None);
@@ -78,8 +79,15 @@ impl PythonCommand {
             kwargs: serde_json::Map::new(),
         };
         let entry = manifest.clone();
-        let what =
-            Launch { manifest, entry, built_with, start, options: Some(options), journaling: Journaling::OnRequest };
+        let what = Launch {
+            manifest,
+            entry,
+            built_with,
+            start,
+            options: Some(options),
+            journaling: Journaling::OnRequest,
+            own_build: true,
+        };
         launch(what, &run, &layout).await
     }
 

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use capsule_daemon::{Client, Target, default_socket};
+use capsule_daemon::Client;
 use clap::Args;
 
 use crate::exit::{Exit, Failure};
@@ -19,7 +19,7 @@ pub struct RestartCommand {
 
 impl RestartCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
-        let mut client = Client::connect(Target::Unix(default_socket())).await.map_err(failure)?;
+        let mut client = Client::connect_default().await.map_err(failure)?;
         let run = client.restart(&self.run_id).await.map_err(failure)?;
         println!("{}", run.id);
         Ok(Exit::Success.into())

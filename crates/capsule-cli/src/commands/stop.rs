@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use capsule_daemon::{Client, Target, default_socket};
+use capsule_daemon::Client;
 use clap::Args;
 
 use crate::exit::{Exit, Failure};
@@ -18,7 +18,7 @@ pub struct StopCommand {
 
 impl StopCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
-        let mut client = Client::connect(Target::Unix(default_socket())).await.map_err(failure)?;
+        let mut client = Client::connect_default().await.map_err(failure)?;
         let run = client.stop(&self.run_id).await.map_err(failure)?;
         println!("run {} {}", run.id, run.status);
         Ok(Exit::Success.into())

@@ -231,30 +231,65 @@ pub fn run(command: &mut Command) -> (i32, String, String) {
 pub struct Nats {
     child: Child,
     pub url: String,
+    port: u16,
     _dir: tempfile::TempDir,
 }
 
+/// The users of `examples/cluster/users.conf`, with the passwords the tests give them.
+pub const SUBMITTER: (&str, &str) = ("submitter", "submitter-password-for-tests");
+pub const WORKER: (&str, &str) = ("worker", "worker-password-for-tests");
+
 impl Nats {
+    /// A server anyone on loopback may use.
     pub fn start() -> Self {
+        Self::spawn(false)
+    }
+
+    /// A server configured with the users of `examples/cluster/users.conf`.
+    pub fn start_with_users() -> Self {
+        Self::spawn(true)
+    }
+
+    fn spawn(users: bool) -> Self {
         let binary = std::env::var_os("CAPSULE_NATS_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/nats-server"));
         assert!(binary.exists(), "no nats-server at {}: run `cargo xtask nats-server`", binary.display());
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(&binary);
+        if users {
+            let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cluster");
+            std::fs::copy(examples.join("users.conf"), dir.path().join("users.conf")).unwrap();
+            let config = format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\ninclude users.conf\n",
+                dir.path().join("store").display()
+            );
+            std::fs::write(dir.path().join("nats.conf"), config).unwrap();
+            command
+                .arg("-c")
+                .arg(dir.path().join("nats.conf"))
+                .env("CAPSULE_SUBMITTER_PASSWORD", SUBMITTER.1)
+                .env("CAPSULE_WORKER_PASSWORD", WORKER.1);
+        } else {
+            command.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]).arg(dir.path());
+        }
+        let child = command.stdout(Stdio::null()).stderr(log_to(&dir.path().join("nats.log"))).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start: {}",
+                std::fs::read_to_string(dir.path().join("nats.log")).unwrap_or_default()
+            );
             thread::sleep(Duration::from_millis(20));
         }
-        Self { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir }
+        Self { child, url: format!("nats://127.0.0.1:{port}"), port, _dir: dir }
+    }
+
+    /// The server's URL with a user and password in it.
+    pub fn url_as(&self, (user, password): (&str, &str)) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
     }
 }
 
@@ -274,10 +309,17 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker that runs unsigned work too.
     pub fn start(nats: &Nats, name: &str, slots: usize, project_root: &Path) -> Self {
+        Self::start_with(&nats.url, name, slots, project_root, &["--allow-unsigned"])
+    }
+
+    /// A worker on the NATS server at `url`, with `extra` arguments.
+    pub fn start_with(url: &str, name: &str, slots: usize, project_root: &Path, extra: &[&str]) -> Self {
         let cache = tempfile::tempdir().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-            .args(["worker", "--nats", &nats.url, "--name", name, "--workers", &slots.to_string()])
+            .args(["worker", "--nats", url, "--name", name, "--workers", &slots.to_string()])
+            .args(extra)
             .args(["--ack-wait", "2s", "--project-root"])
             .arg(project_root)
             .env("CAPSULE_CACHE_DIR", cache.path())

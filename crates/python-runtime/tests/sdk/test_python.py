@@ -40,8 +40,11 @@ def test_run_python_reaches_only_what_it_is_given(tmp_path):
     read = "open('data/in.txt').read()"
     assert capsule.run_python(read, project=tmp_path).error.exc_type == "PermissionError"
     assert capsule.run_python(read, project=tmp_path, allowed_files=["data"]).result == "granted"
-    escape = capsule.run_python("open('../secret.txt').read()", project=tmp_path / "data", allowed_files=["."])
+    escape = capsule.run_python("open('data/../secret.txt').read()", project=tmp_path, allowed_files=["data"])
     assert not escape.success
+    # The project folder itself holds `.capsule/` (builds, journal): no call may be given it.
+    with pytest.raises(capsule.UsageError, match=r"project folder itself, which holds `\.capsule/`"):
+        capsule.run_python("1", project=tmp_path, allowed_files=[{"path": ".", "mode": "read-write"}])
     write = capsule.run_python("open('data/out.txt', 'w').write('x')", project=tmp_path, allowed_files=["data"])
     assert write.error.exc_type in ("PermissionError", "OSError")
     wrote = capsule.run_python(

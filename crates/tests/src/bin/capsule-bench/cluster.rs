@@ -91,7 +91,16 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, project
             .map(|n| {
                 spawn(
                     Command::new(capsule)
-                        .args(["worker", "--nats", &url, "--workers", "2", "--name", &format!("bench-{n}")])
+                        .args([
+                            "worker",
+                            "--nats",
+                            &url,
+                            "--allow-unsigned",
+                            "--workers",
+                            "2",
+                            "--name",
+                            &format!("bench-{n}"),
+                        ])
                         .arg("--project-root")
                         .arg(project)
                         .env("CAPSULE_CACHE_DIR", dir.join(format!("worker-{n}"))),
@@ -101,7 +110,7 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, project
         let socket = dir.join("d.sock");
         let _daemon = spawn(
             Command::new(capsule)
-                .args(["daemon", "--no-resume", "--nats", &url, "--socket"])
+                .args(["daemon", "--no-resume", "--nats", &url, "--allow-unsigned", "--socket"])
                 .arg(&socket)
                 .arg("--state-dir")
                 .arg(dir.join("state")),
