@@ -161,12 +161,16 @@ fn a_build_with_a_cold_cache_equals_one_with_a_warm_cache() {
     let manifest = |dir: &tempfile::TempDir| std::fs::read_to_string(dir.path().join("manifest.toml")).unwrap();
     assert_eq!(manifest(&a), manifest(&b), "the compilation cache must not change the artifact");
     let code = &Manifest::load(&a.path().join("manifest.toml")).unwrap().artifact.code;
-    let cached = std::fs::read_dir(cache.path().join("code")).unwrap().flatten();
-    assert_eq!(
-        cached.filter(|entry| entry.path().extension().is_some_and(|e| e == "cwasm")).count(),
-        1,
-        "the runtime's code was compiled once, for both builds"
-    );
+    let files = |folder: &str, extension: &str| {
+        std::fs::read_dir(cache.path().join(folder))
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == extension))
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(files("code", "sha256").len(), 1, "the runtime's code was compiled once, for both builds");
+    assert!(files("compiled", "cwasm").contains(&code.file), "the runner keeps it");
     assert!(a.path().join(&code.file).is_file() && b.path().join(&code.file).is_file());
 }
 

@@ -262,6 +262,11 @@ mod tests {
         journal.journal = Some(project.join("data/../new/folder/journal.db"));
         resolve_paths(&mut journal).unwrap();
         assert_eq!(journal.journal.unwrap(), project.canonicalize().unwrap().join("new/folder/journal.db"));
+        let own = [dir.path().join("state")];
+        std::fs::create_dir(&own[0]).unwrap();
+        let records = own[0].canonicalize().unwrap().join("daemon.db");
+        assert!(check_journal(&records, &own).unwrap_err().message.contains("where the daemon keeps its own records"));
+        assert!(check_journal(&project.join("journal.db"), &own).is_ok());
         let relative = resolve_paths(&mut request(PathBuf::from("data"))).unwrap_err();
         assert!(relative.message.contains("must be an absolute path"), "{}", relative.message);
     }

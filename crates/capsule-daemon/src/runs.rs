@@ -495,7 +495,10 @@ impl Runs {
             return self.prepare_for_cluster(request, restarted_from, resume_id, namespace, &loaded, entry);
         }
         let journal_path = self.journal_path(&request);
-        admission::check_journal(&journal_path, &self.limits.own_places)?;
+        if self.limits.journal.is_none() {
+            // A journal the client chose (the daemon's own `--journal` is the operator's).
+            admission::check_journal(&journal_path, &self.limits.own_places)?;
+        }
         let journal = self.journal(&journal_path)?;
         let start = match (&resume_id, &request.resume) {
             (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
