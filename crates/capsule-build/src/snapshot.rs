@@ -104,10 +104,11 @@ impl RuntimeCode {
         };
         let compiled = CompiledFile::named_by(sha256);
         let kept = engine.kept_module(metering, &compiled.sha256).ok().flatten().is_some();
-        if kept && let Some(path) = &named {
-            if let Err(error) = write_atomic(path, compiled.sha256.as_bytes()) {
-                tracing::warn!(%error, "could not record the compiled runtime's name");
-            }
+        if kept
+            && let Some(path) = &named
+            && let Err(error) = write_atomic(path, compiled.sha256.as_bytes())
+        {
+            tracing::warn!(%error, "could not record the compiled runtime's name");
         }
         Ok(Self { module, compiled, fresh: (!kept).then_some(bytes) })
     }

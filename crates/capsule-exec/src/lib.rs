@@ -41,15 +41,15 @@ pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
 pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, args_hash, new_run_id};
 pub use loaded::Loaded;
-pub use net::{EXTRA_CA_ENV, trust_http_roots};
+pub use net::trust_http_roots;
 pub use orchestrator::{
     DEFAULT_TIMEOUT, Dispatch, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, Remote, RemoteCall, RunSettings,
 };
 pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
 pub use output::{CAPTURE_LIMIT, TeeOutput};
-pub use paths::{CACHE_DIR_ENV, cache_dir, effective_uid, home, interpreter_dir, private_dir, saved_sessions_dir};
+pub use paths::{CACHE_DIR_ENV, cache_dir, home, interpreter_dir, private_dir, saved_sessions_dir};
 pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
 pub use sandbox::Program;
 pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;
-pub use trust::{PublicKey, SigningKey, TRUST_ENV, Trust, TrustError, public_key_path, signature_path};
+pub use trust::{PublicKey, SigningKey, Trust, TrustError, signature_path};

@@ -159,9 +159,7 @@ fn a_tampered_artifact_or_manifest_is_refused() {
     let code = copy.path().join(&built.output.manifest.artifact.code.file);
     for file in [&manifest_path, &artifact, &code] {
         assert!(fs::metadata(file).unwrap().permissions().readonly(), "{} is written read-only", file.display());
-        let mut permissions = fs::metadata(file).unwrap().permissions();
-        permissions.set_readonly(false);
-        fs::set_permissions(file, permissions).unwrap();
+        fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
     // A fresh engine and store each time, as a new runner would have: a runner keeps its own
     // copy of what it verified and never reads the project's file again.
