@@ -73,8 +73,7 @@ pub struct CallState {
     pub task: String,
     /// The worker running (or that ran) it.
     pub worker: String,
-    /// `running`, `ok`, `failed`.
-    pub status: String,
+    pub status: capsule_exec::CallStatus,
     /// How many times the queue has delivered it (more than 1 after a worker died).
     pub delivered: u32,
     pub started_at_ms: i64,

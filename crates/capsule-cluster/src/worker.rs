@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use capsule_exec::{Cancel, Engine, NoEvents, Outcome, Remote, RunRequest, RunSettings, Start};
+use capsule_exec::{CallStatus, Cancel, Engine, NoEvents, Outcome, Remote, RunRequest, RunSettings, Start};
 use futures_util::StreamExt;
 use python_runtime::{ErrorKind, GuestError};
 use tokio::sync::Semaphore;
@@ -160,7 +160,7 @@ impl Worker {
         let mut state = CallState {
             task: call.call.task.clone(),
             worker: self.options.name.clone(),
-            status: "running".into(),
+            status: CallStatus::Running,
             delivered: delivered as u32,
             started_at_ms,
             attempts: None,
@@ -206,7 +206,7 @@ impl Worker {
                 return;
             }
         }
-        state.status = if outcome.success { "ok" } else { "failed" }.into();
+        state.status = CallStatus::ended(outcome.success);
         state.attempts = Some(outcome.execution.attempts);
         state.elapsed_ms = Some(started.elapsed().as_millis() as u64);
         state.fuel = Some(outcome.execution.fuel_consumed);

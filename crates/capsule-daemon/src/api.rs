@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use capsule_exec::{Event, HttpCall, Outcome};
+use capsule_exec::{CallRecord, CallStatus, Event, HttpCall, Outcome, RunState};
 use python_runtime::GuestError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -110,8 +110,7 @@ pub struct RunView {
     pub namespace: String,
     pub task: String,
     pub entry: String,
-    /// `queued`, `running`, `ok`, `failed`, `cancelled` or `interrupted`.
-    pub status: String,
+    pub status: RunState,
     pub submitted_at_ms: i64,
     #[serde(default)]
     pub finished_at_ms: Option<i64>,
@@ -131,8 +130,7 @@ pub struct CallView {
     pub id: u64,
     pub parent: Option<u64>,
     pub task: String,
-    /// `running`, `ok`, `failed` or `replayed`.
-    pub status: String,
+    pub status: CallStatus,
     /// The attempt running now, or the number made.
     pub attempt: u32,
     pub elapsed_ms: u64,
@@ -147,6 +145,62 @@ pub struct CallView {
     /// The cluster worker that runs (or ran) it; none for calls run by the daemon itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+}
+
+impl CallView {
+    /// A call that has just started.
+    pub fn started(id: u64, parent: Option<u64>, task: &str) -> Self {
+        Self {
+            id,
+            parent,
+            task: task.to_string(),
+            status: CallStatus::Running,
+            attempt: 1,
+            elapsed_ms: 0,
+            fuel: None,
+            peak_memory_bytes: None,
+            error_type: None,
+            http: Vec::new(),
+            worker: None,
+        }
+    }
+
+    /// The call ended with `outcome`, after `elapsed_ms`.
+    pub fn end(&mut self, outcome: &Outcome, elapsed_ms: u64) {
+        self.status = CallStatus::ended(outcome.success);
+        self.attempt = outcome.execution.attempts;
+        self.elapsed_ms = elapsed_ms;
+        self.fuel = Some(outcome.execution.fuel_consumed);
+        self.peak_memory_bytes = Some(outcome.execution.peak_memory_bytes);
+        self.error_type = outcome.error.as_ref().map(|e| e.kind.as_str().to_string());
+    }
+
+    /// A task call as a journal recorded it (`now_ms` for one still running).
+    pub fn of_journal(call: &CallRecord, now_ms: i64) -> Self {
+        Self {
+            attempt: call.attempts.unwrap_or(1),
+            elapsed_ms: call.duration_ms.unwrap_or_else(|| now_ms.saturating_sub(call.started_at_ms) as u64),
+            fuel: call.fuel,
+            peak_memory_bytes: call.peak_memory_bytes,
+            error_type: call.error.as_ref().and_then(|e| e["type"].as_str()).map(str::to_string),
+            status: call.status,
+            ..Self::started(call.id as u64, (call.parent != 0).then_some(call.parent as u64), &call.name)
+        }
+    }
+
+    /// A call as its cluster worker reported it.
+    pub fn of_cluster(id: u64, parent: Option<u64>, reported: capsule_cluster::CallState) -> Self {
+        Self {
+            status: reported.status,
+            attempt: reported.attempts.unwrap_or(1),
+            elapsed_ms: reported.elapsed_ms.unwrap_or(0),
+            fuel: reported.fuel,
+            peak_memory_bytes: reported.peak_memory_bytes,
+            error_type: reported.error_type,
+            worker: Some(reported.worker),
+            ..Self::started(id, parent, &reported.task)
+        }
+    }
 }
 
 /// One line of a stream (`POST /v1/runs` with `wait`, `/events`, `/logs`).

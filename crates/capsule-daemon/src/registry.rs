@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use capsule_exec::RunState;
 use rusqlite::{Connection, params};
 
 use crate::api::SubmitRun;
@@ -66,9 +67,10 @@ impl Registry {
         .map(drop)
     }
 
-    pub fn set_status(&self, id: &str, status: &str, finished: bool) -> Result<(), rusqlite::Error> {
+    pub fn set_status(&self, id: &str, status: RunState, finished: bool) -> Result<(), rusqlite::Error> {
         let finished_at = finished.then(now_ms);
         self.with(|c| {
+            let status = status.as_str();
             execute(c, "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status, finished_at])
         })
         .map(drop)
@@ -144,8 +146,8 @@ mod tests {
         for id in ["a", "b", "c"] {
             registry.add(&Registered { id: id.into(), request: request.clone(), restarted_from: None }).unwrap();
         }
-        registry.set_status("a", "running", false).unwrap();
-        registry.set_status("b", "ok", true).unwrap();
+        registry.set_status("a", RunState::Running, false).unwrap();
+        registry.set_status("b", RunState::Ok, true).unwrap();
         drop(registry);
         let registry = Registry::open(&path).unwrap();
         let ids: Vec<String> = registry.unfinished().unwrap().into_iter().map(|r| r.id).collect();

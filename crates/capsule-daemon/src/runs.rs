@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use capsule_cluster::{CallState as ClusterCall, Cluster};
+use capsule_cluster::Cluster;
 use capsule_exec::{
-    Cancel, Engine, Event, EventSink, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunStatus, Start,
+    CallStatus, Cancel, Engine, Event, EventSink, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunState,
+    Start,
 };
 use manifest_schema::ProjectFile;
 use python_runtime::ErrorKind as GuestKind;
@@ -88,13 +89,13 @@ pub struct RunEntry {
     restarted_from: Option<String>,
     submitted_at_ms: i64,
     cancel: Cancel,
-    state: Mutex<RunState>,
+    state: Mutex<RunProgress>,
     log: Mutex<Log>,
     changed: Notify,
 }
 
-struct RunState {
-    status: &'static str,
+struct RunProgress {
+    status: RunState,
     finished_at_ms: Option<i64>,
     outcome: Option<Outcome>,
     calls: BTreeMap<u64, CallState>,
@@ -144,8 +145,8 @@ impl RunEntry {
             restarted_from,
             submitted_at_ms: now_ms(),
             cancel,
-            state: Mutex::new(RunState {
-                status: "queued",
+            state: Mutex::new(RunProgress {
+                status: RunState::Queued,
                 finished_at_ms: None,
                 outcome: None,
                 calls: BTreeMap::new(),
@@ -163,7 +164,7 @@ impl RunEntry {
                 .values()
                 .map(|call| {
                     let mut view = call.view.clone();
-                    if view.status == "running" {
+                    if view.status == CallStatus::Running {
                         view.elapsed_ms = call.started.elapsed().as_millis() as u64;
                     }
                     view
@@ -177,7 +178,7 @@ impl RunEntry {
             namespace: self.namespace.clone(),
             task: self.task.clone(),
             entry: self.entry.clone(),
-            status: state.status.to_string(),
+            status: state.status,
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: state.finished_at_ms,
             restarted_from: self.restarted_from.clone(),
@@ -224,20 +225,20 @@ impl RunEntry {
         self.changed.notify_waiters();
     }
 
-    fn set_status(&self, status: &'static str) {
+    fn set_status(&self, status: RunState) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).status = status;
         self.changed.notify_waiters();
     }
 
-    fn finish(&self, outcome: Outcome, status: &'static str) {
+    fn finish(&self, outcome: Outcome, status: RunState) {
         {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.status = status;
             state.finished_at_ms = Some(now_ms());
             state.outcome = Some(outcome.clone());
             // What still runs when the run ends was abandoned with it.
-            for call in state.calls.values_mut().filter(|c| c.view.status == "running") {
-                call.view.status = "aborted".into();
+            for call in state.calls.values_mut().filter(|c| c.view.status == CallStatus::Running) {
+                call.view.status = CallStatus::Aborted;
                 call.view.elapsed_ms = call.started.elapsed().as_millis() as u64;
             }
         }
@@ -254,19 +255,7 @@ fn record(entry: &RunEntry, event: &Event<'_>) {
         let calls = &mut state.calls;
         match event {
             Event::TaskStarted { call, parent, task, .. } => {
-                let view = CallView {
-                    id: *call,
-                    parent: *parent,
-                    task: task.to_string(),
-                    status: "running".into(),
-                    attempt: 1,
-                    elapsed_ms: 0,
-                    fuel: None,
-                    peak_memory_bytes: None,
-                    error_type: None,
-                    http: Vec::new(),
-                    worker: None,
-                };
+                let view = CallView::started(*call, *parent, task);
                 calls.insert(*call, CallState { view, started: Instant::now() });
             }
             Event::AttemptFailed { call, attempt, retrying: true, .. } => {
@@ -281,13 +270,8 @@ fn record(entry: &RunEntry, event: &Event<'_>) {
             }
             Event::TaskFinished { call, outcome, .. } => {
                 if let Some(state) = calls.get_mut(call) {
-                    let view = &mut state.view;
-                    view.status = if outcome.success { "ok" } else { "failed" }.into();
-                    view.attempt = outcome.execution.attempts;
-                    view.elapsed_ms = state.started.elapsed().as_millis() as u64;
-                    view.fuel = Some(outcome.execution.fuel_consumed);
-                    view.peak_memory_bytes = Some(outcome.execution.peak_memory_bytes);
-                    view.error_type = outcome.error.as_ref().map(|e| e.kind.as_str().to_string());
+                    let elapsed_ms = state.started.elapsed().as_millis() as u64;
+                    state.view.end(outcome, elapsed_ms);
                 }
             }
             _ => {}
@@ -618,7 +602,7 @@ impl Runs {
             }
         };
         self.running.fetch_add(1, Ordering::SeqCst);
-        entry.set_status("running");
+        entry.set_status(RunState::Running);
         let outcome = prepared.run().await;
         self.running.fetch_sub(1, Ordering::SeqCst);
         drop(permit);
@@ -629,15 +613,15 @@ impl Runs {
     fn finished(&self, entry: &Arc<RunEntry>, outcome: Outcome) {
         let interrupted = !self.accepting.load(Ordering::SeqCst) && outcome.error_kind() == Some(GuestKind::Cancelled);
         let status = match outcome.error_kind() {
-            None => "ok",
-            Some(_) if interrupted => "interrupted",
-            Some(GuestKind::Cancelled) => "cancelled",
-            Some(_) => "failed",
+            None => RunState::Ok,
+            Some(_) if interrupted => RunState::Interrupted,
+            Some(GuestKind::Cancelled) => RunState::Cancelled,
+            Some(_) => RunState::Failed,
         };
         if interrupted && self.cluster.is_none() {
             // Stopped by the daemon's shutdown, not by a user: the next daemon resumes it.
             if let Some(journal) = self.journal_of(entry) {
-                let _ = journal.finish_run(&entry.id, RunStatus::Interrupted);
+                let _ = journal.finish_run(&entry.id, RunState::Interrupted);
             }
         }
         // The journal says how the run ended; the registry only learns it when the next
@@ -713,8 +697,8 @@ impl Runs {
             let ended = journaled
                 .then(|| self.journal(&self.journal_path(&run.request)).ok().and_then(|j| j.run(&run.id).ok()))
                 .flatten();
-            if let Some(record) = ended.filter(|r| !matches!(r.status.as_str(), "running" | "interrupted")) {
-                let _ = self.registry.set_status(&run.id, &record.status, true);
+            if let Some(record) = ended.filter(|r| r.status.is_final()) {
+                let _ = self.registry.set_status(&run.id, record.status, true);
                 continue;
             }
             self.active.fetch_add(1, Ordering::SeqCst);
@@ -727,7 +711,7 @@ impl Runs {
                 Ok(entry) => tracing::info!(run = %entry.id, "resuming a run the previous daemon did not finish"),
                 Err(error) => {
                     tracing::error!(run = %id, why = %error.message, "cannot resume a run");
-                    let _ = self.registry.set_status(&id, "failed", true);
+                    let _ = self.registry.set_status(&id, RunState::Failed, true);
                 }
             }
         }
@@ -764,7 +748,7 @@ async fn on_cluster(cluster: &Cluster, entry: &Arc<RunEntry>, manifest: &Path, c
         Ok(sha256) => sha256,
         Err(error) => return failed(error),
     };
-    entry.set_status("running");
+    entry.set_status(RunState::Running);
     let follower = tokio::spawn(follow_calls(cluster.clone(), entry.clone()));
     let dispatcher = cluster.dispatcher(&entry.namespace, &manifest_sha256);
     let called = dispatcher.call(call);
@@ -810,27 +794,11 @@ async fn follow_calls(cluster: Cluster, entry: Arc<RunEntry>) {
     while let Some((key, reported)) = reports.next().await {
         let id = id_of(&key);
         let parent = key.rsplit_once('.').map(|(parent, _)| parent).filter(|p| p.contains('.')).map(&mut id_of);
-        let view = call_view(id, parent, reported.clone());
+        let view = CallView::of_cluster(id, parent, reported.clone());
         let age = Duration::from_millis(now_ms().saturating_sub(reported.started_at_ms).max(0) as u64);
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
         state.calls.insert(id, CallState { view, started });
-    }
-}
-
-fn call_view(id: u64, parent: Option<u64>, reported: ClusterCall) -> CallView {
-    CallView {
-        id,
-        parent,
-        task: reported.task,
-        status: reported.status,
-        attempt: reported.attempts.unwrap_or(1),
-        elapsed_ms: reported.elapsed_ms.unwrap_or(0),
-        fuel: reported.fuel,
-        peak_memory_bytes: reported.peak_memory_bytes,
-        error_type: reported.error_type,
-        http: Vec::new(),
-        worker: Some(reported.worker),
     }
 }
 

@@ -16,7 +16,7 @@ use crate::artifact::{CompiledStore, LoadError, check_manifest};
 use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
 use crate::events::EventSink;
-use crate::journal::{Entered, Journal, JournalError, Position, RunStatus, args_hash};
+use crate::journal::{Entered, Journal, JournalError, Position, args_hash};
 use crate::loaded::Loaded;
 use crate::orchestrator::{Orchestrator, RunSettings, Scope};
 use crate::outcome::Outcome;
@@ -25,6 +25,7 @@ use crate::run::Call;
 use crate::sandbox::Program;
 use crate::session::{Session, SessionState};
 use crate::stamp::FileStamp;
+use crate::state::RunState;
 use crate::trust::{Trust, signature_path};
 
 /// Artifacts a process keeps loaded (by sha256) for reuse; beyond it the oldest is dropped.
@@ -507,7 +508,7 @@ impl Engine {
                 let args_hash = args_hash(&record.args, &record.kwargs);
                 match journal.enter(&run_id, 0, 0, "task", &task.name, "", &args_hash)? {
                     Entered::Replay { result, .. } => {
-                        journal.finish_run(&run_id, RunStatus::Ok)?;
+                        journal.finish_run(&run_id, RunState::Ok)?;
                         let body = Body::Replayed(Outcome::without_attempts(&task.name, Ok(result)));
                         return Ok(PreparedRun { run_id: Some(run_id), task: task.name.clone(), cancel, body });
                     }

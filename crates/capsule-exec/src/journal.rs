@@ -14,6 +14,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::state::{CallStatus, RunState};
+
 /// The journal's format; a journal written in another is refused rather than misread.
 const FORMAT_VERSION: i64 = 4;
 
@@ -58,29 +60,19 @@ impl manifest_schema::Explain for JournalError {
     }
 }
 
-/// How a run ended, as the journal records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
-    Running,
-    Ok,
-    Failed,
-    /// Stopped from outside.
-    Cancelled,
-    /// Its process ended before it did (shutdown, crash); it can be resumed.
-    Interrupted,
+/// Run and call states are stored under their names.
+macro_rules! stored_by_name {
+    ($type:ty) => {
+        impl rusqlite::types::FromSql for $type {
+            fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                value.as_str()?.parse().map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
 }
 
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Ok => "ok",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-            Self::Interrupted => "interrupted",
-        }
-    }
-}
+stored_by_name!(RunState);
+stored_by_name!(CallStatus);
 
 /// A run as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -91,7 +83,7 @@ pub struct RunRecord {
     pub task: String,
     pub args: Vec<Value>,
     pub kwargs: serde_json::Map<String, Value>,
-    pub status: String,
+    pub status: RunState,
     pub started_at_ms: i64,
     pub finished_at_ms: Option<i64>,
 }
@@ -106,7 +98,7 @@ pub struct CallRecord {
     pub kind: String,
     pub name: String,
     pub detail: String,
-    pub status: String,
+    pub status: CallStatus,
     pub attempts: Option<u32>,
     pub fuel: Option<u64>,
     pub peak_memory_bytes: Option<u64>,
@@ -156,7 +148,7 @@ pub struct Completion<'a> {
     /// What a task call printed (its last attempt); none for HTTP calls.
     pub output: Option<(&'a str, &'a str)>,
     /// For a run's top-level call: the run, and how it ended.
-    pub run_ended: Option<(&'a str, RunStatus)>,
+    pub run_ended: Option<(&'a str, RunState)>,
 }
 
 pub struct Journal {
@@ -353,7 +345,7 @@ impl Journal {
     }
 
     /// Records how a run ended (see [`end_run`]).
-    pub fn finish_run(&self, id: &str, status: RunStatus) -> Result<(), JournalError> {
+    pub fn finish_run(&self, id: &str, status: RunState) -> Result<(), JournalError> {
         self.atomically(|c| end_run(c, id, status))
     }
 
@@ -581,7 +573,7 @@ fn run_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
 
 /// Records how a run ended. Calls still running then were abandoned with it (spawned
 /// sub-tasks nobody waited for, or everything of a stopped run): they are marked so.
-fn end_run(c: &Connection, id: &str, status: RunStatus) -> rusqlite::Result<()> {
+fn end_run(c: &Connection, id: &str, status: RunState) -> rusqlite::Result<()> {
     execute(c, "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1", params![id, status.as_str(), now_ms()])?;
     execute(c, "UPDATE calls SET status = 'aborted' WHERE run_id = ?1 AND status = 'running'", params![id])?;
     Ok(())
@@ -774,8 +766,8 @@ mod tests {
         assert!(matches!(error, JournalError::Corrupt { parent, step: 1 } if parent == top), "{error}");
         raw.execute("UPDATE calls SET result = 'not json' WHERE id = ?1", [id]).unwrap();
         assert!(journal.enter(&run, top, 1, "task", "step", "", &hash_json(&json!([1]))).is_err());
-        journal.finish_run(&run, RunStatus::Ok).unwrap();
-        assert_eq!(journal.runs(10).unwrap()[0].status, "ok");
+        journal.finish_run(&run, RunState::Ok).unwrap();
+        assert_eq!(journal.runs(10).unwrap()[0].status, RunState::Ok);
         assert!(matches!(journal.run("nope"), Err(JournalError::NoSuchRun(_))));
         std::fs::remove_dir_all(&dir).unwrap();
     }

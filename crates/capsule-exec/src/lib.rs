@@ -8,7 +8,7 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `trust`, `blas` (leaves); `artifact`, `output`,
+//! `config`, `state`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `trust`, `blas` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
@@ -31,6 +31,7 @@ mod run;
 mod sandbox;
 mod session;
 mod stamp;
+mod state;
 mod trust;
 
 pub use artifact::{LoadError, sha256_hex, write_read_only};
@@ -39,7 +40,7 @@ pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, WASMTIME_VERSION, config, f
 pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
 pub use events::{CallId, Event, EventSink, NoEvents, Stream};
 pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
-pub use journal::{CallRecord, Journal, JournalError, RunRecord, RunStatus, args_hash, new_run_id};
+pub use journal::{CallRecord, Journal, JournalError, RunRecord, args_hash, new_run_id};
 pub use loaded::Loaded;
 pub use net::trust_http_roots;
 pub use orchestrator::{
@@ -52,4 +53,5 @@ pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
 pub use sandbox::Program;
 pub use session::{CallLimits, Session, SessionError, SessionState};
 pub use stamp::FileStamp;
+pub use state::{CallStatus, RunState};
 pub use trust::{PublicKey, SigningKey, Trust, TrustError, signature_path};

@@ -20,12 +20,13 @@ use tokio::task::JoinHandle;
 use crate::cancel::Cancel;
 use crate::events::{CallId, Event, EventSink};
 use crate::host::{BoxFuture, HostCalls};
-use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, RunStatus, args_hash, hash_json};
+use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, args_hash, hash_json};
 use crate::net::{Network, without_query};
 use crate::outcome::{HttpCall, Outcome};
 use crate::paths::Reserved;
 use crate::run::{AttemptHosts, Call, TaskContext, run_task};
 use crate::sandbox::Program;
+use crate::state::RunState;
 
 /// How deep sub-tasks may nest (a task calling a task calling a task ...).
 pub const MAX_DEPTH: u32 = 8;
@@ -270,9 +271,9 @@ fn complete_task(
 ) -> Result<(), JournalError> {
     let error = outcome.error.as_ref().map(|e| serde_json::to_value(e).expect("errors serialise"));
     let run_status = match outcome.error_kind() {
-        None => RunStatus::Ok,
-        Some(ErrorKind::Cancelled) => RunStatus::Cancelled,
-        Some(_) => RunStatus::Failed,
+        None => RunState::Ok,
+        Some(ErrorKind::Cancelled) => RunState::Cancelled,
+        Some(_) => RunState::Failed,
     };
     let how = Completion {
         ok: outcome.success,

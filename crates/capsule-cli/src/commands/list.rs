@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use capsule_daemon::Client;
 use capsule_daemon::api::{CallView, RunView};
-use capsule_exec::{HttpCall, Journal, RunRecord};
+use capsule_exec::{CallStatus, HttpCall, Journal, RunRecord, RunState};
 use clap::Args;
 
 use crate::exit::{Exit, Failure};
@@ -68,7 +68,7 @@ fn from_journal(layout: &ProjectLayout, all: bool) -> Result<Vec<RunView>, Failu
     let namespace = manifest_schema::ProjectFile::namespace(&layout.root).map_err(|e| Failure::usage(&e))?;
     let mut views = Vec::new();
     for run in journal.runs(if all { 1_000 } else { RECENT })? {
-        if !all && run.status != "running" {
+        if !all && run.status != RunState::Running {
             continue;
         }
         let calls = journal.calls(&run.id)?;
@@ -87,33 +87,21 @@ fn view_of(run: &RunRecord, calls: &[capsule_exec::CallRecord], namespace: &str)
                 status: None,
                 duration_ms: call.duration_ms.unwrap_or(0),
                 bytes: 0,
-                error: (call.status != "ok").then(|| call.status.clone()),
+                error: (call.status != CallStatus::Ok).then(|| call.status.to_string()),
             };
             if let Some(parent) = tasks.iter_mut().find(|t| t.id == call.parent as u64) {
                 parent.http.push(http);
             }
             continue;
         }
-        tasks.push(CallView {
-            id: call.id as u64,
-            parent: (call.parent != 0).then_some(call.parent as u64),
-            task: call.name.clone(),
-            status: call.status.clone(),
-            attempt: call.attempts.unwrap_or(1),
-            elapsed_ms: call.duration_ms.unwrap_or_else(|| now_ms().saturating_sub(call.started_at_ms) as u64),
-            fuel: call.fuel,
-            peak_memory_bytes: call.peak_memory_bytes,
-            error_type: call.error.as_ref().and_then(|e| e["type"].as_str()).map(str::to_string),
-            http: Vec::new(),
-            worker: None,
-        });
+        tasks.push(CallView::of_journal(call, now_ms()));
     }
     RunView {
         id: run.id.clone(),
         namespace: namespace.to_string(),
         task: run.task.clone(),
         entry: run.entry.clone(),
-        status: run.status.clone(),
+        status: run.status,
         submitted_at_ms: run.started_at_ms,
         finished_at_ms: run.finished_at_ms,
         restarted_from: None,
@@ -166,7 +154,7 @@ pub fn draw(runs: &[RunView], now_ms: i64) -> String {
 }
 
 fn facts(call: &CallView) -> String {
-    let mut facts = vec![call.status.clone()];
+    let mut facts = vec![call.status.to_string()];
     if let Some(kind) = &call.error_type {
         facts.push(kind.clone());
     }
@@ -219,7 +207,7 @@ mod tests {
             id,
             parent,
             task: task.into(),
-            status: status.into(),
+            status: status.parse().unwrap(),
             attempt: 1,
             elapsed_ms: 120,
             fuel: Some(1000),
@@ -246,7 +234,7 @@ mod tests {
             namespace: "research".into(),
             task: "main".into(),
             entry: "/p/main.py".into(),
-            status: "running".into(),
+            status: RunState::Running,
             submitted_at_ms: 1_000,
             finished_at_ms: None,
             restarted_from: None,

@@ -79,7 +79,7 @@ fn draw(children: &BTreeMap<i64, Vec<&CallRecord>>, parent: i64, prefix: &str) {
     let Some(calls) = children.get(&parent) else { return };
     for (i, call) in calls.iter().enumerate() {
         let last = i + 1 == calls.len();
-        let mut facts = vec![call.status.clone()];
+        let mut facts = vec![call.status.to_string()];
         if let Some(attempts) = call.attempts {
             facts.push(format!("attempts {attempts}"));
         }

@@ -103,7 +103,7 @@ fn shared_journal(loaded: &Arc<Loaded>, runs: usize) -> Result<(), String> {
         return Err(format!("a run sharing the journal failed: {:?}", failed.error));
     }
     let recorded = journal.runs(u32::MAX).map_err(|e| e.to_string())?;
-    let complete = recorded.iter().filter(|r| r.status == "ok").count();
+    let complete = recorded.iter().filter(|r| r.status == capsule_exec::RunState::Ok).count();
     if complete != runs {
         return Err(format!("{complete} of {runs} runs recorded as finished in the shared journal"));
     }
