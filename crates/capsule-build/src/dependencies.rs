@@ -86,7 +86,7 @@ impl Requirements {
                 declared.as_array().and_then(|items| items.iter().map(|i| i.as_str().map(str::to_string)).collect());
             return match lines {
                 Some(lines) => Ok(Some(Self { file: pyproject, lines })),
-                None => Err(BuildError::usage(
+                None => Err(BuildError::hinted(
                     format!("{}: `project.dependencies` must be a list of strings", pyproject.display()),
                     "write requirements as PEP 508 strings, e.g. `dependencies = [\"jinja2>=3\"]`",
                 )),
@@ -140,7 +140,7 @@ impl Installed {
 /// Installs `requirements` (or finds them installed) in the cache.
 pub fn install(requirements: &Requirements) -> Result<Installed, BuildError> {
     let cache = crate::cache_dir().ok_or_else(|| {
-        BuildError::usage(
+        BuildError::hinted(
             "no cache folder for installed dependencies",
             format!("set `{}` to a folder Capsule may write", crate::CACHE_DIR_ENV),
         )
@@ -187,7 +187,7 @@ fn pip_install(requirements: &Requirements, target: &Path) -> Result<(), BuildEr
         .env("PIP_NO_WARN_SCRIPT_LOCATION", "1")
         .output()
         .map_err(|e| {
-            BuildError::usage(
+            BuildError::hinted(
                 format!(
                     "cannot run `{} -m pip` to install the dependencies in `{shown}`: {e}",
                     python.to_string_lossy()
@@ -202,7 +202,7 @@ fn pip_install(requirements: &Requirements, target: &Path) -> Result<(), BuildEr
     let reason: Vec<&str> =
         stderr.lines().map(str::trim).filter(|l| l.starts_with("ERROR") || l.contains("No module named pip")).collect();
     let reason = if reason.is_empty() { stderr.trim().to_string() } else { reason.join("\n") };
-    Err(BuildError::usage(
+    Err(BuildError::hinted(
         format!("installing the dependencies in `{shown}` failed:\n{reason}"),
         "the sandbox runs CPython 3.13 and needs packages published as wheels; check the names and versions on PyPI",
     ))

@@ -23,13 +23,10 @@ pub struct Diagnostic {
     pub hint: Option<String>,
 }
 
+/// The located message; its hint is shown by the front door's renderer, never pasted in.
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.path, self.line, self.column, self.message)?;
-        if let Some(hint) = &self.hint {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
+        write!(f, "{}:{}:{}: {}", self.path, self.line, self.column, self.message)
     }
 }
 
@@ -52,14 +49,12 @@ impl fmt::Display for Diagnostics {
 impl std::error::Error for Diagnostics {}
 
 impl manifest_schema::Explain for Diagnostics {
+    fn category(&self) -> manifest_schema::Category {
+        manifest_schema::Category::Build
+    }
+
     fn problems(&self) -> Vec<manifest_schema::Problem> {
-        self.0
-            .iter()
-            .map(|d| manifest_schema::Problem {
-                message: format!("{}:{}:{}: {}", d.path, d.line, d.column, d.message),
-                hint: d.hint.clone(),
-            })
-            .collect()
+        self.0.iter().map(|d| manifest_schema::Problem { message: d.to_string(), hint: d.hint.clone() }).collect()
     }
 }
 

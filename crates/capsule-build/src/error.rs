@@ -1,6 +1,6 @@
 //! Build failures, each with what went wrong and, where useful, a hint.
 
-use manifest_schema::{Explain, Problem};
+use manifest_schema::{Category, Explain, Problem};
 use thiserror::Error;
 
 use crate::discover::Diagnostics;
@@ -10,14 +10,23 @@ pub enum BuildError {
     /// Problems in the Python source, with file:line:column.
     #[error("{0}")]
     Discovery(#[from] Diagnostics),
-    /// Anything else.
+    /// What the caller must provide is not there: the runtime to build with, a file to build.
+    #[error("{0}")]
+    Usage(Problem),
+    /// Anything else that stopped the build.
     #[error("{0}")]
     Other(Problem),
 }
 
 impl BuildError {
-    pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
+    /// The build failed, and `hint` says what would help.
+    pub fn hinted(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self::Other(Problem::hinted(message, hint))
+    }
+
+    /// The caller did not give what a build needs (`hint`: how to give it).
+    pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::Usage(Problem::hinted(message, hint))
     }
 
     pub fn message(message: impl Into<String>) -> Self {
@@ -30,10 +39,17 @@ impl BuildError {
 }
 
 impl Explain for BuildError {
+    fn category(&self) -> Category {
+        match self {
+            Self::Usage(_) => Category::Usage,
+            Self::Discovery(_) | Self::Other(_) => Category::Build,
+        }
+    }
+
     fn problems(&self) -> Vec<Problem> {
         match self {
             Self::Discovery(diagnostics) => diagnostics.problems(),
-            Self::Other(problem) => vec![problem.clone()],
+            Self::Usage(problem) | Self::Other(problem) => vec![problem.clone()],
         }
     }
 }

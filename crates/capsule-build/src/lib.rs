@@ -327,7 +327,7 @@ fn check_registered(project: &Project, registered: &[RegisteredTask]) -> Result<
     if problems.is_empty() {
         return Ok(());
     }
-    Err(BuildError::usage(
+    Err(BuildError::hinted(
         problems.join("\n"),
         "define tasks at the top level of the entry file with `@task` from `capsule`, not conditionally or in other modules",
     ))
@@ -336,7 +336,7 @@ fn check_registered(project: &Project, registered: &[RegisteredTask]) -> Result<
 fn check_memory(project: &Project, initial: u64) -> Result<(), BuildError> {
     for task in &project.tasks {
         if task.options.ram.bytes() < initial {
-            return Err(BuildError::usage(
+            return Err(BuildError::hinted(
                 format!(
                     "task `{}` has `ram` of {} bytes, but the snapshot alone needs {initial} bytes ({:.1} MiB)",
                     task.name,

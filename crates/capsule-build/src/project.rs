@@ -42,7 +42,7 @@ impl Project {
     pub fn load(entry: &Path) -> Result<Self, BuildError> {
         let shown = entry.display().to_string();
         if entry.extension().and_then(|e| e.to_str()) != Some("py") {
-            return Err(BuildError::usage(
+            return Err(BuildError::hinted(
                 format!("`{shown}` is not a Python file"),
                 "pass the `.py` file that defines your tasks",
             ));
@@ -52,7 +52,7 @@ impl Project {
         let root = entry.parent().expect("a file has a parent").to_path_buf();
         let stem = entry.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
         if !is_identifier(&stem) {
-            return Err(BuildError::usage(
+            return Err(BuildError::hinted(
                 format!("`{shown}` cannot be imported as a Python module: `{stem}` is not an identifier"),
                 "rename the file with letters, digits and underscores only, e.g. `my_tasks.py`",
             ));
@@ -213,7 +213,7 @@ fn native_module(base: &Path, name: &str) -> Result<Option<PathBuf>, BuildError>
 
 fn native_extension_error(root: &Path, package: &str, file: &Path) -> BuildError {
     let shown = file.strip_prefix(root).unwrap_or(file).display();
-    BuildError::usage(
+    BuildError::hinted(
         format!("`{package}` contains a compiled extension module, `{shown}`, which cannot run in the Wasm sandbox"),
         format!("use a pure-Python package instead of `{package}` (or a pure-Python version of it, if it has one)"),
     )

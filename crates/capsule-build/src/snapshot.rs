@@ -239,7 +239,7 @@ pub async fn snapshot(
             let entry = entry_path(request);
             // No one cancels a build's import: it can only have run out of time.
             debug_assert_eq!(stopped, Stopped::Deadline);
-            Err(BuildError::usage(
+            Err(BuildError::hinted(
                 format!("importing `{entry}` took longer than {INIT_TIMEOUT:?}"),
                 MODULE_LEVEL_HINT.to_string(),
             ))
@@ -255,7 +255,7 @@ pub async fn snapshot(
                 format!("snapshotting `{entry}` failed: {error:#}")
             };
             let hint = unavailable_module_hint(&printed).unwrap_or_else(|| MODULE_LEVEL_HINT.into());
-            Err(BuildError::usage(reason, hint))
+            Err(BuildError::hinted(reason, hint))
         }
     }
 }

@@ -38,7 +38,7 @@ async fn daemon(args: &RunArgs) -> Result<Option<Client>, Failure> {
     }
     match Client::connect_default().await {
         Ok(client) => Ok(Some(client)),
-        Err(error) if args.daemon || args.detach => Err(Failure::usage(&error)),
+        Err(error) if args.daemon || args.detach => Err(Failure::of(&error)),
         Err(_) => Ok(None),
     }
 }

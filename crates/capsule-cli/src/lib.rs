@@ -108,7 +108,7 @@ fn block_on(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCod
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
-            return exit::Exit::Internal.into();
+            return ExitCode::from(manifest_schema::Category::Internal.exit_code());
         }
     };
     match runtime.block_on(command) {

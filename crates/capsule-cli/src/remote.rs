@@ -3,10 +3,10 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use capsule_daemon::api::{ErrorKind, Line, SubmitRun};
+use capsule_daemon::api::{Line, SubmitRun};
 use capsule_daemon::{Client, ClientError};
 use capsule_exec::{EventSink, PublicKey, Start, Trust};
-use manifest_schema::{Problem, Timeout};
+use manifest_schema::{Category, Problem, Timeout};
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
@@ -21,18 +21,10 @@ fn absolute(path: &Path) -> std::path::PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// What the daemon says went wrong, as the in-process path would say it.
+/// What the daemon says went wrong, as the in-process path would say it: the same category,
+/// so the same exit code.
 pub fn failure(error: ClientError) -> Failure {
-    let exit = match &error {
-        ClientError::Api(api) => match api.kind {
-            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::Conflict | ErrorKind::TooLarge => Exit::Usage,
-            ErrorKind::Load => Exit::Load,
-            ErrorKind::Unauthorized | ErrorKind::Busy | ErrorKind::Internal => Exit::Internal,
-        },
-        ClientError::Unreachable { .. } => Exit::Usage,
-        ClientError::Protocol { .. } => Exit::Internal,
-    };
-    Failure::new(exit, &error)
+    Failure::of(&error)
 }
 
 pub async fn run(
@@ -42,6 +34,7 @@ pub async fn run(
     args: &RunArgs,
     layout: &ProjectLayout,
 ) -> Result<ExitCode, Failure> {
+    let limits = what.limits();
     let project = absolute(args.project.as_deref().unwrap_or(&layout.root));
     let journaled = what.journaling == Journaling::Project || args.journal.is_some();
     let mut request = SubmitRun {
@@ -82,7 +75,7 @@ pub async fn run(
         .await
         .map_err(failure)?;
     let outcome = outcome.ok_or_else(|| {
-        Failure::problem(Exit::Internal, Problem::new("the daemon ended the run's stream without its outcome"))
+        Failure::problem(Category::Internal, Problem::new("the daemon ended the run's stream without its outcome"))
     })?;
-    Ok(finish(&outcome, run_id.as_deref(), args, layout))
+    Ok(finish(&outcome, run_id.as_deref(), args, layout, limits))
 }

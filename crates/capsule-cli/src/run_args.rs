@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use capsule_exec::{Cancel, Engine, Journal, Loaded, Outcome, RunRequest, RunSettings, Start};
 use clap::Args;
-use manifest_schema::Problem;
 use manifest_schema::TaskOptions;
+use manifest_schema::{Category, Problem};
 use serde_json::Value;
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
-use crate::terminal::{Terminal, show};
+use crate::terminal::{Limits, Terminal, show};
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -80,7 +80,7 @@ fn read_args(path: &Path) -> Result<String, Failure> {
     };
     let shown = if path == Path::new("-") { "standard input".to_string() } else { format!("`{}`", path.display()) };
     read.map_err(|error| {
-        Failure::problem(Exit::Usage, Problem::new(format!("cannot read the arguments from {shown}: {error}")))
+        Failure::problem(Category::Usage, Problem::new(format!("cannot read the arguments from {shown}: {error}")))
     })?;
     Ok(text)
 }
@@ -105,7 +105,7 @@ impl RunArgs {
         };
         if text.len() > MAX_ARGS_BYTES {
             return Err(Failure::problem(
-                Exit::Usage,
+                Category::Usage,
                 Problem::hinted(
                     format!("{source} is larger than {} MiB, the limit for arguments", MAX_ARGS_BYTES >> 20),
                     "pass large data as a file the task reads (`allowed_files`), and its name as the argument",
@@ -115,11 +115,11 @@ impl RunArgs {
         match serde_json::from_str::<Value>(&text) {
             Ok(Value::Array(values)) => Ok(values),
             Ok(_) => Err(Failure::problem(
-                Exit::Usage,
+                Category::Usage,
                 Problem::hinted(format!("{source} must be a JSON array"), "e.g. --args-json '[1, \"two\"]'"),
             )),
             Err(error) => {
-                Err(Failure::problem(Exit::Usage, Problem::new(format!("{source} is not valid JSON: {error}"))))
+                Err(Failure::problem(Category::Usage, Problem::new(format!("{source} is not valid JSON: {error}"))))
             }
         }
     }
@@ -138,7 +138,7 @@ impl RunArgs {
 
     /// The keys a manifest must be signed by to run, if any (`--trust`, `CAPSULE_TRUST`).
     pub fn trust(&self) -> Result<Option<capsule_exec::Trust>, Failure> {
-        capsule_exec::Trust::from_files_and_env(&self.trust).map_err(|e| Failure::usage(&e))
+        capsule_exec::Trust::from_files_and_env(&self.trust).map_err(|e| Failure::of(&e))
     }
 
     /// A new run of the selected task.
@@ -173,6 +173,14 @@ pub struct Launch {
     pub own_build: bool,
 }
 
+impl Launch {
+    /// Where the run's limits come from: the options it brings (the command's flags), else
+    /// the task's own.
+    pub fn limits(&self) -> Limits {
+        if self.options.is_some() { Limits::Flags } else { Limits::Task }
+    }
+}
+
 /// Runs `what` on `loaded` in this process.
 pub(crate) async fn run_in_process(
     engine: &Engine,
@@ -185,6 +193,7 @@ pub(crate) async fn run_in_process(
         (Journaling::OnRequest, None) => None,
         _ => Some(Arc::new(Journal::open(&layout.journal)?)),
     };
+    let limits = what.limits();
     let request = RunRequest {
         start: what.start,
         entry: Some(what.entry.display().to_string()),
@@ -199,14 +208,20 @@ pub(crate) async fn run_in_process(
         eprintln!("capsule: run {run}");
     }
     let outcome = prepared.run().await;
-    Ok(finish(&outcome, run_id.as_deref(), args, layout))
+    Ok(finish(&outcome, run_id.as_deref(), args, layout, limits))
 }
 
 /// Shows the outcome of a run, with how to resume it when that could help.
-pub fn finish(outcome: &Outcome, run_id: Option<&str>, args: &RunArgs, layout: &ProjectLayout) -> ExitCode {
-    show(outcome, args.json);
-    if let (Some(run), true) = (run_id, outcome.could_succeed_on_resume()) {
-        eprintln!("  hint: resume run {run} with `capsule resume {run}{}`", layout.journal_flag());
-    }
+pub fn finish(
+    outcome: &Outcome,
+    run_id: Option<&str>,
+    args: &RunArgs,
+    layout: &ProjectLayout,
+    limits: Limits,
+) -> ExitCode {
+    let resume = run_id
+        .filter(|_| outcome.could_succeed_on_resume())
+        .map(|run| format!("resume run {run} with `capsule resume {run}{}`", layout.journal_flag()));
+    show(outcome, args.json, limits, resume);
     if outcome.success { Exit::Success } else { Exit::TaskFailed }.into()
 }

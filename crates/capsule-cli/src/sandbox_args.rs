@@ -3,9 +3,9 @@
 
 use clap::Args;
 use manifest_schema::options::{self, Literal, TaskSpec, Value};
-use manifest_schema::{Problem, TaskOptions};
+use manifest_schema::{Category, Problem, TaskOptions};
 
-use crate::exit::{Exit, Failure};
+use crate::exit::Failure;
 
 #[derive(Debug, Clone, Args)]
 pub struct SandboxArgs {
@@ -30,7 +30,7 @@ pub struct SandboxArgs {
 }
 
 fn usage(problem: Problem) -> Failure {
-    Failure::problem(Exit::Usage, problem)
+    Failure::problem(Category::Usage, problem)
 }
 
 fn text(value: &str) -> Literal {

@@ -4,6 +4,9 @@
 use std::io::Write;
 
 use capsule_exec::{Event, EventSink, Outcome, Stream};
+use manifest_schema::Problem;
+use manifest_schema::problem::render;
+use python_runtime::{ErrorKind, GuestError};
 use serde_json::Value;
 
 /// Prints a run's events as they happen.
@@ -52,34 +55,68 @@ fn note(depth: u32, task: &str, what: &str) {
     eprintln!("capsule: {}{task} {what}", "  ".repeat(depth as usize));
 }
 
-/// Prints the outcome: the bare result on stdout, or the failure on stderr; with `json`,
-/// the whole envelope on stdout.
-pub fn show(outcome: &Outcome, json: bool) {
+/// Where the limits of a failed task come from, so a hint names what the user can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// Its `@task(...)` options (a project's task).
+    Task,
+    /// The command's flags (`capsule python`).
+    Flags,
+}
+
+/// Prints the outcome: the bare result on stdout, or the failure on stderr (the traceback,
+/// then the failure as a problem with what would help: `resume`, when resuming could); with
+/// `json`, the whole envelope on stdout, and a failure's problem still on stderr.
+pub fn show(outcome: &Outcome, json: bool, limits: Limits, resume: Option<String>) {
     if json {
         println!("{}", serde_json::to_string_pretty(outcome).expect("envelopes serialise"));
+        if let Some(error) = &outcome.error {
+            eprint!("{}", render(&[failure(outcome, error, limits, resume)]));
+        }
         return;
     }
     match (&outcome.error, &outcome.result) {
         (None, Value::String(text)) => println!("{text}"),
         (None, value) => println!("{value}"),
         (Some(error), _) => {
-            let attempts = match outcome.execution.attempts {
-                0 | 1 => String::new(),
-                n => format!(" after {n} attempts"),
-            };
             if !error.traceback.is_empty() {
                 eprint!("{}", error.traceback);
                 if !error.traceback.ends_with('\n') {
                     eprintln!();
                 }
             }
-            let what = if error.exc_type.is_empty() { String::new() } else { format!("{}: ", error.exc_type) };
-            eprintln!(
-                "error: task `{}` failed{attempts} ({}): {what}{}",
-                outcome.execution.task,
-                error.kind.as_str(),
-                error.message
-            );
+            eprint!("{}", render(&[failure(outcome, error, limits, resume)]));
         }
     }
+}
+
+/// A task's failure as a problem, with the hint that would help.
+fn failure(outcome: &Outcome, error: &GuestError, limits: Limits, resume: Option<String>) -> Problem {
+    let attempts = match outcome.execution.attempts {
+        0 | 1 => String::new(),
+        n => format!(" after {n} attempts"),
+    };
+    let what = if error.exc_type.is_empty() { String::new() } else { format!("{}: ", error.exc_type) };
+    let message = format!(
+        "task `{}` failed{attempts} ({}): {what}{}",
+        outcome.execution.task,
+        error.kind.as_str(),
+        error.message
+    );
+    let option = |name: &str, example: &str, flag: &str| match limits {
+        Limits::Task => format!("raise the task's `{name}` (`@task({name}={example})`)"),
+        Limits::Flags => format!("raise it with `{flag}`"),
+    };
+    let hint = match error.kind {
+        _ if resume.is_some() => resume,
+        ErrorKind::Fuel => Some(option("compute", "\"HIGH\"", "--compute HIGH")),
+        ErrorKind::Memory => Some(option("ram", "\"1GiB\"", "--ram 1GiB")),
+        ErrorKind::Timeout => Some(option("timeout", "\"10m\"", "--timeout 10m")),
+        ErrorKind::Exception if error.exc_type == "PermissionError" => Some(match limits {
+            Limits::Task => "a task sees only the folders its `allowed_files` grants".into(),
+            Limits::Flags => "give it a folder with `--allow-dir DIR` (`DIR:rw` to write)".into(),
+        }),
+        _ => None,
+    };
+    Problem { message, hint }
 }

@@ -313,7 +313,7 @@ fn bad_requests_get_clear_errors_and_the_daemon_stays_up() {
     let error =
         |(status, body): (u16, String)| (status, serde_json::from_str::<Value>(&body).unwrap()["error"].clone());
     let (status, body) = error(post("{not json"));
-    assert_eq!((status, body["kind"].as_str()), (400, Some("bad_request")));
+    assert_eq!((status, body["kind"].as_str()), (400, Some("usage")));
     assert!(body["message"].as_str().unwrap().contains("invalid request body"), "{body}");
     let (status, body) = error(post(r#"{"manifest": "/x/manifest.toml", "colour": "blue"}"#));
     assert_eq!(status, 400);
@@ -424,6 +424,36 @@ fn clients_may_not_widen_a_task_nor_reach_what_capsule_keeps() {
     let (status, answer) = daemon.json("POST", "/v1/python", &body.to_string());
     assert_eq!((status, &answer["outcome"]["result"]), (200, &serde_json::json!(2)), "{answer}");
     assert_eq!(daemon.json("GET", "/v1/health", "").0, 200);
+}
+
+#[test]
+fn a_failure_has_one_category_in_process_through_the_daemon_and_in_the_api() {
+    let daemon = Daemon::start(&[]);
+    let dir = project(&std::fs::read_to_string(fixtures::path("valid/multi_task.py")).unwrap());
+    let in_process = run(Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .env("CAPSULE_SOCKET", "/nonexistent/capsule.sock")
+        .args(["run", "main.py", "--task", "nope"])
+        .current_dir(dir.path()));
+    let through = run(daemon.capsule().args(["run", "main.py", "--daemon", "--task", "nope"]).current_dir(dir.path()));
+    assert_eq!(in_process.0, 2, "{}", in_process.2);
+    assert_eq!((through.0, &through.2), (in_process.0, &in_process.2), "the same exit code and the same words");
+    // The API answers the same category, with the hint spelled for its callers.
+    let manifest = std::fs::canonicalize(dir.path().join(".capsule/build/main/manifest.toml")).unwrap();
+    let body = serde_json::json!({"manifest": manifest, "task": "nope", "wait": true}).to_string();
+    let (status, answer) = daemon.json("POST", "/v1/runs", &body);
+    assert_eq!((status, answer["error"]["kind"].as_str()), (400, Some("usage")), "{answer}");
+    assert!(in_process.2.contains(answer["error"]["message"].as_str().unwrap()), "{answer}");
+    // A hint naming what a caller can give: a flag on the command line, a field in the API.
+    let two = dir.path().join("two.py");
+    std::fs::write(&two, "from capsule import task\n\n@task\ndef a():\n    pass\n\n@task\ndef b():\n    pass\n")
+        .unwrap();
+    let (code, _, stderr) = run(daemon.capsule().args(["run", "two.py", "--daemon"]).current_dir(dir.path()));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("hint: choose one with `--task NAME`: `a`, `b`"), "{stderr}");
+    let manifest = std::fs::canonicalize(dir.path().join(".capsule/build/two/manifest.toml")).unwrap();
+    let (status, answer) = daemon.json("POST", "/v1/runs", &serde_json::json!({"manifest": manifest}).to_string());
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["hint"], "choose one with `task`: `a`, `b`");
 }
 
 /// The interpreter image's manifest, built by the client as the SDK does.

@@ -148,3 +148,33 @@ fn capsule_python_prints_what_the_code_printed_then_its_last_value() {
         ));
     });
 }
+
+/// Every category of failure ends a command with its exit code, and says what would help.
+#[test]
+fn each_category_of_failure_has_its_exit_code() {
+    let dir = project(&[
+        ("tasks.py", &fixtures::path("valid/multi_task.py")),
+        ("unknown_option.py", &fixtures::path("invalid/unknown_option.py")),
+    ]);
+    std::fs::write(dir.path().join("not-a-folder"), "").unwrap();
+    settings(dir.path()).bind(|| {
+        // usage (2): a task the file does not have.
+        insta::assert_snapshot!(transcript(capsule().args(["run", "tasks.py", "--task", "nope"]), dir.path()));
+        // not found (2): a run the journal does not have.
+        insta::assert_snapshot!(transcript(capsule().args(["runs", "show", "0123456789abcdef"]), dir.path()));
+        // build (3).
+        insta::assert_snapshot!(transcript(capsule().args(["build", "unknown_option.py"]), dir.path()));
+        // load (4): no manifest there, and how to make one.
+        insta::assert_snapshot!(transcript(capsule_exec().args(["nowhere/manifest.toml"]), dir.path()));
+        // task (1): the task raised; resuming could help.
+        insta::assert_snapshot!(transcript(
+            capsule().args(["run", "--no-daemon", "tasks.py", "--task", "fail", "boom"]),
+            dir.path()
+        ));
+        // internal (70): the machine refused what Capsule needed.
+        insta::assert_snapshot!(transcript(
+            capsule().args(["daemon", "--socket", "not-a-folder/daemon.sock", "--state-dir", "state"]),
+            dir.path()
+        ));
+    });
+}

@@ -125,6 +125,15 @@ pub enum ClusterError {
 }
 
 impl manifest_schema::Explain for ClusterError {
+    fn category(&self) -> manifest_schema::Category {
+        use manifest_schema::Category;
+        match self {
+            Self::Connect { .. } => Category::Usage,
+            Self::Tampered { .. } | Self::MissingArtifact(_) | Self::BadManifest { .. } => Category::Load,
+            Self::Setup { .. } | Self::Nats { .. } | Self::Io { .. } => Category::Internal,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::Connect { .. } => Some(

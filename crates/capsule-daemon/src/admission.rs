@@ -8,12 +8,12 @@
 use std::path::{Path, PathBuf};
 
 use capsule_exec::{PublicKey, Trust};
-use manifest_schema::{FileMode, Task, TaskOptions};
+use manifest_schema::{Category, FileMode, Task, TaskOptions};
 
-use crate::api::{ApiError, ErrorKind, SubmitRun};
+use crate::api::{ApiError, SubmitRun};
 
 fn bad(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::BadRequest, message)
+    ApiError::new(Category::Usage, message)
 }
 
 /// `path`, which must be absolute, resolved; `exists` says whether it must exist (else what
@@ -21,7 +21,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 pub fn resolved(what: &str, path: &Path, exists: bool) -> Result<PathBuf, ApiError> {
     if !path.is_absolute() {
         return Err(ApiError::hinted(
-            ErrorKind::BadRequest,
+            Category::Usage,
             format!("`{what}` must be an absolute path, not `{}`", path.display()),
             "the daemon does not share your current folder",
         ));
@@ -71,7 +71,7 @@ pub fn resolve_paths(request: &mut SubmitRun) -> Result<(), ApiError> {
         };
         if !root.starts_with(&project) {
             return Err(ApiError::hinted(
-                ErrorKind::BadRequest,
+                Category::Usage,
                 format!("`files_root` `{}` is outside the project `{}`", root.display(), project.display()),
                 "granted folders must be inside the caller's project",
             ));
@@ -106,15 +106,11 @@ pub fn trust(keys: &[String]) -> Result<Option<Trust>, ApiError> {
 /// more of the daemon's environment, secrets or folders than the manifest does (folders are
 /// the call's own when `call_grants`: the interpreter image's).
 pub fn check_options(task: &Task, requested: &TaskOptions, call_grants: bool) -> Result<(), ApiError> {
-    requested.validate().map_err(|(field, problem)| ApiError {
-        kind: ErrorKind::BadRequest,
-        message: format!("`options.{field}`: {}", problem.message),
-        hint: problem.hint,
-    })?;
+    requested.validate().map_err(|(field, problem)| ApiError::of(&problem.context(format!("`options.{field}`"))))?;
     let declared = &task.options;
     let widened = |field: &str, what: String| {
         ApiError::hinted(
-            ErrorKind::BadRequest,
+            Category::Usage,
             format!("`options.{field}` asks for {what}, which task `{}` does not have in its manifest", task.name),
             "a client may narrow a task's options, never widen them: declare it in `@task(...)` and rebuild",
         )

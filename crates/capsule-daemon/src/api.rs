@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use capsule_exec::{CallRecord, CallStatus, Event, HttpCall, Outcome, RunState};
+use manifest_schema::problem::FrontDoor;
+use manifest_schema::{Category, Explain, Problem};
 use python_runtime::GuestError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -215,72 +217,55 @@ pub enum Line {
     Outcome { outcome: Outcome },
 }
 
-/// Every error the API returns, with its HTTP status.
+/// Every error the API returns: its category (which gives the HTTP status), the first
+/// problem's message and hint as a person reads them, and every problem as data, whose hints
+/// name what a caller can give as `<<name>>` for each client to spell its own way (see
+/// `manifest_schema::problem::FrontDoor`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
-    pub kind: ErrorKind,
+    pub kind: Category,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// Every problem, each with its hint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// The request is malformed or names something invalid (400).
-    BadRequest,
-    /// Not authenticated (401).
-    Unauthorized,
-    /// No such run or route (404).
-    NotFound,
-    /// The run is not in a state that allows this (409).
-    Conflict,
-    /// The body is larger than the daemon reads (413).
-    TooLarge,
-    /// The manifest or its artifact cannot be loaded (422).
-    Load,
-    /// The queue is full or the daemon is shutting down (503).
-    Busy,
-    /// The daemon failed (500).
-    Internal,
-}
+impl ApiError {
+    pub fn new(kind: Category, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), hint: None, problems: Vec::new() }
+    }
 
-impl ErrorKind {
-    pub fn status(self) -> u16 {
-        match self {
-            Self::BadRequest => 400,
-            Self::Unauthorized => 401,
-            Self::NotFound => 404,
-            Self::Conflict => 409,
-            Self::TooLarge => 413,
-            Self::Load => 422,
-            Self::Busy => 503,
-            Self::Internal => 500,
+    pub fn hinted(kind: Category, message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), hint: Some(hint.into()), problems: Vec::new() }
+    }
+
+    /// A library error as the API answers it: its category and its problems.
+    pub fn of(error: &dyn Explain) -> Self {
+        let problems = error.problems();
+        let first = problems.first().cloned().unwrap_or_else(|| Problem::new(error.to_string()));
+        let first = first.spelled(FrontDoor::Api);
+        Self { kind: error.category(), message: first.message, hint: first.hint, problems }
+    }
+
+    /// Its problems, as a client shows them.
+    pub fn problems(&self) -> Vec<Problem> {
+        match self.problems.is_empty() {
+            true => vec![Problem { message: self.message.clone(), hint: self.hint.clone() }],
+            false => self.problems.clone(),
         }
     }
 }
 
-impl ApiError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), hint: None }
+impl Explain for ApiError {
+    fn category(&self) -> Category {
+        self.kind
     }
 
-    pub fn hinted(kind: ErrorKind, message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), hint: Some(hint.into()) }
-    }
-
-    /// The first problem of a library error, with its hint.
-    pub fn explained(kind: ErrorKind, error: &dyn manifest_schema::Explain) -> Self {
-        let mut problems = error.problems().into_iter();
-        let first = problems.next().unwrap_or_else(|| manifest_schema::Problem::new(error.to_string()));
-        let rest: Vec<String> = problems.map(|p| p.message).collect();
-        let message = if rest.is_empty() { first.message } else { format!("{}\n{}", first.message, rest.join("\n")) };
-        Self { kind, message, hint: first.hint }
-    }
-
-    pub fn problem(&self) -> manifest_schema::Problem {
-        manifest_schema::Problem { message: self.message.clone(), hint: self.hint.clone() }
+    fn problems(&self) -> Vec<Problem> {
+        ApiError::problems(self)
     }
 }
 

@@ -40,9 +40,17 @@ pub enum ClientError {
 }
 
 impl manifest_schema::Explain for ClientError {
+    fn category(&self) -> manifest_schema::Category {
+        match self {
+            Self::Api(error) => error.kind,
+            Self::Unreachable { .. } => manifest_schema::Category::Usage,
+            Self::Protocol { .. } => manifest_schema::Category::Internal,
+        }
+    }
+
     fn problems(&self) -> Vec<manifest_schema::Problem> {
         match self {
-            Self::Api(error) => vec![error.problem()],
+            Self::Api(error) => error.problems(),
             other => vec![manifest_schema::Problem { message: other.to_string(), hint: other.hint() }],
         }
     }

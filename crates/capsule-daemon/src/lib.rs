@@ -77,6 +77,16 @@ pub enum DaemonError {
 }
 
 impl manifest_schema::Explain for DaemonError {
+    fn category(&self) -> manifest_schema::Category {
+        use manifest_schema::Category;
+        match self {
+            Self::AlreadyRunning(_) => Category::Busy,
+            Self::Cluster(error) => error.category(),
+            Self::NoHome(_) | Self::Token { .. } | Self::ListenWithoutTls(_) | Self::Tls(_) => Category::Usage,
+            Self::Io { .. } | Self::Registry(_) | Self::Runtime(_) => Category::Internal,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::AlreadyRunning(_) => Some(

@@ -15,13 +15,13 @@ use capsule_exec::{
     CallStatus, Cancel, Engine, Event, EventSink, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunState,
     Start,
 };
-use manifest_schema::ProjectFile;
+use manifest_schema::{Category, ProjectFile};
 use python_runtime::ErrorKind as GuestKind;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::admission;
-use crate::api::{ApiError, CallView, ErrorKind, Line, RunView, SubmitRun};
+use crate::api::{ApiError, CallView, Line, RunView, SubmitRun};
 use crate::registry::{Registered, Registry};
 
 /// Finished runs kept in memory for `list` and `logs`; older ones are in their journals.
@@ -286,7 +286,7 @@ fn record(entry: &RunEntry, event: &Event<'_>) {
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorKind::BadRequest, message)
+    ApiError::new(Category::Usage, message)
 }
 
 /// Whether `manifest` (resolved) is the built-in interpreter image's.
@@ -343,7 +343,7 @@ impl Runs {
         if let Some(journal) = journals.get(path) {
             return Ok(journal.clone());
         }
-        let journal = Arc::new(Journal::open(path).map_err(|e| ApiError::explained(ErrorKind::Internal, &e))?);
+        let journal = Arc::new(Journal::open(path).map_err(|e| ApiError::of(&e))?);
         journals.insert(path.to_path_buf(), journal.clone());
         Ok(journal)
     }
@@ -351,7 +351,7 @@ impl Runs {
     pub fn get(&self, id: &str) -> Result<Arc<RunEntry>, ApiError> {
         let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         runs.by_id.get(id).cloned().ok_or_else(|| {
-            ApiError::hinted(ErrorKind::NotFound, format!("no run `{id}`"), "`capsule list --all` shows the runs")
+            ApiError::hinted(Category::NotFound, format!("no run `{id}`"), "`capsule list --all` shows the runs")
         })
     }
 
@@ -378,7 +378,7 @@ impl Runs {
         self.admit()?;
         let (ready, accepted) = tokio::sync::oneshot::channel();
         self.launch(request, restarted_from, None, Answer::Accepted(ready));
-        accepted.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "preparing the run failed")))
+        accepted.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "preparing the run failed")))
     }
 
     /// Starts a run and answers once it has ended, with its view and outcome: the API's
@@ -387,19 +387,19 @@ impl Runs {
         self.admit()?;
         let (ready, finished) = tokio::sync::oneshot::channel();
         self.launch(request, None, None, Answer::Finished(ready));
-        finished.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "the run's task failed")))
+        finished.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "the run's task failed")))
     }
 
     /// Counts a new run as active, unless the daemon is closing or full.
     fn admit(&self) -> Result<(), ApiError> {
         if !self.accepting.load(Ordering::SeqCst) {
-            return Err(ApiError::new(ErrorKind::Busy, "the daemon is shutting down"));
+            return Err(ApiError::new(Category::Busy, "the daemon is shutting down"));
         }
         let capacity = self.limits.workers.max(1) + self.limits.queue;
         if self.active.fetch_add(1, Ordering::SeqCst) >= capacity {
             self.active.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::hinted(
-                ErrorKind::Busy,
+                Category::Busy,
                 format!("the daemon's queue is full ({capacity} runs queued or running)"),
                 "try again when some have finished, or start the daemon with a larger `--queue`",
             ));
@@ -460,7 +460,7 @@ impl Runs {
             }
             None => capsule_exec::DEFAULT_TIMEOUT,
         };
-        let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+        let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::of(&e))?;
         let image = is_interpreter_image(&request.manifest);
         let loaded = match (admission::trust(&request.trust)?, image) {
             (Some(trust), _) => self.engine.load_signed(&request.manifest, &trust),
@@ -468,10 +468,10 @@ impl Runs {
             (None, true) => self.engine.load_own(&request.manifest),
             (None, false) => self.engine.load(&request.manifest),
         }
-        .map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+        .map_err(|e| ApiError::of(&e))?;
         if let Some(options) = &request.options {
-            let task = capsule_exec::select_task(loaded.manifest(), request.task.as_deref())
-                .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+            let task =
+                capsule_exec::select_task(loaded.manifest(), request.task.as_deref()).map_err(|e| ApiError::of(&e))?;
             admission::check_options(task, options, image)?;
         }
         let entry = request.entry.clone().unwrap_or_else(|| request.manifest.clone());
@@ -513,14 +513,7 @@ impl Runs {
             events: Arc::new(Deferred(slot.clone())),
             cancel,
         };
-        let prepared = self.engine.prepare(&loaded, run_request).map_err(|e| {
-            let kind = match &e {
-                capsule_exec::EngineError::Load(_) => ErrorKind::Load,
-                capsule_exec::EngineError::Journal(capsule_exec::JournalError::Database { .. }) => ErrorKind::Internal,
-                _ => ErrorKind::BadRequest,
-            };
-            ApiError::explained(kind, &e)
-        })?;
+        let prepared = self.engine.prepare(&loaded, run_request).map_err(|e| ApiError::of(&e))?;
         let id = prepared.run_id().expect("daemon runs are journaled").to_string();
         let mut shell = Arc::into_inner(shell).expect("not shared yet");
         shell.id = id;
@@ -544,13 +537,13 @@ impl Runs {
     ) -> Result<(Arc<RunEntry>, Body), ApiError> {
         if request.options.is_some() {
             return Err(ApiError::hinted(
-                ErrorKind::BadRequest,
+                Category::Usage,
                 "this daemon runs tasks on a cluster, where they run with the limits of their manifest",
                 "set the limits in `@task(...)`, or run it without the daemon (`--no-daemon`)",
             ));
         }
         let task = capsule_exec::select_task(loaded.manifest(), request.task.as_deref())
-            .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?
+            .map_err(|e| ApiError::of(&e))?
             .name
             .clone();
         // Resuming a run on the cluster is waiting for it again: its calls' outcomes are there.
@@ -578,7 +571,7 @@ impl Runs {
             request: entry.request.clone(),
             restarted_from: entry.restarted_from.clone(),
         };
-        self.registry.add(&registered).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+        self.registry.add(&registered).map_err(|e| ApiError::new(Category::Internal, e.to_string()))
     }
 
     /// Runs a prepared run when a worker is free (or on the cluster); gives its outcome.
@@ -655,7 +648,7 @@ impl Runs {
         let entry = self.get(id)?;
         if entry.is_finished() {
             let status = entry.view(false).status;
-            return Err(ApiError::new(ErrorKind::Conflict, format!("run `{id}` has already finished ({status})")));
+            return Err(ApiError::new(Category::Conflict, format!("run `{id}` has already finished ({status})")));
         }
         entry.stop();
         let deadline = Instant::now() + wait;
@@ -673,7 +666,7 @@ impl Runs {
             Err(not_held) => {
                 self.registry
                     .get(id)
-                    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+                    .map_err(|e| ApiError::new(Category::Internal, e.to_string()))?
                     .ok_or(not_held)?
                     .request
             }
@@ -706,7 +699,7 @@ impl Runs {
             let (ready, accepted) = tokio::sync::oneshot::channel();
             self.launch(run.request, run.restarted_from, Some(run.id), Answer::Accepted(ready));
             let launched =
-                accepted.await.unwrap_or_else(|_| Err(ApiError::new(ErrorKind::Internal, "preparing failed")));
+                accepted.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "preparing failed")));
             match launched {
                 Ok(entry) => tracing::info!(run = %entry.id, "resuming a run the previous daemon did not finish"),
                 Err(error) => {

@@ -13,11 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream;
+use manifest_schema::Category;
 use serde::Deserialize;
 
 use crate::api::{
-    Accepted, ApiError, ErrorBody, ErrorKind, Finished, Health, Line, MAX_REQUEST_BYTES, OpenSession, RunPython,
-    SessionCall, SessionView, SubmitRun,
+    Accepted, ApiError, ErrorBody, Finished, Health, Line, MAX_REQUEST_BYTES, OpenSession, RunPython, SessionCall,
+    SessionView, SubmitRun,
 };
 use crate::runs::{RunEntry, Runs};
 use crate::sessions::{Sessions, interpreter_image};
@@ -27,7 +28,7 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(ErrorBody { error: self })).into_response()
     }
 }
@@ -69,7 +70,7 @@ pub fn router(served: Served, token: Option<Arc<str>>) -> Router {
         .route("/v1/runs/{id}/outcome", get(outcome))
         .route("/v1/runs/{id}/stop", post(stop))
         .route("/v1/runs/{id}/restart", post(restart))
-        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such route; the API is under /v1/") })
+        .fallback(|| async { ApiError::new(Category::NotFound, "no such route; the API is under /v1/") })
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(served);
     match token {
@@ -92,7 +93,7 @@ async fn authorise(token: &str, request: Request, next: Next) -> Response {
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         next.run(request).await
     } else {
-        ApiError::hinted(ErrorKind::Unauthorized, "missing or wrong token", "send `Authorization: Bearer <token>`")
+        ApiError::hinted(Category::Unauthorized, "missing or wrong token", "send `Authorization: Bearer <token>`")
             .into_response()
     }
 }
@@ -119,9 +120,9 @@ async fn health(State(runs): State<Arc<Runs>>) -> Json<Health> {
 fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorKind::TooLarge, format!("the request is larger than {} MiB", MAX_REQUEST_BYTES >> 20))
+            ApiError::new(Category::TooLarge, format!("the request is larger than {} MiB", MAX_REQUEST_BYTES >> 20))
         } else {
-            ApiError::new(ErrorKind::BadRequest, format!("cannot read the request: {rejection}"))
+            ApiError::new(Category::Usage, format!("cannot read the request: {rejection}"))
         }
     })?;
     // The error names the field, e.g. `options.ram`, not just where in the text it was.
@@ -131,7 +132,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>
             "." => format!("invalid request body: {}", e.inner()),
             path => format!("invalid request body: `{path}`: {}", e.inner()),
         };
-        ApiError::new(ErrorKind::BadRequest, message)
+        ApiError::new(Category::Usage, message)
     })
 }
 
@@ -164,7 +165,7 @@ async fn list(
     State(runs): State<Arc<Runs>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::new(Category::Usage, e.body_text()))?;
     Ok(Json(runs.list(query.all, query.namespace.as_deref())).into_response())
 }
 
@@ -180,7 +181,7 @@ struct FollowQuery {
 }
 
 fn follow_of(query: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<bool> {
-    query.map(|Query(q)| q.follow).map_err(|e| ApiError::new(ErrorKind::BadRequest, e.body_text()))
+    query.map(|Query(q)| q.follow).map_err(|e| ApiError::new(Category::Usage, e.body_text()))
 }
 
 async fn events(
@@ -213,7 +214,7 @@ async fn outcome(
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorKind::BadRequest, e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::new(Category::Usage, e.body_text()))?;
     let entry = runs.get(&id)?;
     loop {
         let change = entry.next_change();
@@ -222,7 +223,7 @@ async fn outcome(
         }
         if !query.wait {
             return Err(ApiError::hinted(
-                ErrorKind::Conflict,
+                Category::Conflict,
                 format!("run `{id}` has not finished"),
                 "add `?wait=true` to wait for it",
             ));
@@ -376,7 +377,7 @@ fn is_output(line: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// Fuzz target: the daemon answers any request body with a request or a `bad_request`
+    /// Fuzz target: the daemon answers any request body with a request or a `usage` error
     /// naming the problem, never a panic.
     #[test]
     fn fuzzed_request_bodies_are_parsed_or_refused_never_a_panic() {
@@ -393,7 +394,7 @@ mod tests {
         bolero::check!().with_iterations(fixtures::fuzz_iterations()).for_each(|noise: &[u8]| {
             let body = Ok(Bytes::from(fixtures::mutate(&seed, noise)));
             if let Err(error) = json_body::<SubmitRun>(body) {
-                assert_eq!(error.kind, ErrorKind::BadRequest);
+                assert_eq!(error.kind, Category::Usage);
             }
         });
     }

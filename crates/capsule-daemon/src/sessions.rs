@@ -9,10 +9,10 @@ use std::sync::Mutex as SyncMutex;
 use std::time::{Duration, Instant};
 
 use capsule_exec::{CallLimits, Cancel, NoEvents, Outcome, RunSettings, Session, SessionState};
-use manifest_schema::{FileGrant, FileMode, TaskOptions};
+use manifest_schema::{Category, FileGrant, FileMode, TaskOptions};
 use tokio::sync::Mutex;
 
-use crate::api::{ApiError, ErrorKind, OpenSession, Saved, SessionCall, SessionView};
+use crate::api::{ApiError, OpenSession, Saved, SessionCall, SessionView};
 use crate::runs::Runs;
 
 /// Sessions one daemon holds at once (each holds a sandbox).
@@ -44,7 +44,7 @@ fn random_id() -> String {
 }
 
 fn internal(error: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorKind::Internal, error.to_string())
+    ApiError::new(Category::Internal, error.to_string())
 }
 
 impl Sessions {
@@ -56,7 +56,7 @@ impl Sessions {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.get(id)
             .cloned()
-            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no session `{id}` (closed, or idle too long)")))
+            .ok_or_else(|| ApiError::new(Category::NotFound, format!("no session `{id}` (closed, or idle too long)")))
     }
 
     fn view(id: &str, held: &Held) -> SessionView {
@@ -71,7 +71,7 @@ impl Sessions {
 
     fn saved_path(&self, id: &str) -> Result<PathBuf, ApiError> {
         if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ApiError::new(ErrorKind::BadRequest, format!("`{id}` is not a saved session's id")));
+            return Err(ApiError::new(Category::Usage, format!("`{id}` is not a saved session's id")));
         }
         Ok(self.saved.join(format!("{id}.session")))
     }
@@ -79,7 +79,7 @@ impl Sessions {
     pub async fn open(&self, request: OpenSession) -> Result<SessionView, ApiError> {
         if self.held.lock().unwrap_or_else(|e| e.into_inner()).len() >= MAX_SESSIONS {
             return Err(ApiError::hinted(
-                ErrorKind::Busy,
+                Category::Busy,
                 format!("the daemon holds {MAX_SESSIONS} sessions"),
                 "close some",
             ));
@@ -94,7 +94,7 @@ impl Sessions {
         let restore = match &request.restore {
             Some(saved) => Some(
                 std::fs::read(self.saved_path(saved)?)
-                    .map_err(|_| ApiError::new(ErrorKind::NotFound, format!("no saved session `{saved}`")))?,
+                    .map_err(|_| ApiError::new(Category::NotFound, format!("no saved session `{saved}`")))?,
             ),
             None => None,
         };
@@ -102,7 +102,7 @@ impl Sessions {
         if let (Some(bytes), Some(saved)) = (&restore, &request.restore)
             && SessionState::id_of(bytes) != *saved
         {
-            return Err(ApiError::new(ErrorKind::BadRequest, format!("saved session `{saved}` does not match its id")));
+            return Err(ApiError::new(Category::Usage, format!("saved session `{saved}` does not match its id")));
         }
         // The workspace is the session's `/`: its files are the caller's to read and write.
         let requested = request.options.clone();
@@ -119,25 +119,21 @@ impl Sessions {
                 // The daemon's own interpreter image needs no signature; a client's manifest does
                 // when the daemon requires them.
                 let loaded = if own { runs.engine().load_own(&manifest) } else { runs.engine().load(&manifest) }
-                    .map_err(|e| ApiError::explained(ErrorKind::Load, &e))?;
+                    .map_err(|e| ApiError::of(&e))?;
                 if let Some(requested) = &requested {
-                    let task = capsule_exec::select_task(loaded.manifest(), task.as_deref())
-                        .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?;
+                    let task =
+                        capsule_exec::select_task(loaded.manifest(), task.as_deref()).map_err(|e| ApiError::of(&e))?;
                     // Its folder is the session's workspace, whatever the request says.
                     crate::admission::check_options(task, requested, true)?;
                 }
                 let state = match restore {
-                    Some(bytes) => Some(
-                        runs.engine()
-                            .session_state(&loaded, &bytes)
-                            .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))?,
-                    ),
+                    Some(bytes) => Some(runs.engine().session_state(&loaded, &bytes).map_err(|e| ApiError::of(&e))?),
                     None => None,
                 };
                 runs.engine()
                     .open_session(&loaded, task.as_deref(), settings, Arc::new(NoEvents), state)
                     .await
-                    .map_err(|e| ApiError::explained(ErrorKind::BadRequest, &e))
+                    .map_err(|e| ApiError::of(&e))
             })
             .await
             .map_err(internal)?;
@@ -166,7 +162,7 @@ impl Sessions {
         let timeout = match &call.timeout {
             Some(text) => Some(
                 manifest_schema::parse_duration(text)
-                    .map_err(|p| ApiError::new(ErrorKind::BadRequest, format!("`timeout`: {}", p.message)))?,
+                    .map_err(|p| ApiError::new(Category::Usage, format!("`timeout`: {}", p.message)))?,
             ),
             None => None,
         };
@@ -193,7 +189,7 @@ impl Sessions {
             .spawn(async move { held.session.lock().await.save().await })
             .await
             .map_err(internal)?
-            .map_err(|e| ApiError::explained(ErrorKind::Internal, &e))?;
+            .map_err(|e| ApiError::of(&e))?;
         let bytes = state.to_bytes();
         let saved = SessionState::id_of(&bytes);
         std::fs::create_dir_all(&self.saved).map_err(internal)?;
@@ -222,7 +218,7 @@ impl Sessions {
 
     pub fn close(&self, id: &str) -> Result<(), ApiError> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-        let held = held.ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no session `{id}`")))?;
+        let held = held.ok_or_else(|| ApiError::new(Category::NotFound, format!("no session `{id}`")))?;
         let _ = std::fs::remove_dir_all(&held.workspace);
         Ok(())
     }
@@ -268,7 +264,7 @@ pub fn interpreter_image() -> Result<std::path::PathBuf, ApiError> {
     capsule_exec::interpreter_dir().map(|dir| dir.join("build/manifest.toml")).filter(|path| path.is_file()).ok_or_else(
         || {
             ApiError::hinted(
-                ErrorKind::Load,
+                Category::Load,
                 "the interpreter image is not built",
                 "build it with `capsule python --image` (clients such as the Python SDK do)",
             )

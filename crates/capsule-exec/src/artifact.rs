@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use manifest_schema::{Explain, Manifest, ManifestError};
+use manifest_schema::{Category, Explain, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wasmtime::{Engine, Module};
@@ -43,9 +43,17 @@ pub enum LoadError {
 }
 
 impl Explain for LoadError {
+    fn category(&self) -> Category {
+        match self {
+            Self::Untrusted(error) => error.category(),
+            _ => Category::Load,
+        }
+    }
+
     fn problems(&self) -> Vec<manifest_schema::Problem> {
         match self {
             Self::Untrusted(error) => error.problems(),
+            Self::Manifest(error) => error.problems(),
             _ => vec![manifest_schema::Problem { message: self.to_string(), hint: self.hint() }],
         }
     }

@@ -75,6 +75,21 @@ fn listed(tasks: &[String]) -> String {
 }
 
 impl Explain for EngineError {
+    fn category(&self) -> manifest_schema::Category {
+        use manifest_schema::Category;
+        match self {
+            Self::Setup(_) => Category::Internal,
+            Self::Load(error) => error.category(),
+            Self::Journal(error) => error.category(),
+            Self::Session(error) => error.category(),
+            Self::NoSuchTask { .. }
+            | Self::NoDefaultTask { .. }
+            | Self::ResumeWithoutJournal
+            | Self::ResumedTaskMissing { .. }
+            | Self::TooLittleMemory { .. } => Category::Usage,
+        }
+    }
+
     fn problems(&self) -> Vec<manifest_schema::Problem> {
         match self {
             Self::Load(error) => error.problems(),
@@ -86,8 +101,8 @@ impl Explain for EngineError {
     fn hint(&self) -> Option<String> {
         match self {
             Self::NoSuchTask { tasks, .. } => Some(format!("the tasks are {}", listed(tasks))),
-            Self::NoDefaultTask { tasks } => Some(format!("choose one with `--task NAME`: {}", listed(tasks))),
-            Self::ResumeWithoutJournal => Some("pass `--journal PATH`".into()),
+            Self::NoDefaultTask { tasks } => Some(format!("choose one with <<task>>: {}", listed(tasks))),
+            Self::ResumeWithoutJournal => Some("give the journal it was recorded in, <<journal>>".into()),
             Self::ResumedTaskMissing { .. } => Some("start a new run of a task this build has".into()),
             Self::TooLittleMemory { needed, .. } => {
                 Some(format!("give it at least {}MiB", needed.div_ceil(1 << 20) + 16))

@@ -40,6 +40,15 @@ pub enum JournalError {
 }
 
 impl manifest_schema::Explain for JournalError {
+    fn category(&self) -> manifest_schema::Category {
+        use manifest_schema::Category;
+        match self {
+            Self::Database { .. } | Self::Folder { .. } => Category::Internal,
+            Self::NoSuchRun(_) | Self::Missing(_) => Category::NotFound,
+            Self::Diverged { .. } | Self::Format { .. } | Self::Corrupt { .. } => Category::Usage,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::Diverged { .. } => {
@@ -49,9 +58,9 @@ impl manifest_schema::Explain for JournalError {
             Self::Format { path, .. } => {
                 Some(format!("move `{path}` aside (it holds runs of another Capsule version) and run again"))
             }
-            Self::Missing(_) => {
-                Some("run this in the project folder (where `.capsule/` is), or pass `--journal PATH`".into())
-            }
+            Self::Missing(_) => Some(
+                "run this in the project folder (where `.capsule/` is), or give the journal with <<journal>>".into(),
+            ),
             Self::Corrupt { .. } => {
                 Some("a result that cannot be trusted is not replayed; start a new run instead of resuming".into())
             }

@@ -52,6 +52,14 @@ pub enum SessionError {
 }
 
 impl manifest_schema::Explain for SessionError {
+    fn category(&self) -> manifest_schema::Category {
+        use manifest_schema::Category;
+        match self {
+            Self::Damaged(_) | Self::Foreign { .. } => Category::Usage,
+            Self::Sandbox(_) | Self::Replay { .. } => Category::Internal,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::Damaged(_) => Some("restore from another save; a session file cannot be repaired".into()),

@@ -41,13 +41,20 @@ pub enum TrustError {
 }
 
 impl manifest_schema::Explain for TrustError {
+    fn category(&self) -> manifest_schema::Category {
+        match self {
+            Self::Key { .. } => manifest_schema::Category::Usage,
+            _ => manifest_schema::Category::Load,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::Unsigned { .. } => {
-                Some("sign it with `capsule build FILE --sign KEY`, and run it with `--trust KEY.pub`".into())
+                Some("sign it with `capsule build FILE --sign KEY`, and trust that key with <<trust>>".into())
             }
             Self::UnknownKey { .. } => Some(format!(
-                "trust that key's `.pub` file with `--trust` (or `{TRUST_ENV}`) if you trust who holds it"
+                "trust that key's `.pub` file with <<trust>> (or `{TRUST_ENV}`) if you trust who holds it"
             )),
             Self::BadSignature { .. } => {
                 Some("rebuild and sign it again; never run a manifest whose signature fails".into())

@@ -53,6 +53,13 @@ pub enum McpError {
 }
 
 impl manifest_schema::Explain for McpError {
+    fn category(&self) -> manifest_schema::Category {
+        match self {
+            Self::NameTaken(_) => manifest_schema::Category::Usage,
+            Self::Connection(_) => manifest_schema::Category::Internal,
+        }
+    }
+
     fn hint(&self) -> Option<String> {
         match self {
             Self::NameTaken(_) => Some("rename the task with `@task(name=\"...\")`".into()),
@@ -97,7 +104,10 @@ struct Refused(String);
 impl From<ClientError> for Refused {
     fn from(error: ClientError) -> Self {
         Self(match error {
-            ClientError::Api(api) => api.problem().to_string(),
+            ClientError::Api(api) => {
+                let problems = api.problems().into_iter().map(|p| p.spelled(manifest_schema::problem::FrontDoor::Api));
+                manifest_schema::problem::render(&problems.collect::<Vec<_>>())
+            }
             other => other.to_string(),
         })
     }

@@ -20,8 +20,8 @@ use thiserror::Error;
 pub use files::{FileGrant, FileMode, STATE_DIR, normalise_grant_path};
 pub use hosts::HostPolicy;
 pub use options::{OPTIONS, Secret, TaskOptions, TaskSpec, defaults};
-pub use problem::{Explain, Problem};
-pub use project::{PROJECT_FILE, ProjectFile};
+pub use problem::{Category, Explain, Problem};
+pub use project::{PROJECT_FILE, ProjectFile, ProjectFileError};
 pub use signature::{Parameter, Scalar, Signature, TypeHint};
 pub use units::{ByteSize, Compute, Timeout, parse_duration, parse_memory};
 
@@ -158,7 +158,20 @@ pub enum ManifestError {
     Invalid { path: String, message: String },
 }
 
-impl Explain for ManifestError {}
+impl Explain for ManifestError {
+    fn category(&self) -> problem::Category {
+        problem::Category::Load
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Some(
+                "build it first: `capsule build FILE` writes `.capsule/build/<name>/manifest.toml` beside FILE".into(),
+            ),
+            _ => None,
+        }
+    }
+}
 
 impl Manifest {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ManifestError> {

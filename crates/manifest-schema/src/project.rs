@@ -26,6 +26,18 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::ManifestError;
+use crate::problem::{Category, Explain};
+
+/// A `capsule.toml` that cannot be read or is not valid: the caller's to fix.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ProjectFileError(#[from] ManifestError);
+
+impl Explain for ProjectFileError {
+    fn category(&self) -> Category {
+        Category::Usage
+    }
+}
 use crate::options::{self, Literal, TaskOptions, TaskSpec, Value};
 
 pub const PROJECT_FILE: &str = "capsule.toml";
@@ -67,7 +79,7 @@ pub struct Runtime {
 }
 
 impl ProjectFile {
-    pub fn parse(text: &str, path: &str) -> Result<Self, ManifestError> {
+    pub fn parse(text: &str, path: &str) -> Result<Self, ProjectFileError> {
         let file: ProjectFile = toml::from_str(text)
             .map_err(|e| ManifestError::Parse { path: path.to_string(), message: e.to_string() })?;
         file.task_defaults().map_err(|message| ManifestError::Invalid { path: path.to_string(), message })?;
@@ -75,18 +87,18 @@ impl ProjectFile {
     }
 
     /// The `capsule.toml` in `dir`, if there is one.
-    pub fn find(dir: &Path) -> Result<Option<Self>, ManifestError> {
+    pub fn find(dir: &Path) -> Result<Option<Self>, ProjectFileError> {
         let path = dir.join(PROJECT_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path.display().to_string()).map(Some),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(ManifestError::Read { path: path.display().to_string(), source }),
+            Err(source) => Err(ManifestError::Read { path: path.display().to_string(), source }.into()),
         }
     }
 
     /// The namespace of the project in `dir` (how `capsule list` groups runs): `[workflow]
     /// name` of its capsule.toml, else the folder's name.
-    pub fn namespace(dir: &Path) -> Result<String, ManifestError> {
+    pub fn namespace(dir: &Path) -> Result<String, ProjectFileError> {
         let named = Self::find(dir)?.and_then(|file| file.workflow.name);
         Ok(named.unwrap_or_else(|| {
             let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());

@@ -53,7 +53,7 @@ impl BuildCommand {
         };
         // A key that cannot be read fails before the build, not after it.
         let key = match &self.sign {
-            Some(path) => Some(SigningKey::read(path).map_err(|e| Failure::usage(&e))?),
+            Some(path) => Some(SigningKey::read(path).map_err(|e| Failure::of(&e))?),
             None => None,
         };
         let layout = ProjectLayout::of_file(&entry, None);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use capsule_daemon::{Client, DaemonConfig, Listen, Target, Tls, default_socket, default_state_dir};
 use capsule_exec::{Engine, Trust};
 use clap::Args;
-use manifest_schema::Problem;
+use manifest_schema::{Category, Problem};
 
 use crate::cluster_args::{ClusterArgs, host_name};
 use crate::exit::{Exit, Failure};
@@ -82,11 +82,11 @@ impl DaemonCommand {
             return detach(&config);
         }
         let mut engine = Engine::new()?;
-        if let Some(trust) = Trust::from_files_and_env(&self.trust).map_err(|e| Failure::usage(&e))? {
+        if let Some(trust) = Trust::from_files_and_env(&self.trust).map_err(|e| Failure::of(&e))? {
             engine = engine.requiring_signatures(trust);
         } else if self.nats.is_some() && !self.allow_unsigned {
             return Err(Failure::problem(
-                Exit::Usage,
+                Category::Usage,
                 Problem::hinted(
                     "a daemon with `--nats` sends work that every worker runs as native code: it must be signed",
                     "give the key builds are signed with, `--trust KEY.pub`, or accept unsigned work explicitly with `--allow-unsigned`",
@@ -103,12 +103,12 @@ impl DaemonCommand {
                 eprintln!("capsule: runs go to the workers of the cluster at {}", cluster.shown_url());
             }
         })
-        .map_err(|e| Failure::new(Exit::Internal, &e))?;
+        .map_err(|e| Failure::of(&e))?;
         Ok(Exit::Success.into())
     }
 
     fn config(&self) -> Result<DaemonConfig, Failure> {
-        let daemon_failure = |e: capsule_daemon::DaemonError| Failure::usage(&e);
+        let daemon_failure = |e: capsule_daemon::DaemonError| Failure::of(&e);
         let listen = match (&self.listen, &self.token_file) {
             (Some(address), Some(file)) => {
                 let tls = match (&self.tls_cert, &self.tls_key) {
@@ -149,7 +149,7 @@ impl DaemonCommand {
 /// Starts the same command without `--detach` in a new session, and waits until it answers.
 fn detach(config: &DaemonConfig) -> Result<ExitCode, Failure> {
     use std::os::unix::process::CommandExt;
-    let internal = |message: String| Failure::problem(Exit::Internal, Problem::new(message));
+    let internal = |message: String| Failure::problem(Category::Internal, Problem::new(message));
     capsule_exec::private_dir(&config.state_dir)
         .map_err(|e| internal(format!("cannot use `{}`: {e}", config.state_dir.display())))?;
     let log_path = config.state_dir.join("daemon.log");
@@ -176,7 +176,7 @@ fn detach(config: &DaemonConfig) -> Result<ExitCode, Failure> {
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Failure::problem(
-                Exit::Internal,
+                Category::Internal,
                 Problem::hinted(
                     format!("the daemon exited at once ({status})"),
                     format!("see `{}`", log_path.display()),

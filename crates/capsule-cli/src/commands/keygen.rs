@@ -23,7 +23,7 @@ pub struct KeygenCommand {
 impl KeygenCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
         let key = SigningKey::generate();
-        let public = key.write(&self.path).map_err(|e| Failure::usage(&e))?;
+        let public = key.write(&self.path).map_err(|e| Failure::of(&e))?;
         println!("secret key: {} (keep it private)", self.path.display());
         println!(
             "public key: {} (key {}; give it to runners: `--trust {}`)",

@@ -65,7 +65,7 @@ fn now_ms() -> i64 {
 /// The runs of a journal as the daemon would show them.
 fn from_journal(layout: &ProjectLayout, all: bool) -> Result<Vec<RunView>, Failure> {
     let journal = Journal::open_existing(&layout.journal)?;
-    let namespace = manifest_schema::ProjectFile::namespace(&layout.root).map_err(|e| Failure::usage(&e))?;
+    let namespace = manifest_schema::ProjectFile::namespace(&layout.root).map_err(|e| Failure::of(&e))?;
     let mut views = Vec::new();
     for run in journal.runs(if all { 1_000 } else { RECENT })? {
         if !all && run.status != RunState::Running {

@@ -8,7 +8,7 @@ use capsule_daemon::Client;
 use capsule_daemon::api::Line;
 use capsule_exec::{Event, Journal, Stream};
 use clap::Args;
-use manifest_schema::Problem;
+use manifest_schema::{Category, Problem};
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
@@ -48,13 +48,12 @@ impl LogsCommand {
             match streamed {
                 Ok(()) => return Ok(Exit::Success.into()),
                 // Not held by the daemon (finished long ago, or run without it): the journal has it.
-                Err(capsule_daemon::ClientError::Api(error))
-                    if error.kind == capsule_daemon::api::ErrorKind::NotFound && !self.follow => {}
+                Err(capsule_daemon::ClientError::Api(error)) if error.kind == Category::NotFound && !self.follow => {}
                 Err(error) => return Err(failure(error)),
             }
         } else if self.follow {
             return Err(Failure::problem(
-                Exit::Usage,
+                Category::Usage,
                 Problem::hinted(
                     "`--follow` needs the daemon that runs the run",
                     "start runs with `capsule daemon` running",

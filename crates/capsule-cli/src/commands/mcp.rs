@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use capsule_daemon::{Client, Target};
 use capsule_mcp::{McpConfig, ProjectTasks};
 use clap::Args;
-use manifest_schema::{Manifest, Problem};
+use manifest_schema::{Category, Manifest, Problem};
 
 use super::{BuildChoice, Source, entry_from_project, manifest_of};
 use crate::exit::{Exit, Failure};
@@ -59,20 +59,20 @@ impl McpCommand {
         };
         let (daemon, _private) = match Client::connect_default().await {
             Ok(client) => (client.target().clone(), None),
-            Err(error) if self.daemon => return Err(Failure::usage(&error)),
+            Err(error) if self.daemon => return Err(Failure::of(&error)),
             Err(_) => {
                 let private = PrivateDaemon::start()?;
                 (Target::Unix(private.socket.clone()), Some(private))
             }
         };
         let config = McpConfig { daemon, image: absolute(&image), options, root, project };
-        capsule_mcp::serve_stdio(config).await.map_err(|e| Failure::new(Exit::Internal, &e))?;
+        capsule_mcp::serve_stdio(config).await.map_err(|e| Failure::of(&e))?;
         Ok(Exit::Success.into())
     }
 }
 
 fn internal(message: String) -> Failure {
-    Failure::problem(Exit::Internal, Problem::new(message))
+    Failure::problem(Category::Internal, Problem::new(message))
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -86,11 +86,10 @@ async fn project_tasks(entry: &Path) -> Result<ProjectTasks, Failure> {
         manifest_of(&Source::Python(entry.to_path_buf()), &layout, &BuildChoice::default()).await?;
     let text = std::fs::read_to_string(&manifest_path)
         .map_err(|e| internal(format!("cannot read `{}`: {e}", manifest_path.display())))?;
-    let manifest =
-        Manifest::from_toml(&text, &manifest_path.display().to_string()).map_err(|e| Failure::new(Exit::Load, &e))?;
+    let manifest = Manifest::from_toml(&text, &manifest_path.display().to_string()).map_err(|e| Failure::of(&e))?;
     if manifest.tasks.is_empty() {
         return Err(Failure::problem(
-            Exit::Usage,
+            Category::Usage,
             Problem::hinted(format!("`{}` has no tasks", entry.display()), "mark the functions to offer with `@task`"),
         ));
     }

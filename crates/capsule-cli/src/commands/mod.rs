@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use capsule_exec::{Engine, Start};
-use manifest_schema::Problem;
+use manifest_schema::{Category, Problem};
 
-use crate::exit::{Exit, Failure};
+use crate::exit::Failure;
 use crate::launch::launch;
 use crate::layout::ProjectLayout;
 use crate::run_args::{Journaling, Launch, RunArgs};
@@ -113,7 +113,7 @@ async fn build_entry(
 #[cfg(not(feature = "build"))]
 async fn build_entry(entry: &Path, _: &ProjectLayout, _: &BuildChoice) -> Result<(PathBuf, Option<Engine>), Failure> {
     Err(Failure::problem(
-        Exit::Usage,
+        Category::Usage,
         Problem::hinted(
             format!("`{}` must be built first, and this `capsule` has no builder", entry.display()),
             "build it with a `capsule` that has the `build` feature, then run its `manifest.toml`",
@@ -126,11 +126,11 @@ async fn build_entry(entry: &Path, _: &ProjectLayout, _: &BuildChoice) -> Result
 pub fn entry_from_project(dir: &Path) -> Result<PathBuf, Failure> {
     let hint =
         "pass the Python file (`capsule run main.py`), or set `[workflow] entrypoint = \"main.py\"` in capsule.toml";
-    let config = manifest_schema::ProjectFile::find(dir).map_err(|e| Failure::usage(&e))?;
+    let config = manifest_schema::ProjectFile::find(dir).map_err(|e| Failure::of(&e))?;
     match config.and_then(|c| c.workflow.entrypoint) {
         Some(entry) => Ok(dir.join(entry)),
         None => Err(Failure::problem(
-            Exit::Usage,
+            Category::Usage,
             Problem::hinted(
                 match dir.as_os_str().is_empty() {
                     true => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use capsule_exec::Start;
 use clap::Args;
-use manifest_schema::Problem;
+use manifest_schema::{Category, Problem};
 
 use crate::exit::{Exit, Failure};
 use crate::launch::launch;
@@ -44,7 +44,7 @@ pub struct PythonCommand {
 }
 
 fn usage(problem: Problem) -> Failure {
-    Failure::problem(Exit::Usage, problem)
+    Failure::problem(Category::Usage, problem)
 }
 
 impl PythonCommand {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use capsule_cluster::{Cluster, Worker, WorkerOptions};
 use capsule_exec::{Engine, Trust};
 use clap::Args;
-use manifest_schema::Problem;
+use manifest_schema::{Category, Problem};
 
 use crate::cluster_args::{ClusterArgs, host_name};
 use crate::exit::{Exit, Failure};
@@ -43,11 +43,11 @@ pub struct WorkerCommand {
 
 impl WorkerCommand {
     pub async fn execute(self) -> Result<ExitCode, Failure> {
-        let usage = |message: String| Failure::problem(Exit::Usage, Problem::new(message));
-        let trust = Trust::from_files_and_env(&self.trust).map_err(|e| Failure::usage(&e))?;
+        let usage = |message: String| Failure::problem(Category::Usage, Problem::new(message));
+        let trust = Trust::from_files_and_env(&self.trust).map_err(|e| Failure::of(&e))?;
         if trust.is_none() && !self.allow_unsigned {
             return Err(Failure::problem(
-                Exit::Usage,
+                Category::Usage,
                 Problem::hinted(
                     "a worker runs, as native code, whatever reaches its queue: it needs the public key builds are signed with",
                     "pass `--trust KEY.pub` (see `capsule keygen` and `capsule build --sign`), or accept unsigned work explicitly with `--allow-unsigned`",
@@ -67,7 +67,7 @@ impl WorkerCommand {
         let slots = self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let cluster_options = self.cluster.options(&self.nats, name.clone());
         let shown = cluster_options.shown_url();
-        let cluster = Cluster::connect(cluster_options).await.map_err(|e| Failure::new(Exit::Usage, &e))?;
+        let cluster = Cluster::connect(cluster_options).await.map_err(|e| Failure::of(&e))?;
         let mut engine = Engine::new()?;
         if let Some(trust) = trust {
             engine = engine.requiring_signatures(trust);
@@ -84,7 +84,7 @@ impl WorkerCommand {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        Worker::new(cluster, engine, options).serve(shutdown).await.map_err(|e| Failure::new(Exit::Internal, &e))?;
+        Worker::new(cluster, engine, options).serve(shutdown).await.map_err(|e| Failure::of(&e))?;
         Ok(Exit::Success.into())
     }
 }

@@ -488,7 +488,7 @@ def _raise_error(body: bytes) -> None:
     kind, message, hint = error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint")
     if kind == "load":
         raise BuildError(message, hint)
-    if kind in ("bad_request", "not_found", "conflict", "too_large"):
+    if kind in ("usage", "bad_request", "not_found", "conflict", "too_large"):
         raise UsageError(message, hint)
     raise DaemonError(message, hint)
 
