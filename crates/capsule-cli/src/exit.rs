@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use manifest_schema::{Category, Explain, Problem, problem::render};
+use manifest_schema::problem::{FrontDoor, render};
+use manifest_schema::{Category, Explain, Problem};
 
 /// A command that ended well, or whose task ran and failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +41,38 @@ impl Failure {
         Self { category, problems: vec![problem] }
     }
 
-    /// Prints the problems on stderr and gives the exit code.
-    pub fn report(&self) -> ExitCode {
-        eprint!("{}", render(&self.problems));
+    /// Prints the problems on stderr, as `format` says, and gives the exit code.
+    pub fn report(&self, format: MessageFormat) -> ExitCode {
+        match format {
+            MessageFormat::Human => eprint!("{}", render(&self.problems)),
+            MessageFormat::Json => eprintln!("{}", self.json()),
+        }
         ExitCode::from(self.category.exit_code())
     }
+
+    /// The failure as one line of JSON, in the shape of the daemon's API errors (`{"error":
+    /// {"kind", "message", "hint", "problems"}}`), hints spelled for the command line.
+    fn json(&self) -> String {
+        let problems: Vec<Problem> = self.problems.iter().cloned().map(|p| p.spelled(FrontDoor::Cli)).collect();
+        let first = problems.first().cloned().unwrap_or_else(|| Problem::new("failed"));
+        let error = serde_json::json!({
+            "kind": self.category,
+            "message": first.message,
+            "hint": first.hint,
+            "problems": problems,
+        });
+        serde_json::json!({ "error": error }).to_string()
+    }
+}
+
+/// How a command prints its failure: for people, or for programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageFormat {
+    /// `error: ...` and `  hint: ...` lines.
+    #[default]
+    Human,
+    /// One line of JSON on stderr: `{"error": {"kind", "message", "hint", "problems"}}`.
+    Json,
 }
 
 /// Any library error ends a command as what it explains itself to be.

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::exit::Failure;
+use crate::exit::{Failure, MessageFormat};
 
 /// Run Python `@task` functions in WebAssembly sandboxes.
 #[derive(Parser)]
@@ -30,6 +30,9 @@ use crate::exit::Failure;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How a failure is printed on stderr: `human` lines, or one line of `json` for programs.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    message_format: MessageFormat,
 }
 
 #[derive(Subcommand)]
@@ -56,10 +59,11 @@ enum Command {
 pub fn capsule_main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let format = cli.message_format;
     match cli.command {
         // The daemon sets up its own runtimes.
-        Command::Daemon(command) => command.execute().unwrap_or_else(|failure| failure.report()),
-        command => block_on(async move {
+        Command::Daemon(command) => command.execute().unwrap_or_else(|failure| failure.report(format)),
+        command => block_on(format, async move {
             match command {
                 #[cfg(feature = "build")]
                 Command::Build(command) => command.execute().await,
@@ -86,7 +90,7 @@ pub fn capsule_main() -> ExitCode {
 pub fn capsule_exec_main() -> ExitCode {
     let command = commands::exec::ExecCommand::parse();
     init_logging();
-    block_on(command.execute())
+    block_on(command.message_format(), command.execute())
 }
 
 /// Capsule's own diagnostics on stderr: warnings, or what `CAPSULE_LOG` asks for.
@@ -103,7 +107,7 @@ fn init_logging() {
 }
 
 /// What every command shares: the async runtime, and the one place where failures are shown.
-fn block_on(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
+fn block_on(format: MessageFormat, command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -113,6 +117,6 @@ fn block_on(command: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCod
     };
     match runtime.block_on(command) {
         Ok(code) => code,
-        Err(failure) => failure.report(),
+        Err(failure) => failure.report(format),
     }
 }

@@ -178,3 +178,20 @@ fn each_category_of_failure_has_its_exit_code() {
         ));
     });
 }
+
+/// For programs (the Python SDK reads it): a failure as one line of JSON, in the shape of the
+/// daemon's API errors.
+#[test]
+fn a_failure_as_json_for_programs() {
+    let dir = project(&[("unknown_option.py", &fixtures::path("invalid/unknown_option.py"))]);
+    settings(dir.path()).bind(|| {
+        insta::assert_snapshot!(transcript(
+            capsule().args(["build", "unknown_option.py", "--message-format", "json"]),
+            dir.path()
+        ));
+        insta::assert_snapshot!(transcript(
+            capsule_exec().args(["--message-format", "json", "nowhere/manifest.toml"]),
+            dir.path()
+        ));
+    });
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::exit::Failure;
+use crate::exit::{Failure, MessageFormat};
 use crate::launch::launch;
 use crate::layout::ProjectLayout;
 use crate::run_args::{Journaling, Launch, RunArgs};
@@ -25,9 +25,16 @@ pub struct ExecCommand {
     resume: Option<String>,
     #[command(flatten)]
     run: RunArgs,
+    /// How a failure is printed on stderr: `human` lines, or one line of `json` for programs.
+    #[arg(long, value_enum, default_value_t)]
+    message_format: MessageFormat,
 }
 
 impl ExecCommand {
+    pub fn message_format(&self) -> MessageFormat {
+        self.message_format
+    }
+
     pub async fn execute(self) -> Result<ExitCode, Failure> {
         let layout = ProjectLayout::of_file(&self.manifest, self.run.journal.clone());
         let start = match self.resume {

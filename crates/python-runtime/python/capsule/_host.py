@@ -265,15 +265,15 @@ def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
     return pathlib.Path(manifest) if os.path.exists(manifest) else None
 
 
-def _problem(stderr: str) -> tuple[str, str | None]:
-    """The first `error:` of a command's output and its hint, as the CLI printed them."""
-    message, hint = None, None
-    for line in stderr.splitlines():
-        if line.startswith("error: ") and message is None:
-            message = line[len("error: "):]
-        elif line.startswith("  hint: ") and message is not None and hint is None:
-            hint = line[len("  hint: "):]
-    return message or stderr.strip() or "failed", hint
+def _failure(stderr: str) -> CapsuleError:
+    """The failure a `capsule` command printed with `--message-format json`, as an exception."""
+    for line in reversed(stderr.splitlines()):
+        try:
+            error = json.loads(line)["error"]
+            return _exception(error["kind"], error["message"], error.get("hint"))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return DaemonError(stderr.strip() or "the command failed")
 
 
 _building: dict[pathlib.Path, threading.Lock] = {}
@@ -295,10 +295,10 @@ def _build(entry: pathlib.Path, force: bool = False) -> pathlib.Path:
             manifest = _up_to_date(out_dir)
             if manifest is not None:
                 return manifest
-        command = [_capsule_command(), "build", str(entry), "-o", str(out_dir)] + (["--force"] if force else [])
-        done = subprocess.run(command, capture_output=True, text=True)
+        command = [_capsule_command(), "--message-format", "json", "build", str(entry), "-o", str(out_dir)]
+        done = subprocess.run(command + (["--force"] if force else []), capture_output=True, text=True)
     if done.returncode != 0:
-        raise BuildError(*_problem(done.stderr))
+        raise _failure(done.stderr)
     return out_dir / "manifest.toml"
 
 
@@ -324,15 +324,16 @@ class _PrivateDaemon:
         self.dir = tempfile.mkdtemp(prefix="capsule-")
         self.socket = pathlib.Path(self.dir) / "daemon.sock"
         self.process = subprocess.Popen(
-            [_capsule_command(), "daemon", "--socket", str(self.socket), "--state-dir", os.path.join(self.dir, "state"),
+            [_capsule_command(), "--message-format", "json", "daemon", "--socket", str(self.socket),
+             "--state-dir", os.path.join(self.dir, "state"),
              "--no-resume", "--exit-with", str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 30
         while not _answers(self.socket):
             if self.process.poll() is not None:
-                message, hint = _problem(self.process.stderr.read().decode(errors="replace"))
-                raise DaemonError(f"the daemon did not start: {message}", hint)
+                failure = _failure(self.process.stderr.read().decode(errors="replace"))
+                raise DaemonError(f"the daemon did not start: {failure.message}", failure.hint)
             if time.monotonic() > deadline:
                 self.stop()
                 raise DaemonError("the daemon did not start within 30 s")
@@ -479,18 +480,23 @@ def _encode(request: Mapping[str, Any]) -> bytes:
         raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
 
 
+def _exception(kind: str | None, message: str, hint: str | None) -> CapsuleError:
+    """The SDK's exception for a failure of `kind`: the category the daemon's API and the
+    `capsule` command (`--message-format json`) both give every failure."""
+    if kind in ("build", "load"):
+        return BuildError(message, hint)
+    if kind in ("usage", "bad_request", "not_found", "conflict", "too_large"):
+        return UsageError(message, hint)
+    return DaemonError(message, hint)
+
+
 def _raise_error(body: bytes) -> None:
     """Raises the SDK's exception for the daemon's error answer."""
     try:
         error = json.loads(body).get("error", {})
     except ValueError:
         error = {}
-    kind, message, hint = error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint")
-    if kind == "load":
-        raise BuildError(message, hint)
-    if kind in ("usage", "bad_request", "not_found", "conflict", "too_large"):
-        raise UsageError(message, hint)
-    raise DaemonError(message, hint)
+    raise _exception(error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint"))
 
 
 def _answer(status: int, body: bytes) -> Result:
@@ -659,9 +665,9 @@ def _interpreter_image() -> str:
     global _image
     if _image is not None and _image[0] == os.getpid():
         return _image[1]
-    done = subprocess.run([_capsule_command(), "python", "--image"], capture_output=True, text=True)
+    done = subprocess.run([_capsule_command(), "--message-format", "json", "python", "--image"], capture_output=True, text=True)
     if done.returncode != 0:
-        raise BuildError(*_problem(done.stderr))
+        raise _failure(done.stderr)
     _image = (os.getpid(), done.stdout.strip())
     return _image[1]
 
