@@ -13,7 +13,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-pub use capsule_exec::{CACHE_DIR_ENV, cache_dir};
+pub use capsule_exec::paths::{CACHE_DIR_ENV, cache_dir};
 
 pub fn hex_sha256(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();

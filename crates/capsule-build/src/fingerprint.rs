@@ -23,7 +23,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use capsule_exec::FileStamp;
+use capsule_exec::for_builder::FileStamp;
 use serde::{Deserialize, Serialize};
 
 pub const FINGERPRINT_FILE: &str = "fingerprint.json";

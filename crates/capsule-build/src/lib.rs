@@ -16,7 +16,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use capsule_exec::{Engine, WASMTIME_VERSION, sha256_hex};
+use capsule_exec::Engine;
+use capsule_exec::for_builder::{WASMTIME_VERSION, sha256_hex};
 use manifest_schema::{Artifact, Compute, Manifest, SCHEMA_VERSION, Task};
 use python_runtime::{Flavour, InitRequest, RegisteredTask};
 use sha2::{Digest, Sha256};
@@ -204,7 +205,7 @@ pub async fn build(engine: &Engine, options: &BuildOptions) -> Result<BuildOutpu
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
         engine: manifest_schema::Engine {
             wasmtime_version: WASMTIME_VERSION.to_string(),
-            fingerprint: capsule_exec::fingerprint(project.metering),
+            fingerprint: capsule_exec::for_builder::fingerprint(project.metering),
             metering: project.metering,
         },
         artifact: Artifact {
@@ -272,7 +273,7 @@ fn build_key(project: &Project, runtime_sha256: &str) -> String {
     field(b"capsule-build/1");
     field(env!("CARGO_PKG_VERSION").as_bytes());
     field(runtime_sha256.as_bytes());
-    field(capsule_exec::fingerprint(project.metering).as_bytes());
+    field(capsule_exec::for_builder::fingerprint(project.metering).as_bytes());
     field(project.entry_module.as_bytes());
     field(project.root.as_os_str().as_encoded_bytes());
     // The options as resolved now: a change of defaults or levels must not reuse a manifest.
@@ -401,14 +402,14 @@ fn write_output(
     fs::create_dir_all(out_dir).map_err(|e| io("cannot create", out_dir, e))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), BuildError> {
         let path = out_dir.join(name);
-        capsule_exec::write_read_only(&path, bytes).map_err(|e| io("cannot write", &path, e))
+        capsule_exec::for_builder::write_read_only(&path, bytes).map_err(|e| io("cannot write", &path, e))
     };
     write(&manifest.artifact.file, compiled)?;
     code.place(engine, out_dir)?;
     let manifest_text = manifest.to_toml();
     write(MANIFEST_FILE, manifest_text.as_bytes())?;
     // An earlier build's signature does not sign this manifest.
-    let _ = fs::remove_file(capsule_exec::signature_path(&out_dir.join(MANIFEST_FILE)));
+    let _ = fs::remove_file(capsule_exec::trust::signature_path(&out_dir.join(MANIFEST_FILE)));
     write(KEY_FILE, key.as_bytes())?;
     if let Ok(entries) = fs::read_dir(out_dir) {
         for entry in entries.flatten() {
@@ -426,11 +427,11 @@ fn write_output(
 
 /// Signs the manifest at `manifest_path` with `key`: writes `manifest.toml.sig` beside it
 /// (read-only), over the manifest's bytes as they are on disk.
-pub fn sign(manifest_path: &Path, key: &capsule_exec::SigningKey) -> Result<PathBuf, BuildError> {
+pub fn sign(manifest_path: &Path, key: &capsule_exec::trust::SigningKey) -> Result<PathBuf, BuildError> {
     let bytes =
         fs::read(manifest_path).map_err(|e| BuildError::io(format!("cannot read `{}`", manifest_path.display()), e))?;
-    let path = capsule_exec::signature_path(manifest_path);
-    capsule_exec::write_read_only(&path, key.sign(&bytes).as_bytes())
+    let path = capsule_exec::trust::signature_path(manifest_path);
+    capsule_exec::for_builder::write_read_only(&path, key.sign(&bytes).as_bytes())
         .map_err(|e| BuildError::io(format!("cannot write `{}`", path.display()), e))?;
     Ok(path)
 }
@@ -444,7 +445,7 @@ const INTERPRETER_ENTRY: &str = "capsule_python.py";
 /// string like a notebook cell: once per runtime, into the cache folder, like any build (an
 /// unchanged one is found by its fingerprint). Its limits come with each call.
 pub fn interpreter_options(runtime: PathBuf) -> Result<BuildOptions, BuildError> {
-    let dir = capsule_exec::interpreter_dir().ok_or_else(|| {
+    let dir = capsule_exec::paths::interpreter_dir().ok_or_else(|| {
         BuildError::message("no cache folder for the interpreter image: set CAPSULE_CACHE_DIR or HOME")
     })?;
     let entry = dir.join(INTERPRETER_ENTRY);

@@ -9,9 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use capsule_exec::{
-    Cancel, Engine, Program, RefuseHostCalls, SandboxState, Stopped, Stream, TeeOutput, fingerprint, until_stopped,
+use capsule_exec::for_builder::{
+    Program, RefuseHostCalls, SandboxState, Stopped, Stream, TeeOutput, fingerprint, until_stopped,
 };
+use capsule_exec::{Cancel, Engine};
 use manifest_schema::{CompiledFile, Metering};
 use python_runtime::{HASH_SEED_ENV, InitRequest, exports};
 use rand::SeedableRng;
@@ -99,7 +100,7 @@ impl RuntimeCode {
             Ok(sha256) => sha256,
             Err(error) => {
                 tracing::warn!(%error, "could not keep the compiled runtime");
-                capsule_exec::sha256_hex(&bytes)
+                capsule_exec::for_builder::sha256_hex(&bytes)
             }
         };
         let compiled = CompiledFile::named_by(sha256);
@@ -137,7 +138,7 @@ impl RuntimeCode {
         }
         let _ = std::fs::remove_file(&dest);
         match &self.fresh {
-            Some(bytes) => capsule_exec::write_read_only(&dest, bytes)
+            Some(bytes) => capsule_exec::for_builder::write_read_only(&dest, bytes)
                 .map_err(|e| BuildError::io(format!("cannot write `{}`", dest.display()), e)),
             None => engine.copy_kept(&self.compiled.sha256, &dest).map_err(|e| BuildError::message(e.to_string())),
         }

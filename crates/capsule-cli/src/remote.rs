@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use capsule_daemon::api::{Line, SubmitRun};
 use capsule_daemon::{Client, ClientError};
-use capsule_exec::{EventSink, PublicKey, Start, Trust};
+use capsule_exec::trust::PublicKey;
+use capsule_exec::{EventSink, Start, Trust};
 use manifest_schema::{Category, Problem, Timeout};
 
 use crate::exit::{Exit, Failure};

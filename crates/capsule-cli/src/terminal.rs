@@ -3,7 +3,8 @@
 
 use std::io::Write;
 
-use capsule_exec::{Event, EventSink, Outcome, Stream};
+use capsule_exec::for_builder::Stream;
+use capsule_exec::{Event, EventSink, Outcome};
 use manifest_schema::Problem;
 use manifest_schema::problem::render;
 use python_runtime::{ErrorKind, GuestError};

@@ -53,7 +53,7 @@ pub async fn publish_project(store: &ObjectStore, path: &Path) -> Result<String,
         }
     }
     // The signature before the manifest: a worker that finds the manifest finds it too.
-    let signature_path = capsule_exec::signature_path(path);
+    let signature_path = capsule_exec::trust::signature_path(path);
     if let Ok(signature) = tokio::fs::read(&signature_path).await {
         let name = signature_object(&manifest_sha256);
         let stored = match store.get(&name).await {
@@ -126,7 +126,7 @@ pub async fn fetch_project(
 /// The signature of the manifest `sha256` beside `manifest_path`, as the store has it now
 /// (none when it has none; the engine then refuses the manifest as unsigned).
 async fn fetch_signature(store: &ObjectStore, sha256: &str, manifest_path: &Path) -> Result<(), ClusterError> {
-    let path = capsule_exec::signature_path(manifest_path);
+    let path = capsule_exec::trust::signature_path(manifest_path);
     let Ok(object) = store.get(&signature_object(sha256)).await else {
         let _ = tokio::fs::remove_file(&path).await;
         return Ok(());

@@ -7,7 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use capsule_exec::{PublicKey, Trust};
+use capsule_exec::Trust;
+use capsule_exec::trust::PublicKey;
 use manifest_schema::{Category, FileMode, Task, TaskOptions};
 
 use crate::api::{ApiError, SubmitRun};

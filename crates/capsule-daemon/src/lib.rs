@@ -121,7 +121,7 @@ type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Resul
 /// Runs a daemon in the foreground until SIGTERM or SIGINT; `ready` is called once it answers.
 pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
     let socket = socket::Bound::claim(&config.socket)?;
-    capsule_exec::private_dir(&config.state_dir)
+    capsule_exec::paths::private_dir(&config.state_dir)
         .map_err(|why| DaemonError::Io { path: config.state_dir.clone(), source: std::io::Error::other(why) })?;
     let registry_path = config.state_dir.join("daemon.db");
     let registry = registry::Registry::open(&registry_path)?;
@@ -166,7 +166,7 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
             let _ = stop.wait_for(|stopping| *stopping).await;
         };
         let saved_sessions =
-            capsule_exec::saved_sessions_dir().unwrap_or_else(|| config.state_dir.join("saved-sessions"));
+            capsule_exec::paths::saved_sessions_dir().unwrap_or_else(|| config.state_dir.join("saved-sessions"));
         let sessions =
             Arc::new(sessions::Sessions::new(runs.clone(), saved_sessions, config.state_dir.join("sessions")));
         let served = server::Served { runs: runs.clone(), sessions: sessions.clone() };

@@ -458,7 +458,7 @@ impl Runs {
             Some(text) => {
                 manifest_schema::parse_duration(text).map_err(|p| bad(format!("`default_timeout`: {}", p.message)))?
             }
-            None => capsule_exec::DEFAULT_TIMEOUT,
+            None => capsule_exec::limits::DEFAULT_TIMEOUT,
         };
         let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::of(&e))?;
         let image = is_interpreter_image(&request.manifest);

@@ -261,13 +261,14 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 /// The manifest of the built-in interpreter image (`run_python`, sessions), which clients
 /// build with `capsule python --image`.
 pub fn interpreter_image() -> Result<std::path::PathBuf, ApiError> {
-    capsule_exec::interpreter_dir().map(|dir| dir.join("build/manifest.toml")).filter(|path| path.is_file()).ok_or_else(
-        || {
+    capsule_exec::paths::interpreter_dir()
+        .map(|dir| dir.join("build/manifest.toml"))
+        .filter(|path| path.is_file())
+        .ok_or_else(|| {
             ApiError::hinted(
                 Category::Load,
                 "the interpreter image is not built",
                 "build it with `capsule python --image` (clients such as the Python SDK do)",
             )
-        },
-    )
+        })
 }

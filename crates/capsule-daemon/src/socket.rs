@@ -31,7 +31,7 @@ pub fn default_state_dir() -> Result<PathBuf, DaemonError> {
 }
 
 fn home(what: &'static str) -> Result<PathBuf, DaemonError> {
-    capsule_exec::home().ok_or(DaemonError::NoHome(what))
+    capsule_exec::paths::home().ok_or(DaemonError::NoHome(what))
 }
 
 /// A socket this process owns: a lock held on `<socket>.lock` for as long as it lives.
@@ -50,7 +50,7 @@ impl Bound {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
             && !parent.exists()
         {
-            capsule_exec::private_dir(parent)
+            capsule_exec::paths::private_dir(parent)
                 .map_err(|why| DaemonError::Io { path: parent.to_path_buf(), source: std::io::Error::other(why) })?;
         }
         let lock_path = path.with_extension("lock");

@@ -25,33 +25,47 @@ mod net;
 mod orchestrator;
 mod outcome;
 mod output;
-mod paths;
+pub mod paths;
 mod quota;
 mod run;
 mod sandbox;
 mod session;
 mod stamp;
 mod state;
-mod trust;
+pub mod trust;
 
-pub use artifact::{LoadError, sha256_hex, write_read_only};
-pub use cancel::{Cancel, Stopped, until_stopped};
-pub use config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK, WASMTIME_VERSION, config, fingerprint};
-pub use engine::{Engine, EngineError, Inspection, PreparedRun, RunHandle, RunRequest, Start, select_task};
-pub use events::{CallId, Event, EventSink, NoEvents, Stream};
-pub use host::{BoxFuture, HostCalls, RefuseHostCalls, SandboxState, linker};
+pub use artifact::LoadError;
+pub use cancel::Cancel;
+pub use engine::{Engine, EngineError, PreparedRun, RunHandle, RunRequest, Start, select_task};
+pub use events::{Event, EventSink, NoEvents};
+pub use host::BoxFuture;
 pub use journal::{CallRecord, Journal, JournalError, RunRecord, args_hash, new_run_id};
 pub use loaded::Loaded;
 pub use net::trust_http_roots;
-pub use orchestrator::{
-    DEFAULT_TIMEOUT, Dispatch, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS, Remote, RemoteCall, RunSettings,
-};
-pub use outcome::{Captured, Execution, HttpCall, Outcome, Output};
-pub use output::{CAPTURE_LIMIT, TeeOutput};
-pub use paths::{CACHE_DIR_ENV, cache_dir, home, interpreter_dir, private_dir, saved_sessions_dir};
-pub use run::{FIRST_BACKOFF, MAX_BACKOFF};
-pub use sandbox::Program;
+pub use orchestrator::{Dispatch, Remote, RemoteCall, RunSettings};
+pub use outcome::{HttpCall, Outcome};
 pub use session::{CallLimits, Session, SessionError, SessionState};
-pub use stamp::FileStamp;
 pub use state::{CallStatus, RunState};
-pub use trust::{PublicKey, SigningKey, Trust, TrustError, signature_path};
+pub use trust::Trust;
+
+/// The engine's fixed limits and defaults.
+pub mod limits {
+    pub use crate::config::{MAX_LIVE_SANDBOXES, MAX_WASM_STACK};
+    pub use crate::orchestrator::{DEFAULT_TIMEOUT, MAX_DEPTH, MAX_SUBTASKS, MAX_UNFINISHED_SUBTASKS};
+    pub use crate::output::CAPTURE_LIMIT;
+    pub use crate::run::{FIRST_BACKOFF, MAX_BACKOFF};
+}
+
+/// The engine's pieces below its API, for the builder (`capsule-build`), which snapshots a
+/// project in a sandbox of its own making, and for tests of the sandbox itself. Front doors
+/// never need them.
+pub mod for_builder {
+    pub use crate::artifact::{sha256_hex, write_read_only};
+    pub use crate::cancel::{Stopped, until_stopped};
+    pub use crate::config::{WASMTIME_VERSION, fingerprint};
+    pub use crate::events::Stream;
+    pub use crate::host::{RefuseHostCalls, SandboxState, linker};
+    pub use crate::output::TeeOutput;
+    pub use crate::sandbox::Program;
+    pub use crate::stamp::FileStamp;
+}

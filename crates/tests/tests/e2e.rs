@@ -119,9 +119,10 @@ fn editing_the_task_body_changes_the_artifact_and_no_edit_is_a_cache_hit() {
     // to the runner's (a task that could write the project's would change what runners run).
     assert_eq!(edited.manifest.artifact.code, first.manifest.artifact.code);
     let code = fs::metadata(out.join(&edited.manifest.artifact.code.file)).unwrap();
-    let kept =
-        fs::metadata(capsule_exec::cache_dir().unwrap().join("compiled").join(&edited.manifest.artifact.code.file))
-            .expect("the runner keeps the compiled code");
+    let kept = fs::metadata(
+        capsule_exec::paths::cache_dir().unwrap().join("compiled").join(&edited.manifest.artifact.code.file),
+    )
+    .expect("the runner keeps the compiled code");
     assert_ne!(code.ino(), kept.ino(), "the output's code file is a copy");
     assert_eq!((code.nlink(), code.len()), (1, kept.len()));
     assert!(code.permissions().readonly() && kept.permissions().readonly());

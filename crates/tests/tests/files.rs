@@ -173,14 +173,18 @@ fn a_write_of_more_than_1024_buffers_is_refused() {
     let module = wasmtime::Module::new(engine, module.finish()).unwrap();
     let errno = |count: i32| {
         tests::block_on(async {
-            let state = capsule_exec::SandboxState::new(
+            let state = capsule_exec::for_builder::SandboxState::new(
                 wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
                 u64::MAX,
-                Box::new(capsule_exec::RefuseHostCalls("no host calls here")),
+                Box::new(capsule_exec::for_builder::RefuseHostCalls("no host calls here")),
             );
             let mut store = wasmtime::Store::new(engine, state);
             store.set_fuel(u64::MAX).unwrap();
-            let instance = capsule_exec::linker(engine).unwrap().instantiate_async(&mut store, &module).await.unwrap();
+            let instance = capsule_exec::for_builder::linker(engine)
+                .unwrap()
+                .instantiate_async(&mut store, &module)
+                .await
+                .unwrap();
             let write = instance.get_typed_func::<i32, i32>(&mut store, "write").unwrap();
             write.call_async(&mut store, count).await.unwrap()
         })

@@ -158,7 +158,7 @@ fn output_is_captured_up_to_a_bound() {
     assert_eq!(outcome.result, json!("flooded"));
     let stdout = &outcome.output.stdout;
     assert!(stdout.truncated, "100 MiB printed, 1 MiB kept");
-    assert_eq!(stdout.text.len(), capsule_exec::CAPTURE_LIMIT);
+    assert_eq!(stdout.text.len(), capsule_exec::limits::CAPTURE_LIMIT);
 }
 
 #[test]

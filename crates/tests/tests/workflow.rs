@@ -66,7 +66,7 @@ fn an_engine_for_one_run_has_a_sandbox_for_every_unfinished_sub_task() {
     let built = shared(WORKFLOW);
     let engine = capsule_exec::Engine::for_one_run().unwrap();
     let loaded = engine.load(&built.output.manifest_path).unwrap();
-    let count = capsule_exec::MAX_UNFINISHED_SUBTASKS;
+    let count = capsule_exec::limits::MAX_UNFINISHED_SUBTASKS;
     let mut request = quiet_run("wide_fan_out", vec![json!(count)]);
     request.settings.workers = count as usize;
     let outcome = block_on(async { engine.prepare(&loaded, request).expect("the run starts").run().await });

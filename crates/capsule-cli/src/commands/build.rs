@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use capsule_build::{BuildOptions, BuildOutput};
-use capsule_exec::{Engine, SigningKey};
+use capsule_exec::Engine;
+use capsule_exec::trust::SigningKey;
 use clap::Args;
 
 use super::{BuildChoice, entry_from_project};

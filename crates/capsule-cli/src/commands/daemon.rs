@@ -150,7 +150,7 @@ impl DaemonCommand {
 fn detach(config: &DaemonConfig) -> Result<ExitCode, Failure> {
     use std::os::unix::process::CommandExt;
     let internal = |message: String| Failure::problem(Category::Internal, Problem::new(message));
-    capsule_exec::private_dir(&config.state_dir)
+    capsule_exec::paths::private_dir(&config.state_dir)
         .map_err(|e| internal(format!("cannot use `{}`: {e}", config.state_dir.display())))?;
     let log_path = config.state_dir.join("daemon.log");
     let log = std::fs::OpenOptions::new()

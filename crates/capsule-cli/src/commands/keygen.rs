@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule_exec::SigningKey;
+use capsule_exec::trust::SigningKey;
 use clap::Args;
 
 use crate::exit::{Exit, Failure};

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use capsule_daemon::Client;
 use capsule_daemon::api::Line;
-use capsule_exec::{Event, Journal, Stream};
+use capsule_exec::for_builder::Stream;
+use capsule_exec::{Event, Journal};
 use clap::Args;
 use manifest_schema::{Category, Problem};
 

@@ -60,7 +60,7 @@ impl WorkerCommand {
         };
         let project_root =
             std::fs::canonicalize(&root).map_err(|e| usage(format!("`--project-root {}`: {e}", root.display())))?;
-        let cache_dir = capsule_exec::cache_dir()
+        let cache_dir = capsule_exec::paths::cache_dir()
             .ok_or_else(|| usage("no cache folder: set `CAPSULE_CACHE_DIR` or `HOME`".into()))?
             .join("cluster");
         let name = self.name.unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));

@@ -510,7 +510,7 @@ fn render(rows: &[Row], settings: &Settings) -> String {
         "Measured {date} on {} cores ({cpu}), commit {commit}, mode {mode}; native baseline {python}; \
          Capsule's CPython is 3.13.5 in wasmtime {}.\n\n{out}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        capsule_exec::WASMTIME_VERSION,
+        capsule_exec::for_builder::WASMTIME_VERSION,
     )
 }
 
