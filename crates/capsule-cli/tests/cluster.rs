@@ -291,10 +291,22 @@ fn a_full_queue_makes_callers_wait_not_fail() {
     let nats = Nats::start();
     let server = start_server();
     let dir = project();
-    // Room for 5 waiting calls; the fan-out queues 50 at a time, before any worker runs.
+    // Room for 5 waiting calls. A worker with one slot runs the fan-out's top-level call,
+    // which queues its sub-task calls 50 at a time; nothing else takes them.
     let daemon = Daemon::start(&["--nats", &nats.url, "--ack-wait", "2s", "--queue-limit", "5", "--allow-unsigned"]);
+    let _first = Worker::start(&nats, "first", 1, dir.path());
     let client = fan_out(&daemon, dir.path(), &server, 60);
-    thread::sleep(Duration::from_secs(2));
+    // The queue fills up to its limit, and stays there: the caller waits.
+    let queued = || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+            let Ok(mut stream) = jetstream.get_stream("CAPSULE_CALLS").await else { return 0 };
+            stream.info().await.map_or(0, |info| info.state.messages)
+        })
+    };
+    wait_for("the queue to fill", || queued() == 5);
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(queued(), 5, "no more than the limit is queued");
     let _worker = Worker::start(&nats, "late", 4, dir.path());
     expect_sum_of_squares(client, 60);
     assert_eq!(hit_counts(&server, 60), (60, 0));

@@ -8,7 +8,7 @@
 //! run's [`Event`]s, [`RunHandle::cancel`] it, and take its [`Outcome`] envelope.
 //!
 //! The modules form layers, each using only those above it:
-//! `config`, `state`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `trust`, `blas` (leaves); `artifact`, `output`,
+//! `config`, `state`, `environment`, `outcome`, `events`, `cancel`, `journal`, `net`, `stamp`, `paths`, `trust`, `blas` (leaves); `artifact`, `output`,
 //! `host`; `sandbox` (one attempt); `run` (a task call with retries); `orchestrator` (a run's
 //! sub-tasks and host calls); `session` (a sandbox kept from call to call); `engine` (the API).
 
@@ -17,6 +17,7 @@ mod blas;
 mod cancel;
 mod config;
 mod engine;
+mod environment;
 mod events;
 mod host;
 mod journal;
@@ -37,6 +38,7 @@ pub mod trust;
 pub use artifact::LoadError;
 pub use cancel::Cancel;
 pub use engine::{Engine, EngineError, PreparedRun, RunHandle, RunRequest, Start, select_task};
+pub use environment::Environment;
 pub use events::{Event, EventSink, NoEvents};
 pub use host::BoxFuture;
 pub use journal::{CallRecord, Journal, JournalError, RunRecord, args_hash, new_run_id};

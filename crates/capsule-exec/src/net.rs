@@ -17,6 +17,7 @@ use manifest_schema::{HostPolicy, Secret};
 use python_runtime::{HostReply, HttpErrorKind, HttpRequest, HttpResponse};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+use crate::environment::Environment;
 use crate::outcome::{HttpCall, duration_ms};
 
 /// A PEM file of certificate authorities tasks' HTTPS trusts besides the public ones (an
@@ -60,12 +61,19 @@ type Failure = (HttpErrorKind, String);
 pub struct Network {
     policy: Arc<HostPolicy>,
     secrets: BTreeMap<String, Secret>,
+    /// Where the secrets' values are read.
+    environment: Environment,
     deadline: Instant,
 }
 
 impl Network {
-    pub fn new(policy: HostPolicy, secrets: BTreeMap<String, Secret>, deadline: Instant) -> Self {
-        Self { policy: Arc::new(policy), secrets, deadline }
+    pub fn new(
+        policy: HostPolicy,
+        secrets: BTreeMap<String, Secret>,
+        environment: Environment,
+        deadline: Instant,
+    ) -> Self {
+        Self { policy: Arc::new(policy), secrets, environment, deadline }
     }
 
     /// The secrets for `scheme://host:port`, as header names and values; an error if one of
@@ -79,7 +87,7 @@ impl Network {
             if !goes {
                 continue;
             }
-            let value = std::env::var(name).map_err(|_| {
+            let value = self.environment.get(name).ok_or_else(|| {
                 (
                     HttpErrorKind::Refused,
                     format!(

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::cancel::Cancel;
+use crate::environment::Environment;
 use crate::events::{CallId, Event, EventSink};
 use crate::host::{BoxFuture, HostCalls};
 use crate::journal::{AttemptRecord, Completion, Entered, JournalError, Position, args_hash, hash_json};
@@ -51,6 +52,9 @@ pub struct RunSettings {
     pub workers: usize,
     /// Run sub-tasks elsewhere instead of in this process.
     pub remote: Option<Remote>,
+    /// Where `env_passthrough` and `secrets` read their values [default: this process's
+    /// environment].
+    pub environment: Environment,
 }
 
 /// Runs sub-tasks outside this process, e.g. on a cluster's workers.
@@ -99,6 +103,7 @@ impl Default for RunSettings {
             project_root: None,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             remote: None,
+            environment: Environment::default(),
         }
     }
 }
@@ -194,6 +199,7 @@ impl Orchestrator {
             default_timeout: self.settings.default_timeout,
             project_root: self.settings.project_root.clone(),
             reserved: self.reserved.clone(),
+            environment: self.settings.environment.clone(),
         }
     }
 
@@ -248,7 +254,12 @@ impl AttemptHosts for Scope {
         Box::new(AttemptHost {
             scope: self.clone(),
             deadline,
-            network: Network::new(task.options.allowed_hosts.clone(), task.options.secrets.clone(), deadline),
+            network: Network::new(
+                task.options.allowed_hosts.clone(),
+                task.options.secrets.clone(),
+                self.orchestrator.settings.environment.clone(),
+                deadline,
+            ),
             http_calls: Vec::new(),
             handles: HashMap::new(),
             next_handle: 1,

@@ -11,6 +11,7 @@ use python_runtime::{ErrorKind, GuestError, InvokeRequest};
 use serde_json::Value;
 
 use crate::cancel::Cancel;
+use crate::environment::Environment;
 use crate::events::{CallId, Event, EventSink, Stream};
 use crate::host::HostCalls;
 use crate::journal::AttemptRecord;
@@ -36,6 +37,8 @@ pub struct Call {
     pub project_root: Option<std::path::PathBuf>,
     /// What no grant may reach.
     pub reserved: Arc<Reserved>,
+    /// Where `env_passthrough` reads its values.
+    pub environment: Environment,
 }
 
 /// Makes the host-call handler of each attempt.
@@ -93,15 +96,15 @@ pub fn preopens_of(task: &Task, project_root: Option<&Path>, reserved: &Reserved
 }
 
 /// The task's environment: its `env_vars`, plus the `env_passthrough` variables that are
-/// set in the runner's own environment now.
-pub(crate) fn environment_of(task: &Task) -> BTreeMap<String, String> {
+/// set in the runner's `environment` now.
+pub(crate) fn environment_of(task: &Task, environment: &Environment) -> BTreeMap<String, String> {
     let mut env = task.options.env_vars.clone();
     for name in &task.options.env_passthrough {
-        match std::env::var(name) {
-            Ok(value) => {
+        match environment.get(name) {
+            Some(value) => {
                 env.insert(name.clone(), value);
             }
-            Err(_) => tracing::warn!(task = %task.name, variable = %name, "`env_passthrough` variable is not set"),
+            None => tracing::warn!(task = %task.name, variable = %name, "`env_passthrough` variable is not set"),
         }
     }
     env
@@ -149,7 +152,7 @@ pub async fn run_task(
         task: task.name.clone(),
         args: call.args,
         kwargs: call.kwargs,
-        env: environment_of(task),
+        env: environment_of(task, &call.environment),
         attempt: 0,
     };
     let mut execution = Execution {

@@ -280,7 +280,7 @@ impl Session {
             task: self.task.name.clone(),
             args: cell.args.clone(),
             kwargs: serde_json::Map::new(),
-            env: environment_of(&self.task),
+            env: environment_of(&self.task, &self.settings.environment),
             attempt: 1,
         };
         let hosts = self.scope.for_attempt(&self.task, started + limits.timeout);

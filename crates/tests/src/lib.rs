@@ -52,6 +52,14 @@ impl Built {
         self.run_request(quiet_run(task, args))
     }
 
+    /// Runs `task` with `args` by a runner whose environment holds exactly `variables`.
+    pub fn run_in_environment(&self, task: &str, args: Vec<Value>, variables: &[(&str, &str)]) -> Outcome {
+        let mut request = quiet_run(task, args);
+        request.settings.environment =
+            capsule_exec::Environment::of(variables.iter().map(|(name, value)| (name.to_string(), value.to_string())));
+        self.run_request(request)
+    }
+
     pub fn run_request(&self, request: RunRequest) -> Outcome {
         block_on(async { engine().prepare(&self.loaded, request).expect("the run starts").run().await })
     }

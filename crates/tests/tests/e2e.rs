@@ -69,9 +69,8 @@ fn arguments_that_do_not_fit_the_function_are_reported() {
 
 #[test]
 fn a_task_sees_exactly_its_declared_environment() {
-    // SAFETY: set before any sandbox of this test reads the environment; no other test uses it.
-    unsafe { std::env::set_var("CAPSULE_TEST_HOST_SECRET", "must-not-leak") };
-    let outcome = shared(MULTI).run("environment", vec![]);
+    let outcome =
+        shared(MULTI).run_in_environment("environment", vec![], &[("CAPSULE_TEST_HOST_SECRET", "must-not-leak")]);
     assert_eq!(outcome.result, json!({"GREETING": "bonjour", "MODE": "test"}));
 }
 

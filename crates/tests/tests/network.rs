@@ -77,19 +77,14 @@ fn oversized_responses_are_refused() {
 
 #[test]
 fn only_declared_and_passed_through_variables_are_visible() {
-    // SAFETY: set before the sandbox reads it; no other test uses these variables.
-    unsafe {
-        std::env::set_var("CAPSULE_TEST_PASSED_THROUGH", "from the host");
-        std::env::set_var("CAPSULE_TEST_NOT_DECLARED", "hidden");
-    }
-    let result = run("environment", vec![]).result;
+    let runner = [("CAPSULE_TEST_PASSED_THROUGH", "from the host"), ("CAPSULE_TEST_NOT_DECLARED", "hidden")];
+    let result = shared(NETWORK).run_in_environment("environment", vec![], &runner).result;
     assert_eq!(result, json!({"FIXED": "1", "CAPSULE_TEST_PASSED_THROUGH": "from the host"}));
 }
 
 #[test]
 fn a_secret_goes_over_https_to_its_host_and_port_only_and_never_into_the_sandbox() {
-    // SAFETY: set before the sandbox reads it; no other test uses this variable.
-    unsafe { std::env::set_var("CAPSULE_TEST_TOKEN", "s3cret-value") };
+    let runner = [("CAPSULE_TEST_TOKEN", "s3cret-value")];
     let (https, http) = (start_tls_server(), start_server());
     let port = https.rsplit(':').next().unwrap();
     let project = tempfile::tempdir().unwrap();
@@ -97,7 +92,7 @@ fn a_secret_goes_over_https_to_its_host_and_port_only_and_never_into_the_sandbox
     std::fs::write(project.path().join("secrets.py"), source.replace("8443", port)).unwrap();
     let built = load(build_into(&project.path().join("secrets.py"), &project.path().join(".capsule/build"), true));
 
-    let outcome = built.run("with_secret", vec![json!(https), json!(http)]);
+    let outcome = built.run_in_environment("with_secret", vec![json!(https), json!(http)], &runner);
     assert!(outcome.success, "{:?}", outcome.error);
     assert_eq!(outcome.result["here"], "Bearer s3cret-value", "added by the host, over the task's own header");
     assert_eq!(outcome.result["elsewhere"], Value::Null, "another host does not receive it");
@@ -120,7 +115,7 @@ fn a_secret_goes_over_https_to_its_host_and_port_only_and_never_into_the_sandbox
     let records = serde_json::to_string(&(&outcome.execution, &outcome.output)).unwrap();
     assert!(!records.contains("s3cret-value"), "the value is in no record of the run: {records}");
 
-    let unset = built.run("with_unset_secret", vec![json!(https)]);
+    let unset = built.run_in_environment("with_unset_secret", vec![json!(https)], &runner);
     let unset = unset.result.as_str().unwrap().to_string();
     assert!(unset.contains("the secret `CAPSULE_TEST_UNSET_TOKEN` for `127.0.0.1` is not set"), "{unset}");
 }
