@@ -40,7 +40,7 @@ fn text(value: &str) -> Literal {
 impl SandboxArgs {
     /// The limits and grants, read by the same table as `@task` options.
     pub fn options(&self) -> Result<TaskOptions, Failure> {
-        let mut spec = TaskSpec { name: None, options: TaskOptions { max_retries: 0, ..TaskOptions::default() } };
+        let mut spec = TaskSpec { name: None, options: TaskOptions::for_code() };
         let mut set = |name: &str, flag: &str, literal: Literal| {
             let option = options::option(name).expect("a known option");
             option.apply(&mut spec, &literal).map_err(|error| usage(error.problem.context(format!("`{flag}`"))))

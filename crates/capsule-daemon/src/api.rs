@@ -105,6 +105,24 @@ impl Default for SubmitRun {
     }
 }
 
+/// Options of a code string or a session, in the manifest's form, any of them left out: what
+/// is left out is `TaskOptions::for_code`'s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodeOptions(pub manifest_schema::TaskOptions);
+
+impl Serialize for CodeOptions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CodeOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let given = serde_json::Map::deserialize(deserializer)?;
+        manifest_schema::TaskOptions::code_options(given).map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A run as the daemon shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunView {
@@ -314,7 +332,7 @@ pub struct OpenSession {
     pub task: Option<String>,
     /// The session's options (its memory limit; the default fuel and deadline of its calls).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub options: Option<manifest_schema::TaskOptions>,
+    pub options: Option<CodeOptions>,
     /// Continue a saved session (its id, as `save` gave it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<String>,
@@ -364,7 +382,7 @@ pub struct Saved {
 pub struct RunPython {
     pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub options: Option<manifest_schema::TaskOptions>,
+    pub options: Option<CodeOptions>,
     /// The folder `allowed_files` are relative to (absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<PathBuf>,

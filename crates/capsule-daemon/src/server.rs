@@ -248,9 +248,7 @@ async fn run_python(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesReje
         manifest: image,
         task: Some("run_python".into()),
         args: vec![serde_json::Value::String(request.code)],
-        options: Some(
-            request.options.unwrap_or_else(|| manifest_schema::TaskOptions { max_retries: 0, ..Default::default() }),
-        ),
+        options: Some(request.options.map_or_else(manifest_schema::TaskOptions::for_code, |o| o.0)),
         files_root: request.project.clone(),
         project: request.project,
         ..SubmitRun::default()

@@ -105,8 +105,8 @@ impl Sessions {
             return Err(ApiError::new(Category::Usage, format!("saved session `{saved}` does not match its id")));
         }
         // The workspace is the session's `/`: its files are the caller's to read and write.
-        let requested = request.options.clone();
-        let mut options = request.options.unwrap_or_else(|| TaskOptions { max_retries: 0, ..TaskOptions::default() });
+        let requested = request.options.clone().map(|o| o.0);
+        let mut options = request.options.map_or_else(TaskOptions::for_code, |o| o.0);
         options.allowed_files = vec![FileGrant { path: ".".into(), mode: FileMode::ReadWrite }];
         let settings =
             RunSettings { options: Some(options), project_root: Some(workspace.clone()), ..RunSettings::default() };

@@ -205,7 +205,7 @@ impl Server {
                 expect_only(&arguments, &[])?;
                 let request = OpenSession {
                     manifest: Some(self.config.image.clone()),
-                    options: Some(self.config.options.clone()),
+                    options: Some(capsule_daemon::api::CodeOptions(self.config.options.clone())),
                     ..OpenSession::default()
                 };
                 let view: SessionView = client.post("/v1/sessions", &request).await?;

@@ -143,6 +143,31 @@ impl TaskOptions {
     }
 }
 
+impl TaskOptions {
+    /// The options of a code string (`capsule python`, `run_python`, sessions, MCP), before
+    /// what the caller sets: the task defaults, without retries (a cell is not run twice).
+    pub fn for_code() -> Self {
+        Self { max_retries: 0, ..Self::default() }
+    }
+
+    /// `given` (options in the manifest's form, any of them left out) over the options of a
+    /// code string: what the daemon's API reads for code strings and sessions.
+    /// Refused, in words naming the option at fault, when one is not valid.
+    pub fn code_options(given: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let mut options = match serde_json::to_value(Self::for_code()).expect("options serialise") {
+            serde_json::Value::Object(options) => options,
+            _ => unreachable!("options serialise as an object"),
+        };
+        options.extend(given);
+        serde_path_to_error::deserialize(serde_json::Value::Object(options)).map_err(|error| {
+            match error.path().to_string().as_str() {
+                "." => error.inner().to_string(),
+                path => format!("`{path}`: {}", error.inner()),
+            }
+        })
+    }
+}
+
 /// A task as declared: its name, if given, and its options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskSpec {
@@ -545,6 +570,20 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_code_strings_options_are_what_the_caller_set_over_the_defaults() {
+        let given = serde_json::json!({"ram": "1GiB", "allowed_hosts": ["example.com"]});
+        let options = TaskOptions::code_options(given.as_object().unwrap().clone()).unwrap();
+        assert_eq!(options.ram.bytes(), 1 << 30);
+        assert_eq!((options.compute, options.max_retries), (defaults::COMPUTE, 0));
+        assert!(options.allowed_hosts.check_host("example.com", 443).is_ok());
+        let wrong = serde_json::json!({"rma": "1GiB"});
+        assert!(TaskOptions::code_options(wrong.as_object().unwrap().clone()).unwrap_err().contains("rma"));
+        let bad = serde_json::json!({"ram": "lots"});
+        let error = TaskOptions::code_options(bad.as_object().unwrap().clone()).unwrap_err();
+        assert!(error.starts_with("`ram`: `lots` is not a memory size"), "{error}");
+    }
 
     fn lit(value: Value) -> Literal {
         Literal { value, at: 0 }

@@ -691,8 +691,13 @@ def _options(
     allowed_files: Iterable[str | Mapping[str, str]] = (),
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Sandbox options in the manifest's form (the daemon checks each)."""
-    options: dict[str, Any] = {"compute": compute or "MEDIUM", "ram": ram or "256MiB", "max_retries": 0}
+    """The sandbox options the caller set, in the manifest's form: the daemon checks each and
+    takes the rest from its defaults for code strings."""
+    options: dict[str, Any] = {}
+    if compute is not None:
+        options["compute"] = compute
+    if ram is not None:
+        options["ram"] = ram
     if timeout is not None:
         options["timeout"] = _duration(timeout)
     if env:
@@ -705,20 +710,11 @@ def _options(
     return options
 
 
-def _python_request(code: str, image: str, project: str | os.PathLike[str] | None = None, **options: Any) -> bytes:
+def _python_request(code: str, project: str | os.PathLike[str] | None = None, **options: Any) -> bytes:
     if not isinstance(code, str):
         raise UsageError("`code` must be a string of Python")
     root = str(pathlib.Path(project or os.getcwd()).resolve())
-    return _encode({
-        "manifest": image,
-        "task": "run_python",
-        "args": [code],
-        "options": _options(**options),
-        "project": root,
-        "files_root": root,
-        "wait": True,
-        "stream": False,
-    })
+    return _encode({"code": code, "options": _options(**options), "project": root})
 
 
 def run_python(
@@ -740,18 +736,20 @@ def run_python(
     folder; `{"path": "out", "mode": "read-write"}` to write) and `env` are what it may reach.
     """
     _refuse_inside_a_task()
+    _interpreter_image()  # the daemon runs it, and never builds
     request = _python_request(
-        code, _interpreter_image(), project, compute=compute, ram=ram, timeout=timeout,
+        code, project, compute=compute, ram=ram, timeout=timeout,
         allowed_hosts=allowed_hosts, allowed_files=allowed_files, env=env,
     )
-    return _answer(*_exchange("POST", "/v1/runs", request, None))
+    return _answer(*_exchange("POST", "/v1/python", request, None))
 
 
 async def run_python_async(code: str, **options: Any) -> Result:
     """`run_python`, for asyncio (the same keyword arguments)."""
     _refuse_inside_a_task()
-    request = _python_request(code, await _interpreter_image_async(), **options)
-    return _answer(*await _async_exchange("POST", "/v1/runs", request, None))
+    await _interpreter_image_async()  # the daemon runs it, and never builds
+    request = _python_request(code, **options)
+    return _answer(*await _async_exchange("POST", "/v1/python", request, None))
 
 
 def _open_request(

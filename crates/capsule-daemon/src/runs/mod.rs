@@ -4,35 +4,35 @@
 //! cluster, a run's top-level call goes to the cluster's queue instead, and the run's tree is
 //! what its workers report.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use capsule_cluster::Cluster;
-use capsule_exec::{
-    CallStatus, Cancel, Engine, Event, EventSink, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunState,
-    Start,
-};
+use capsule_exec::{Cancel, Engine, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunState, Start};
 use manifest_schema::{Category, ProjectFile};
 use python_runtime::ErrorKind as GuestKind;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod cluster;
+mod entry;
+
+use cluster::on_cluster;
+use entry::Deferred;
+pub use entry::RunEntry;
 
 use crate::admission;
-use crate::api::{ApiError, CallView, Line, RunView, SubmitRun};
+use crate::api::{ApiError, RunView, SubmitRun};
 use crate::registry::{Registered, Registry};
 
+/// How long stopped runs may take to end at shutdown.
+const STOPPED_WAIT: Duration = Duration::from_secs(5);
 /// Finished runs kept in memory for `list` and `logs`; older ones are in their journals.
 const FINISHED_KEPT: usize = 1_000;
-/// Event bytes kept per run for streaming and `logs`; a run that prints more keeps the end.
-const LOG_BYTES: usize = 4 << 20;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// How the daemon runs things.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -51,11 +51,14 @@ pub struct Runs {
     engine_runtime: Handle,
     registry: Registry,
     limits: Limits,
+    /// A permit per run running (`--workers`).
     slots: Arc<Semaphore>,
-    /// Runs queued or running.
-    active: AtomicUsize,
-    running: AtomicUsize,
-    accepting: AtomicBool,
+    /// A permit per run queued or running (`--workers` + `--queue`): held from admission to end.
+    capacity: Arc<Semaphore>,
+    /// Every run's task on the engine's runtime, so that a shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Set when the daemon shuts down: no new runs, and what is stopped then is interrupted.
+    closing: CancellationToken,
     runs: Mutex<Held>,
     journals: Mutex<HashMap<PathBuf, Arc<Journal>>>,
     /// Where runs go instead of this process's sandboxes, when the daemon has a cluster.
@@ -68,221 +71,11 @@ enum Body {
     Cluster { manifest: PathBuf, call: RemoteCall },
 }
 
-/// How long a stopped run on the cluster may take to report its end before it is taken as
-/// stopped (its workers may be gone).
-const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(10);
-
 #[derive(Default)]
 struct Held {
     by_id: HashMap<String, Arc<RunEntry>>,
     /// Finished runs, oldest first, for eviction.
     finished: VecDeque<String>,
-}
-
-/// One run: what was asked, and what is known of it so far.
-pub struct RunEntry {
-    pub id: String,
-    namespace: String,
-    task: String,
-    entry: String,
-    request: SubmitRun,
-    restarted_from: Option<String>,
-    submitted_at_ms: i64,
-    cancel: Cancel,
-    state: Mutex<RunProgress>,
-    log: Mutex<Log>,
-    changed: Notify,
-}
-
-struct RunProgress {
-    status: RunState,
-    finished_at_ms: Option<i64>,
-    outcome: Option<Outcome>,
-    calls: BTreeMap<u64, CallState>,
-}
-
-struct CallState {
-    view: CallView,
-    started: Instant,
-}
-
-/// The run's events as NDJSON lines, numbered from 0.
-#[derive(Default)]
-struct Log {
-    lines: VecDeque<Arc<str>>,
-    first: u64,
-    bytes: usize,
-    ended: bool,
-}
-
-impl Log {
-    fn push(&mut self, line: String) {
-        self.bytes += line.len();
-        self.lines.push_back(line.into());
-        while self.bytes > LOG_BYTES && self.lines.len() > 1 {
-            let dropped = self.lines.pop_front().expect("not empty");
-            self.bytes -= dropped.len();
-            self.first += 1;
-        }
-    }
-}
-
-impl RunEntry {
-    /// A queued run, without its id and task until they are known.
-    fn new(
-        namespace: String,
-        entry: String,
-        request: SubmitRun,
-        restarted_from: Option<String>,
-        cancel: Cancel,
-    ) -> Self {
-        Self {
-            id: String::new(),
-            namespace,
-            task: String::new(),
-            entry,
-            request,
-            restarted_from,
-            submitted_at_ms: now_ms(),
-            cancel,
-            state: Mutex::new(RunProgress {
-                status: RunState::Queued,
-                finished_at_ms: None,
-                outcome: None,
-                calls: BTreeMap::new(),
-            }),
-            log: Mutex::default(),
-            changed: Notify::new(),
-        }
-    }
-
-    pub fn view(&self, with_calls: bool) -> RunView {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let calls = if with_calls {
-            state
-                .calls
-                .values()
-                .map(|call| {
-                    let mut view = call.view.clone();
-                    if view.status == CallStatus::Running {
-                        view.elapsed_ms = call.started.elapsed().as_millis() as u64;
-                    }
-                    view
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        RunView {
-            id: self.id.clone(),
-            namespace: self.namespace.clone(),
-            task: self.task.clone(),
-            entry: self.entry.clone(),
-            status: state.status,
-            submitted_at_ms: self.submitted_at_ms,
-            finished_at_ms: state.finished_at_ms,
-            restarted_from: self.restarted_from.clone(),
-            error: state.outcome.as_ref().and_then(|o| o.error.clone()),
-            calls,
-        }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).finished_at_ms.is_some()
-    }
-
-    pub fn outcome(&self) -> Option<Outcome> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).outcome.clone()
-    }
-
-    pub fn stop(&self) {
-        self.cancel.cancel();
-    }
-
-    /// Lines from number `from` on, the number of the next one, and whether the log has ended.
-    pub fn lines_from(&self, from: u64) -> (Vec<Arc<str>>, u64, bool) {
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let start = from.max(log.first);
-        let skip = (start - log.first) as usize;
-        let lines: Vec<Arc<str>> = log.lines.iter().skip(skip).cloned().collect();
-        (lines, log.first + log.lines.len() as u64, log.ended)
-    }
-
-    /// A future that resolves at the run's next change (a new line, its end), registered
-    /// now, so that a change between this call and awaiting it is not missed.
-    pub fn next_change(&self) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
-        let mut notified = Box::pin(self.changed.notified());
-        notified.as_mut().enable();
-        notified
-    }
-
-    fn push_line(&self, line: &Line) {
-        self.push_text(serde_json::to_string(line).expect("lines serialise") + "\n");
-    }
-
-    fn push_text(&self, line: String) {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-        self.changed.notify_waiters();
-    }
-
-    fn set_status(&self, status: RunState) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).status = status;
-        self.changed.notify_waiters();
-    }
-
-    fn finish(&self, outcome: Outcome, status: RunState) {
-        {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.status = status;
-            state.finished_at_ms = Some(now_ms());
-            state.outcome = Some(outcome.clone());
-            // What still runs when the run ends was abandoned with it.
-            for call in state.calls.values_mut().filter(|c| c.view.status == CallStatus::Running) {
-                call.view.status = CallStatus::Aborted;
-                call.view.elapsed_ms = call.started.elapsed().as_millis() as u64;
-            }
-        }
-        self.push_line(&Line::Outcome { outcome });
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
-        self.changed.notify_waiters();
-    }
-}
-
-/// Keeps a run's tree and log from its events.
-fn record(entry: &RunEntry, event: &Event<'_>) {
-    {
-        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
-        let calls = &mut state.calls;
-        match event {
-            Event::TaskStarted { call, parent, task, .. } => {
-                let view = CallView::started(*call, *parent, task);
-                calls.insert(*call, CallState { view, started: Instant::now() });
-            }
-            Event::AttemptFailed { call, attempt, retrying: true, .. } => {
-                if let Some(state) = calls.get_mut(call) {
-                    state.view.attempt = attempt + 1;
-                }
-            }
-            Event::Http { call, request } => {
-                if let Some(state) = calls.get_mut(call) {
-                    state.view.http.push(request.clone().into_owned());
-                }
-            }
-            Event::TaskFinished { call, outcome, .. } => {
-                if let Some(state) = calls.get_mut(call) {
-                    let elapsed_ms = state.started.elapsed().as_millis() as u64;
-                    state.view.end(outcome, elapsed_ms);
-                }
-            }
-            _ => {}
-        }
-    }
-    // The top-level outcome is the run's last line; a sub-task's is in the tree.
-    if !matches!(event, Event::TaskFinished { depth: 0, .. }) {
-        // `Line::Event`, written without first copying the event into an owned one.
-        let event = serde_json::to_string(event).expect("events serialise");
-        entry.push_text(format!("{{\"kind\":\"event\",\"event\":{event}}}\n"));
-    }
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
@@ -311,10 +104,10 @@ impl Runs {
             engine_runtime,
             registry,
             slots: Arc::new(Semaphore::new(limits.workers.max(1))),
+            capacity: Arc::new(Semaphore::new(limits.workers.max(1) + limits.queue)),
             limits,
-            active: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
-            accepting: AtomicBool::new(true),
+            tasks: TaskTracker::new(),
+            closing: CancellationToken::new(),
             runs: Mutex::default(),
             journals: Mutex::default(),
         }
@@ -330,7 +123,8 @@ impl Runs {
     }
 
     pub fn counts(&self) -> (usize, usize) {
-        let (active, running) = (self.active.load(Ordering::Relaxed), self.running.load(Ordering::Relaxed));
+        let running = self.limits.workers.max(1) - self.slots.available_permits();
+        let active = self.limits.workers.max(1) + self.limits.queue - self.capacity.available_permits();
         (running, active.saturating_sub(running))
     }
 
@@ -375,36 +169,34 @@ impl Runs {
         request: SubmitRun,
         restarted_from: Option<String>,
     ) -> Result<Arc<RunEntry>, ApiError> {
-        self.admit()?;
+        let admitted = self.admit()?;
         let (ready, accepted) = tokio::sync::oneshot::channel();
-        self.launch(request, restarted_from, None, Answer::Accepted(ready));
+        self.launch(request, restarted_from, None, Some(admitted), Answer::Accepted(ready));
         accepted.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "preparing the run failed")))
     }
 
     /// Starts a run and answers once it has ended, with its view and outcome: the API's
     /// thread wakes once per run.
     pub async fn submit_and_wait(self: &Arc<Self>, request: SubmitRun) -> Result<(RunView, Outcome), ApiError> {
-        self.admit()?;
+        let admitted = self.admit()?;
         let (ready, finished) = tokio::sync::oneshot::channel();
-        self.launch(request, None, None, Answer::Finished(ready));
+        self.launch(request, None, None, Some(admitted), Answer::Finished(ready));
         finished.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "the run's task failed")))
     }
 
-    /// Counts a new run as active, unless the daemon is closing or full.
-    fn admit(&self) -> Result<(), ApiError> {
-        if !self.accepting.load(Ordering::SeqCst) {
+    /// Room for a new run, held until it ends; refused while the daemon closes or is full.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if self.closing.is_cancelled() {
             return Err(ApiError::new(Category::Busy, "the daemon is shutting down"));
         }
-        let capacity = self.limits.workers.max(1) + self.limits.queue;
-        if self.active.fetch_add(1, Ordering::SeqCst) >= capacity {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::hinted(
+        self.capacity.clone().try_acquire_owned().map_err(|_| {
+            let capacity = self.limits.workers.max(1) + self.limits.queue;
+            ApiError::hinted(
                 Category::Busy,
                 format!("the daemon's queue is full ({capacity} runs queued or running)"),
                 "try again when some have finished, or start the daemon with a larger `--queue`",
-            ));
-        }
-        Ok(())
+            )
+        })
     }
 
     /// Prepares and runs a run on the engine's runtime (one hop from the API's thread).
@@ -413,34 +205,49 @@ impl Runs {
         request: SubmitRun,
         restarted_from: Option<String>,
         resume_id: Option<String>,
+        admitted: Option<OwnedSemaphorePermit>,
         answer: Answer,
     ) {
         let this = self.clone();
-        self.engine_runtime.spawn(async move {
-            match this.prepare(request, restarted_from, resume_id) {
-                Ok((entry, body)) => {
-                    this.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
-                    let finished = match answer {
-                        Answer::Accepted(ready) => {
-                            let _ = ready.send(Ok(entry.clone()));
-                            None
-                        }
-                        Answer::Finished(ready) => Some(ready),
-                    };
-                    let outcome = this.execute(entry.clone(), body).await;
-                    if let Some(ready) = finished {
-                        let _ = ready.send(Ok((entry.view(true), outcome)));
-                    }
+        self.tasks.spawn_on(
+            async move {
+                let _admitted = admitted;
+                this.prepare_and_execute(request, restarted_from, resume_id, answer).await;
+            },
+            &self.engine_runtime,
+        );
+    }
+
+    /// Prepares the run, answers its submitter as `answer` asks, and runs it.
+    async fn prepare_and_execute(
+        self: &Arc<Self>,
+        request: SubmitRun,
+        restarted_from: Option<String>,
+        resume_id: Option<String>,
+        answer: Answer,
+    ) {
+        let (entry, body) = match self.prepare(request, restarted_from, resume_id) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                match answer {
+                    Answer::Accepted(ready) => drop(ready.send(Err(error))),
+                    Answer::Finished(ready) => drop(ready.send(Err(error))),
                 }
-                Err(error) => {
-                    this.active.fetch_sub(1, Ordering::SeqCst);
-                    match answer {
-                        Answer::Accepted(ready) => drop(ready.send(Err(error))),
-                        Answer::Finished(ready) => drop(ready.send(Err(error))),
-                    }
-                }
+                return;
             }
-        });
+        };
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.insert(entry.id.clone(), entry.clone());
+        let finished = match answer {
+            Answer::Accepted(ready) => {
+                let _ = ready.send(Ok(entry.clone()));
+                None
+            }
+            Answer::Finished(ready) => Some(ready),
+        };
+        let outcome = self.execute(entry.clone(), body).await;
+        if let Some(ready) = finished {
+            let _ = ready.send(Ok((entry.view(true), outcome)));
+        }
     }
 
     /// Loads the manifest, opens the journal and enters the run (file and database work, on
@@ -594,17 +401,15 @@ impl Runs {
                 return outcome;
             }
         };
-        self.running.fetch_add(1, Ordering::SeqCst);
         entry.set_status(RunState::Running);
         let outcome = prepared.run().await;
-        self.running.fetch_sub(1, Ordering::SeqCst);
         drop(permit);
         self.finished(&entry, outcome.clone());
         outcome
     }
 
     fn finished(&self, entry: &Arc<RunEntry>, outcome: Outcome) {
-        let interrupted = !self.accepting.load(Ordering::SeqCst) && outcome.error_kind() == Some(GuestKind::Cancelled);
+        let interrupted = self.closing.is_cancelled() && outcome.error_kind() == Some(GuestKind::Cancelled);
         let status = match outcome.error_kind() {
             None => RunState::Ok,
             Some(_) if interrupted => RunState::Interrupted,
@@ -620,7 +425,6 @@ impl Runs {
         // The journal says how the run ended; the registry only learns it when the next
         // daemon looks (one write less per run).
         entry.finish(outcome, status);
-        self.active.fetch_sub(1, Ordering::SeqCst);
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         runs.finished.push_back(entry.id.clone());
         while runs.finished.len() > FINISHED_KEPT {
@@ -694,10 +498,11 @@ impl Runs {
                 let _ = self.registry.set_status(&run.id, record.status, true);
                 continue;
             }
-            self.active.fetch_add(1, Ordering::SeqCst);
+            // A run left by the last daemon is resumed even beyond the queue's room.
+            let admitted = self.capacity.clone().try_acquire_owned().ok();
             let id = run.id.clone();
             let (ready, accepted) = tokio::sync::oneshot::channel();
-            self.launch(run.request, run.restarted_from, Some(run.id), Answer::Accepted(ready));
+            self.launch(run.request, run.restarted_from, Some(run.id), admitted, Answer::Accepted(ready));
             let launched =
                 accepted.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "preparing failed")));
             match launched {
@@ -713,85 +518,17 @@ impl Runs {
     /// Stops taking runs, lets running ones finish within `grace`, then stops them (they are
     /// journaled as interrupted and resumed by the next daemon).
     pub async fn shutdown(&self, grace: Duration) {
-        self.accepting.store(false, Ordering::SeqCst);
-        let deadline = Instant::now() + grace;
-        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        self.closing.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_ok() {
+            return;
         }
         let held: Vec<Arc<RunEntry>> =
             self.runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.values().cloned().collect();
         for entry in held.iter().filter(|e| !e.is_finished()) {
             entry.stop();
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// Runs `call` (a run's top-level call) on the cluster: uploads the project, queues the call,
-/// follows what the workers report, and stops the run everywhere when asked to.
-async fn on_cluster(cluster: &Cluster, entry: &Arc<RunEntry>, manifest: &Path, call: RemoteCall) -> Outcome {
-    let task = call.task.clone();
-    let failed = |error: capsule_cluster::ClusterError| {
-        Outcome::not_run(&task, python_runtime::GuestError::new(GuestKind::Host, error.to_string()))
-    };
-    let manifest_sha256 = match cluster.publish_project(manifest).await {
-        Ok(sha256) => sha256,
-        Err(error) => return failed(error),
-    };
-    entry.set_status(RunState::Running);
-    let follower = tokio::spawn(follow_calls(cluster.clone(), entry.clone()));
-    let dispatcher = cluster.dispatcher(&entry.namespace, &manifest_sha256);
-    let called = dispatcher.call(call);
-    tokio::pin!(called);
-    let outcome = tokio::select! {
-        outcome = &mut called => outcome,
-        () = entry.cancel.cancelled() => {
-            if let Err(error) = cluster.stop_run(&entry.id).await {
-                tracing::warn!(run = %entry.id, %error, "cannot reach the cluster to stop the run");
-            }
-            match tokio::time::timeout(CLUSTER_STOP_WAIT, &mut called).await {
-                Ok(outcome) => outcome,
-                Err(_) => Ok(Outcome::not_run(
-                    &task,
-                    python_runtime::GuestError::new(GuestKind::Cancelled, "the run was stopped"),
-                )),
-            }
-        }
-    };
-    // The workers report a call's state before its outcome: let the last reports arrive.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    follower.abort();
-    outcome.unwrap_or_else(failed)
-}
-
-/// Keeps the run's tree from the states its calls' workers report.
-async fn follow_calls(cluster: Cluster, entry: Arc<RunEntry>) {
-    use futures_util::StreamExt;
-    let reports = match cluster.watch_calls(&entry.id).await {
-        Ok(reports) => reports,
-        Err(error) => {
-            tracing::warn!(run = %entry.id, %error, "cannot follow the run's calls");
-            return;
-        }
-    };
-    tokio::pin!(reports);
-    // Call keys become the tree's numeric ids in the order they are first seen.
-    let mut ids: HashMap<String, u64> = HashMap::new();
-    let mut id_of = |key: &str| {
-        let next = ids.len() as u64;
-        *ids.entry(key.to_string()).or_insert(next)
-    };
-    while let Some((key, reported)) = reports.next().await {
-        let id = id_of(&key);
-        let parent = key.rsplit_once('.').map(|(parent, _)| parent).filter(|p| p.contains('.')).map(&mut id_of);
-        let view = CallView::of_cluster(id, parent, reported.clone());
-        let age = Duration::from_millis(now_ms().saturating_sub(reported.started_at_ms).max(0) as u64);
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.calls.insert(id, CallState { view, started });
+        let _ = tokio::time::timeout(STOPPED_WAIT, self.tasks.wait()).await;
     }
 }
 
@@ -801,15 +538,4 @@ enum Answer {
     Accepted(tokio::sync::oneshot::Sender<Result<Arc<RunEntry>, ApiError>>),
     /// When it has ended.
     Finished(tokio::sync::oneshot::Sender<Result<(RunView, Outcome), ApiError>>),
-}
-
-/// The events of a run, recorded once its entry exists (nothing runs before).
-struct Deferred(Arc<OnceLock<Arc<RunEntry>>>);
-
-impl EventSink for Deferred {
-    fn event(&self, event: &Event<'_>) {
-        if let Some(entry) = self.0.get() {
-            record(entry, event);
-        }
-    }
 }
