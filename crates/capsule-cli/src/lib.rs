@@ -55,6 +55,30 @@ enum Command {
     Worker(commands::worker::WorkerCommand),
 }
 
+/// The command-line reference of the book (`docs/src/reference/cli.md`): every command's own
+/// `--help`, so that the reference says what the commands say.
+pub fn cli_reference() -> String {
+    use clap::CommandFactory;
+    let mut text = String::from(
+        "# Command-line reference\n\nEvery command's `--help`, as the commands print it (this page is generated from them by\n`cargo xtask docs`, and a test fails when it is out of date).\n",
+    );
+    let mut capsule = Cli::command().term_width(100);
+    let mut section = |name: &str, command: &mut clap::Command| {
+        text.push_str(&format!(
+            "\n## `{name}`\n\n```text\n{}\n```\n",
+            command.render_long_help().to_string().trim_end()
+        ));
+    };
+    section("capsule", &mut capsule.clone());
+    let names: Vec<String> = capsule.get_subcommands().map(|c| c.get_name().to_string()).collect();
+    for name in names {
+        let command = capsule.find_subcommand_mut(&name).expect("listed above");
+        section(&format!("capsule {name}"), &mut command.clone().bin_name(format!("capsule {name}")));
+    }
+    section("capsule-exec", &mut commands::exec::ExecCommand::command().term_width(100));
+    text
+}
+
 /// `capsule`'s `main`.
 pub fn capsule_main() -> ExitCode {
     let cli = Cli::parse();
@@ -118,5 +142,21 @@ fn block_on(format: MessageFormat, command: impl Future<Output = Result<ExitCode
     match runtime.block_on(command) {
         Ok(code) => code,
         Err(failure) => failure.report(format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The book's command-line reference says what the commands say; `CAPSULE_UPDATE_DOCS=1`
+    /// (as `cargo xtask docs` sets) writes it anew.
+    #[test]
+    fn the_books_cli_reference_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/src/reference/cli.md");
+        let reference = super::cli_reference();
+        if std::env::var_os("CAPSULE_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &reference).unwrap();
+        }
+        let written = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(written == reference, "{} is out of date: run `cargo xtask docs`", path.display());
     }
 }

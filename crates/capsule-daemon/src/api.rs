@@ -1,5 +1,6 @@
 //! The daemon's HTTP API, version 1: what travels on the wire, for the server and every
-//! client (the CLI here, the Python SDK in Python). `docs/api.md` describes each route.
+//! client (the CLI here, the Python SDK in Python). `docs/src/reference/api.md` describes
+//! each route.
 
 use std::path::PathBuf;
 

@@ -116,8 +116,11 @@ fn tarball(profile: Profile, out: &Path, share: &Path, runtime_files: &[String])
     for file in runtime_files {
         fs::copy(share.join(file), root.join("share/capsule").join(file))?;
     }
-    fs::copy(workspace_root().join("README.md"), root.join("README.md"))?;
-    fs::copy(workspace_root().join("docs/api.md"), root.join("docs/api.md"))?;
+    for file in ["README.md", "SECURITY.md", "CHANGELOG.md"] {
+        fs::copy(workspace_root().join(file), root.join(file))?;
+    }
+    // The book's pages, as Markdown.
+    copy_tree(&workspace_root().join("docs/src"), &root.join("docs"))?;
     let tarball = out.join(format!("{name}.tar.gz"));
     // Same bytes every time: sorted names, one timestamp, no owners, no gzip timestamp.
     let script = format!(
@@ -127,6 +130,21 @@ fn tarball(profile: Profile, out: &Path, share: &Path, runtime_files: &[String])
     run(Command::new("sh").arg("-c").arg(script).current_dir(out))?;
     fs::remove_dir_all(&root)?;
     Ok(tarball)
+}
+
+/// Copies the files of `from` (and its folders) into `to`.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// `cargo xtask install --root DIR`: the commands into `DIR/bin`, the runtimes into

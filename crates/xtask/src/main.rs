@@ -2,6 +2,7 @@
 
 mod data;
 mod dist;
+mod docs;
 mod layers;
 mod nats;
 mod openblas;
@@ -83,6 +84,9 @@ enum Task {
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
     },
+    /// Write the book's command-line reference from the commands, build the book (mdBook,
+    /// installed once) into `target/book`, and check every relative link.
+    Docs,
     /// Measure Capsule against native `python3` (see BENCHMARKS.md).
     Bench {
         /// One iteration of everything: checks the benchmark still runs, measures nothing.
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
         Task::Install { root } => dist::install(&root),
         Task::TestWheel => wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel),
         Task::Bench { quick, write } => bench(quick, write),
+        Task::Docs => docs::docs(),
         Task::Soak { invocations } => soak(invocations, "release"),
         Task::Fuzz { iterations } => run(cargo()
             .args(["test", "--lib", "-p", "manifest-schema", "-p", "capsule-build", "-p", "capsule-exec"])
@@ -158,6 +163,8 @@ fn ci() -> Result<()> {
     check_exec_has_no_compiler()?;
     nats::ensure()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    // The tests checked the command-line reference; the book must build, its links lead somewhere.
+    docs::build_and_check()?;
     // On the test suite's binaries, before anything rebuilds them another way.
     soak(1_000, "debug")?;
     bench(true, false)?;
