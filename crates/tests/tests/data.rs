@@ -224,10 +224,10 @@ fn a_data_project_without_the_data_runtime_says_how_to_get_it() {
         runtime: base,
         force: true,
     };
-    let Err(capsule_build::BuildError::Other(problem)) =
+    let Err(capsule_build::BuildError::Usage(problem)) =
         tests::block_on(capsule_build::build(tests::engine(), &options))
     else {
-        panic!("the build must fail with a problem and a hint");
+        panic!("the build must fail as a usage error with a problem and a hint");
     };
     assert!(problem.message.contains("capsule.toml asks for the `data` runtime"), "{problem:?}");
     assert!(problem.hint.unwrap_or_default().contains("cargo xtask build-runtime --flavour data"));
