@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use capsule_daemon::api::{Line, SubmitRun};
 use capsule_daemon::{Client, ClientError};
 use capsule_exec::trust::PublicKey;
-use capsule_exec::{EventSink, Start, Trust};
-use manifest_schema::{Category, Problem, Timeout};
+use capsule_exec::{EventSink, Trust};
+use manifest_schema::{Category, Problem};
 
 use crate::exit::{Exit, Failure};
 use crate::layout::ProjectLayout;
@@ -38,23 +38,17 @@ pub async fn run(
     let limits = what.limits();
     let project = absolute(args.project.as_deref().unwrap_or(&layout.root));
     let journaled = what.journaling == Journaling::Project || args.journal.is_some();
-    let mut request = SubmitRun {
-        manifest: absolute(&what.manifest),
-        entry: Some(absolute(&what.entry)),
-        options: what.options,
+    let mut order = what.order(args);
+    // The daemon does not share this process's current folder.
+    order.entry = Some(absolute(&what.entry).display().to_string());
+    order.files_root = order.files_root.as_deref().map(absolute);
+    let request = SubmitRun {
         project: Some(project),
         journal: journaled.then(|| absolute(&layout.journal)),
-        files_root: args.project.as_deref().map(absolute),
-        default_timeout: Some(Timeout(args.default_timeout).to_string()),
-        workers: args.workers,
         trust: trust.map(|t| t.keys().iter().map(PublicKey::to_text).collect()).unwrap_or_default(),
         stop_on_disconnect: true,
-        ..SubmitRun::default()
+        ..SubmitRun::of_order(absolute(&what.manifest), order)
     };
-    match what.start {
-        Start::Task { task, args, kwargs } => (request.task, request.args, request.kwargs) = (task, args, kwargs),
-        Start::Resume { run_id } => request.resume = Some(run_id),
-    }
     if args.detach {
         let run = client.submit(&request).await.map_err(failure)?;
         println!("{}", run.id);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsule_exec::{Cancel, Engine, Journal, Loaded, Outcome, RunRequest, RunSettings, Start};
+use capsule_exec::{Engine, Journal, Loaded, Outcome, RunOrder, RunRequest, Start};
 use clap::Args;
 use manifest_schema::TaskOptions;
 use manifest_schema::{Category, Problem};
@@ -124,18 +124,6 @@ impl RunArgs {
         }
     }
 
-    pub fn settings(&self) -> RunSettings {
-        let mut settings = RunSettings {
-            default_timeout: self.default_timeout,
-            project_root: self.project.clone(),
-            ..RunSettings::default()
-        };
-        if let Some(workers) = self.workers {
-            settings.workers = workers;
-        }
-        settings
-    }
-
     /// The keys a manifest must be signed by to run, if any (`--trust`, `CAPSULE_TRUST`).
     pub fn trust(&self) -> Result<Option<capsule_exec::Trust>, Failure> {
         capsule_exec::Trust::from_files_and_env(&self.trust).map_err(|e| Failure::of(&e))
@@ -174,6 +162,18 @@ pub struct Launch {
 }
 
 impl Launch {
+    /// What this launch asks of the engine, with the command's flags.
+    pub fn order(&self, args: &RunArgs) -> RunOrder {
+        RunOrder {
+            entry: Some(self.entry.display().to_string()),
+            options: self.options.clone(),
+            default_timeout: Some(args.default_timeout),
+            files_root: args.project.clone(),
+            workers: args.workers,
+            ..RunOrder::starting(self.start.clone())
+        }
+    }
+
     /// Where the run's limits come from: the options it brings (the command's flags), else
     /// the task's own.
     pub fn limits(&self) -> Limits {
@@ -195,12 +195,9 @@ pub(crate) async fn run_in_process(
     };
     let limits = what.limits();
     let request = RunRequest {
-        start: what.start,
-        entry: Some(what.entry.display().to_string()),
-        settings: RunSettings { options: what.options, ..args.settings() },
         journal,
         events: Arc::new(Terminal { json: args.json, verbose: args.verbose }),
-        cancel: Cancel::default(),
+        ..RunRequest::new(what.order(args))
     };
     let prepared = engine.prepare(loaded, request)?;
     let run_id = prepared.run_id().map(str::to_string);

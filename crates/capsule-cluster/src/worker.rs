@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use capsule_exec::{CallStatus, Cancel, Engine, NoEvents, Outcome, Remote, RunRequest, RunSettings, Start};
+use capsule_exec::{CallStatus, Cancel, Engine, Outcome, Remote, RunOrder, RunRequest};
 use futures_util::StreamExt;
 use python_runtime::{ErrorKind, GuestError};
 use tokio::sync::Semaphore;
@@ -246,23 +246,12 @@ impl Worker {
             key: call.call.key.clone(),
             depth: call.call.depth,
         };
-        let request = RunRequest {
-            start: Start::Task {
-                task: Some(task.clone()),
-                args: call.call.args.clone(),
-                kwargs: call.call.kwargs.clone(),
-            },
-            entry: None,
-            settings: RunSettings {
-                // Grants are always under this worker's root: nothing in a message moves them.
-                project_root: Some(self.options.project_root.clone()),
-                remote: Some(remote),
-                ..RunSettings::default()
-            },
-            journal: None,
-            events: Arc::new(NoEvents),
-            cancel,
+        let order = RunOrder {
+            // Grants are always under this worker's root: nothing in a message moves them.
+            files_root: Some(self.options.project_root.clone()),
+            ..RunOrder::task(Some(task.clone()), call.call.args.clone(), call.call.kwargs.clone())
         };
+        let request = RunRequest { cancel, remote: Some(remote), ..RunRequest::new(order) };
         match self.engine.prepare(&loaded, request) {
             Ok(prepared) => prepared.run().await,
             Err(error) => failed(ErrorKind::InvalidInput, error.to_string()),

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use capsule_exec::{CallRecord, CallStatus, Event, HttpCall, Outcome, RunState};
+/// What a run request asks, as every front door states it ([`SubmitRun::of_order`]).
+pub use capsule_exec::RunOrder;
+use capsule_exec::{CallRecord, CallStatus, Event, HttpCall, Outcome, RunState, Start};
 use manifest_schema::problem::FrontDoor;
 use manifest_schema::{Category, Explain, Problem};
 use python_runtime::GuestError;
@@ -51,7 +53,7 @@ pub struct SubmitRun {
     pub files_root: Option<PathBuf>,
     /// Deadline of an attempt for tasks without `timeout`, e.g. `"30s"` [default: 5 minutes].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_timeout: Option<String>,
+    pub default_timeout: Option<manifest_schema::Timeout>,
     /// How many of the run's spawned sub-tasks run at once [default: the number of cores].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -102,6 +104,46 @@ impl Default for SubmitRun {
             wait: false,
             stream: true,
             stop_on_disconnect: false,
+        }
+    }
+}
+
+impl SubmitRun {
+    /// The request that asks `order` of `manifest`: a [`RunOrder`] in the API's form.
+    pub fn of_order(manifest: PathBuf, order: RunOrder) -> Self {
+        let RunOrder { start, entry, options, default_timeout, files_root, workers } = order;
+        let (task, args, kwargs, resume) = match start {
+            Start::Task { task, args, kwargs } => (task, args, kwargs, None),
+            Start::Resume { run_id } => (None, Vec::new(), serde_json::Map::new(), Some(run_id)),
+        };
+        Self {
+            manifest,
+            entry: entry.map(PathBuf::from),
+            task,
+            args,
+            kwargs,
+            resume,
+            options,
+            default_timeout: default_timeout.map(manifest_schema::Timeout),
+            files_root,
+            workers,
+            ..Self::default()
+        }
+    }
+
+    /// What this request asks of the engine (its paths already checked by the daemon).
+    pub fn order(&self) -> RunOrder {
+        let start = match &self.resume {
+            Some(run_id) => Start::Resume { run_id: run_id.clone() },
+            None => Start::Task { task: self.task.clone(), args: self.args.clone(), kwargs: self.kwargs.clone() },
+        };
+        RunOrder {
+            start,
+            entry: Some(self.entry.as_ref().unwrap_or(&self.manifest).display().to_string()),
+            options: self.options.clone(),
+            default_timeout: self.default_timeout.map(|timeout| timeout.0),
+            files_root: self.files_root.clone(),
+            workers: self.workers,
         }
     }
 }
@@ -387,4 +429,38 @@ pub struct RunPython {
     /// The folder `allowed_files` are relative to (absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_run_order_crosses_the_api_unchanged() {
+        let new_run = RunOrder {
+            entry: Some("/project/main.py".into()),
+            options: Some(manifest_schema::TaskOptions::for_code()),
+            default_timeout: Some(Duration::from_millis(1500)),
+            files_root: Some("/project/data".into()),
+            workers: Some(3),
+            ..RunOrder::task(Some("main".into()), vec![serde_json::json!([1, "two"])], serde_json::Map::new())
+        };
+        let resumed = RunOrder {
+            entry: Some("/project/main.py".into()),
+            ..RunOrder::starting(Start::Resume { run_id: "r1".into() })
+        };
+        for order in [new_run, resumed] {
+            let sent = SubmitRun::of_order("/project/.capsule/build/main/manifest.toml".into(), order.clone());
+            let received: SubmitRun = serde_json::from_str(&serde_json::to_string(&sent).unwrap()).unwrap();
+            assert_eq!(received.order(), order);
+        }
+    }
+
+    #[test]
+    fn a_request_without_an_entry_records_its_manifest() {
+        let request = SubmitRun { manifest: "/p/manifest.toml".into(), ..SubmitRun::default() };
+        assert_eq!(request.order().entry.as_deref(), Some("/p/manifest.toml"));
+    }
 }

@@ -17,8 +17,8 @@ use manifest_schema::Category;
 use serde::Deserialize;
 
 use crate::api::{
-    Accepted, ApiError, ErrorBody, Finished, Health, Line, MAX_REQUEST_BYTES, OpenSession, RunPython, SessionCall,
-    SessionView, SubmitRun,
+    Accepted, ApiError, ErrorBody, Finished, Health, Line, MAX_REQUEST_BYTES, OpenSession, RunOrder, RunPython,
+    SessionCall, SessionView, SubmitRun,
 };
 use crate::runs::{RunEntry, Runs};
 use crate::sessions::{Sessions, interpreter_image};
@@ -244,15 +244,12 @@ async fn restart(State(runs): State<Arc<Runs>>, Path(id): Path<String>) -> ApiRe
 async fn run_python(State(runs): State<Arc<Runs>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let request: RunPython = json_body(body)?;
     let image = interpreter_image()?;
-    let submit = SubmitRun {
-        manifest: image,
-        task: Some("run_python".into()),
-        args: vec![serde_json::Value::String(request.code)],
+    let order = RunOrder {
         options: Some(request.options.map_or_else(manifest_schema::TaskOptions::for_code, |o| o.0)),
         files_root: request.project.clone(),
-        project: request.project,
-        ..SubmitRun::default()
+        ..RunOrder::task(Some("run_python".into()), vec![serde_json::Value::String(request.code)], Default::default())
     };
+    let submit = SubmitRun { project: request.project, ..SubmitRun::of_order(image, order) };
     let (run, outcome) = runs.submit_and_wait(submit).await?;
     Ok(Json(Finished { run, outcome }).into_response())
 }
@@ -383,7 +380,7 @@ mod tests {
             manifest: "/project/.capsule/build/main/manifest.toml".into(),
             task: Some("main".into()),
             args: vec![serde_json::json!([1, "two", {"three": 3.5}])],
-            default_timeout: Some("30s".into()),
+            default_timeout: Some(manifest_schema::Timeout(Duration::from_secs(30))),
             options: Some(manifest_schema::TaskOptions::default()),
             wait: true,
             ..SubmitRun::default()

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use manifest_schema::{Explain, Manifest, Metering, Task};
+use manifest_schema::{Explain, Manifest, Metering, Problem, Task};
 use python_runtime::{ErrorKind, GuestError, RegisteredTask};
 use serde_json::Value;
 use thiserror::Error;
@@ -15,10 +16,11 @@ use tokio::task::JoinHandle;
 use crate::artifact::{CompiledStore, LoadError, check_manifest};
 use crate::cancel::Cancel;
 use crate::config::{self, TickingEngine};
+use crate::environment::Environment;
 use crate::events::EventSink;
 use crate::journal::{Entered, Journal, JournalError, Position, args_hash};
 use crate::loaded::Loaded;
-use crate::orchestrator::{Orchestrator, RunSettings, Scope};
+use crate::orchestrator::{Orchestrator, Remote, RunSettings, Scope};
 use crate::outcome::Outcome;
 use crate::paths::Reserved;
 use crate::run::Call;
@@ -66,6 +68,8 @@ pub enum EngineError {
     ResumedTaskMissing { run: String, task: String },
     #[error("a `ram` of {ram} bytes is below the {needed} bytes the image needs")]
     TooLittleMemory { ram: u64, needed: u64 },
+    #[error("`{option}`: {}", problem.message)]
+    Options { option: &'static str, problem: Problem },
     #[error(transparent)]
     Session(#[from] crate::session::SessionError),
 }
@@ -86,7 +90,8 @@ impl Explain for EngineError {
             | Self::NoDefaultTask { .. }
             | Self::ResumeWithoutJournal
             | Self::ResumedTaskMissing { .. }
-            | Self::TooLittleMemory { .. } => Category::Usage,
+            | Self::TooLittleMemory { .. }
+            | Self::Options { .. } => Category::Usage,
         }
     }
 
@@ -107,6 +112,7 @@ impl Explain for EngineError {
             Self::TooLittleMemory { needed, .. } => {
                 Some(format!("give it at least {}MiB", needed.div_ceil(1 << 20) + 16))
             }
+            Self::Options { problem, .. } => problem.hint.clone(),
             Self::Session(error) => error.hint(),
             Self::Setup(_) | Self::Load(_) | Self::Journal(_) => None,
         }
@@ -120,7 +126,7 @@ pub struct Inspection {
 }
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Start {
     /// A new run of `task` (default: `main`, else the only task).
     Task { task: Option<String>, args: Vec<Value>, kwargs: serde_json::Map<String, Value> },
@@ -128,16 +134,88 @@ pub enum Start {
     Resume { run_id: String },
 }
 
-pub struct RunRequest {
+/// What a caller asks of one run, whichever front door it came through (the CLI's flags,
+/// the daemon's API and so MCP and the SDK, a cluster worker's message): plain data, which
+/// [`Engine::prepare`] turns into the engine's settings, filling in the defaults, in one place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOrder {
     pub start: Start,
     /// The file the run came from (an entry `.py` or a manifest), as the journal records it
     /// for resuming [default: the manifest's entry, relative to its project].
     pub entry: Option<String>,
-    pub settings: RunSettings,
+    /// Options replacing those of the task the run starts (not of its sub-tasks): what the
+    /// interpreter image's calls bring [default: the task's own].
+    pub options: Option<manifest_schema::TaskOptions>,
+    /// Deadline of an attempt for tasks that set no `timeout` [default: 5 minutes].
+    pub default_timeout: Option<Duration>,
+    /// The folder `allowed_files` paths are relative to [default: the manifest's project].
+    pub files_root: Option<PathBuf>,
+    /// How many spawned sub-tasks run at once [default: the number of cores].
+    pub workers: Option<usize>,
+}
+
+impl RunOrder {
+    /// A new run of `task` (default: `main`, else the only task), the rest by default.
+    pub fn task(task: Option<String>, args: Vec<Value>, kwargs: serde_json::Map<String, Value>) -> Self {
+        Self::starting(Start::Task { task, args, kwargs })
+    }
+
+    /// `start`, the rest by default.
+    pub fn starting(start: Start) -> Self {
+        Self { start, entry: None, options: None, default_timeout: None, files_root: None, workers: None }
+    }
+
+    /// The engine's settings for this order: where every default of a run is filled in.
+    fn settings(
+        &self,
+        loaded: &Loaded,
+        remote: Option<Remote>,
+        environment: Environment,
+    ) -> Result<RunSettings, EngineError> {
+        if let Some(options) = &self.options {
+            options.validate().map_err(|(option, problem)| EngineError::Options { option, problem })?;
+        }
+        let defaults = RunSettings::default();
+        Ok(RunSettings {
+            options: self.options.clone(),
+            default_timeout: self.default_timeout.unwrap_or(defaults.default_timeout),
+            project_root: self
+                .files_root
+                .clone()
+                .or_else(|| loaded.manifest().artifact.project_root.clone().map(Into::into)),
+            workers: self.workers.map_or(defaults.workers, |n| n.max(1)),
+            remote,
+            environment,
+        })
+    }
+}
+
+/// A run to prepare: what was asked, and where it runs (what no request on a wire names).
+pub struct RunRequest {
+    pub order: RunOrder,
     /// Where the run is recorded, if anywhere.
     pub journal: Option<Arc<Journal>>,
     pub events: Arc<dyn EventSink>,
     pub cancel: Cancel,
+    /// Run sub-tasks elsewhere instead of in this process.
+    pub remote: Option<Remote>,
+    /// Where `env_passthrough` and `secrets` read their values [default: this process's
+    /// environment].
+    pub environment: Environment,
+}
+
+impl RunRequest {
+    /// `order`, unjournaled, in this process, its events unseen.
+    pub fn new(order: RunOrder) -> Self {
+        Self {
+            order,
+            journal: None,
+            events: Arc::new(crate::events::NoEvents),
+            cancel: Cancel::default(),
+            remote: None,
+            environment: Environment::default(),
+        }
+    }
 }
 
 /// A run ready to start: its journal entry exists, nothing has run yet.
@@ -509,7 +587,9 @@ impl Engine {
 
     /// Checks a run request and enters it in the journal, without running anything.
     pub fn prepare(&self, loaded: &Arc<Loaded>, request: RunRequest) -> Result<PreparedRun, EngineError> {
-        let RunRequest { start, entry, mut settings, journal, events, cancel } = request;
+        let RunRequest { order, journal, events, cancel, remote, environment } = request;
+        let settings = order.settings(loaded, remote, environment)?;
+        let RunOrder { start, entry, .. } = order;
         let manifest = loaded.manifest();
         // The run's id and its top-level call's row, when journaled.
         let (task, args, kwargs, journaled) = match (start, &journal) {
@@ -546,9 +626,6 @@ impl Engine {
                 (task, args, kwargs, journaled)
             }
         };
-        if settings.project_root.is_none() {
-            settings.project_root = manifest.artifact.project_root.clone().map(Into::into);
-        }
         let task = &with_options(task, &settings, loaded)?;
         let run_id = journaled.as_ref().map(|(run, _)| run.clone());
         let position = journal.as_ref().zip(journaled).map(|(journal, (run, call))| Position {

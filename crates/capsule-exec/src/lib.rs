@@ -37,7 +37,7 @@ pub mod trust;
 
 pub use artifact::LoadError;
 pub use cancel::Cancel;
-pub use engine::{Engine, EngineError, PreparedRun, RunHandle, RunRequest, Start, select_task};
+pub use engine::{Engine, EngineError, PreparedRun, RunHandle, RunOrder, RunRequest, Start, select_task};
 pub use environment::Environment;
 pub use events::{Event, EventSink, NoEvents};
 pub use host::BoxFuture;

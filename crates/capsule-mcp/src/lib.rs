@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use capsule_daemon::api::{Finished, OpenSession, SessionCall, SessionView, SubmitRun};
+use capsule_daemon::api::{Finished, OpenSession, RunOrder, SessionCall, SessionView, SubmitRun};
 use capsule_daemon::{Client, ClientError, Target};
 use manifest_schema::{Manifest, TaskOptions};
 use rmcp::model::{
@@ -187,16 +187,16 @@ impl Server {
         match name {
             RUN_PYTHON => {
                 let code = text_argument(&arguments, "code", &["code"])?;
-                let request = SubmitRun {
-                    manifest: self.config.image.clone(),
-                    task: Some(RUN_PYTHON.into()),
-                    args: vec![Value::String(code)],
+                let order = RunOrder {
                     options: Some(self.config.options.clone()),
-                    project: Some(self.config.root.clone()),
                     files_root: Some(self.config.root.clone()),
+                    ..RunOrder::task(Some(RUN_PYTHON.into()), vec![Value::String(code)], Default::default())
+                };
+                let request = SubmitRun {
+                    project: Some(self.config.root.clone()),
                     wait: true,
                     stream: false,
-                    ..SubmitRun::default()
+                    ..SubmitRun::of_order(self.config.image.clone(), order)
                 };
                 let finished: Finished = client.submit_and_wait(&request).await?;
                 Ok(envelope_result(serde_json::to_value(finished.outcome).unwrap_or_default()))
@@ -244,16 +244,12 @@ impl Server {
             Some(signature) => signature.bind(arguments).map_err(Refused)?,
             None => (Vec::new(), arguments),
         };
-        let request = SubmitRun {
-            manifest: project.manifest_path.clone(),
-            entry: Some(project.entry.clone()),
-            task: Some(name.to_string()),
-            args,
-            kwargs,
-            wait: true,
-            stream: false,
-            ..SubmitRun::default()
+        let order = RunOrder {
+            entry: Some(project.entry.display().to_string()),
+            ..RunOrder::task(Some(name.to_string()), args, kwargs)
         };
+        let request =
+            SubmitRun { wait: true, stream: false, ..SubmitRun::of_order(project.manifest_path.clone(), order) };
         let finished: Finished = client.submit_and_wait(&request).await?;
         Ok(envelope_result(serde_json::to_value(finished.outcome).unwrap_or_default()))
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use capsule_build::{BuildOptions, BuildOutput, build};
-use capsule_exec::{Cancel, Engine, Loaded, NoEvents, Outcome, RunRequest, RunSettings, Start};
+use capsule_exec::{Engine, Loaded, Outcome, RunOrder, RunRequest};
 use serde_json::Value;
 
 /// The process-wide engine (one, as in the real binaries).
@@ -32,14 +32,8 @@ pub struct Built {
 
 /// A new, unjournaled run of `task` with its output captured only.
 pub fn quiet_run(task: &str, args: Vec<Value>) -> RunRequest {
-    RunRequest {
-        start: Start::Task { task: Some(task.to_string()), args, kwargs: serde_json::Map::new() },
-        entry: None,
-        settings: RunSettings { workers: 2, ..RunSettings::default() },
-        journal: None,
-        events: Arc::new(NoEvents),
-        cancel: Cancel::default(),
-    }
+    let order = RunOrder { workers: Some(2), ..RunOrder::task(Some(task.to_string()), args, serde_json::Map::new()) };
+    RunRequest::new(order)
 }
 
 impl Built {
@@ -55,7 +49,7 @@ impl Built {
     /// Runs `task` with `args` by a runner whose environment holds exactly `variables`.
     pub fn run_in_environment(&self, task: &str, args: Vec<Value>, variables: &[(&str, &str)]) -> Outcome {
         let mut request = quiet_run(task, args);
-        request.settings.environment =
+        request.environment =
             capsule_exec::Environment::of(variables.iter().map(|(name, value)| (name.to_string(), value.to_string())));
         self.run_request(request)
     }

@@ -6,9 +6,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use capsule_exec::LoadError;
+use manifest_schema::{Category, Explain};
 use python_runtime::ErrorKind;
 use serde_json::json;
-use tests::{build_into, load, shared};
+use tests::{build_into, engine, load, quiet_run, shared};
 
 const MULTI: &str = "valid/multi_task.py";
 
@@ -72,6 +73,19 @@ fn a_task_sees_exactly_its_declared_environment() {
     let outcome =
         shared(MULTI).run_in_environment("environment", vec![], &[("CAPSULE_TEST_HOST_SECRET", "must-not-leak")]);
     assert_eq!(outcome.result, json!({"GREETING": "bonjour", "MODE": "test"}));
+}
+
+#[test]
+fn options_a_run_brings_are_checked_whichever_front_door_sent_them() {
+    let mut options = manifest_schema::TaskOptions::for_code();
+    options.env_vars.insert("MODE".into(), "x".into());
+    options.env_passthrough.push("MODE".into());
+    let mut request = quiet_run("environment", vec![]);
+    request.order.options = Some(options);
+    let error = engine().prepare(&shared(MULTI).loaded, request).err().expect("the options are refused");
+    assert_eq!(error.category(), Category::Usage);
+    assert_eq!(error.to_string(), "`env_passthrough`: `MODE` is both in `env_vars` and in `env_passthrough`");
+    assert_eq!(error.hint().as_deref(), Some("keep it in one of them"));
 }
 
 #[test]

@@ -68,7 +68,7 @@ fn an_engine_for_one_run_has_a_sandbox_for_every_unfinished_sub_task() {
     let loaded = engine.load(&built.output.manifest_path).unwrap();
     let count = capsule_exec::limits::MAX_UNFINISHED_SUBTASKS;
     let mut request = quiet_run("wide_fan_out", vec![json!(count)]);
-    request.settings.workers = count as usize;
+    request.order.workers = Some(count as usize);
     let outcome = block_on(async { engine.prepare(&loaded, request).expect("the run starts").run().await });
     assert!(outcome.success, "{:?}", outcome.error);
     assert_eq!(outcome.result, json!((0..count).sum::<u32>()));

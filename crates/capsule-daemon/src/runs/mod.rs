@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use capsule_cluster::Cluster;
-use capsule_exec::{Cancel, Engine, Journal, Outcome, RemoteCall, RunRequest, RunSettings, RunState, Start};
+use capsule_exec::{Cancel, Engine, Journal, Outcome, RemoteCall, RunRequest, RunState, Start};
 use manifest_schema::{Category, ProjectFile};
 use python_runtime::ErrorKind as GuestKind;
 use tokio::runtime::Handle;
@@ -76,10 +76,6 @@ struct Held {
     by_id: HashMap<String, Arc<RunEntry>>,
     /// Finished runs, oldest first, for eviction.
     finished: VecDeque<String>,
-}
-
-fn bad(message: impl Into<String>) -> ApiError {
-    ApiError::new(Category::Usage, message)
 }
 
 /// Whether `manifest` (resolved) is the built-in interpreter image's.
@@ -261,12 +257,6 @@ impl Runs {
         admission::resolve_paths(&mut request)?;
         let manifest_dir = request.manifest.parent().unwrap_or(Path::new("/")).to_path_buf();
         let project = request.project.clone().unwrap_or(manifest_dir);
-        let default_timeout = match &request.default_timeout {
-            Some(text) => {
-                manifest_schema::parse_duration(text).map_err(|p| bad(format!("`default_timeout`: {}", p.message)))?
-            }
-            None => capsule_exec::limits::DEFAULT_TIMEOUT,
-        };
         let namespace = ProjectFile::namespace(&project).map_err(|e| ApiError::of(&e))?;
         let image = is_interpreter_image(&request.manifest);
         let loaded = match (admission::trust(&request.trust)?, image) {
@@ -291,20 +281,9 @@ impl Runs {
             admission::check_journal(&journal_path, &self.limits.own_places)?;
         }
         let journal = self.journal(&journal_path)?;
-        let start = match (&resume_id, &request.resume) {
-            (Some(id), _) | (None, Some(id)) => Start::Resume { run_id: id.clone() },
-            (None, None) => {
-                Start::Task { task: request.task.clone(), args: request.args.clone(), kwargs: request.kwargs.clone() }
-            }
-        };
-        let mut settings = RunSettings {
-            options: request.options.clone(),
-            default_timeout,
-            project_root: request.files_root.clone(),
-            ..RunSettings::default()
-        };
-        if let Some(workers) = request.workers {
-            settings.workers = workers.max(1);
+        let mut order = request.order();
+        if let Some(run_id) = resume_id {
+            order.start = Start::Resume { run_id };
         }
         let cancel = Cancel::default();
         let shell =
@@ -313,12 +292,10 @@ impl Runs {
         // events go to a slot filled once the entry is complete.
         let slot: Arc<OnceLock<Arc<RunEntry>>> = Arc::default();
         let run_request = RunRequest {
-            start,
-            entry: Some(shell.entry.clone()),
-            settings,
             journal: Some(journal),
             events: Arc::new(Deferred(slot.clone())),
             cancel,
+            ..RunRequest::new(order)
         };
         let prepared = self.engine.prepare(&loaded, run_request).map_err(|e| ApiError::of(&e))?;
         let id = prepared.run_id().expect("daemon runs are journaled").to_string();
