@@ -57,7 +57,7 @@ impl manifest_schema::Explain for ClientError {
 
     fn hint(&self) -> Option<String> {
         match self {
-            Self::Unreachable { .. } => Some("start one with `capsule daemon`, or run without `--daemon`".into()),
+            Self::Unreachable { .. } => Some("start one with `capsule daemon`, or <<in_process>>".into()),
             _ => None,
         }
     }
@@ -99,7 +99,8 @@ impl Client {
         ClientError::Protocol { target: self.target.to_string(), message: message.to_string() }
     }
 
-    async fn send(
+    /// `method path` with `body`, answered: whatever the status.
+    async fn respond(
         &mut self,
         method: Method,
         path: &str,
@@ -114,7 +115,17 @@ impl Client {
         }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| self.broke(e))?;
         self.sender.ready().await.map_err(|e| self.broke(e))?;
-        let response = self.sender.send_request(request).await.map_err(|e| self.broke(e))?;
+        self.sender.send_request(request).await.map_err(|e| self.broke(e))
+    }
+
+    /// `method path` with `body`, answered with success, else the API's error.
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let response = self.respond(method, path, body).await?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -124,6 +135,22 @@ impl Client {
             Ok(body) => Err(ClientError::Api(body.error)),
             Err(_) => Err(self.broke(format!("{status}: {}", String::from_utf8_lossy(&bytes)))),
         }
+    }
+
+    /// One request as given (`method`, `route`, a JSON body), answered with the HTTP
+    /// status and body, errors included: for clients that read the API's answers themselves
+    /// (the Python SDK). Only an unreachable or broken connection is an `Err`.
+    pub async fn exchange(
+        &mut self,
+        method: &str,
+        route: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let method = Method::from_bytes(method.as_bytes()).map_err(|e| self.broke(e))?;
+        let response = self.respond(method, route, body).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.map_err(|e| self.broke(e))?.to_bytes();
+        Ok((status, bytes))
     }
 
     async fn json<T: DeserializeOwned>(

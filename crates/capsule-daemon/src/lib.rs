@@ -4,12 +4,14 @@
 //! (`capsule run FILE` does, cached) and submit the manifest, so a production host can run it
 //! from a `capsule` built without the `build` feature.
 //!
-//! `server` holds the routes, `runs` the runs and their queue, `registry` what survives a
+//! `server` holds the routes, `embedded` serves them inside another process (the Python
+//! SDK's native module) without a socket, `runs` the runs and their queue, `registry` what survives a
 //! crash, `socket` where the socket is and who owns it, `client` the other end.
 
 mod admission;
 pub mod api;
 mod client;
+mod embedded;
 mod registry;
 mod runs;
 mod server;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use capsule_exec::Engine;
 
 pub use client::{Client, ClientError, Target};
+pub use embedded::Embedded;
 pub use socket::{SOCKET_ENV, default_socket, default_state_dir};
 pub use tls::{Listen, Tls};
 
@@ -106,6 +109,44 @@ impl manifest_schema::Explain for DaemonError {
     }
 }
 
+/// The threads sandboxes run on.
+fn engine_runtime() -> Result<tokio::runtime::Runtime, DaemonError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name("capsule-engine")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)
+}
+
+/// The runs and sessions of a service keeping its records in `state_dir` (made private
+/// here), its sandboxes on `engine_runtime`: a daemon's, or one embedded in a process.
+fn assemble(
+    engine: Engine,
+    state_dir: &Path,
+    limits: runs::Limits,
+    cluster: Option<capsule_cluster::Cluster>,
+    engine_runtime: &tokio::runtime::Handle,
+) -> Result<server::Served, DaemonError> {
+    capsule_exec::paths::private_dir(state_dir)
+        .map_err(|why| DaemonError::Io { path: state_dir.to_path_buf(), source: std::io::Error::other(why) })?;
+    let registry_path = state_dir.join("daemon.db");
+    let registry = registry::Registry::open(&registry_path)?;
+    let engine = Arc::new(engine.reserving(registry_path, "the daemon's record of runs"));
+    let runs = Arc::new(runs::Runs::new(engine.clone(), engine_runtime.clone(), registry, limits, cluster));
+    let saved_sessions = capsule_exec::paths::saved_sessions_dir().unwrap_or_else(|| state_dir.join("saved-sessions"));
+    let sessions =
+        Arc::new(sessions::Sessions::new(engine, engine_runtime.clone(), saved_sessions, state_dir.join("sessions")));
+    Ok(server::Served { runs, sessions })
+}
+
+/// Closes idle sessions every ten seconds, for the service's life.
+async fn close_idle_sessions(sessions: Arc<sessions::Sessions>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        sessions.close_idle();
+    }
+}
+
 /// Resolves when process `pid` no longer exists (never, without one).
 async fn gone(pid: Option<u32>) {
     let Some(pid) = pid else { return std::future::pending().await };
@@ -121,18 +162,7 @@ type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Resul
 /// Runs a daemon in the foreground until SIGTERM or SIGINT; `ready` is called once it answers.
 pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonConfig)) -> Result<(), DaemonError> {
     let socket = socket::Bound::claim(&config.socket)?;
-    capsule_exec::paths::private_dir(&config.state_dir)
-        .map_err(|why| DaemonError::Io { path: config.state_dir.clone(), source: std::io::Error::other(why) })?;
-    let registry_path = config.state_dir.join("daemon.db");
-    let registry = registry::Registry::open(&registry_path)?;
-    let engine = engine
-        .reserving(registry_path, "the daemon's record of runs")
-        .reserving(config.socket.clone(), "the daemon's socket");
-    let engine_runtime = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("capsule-engine")
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)?;
+    let engine_runtime = engine_runtime()?;
     // The API has a thread of its own: however busy the sandboxes are, it answers.
     let api_runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
@@ -147,7 +177,9 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         Some(options) => Some(engine_runtime.block_on(capsule_cluster::Cluster::connect(options.clone()))?),
         None => None,
     };
-    let runs = Arc::new(runs::Runs::new(engine, engine_runtime.handle().clone(), registry, limits, cluster));
+    let engine = engine.reserving(config.socket.clone(), "the daemon's socket");
+    let served = assemble(engine, &config.state_dir, limits, cluster, engine_runtime.handle())?;
+    let (runs, sessions) = (served.runs.clone(), served.sessions.clone());
     api_runtime.block_on(async {
         let unix = socket.listener().map_err(|source| DaemonError::Io { path: config.socket.clone(), source })?;
         let tcp = match &config.listen {
@@ -165,17 +197,7 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         let shutdown = move |mut stop: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         };
-        let saved_sessions =
-            capsule_exec::paths::saved_sessions_dir().unwrap_or_else(|| config.state_dir.join("saved-sessions"));
-        let sessions =
-            Arc::new(sessions::Sessions::new(runs.clone(), saved_sessions, config.state_dir.join("sessions")));
-        let served = server::Served { runs: runs.clone(), sessions: sessions.clone() };
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                sessions.close_idle();
-            }
-        });
+        tokio::spawn(close_idle_sessions(sessions));
         let unix_server =
             axum::serve(unix, server::router(served.clone(), None)).with_graceful_shutdown(shutdown(stop.clone()));
         let tcp_server: Option<Serving> = match (tcp, &config.listen) {

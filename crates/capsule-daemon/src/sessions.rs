@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::sync::Mutex as SyncMutex;
 use std::time::{Duration, Instant};
 
-use capsule_exec::{CallLimits, Cancel, NoEvents, Outcome, RunSettings, Session, SessionState};
+use capsule_exec::{CallLimits, Cancel, Engine, NoEvents, Outcome, RunSettings, Session, SessionState};
 use manifest_schema::{Category, FileGrant, FileMode, TaskOptions};
+use tokio::runtime::Handle;
 use tokio::sync::Mutex;
 
 use crate::api::{ApiError, OpenSession, Saved, SessionCall, SessionView};
-use crate::runs::Runs;
 
 /// Sessions one daemon holds at once (each holds a sandbox).
 const MAX_SESSIONS: usize = 64;
@@ -29,7 +29,9 @@ struct Held {
 }
 
 pub struct Sessions {
-    runs: Arc<Runs>,
+    engine: Arc<Engine>,
+    /// Where sandboxes live, and their output is driven.
+    engine_runtime: Handle,
     /// Saved sessions (`<sha256>.session`).
     saved: PathBuf,
     /// Each held session's workspace (`<id>/`).
@@ -48,8 +50,8 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 }
 
 impl Sessions {
-    pub fn new(runs: Arc<Runs>, saved: PathBuf, workspaces: PathBuf) -> Self {
-        Self { runs, saved, workspaces, held: SyncMutex::default() }
+    pub fn new(engine: Arc<Engine>, engine_runtime: Handle, saved: PathBuf, workspaces: PathBuf) -> Self {
+        Self { engine, engine_runtime, saved, workspaces, held: SyncMutex::default() }
     }
 
     fn get(&self, id: &str) -> Result<Arc<Held>, ApiError> {
@@ -110,15 +112,13 @@ impl Sessions {
         options.allowed_files = vec![FileGrant { path: ".".into(), mode: FileMode::ReadWrite }];
         let settings =
             RunSettings { options: Some(options), project_root: Some(workspace.clone()), ..RunSettings::default() };
-        let (runs, task, workspace_for_task) = (self.runs.clone(), request.task.clone(), workspace.clone());
-        // Sandboxes live on the engine's runtime, where their output is driven.
+        let (engine, task, workspace_for_task) = (self.engine.clone(), request.task.clone(), workspace.clone());
         let session = self
-            .runs
-            .engine_runtime()
+            .engine_runtime
             .spawn(async move {
                 // The daemon's own interpreter image needs no signature; a client's manifest does
                 // when the daemon requires them.
-                let loaded = if own { runs.engine().load_own(&manifest) } else { runs.engine().load(&manifest) }
+                let loaded = if own { engine.load_own(&manifest) } else { engine.load(&manifest) }
                     .map_err(|e| ApiError::of(&e))?;
                 if let Some(requested) = &requested {
                     let task =
@@ -127,10 +127,10 @@ impl Sessions {
                     crate::admission::check_options(task, requested, true)?;
                 }
                 let state = match restore {
-                    Some(bytes) => Some(runs.engine().session_state(&loaded, &bytes).map_err(|e| ApiError::of(&e))?),
+                    Some(bytes) => Some(engine.session_state(&loaded, &bytes).map_err(|e| ApiError::of(&e))?),
                     None => None,
                 };
-                runs.engine()
+                engine
                     .open_session(&loaded, task.as_deref(), settings, Arc::new(NoEvents), state)
                     .await
                     .map_err(|e| ApiError::of(&e))
@@ -168,8 +168,7 @@ impl Sessions {
         };
         let limits = CallLimits { fuel: call.compute.map(|c| c.fuel()), timeout };
         let outcome = self
-            .runs
-            .engine_runtime()
+            .engine_runtime
             .spawn({
                 let held = held.clone();
                 async move { held.session.lock().await.call(call.args, limits, &Cancel::default()).await }
@@ -184,8 +183,7 @@ impl Sessions {
     pub async fn save(&self, id: &str) -> Result<Saved, ApiError> {
         let held = self.get(id)?;
         let state = self
-            .runs
-            .engine_runtime()
+            .engine_runtime
             .spawn(async move { held.session.lock().await.save().await })
             .await
             .map_err(internal)?

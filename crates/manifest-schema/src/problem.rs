@@ -105,6 +105,7 @@ const PARAMETERS: &[(&str, &str, &str)] = &[
     ("task", "`--task NAME`", "`task`"),
     ("journal", "`--journal PATH`", "`journal`"),
     ("trust", "`--trust KEY.pub`", "`trust`"),
+    ("in_process", "run without `--daemon`", "run in this process (no `capsule.connect`)"),
 ];
 
 /// Who shows a problem, and so how its hint names what the caller can give.

@@ -1,6 +1,6 @@
 """Timings of one hello call from a Python process, for `cargo xtask bench`.
 
-    python sdk.py capsule   FILE N   # capsule.run(FILE), warm: cache check and daemon included
+    python sdk.py capsule   FILE N   # capsule.run(FILE), warm: the build's check included
     python sdk.py async     FILE N   # N concurrent capsule.run_async(FILE): all must complete
     python sdk.py reference FILE N   # the reference implementation's `await capsule.run(file=...)`
     python sdk.py monty     -    N   # pydantic-monty: check out a worker and run the same function
@@ -10,12 +10,16 @@
     python sdk.py monty-python  - N  # pydantic-monty: check out a worker and run "1 + 1"
     python sdk.py monty-session - N  # pydantic-monty: feed_run("x += 1") in one checked-out session
 
+Capsule's modes run in this process's engine, or through the daemon on the socket
+`CAPSULE_BENCH_DAEMON` names (`capsule.connect`).
+
 Prints JSON: {"p50_ms": ..., "p99_ms": ...} (for `async`: {"seconds": ..., "completed": ...};
 for `save`: the p50 of each and the sizes).
 """
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -49,20 +53,30 @@ def timed(call, n, warm_up=50):
     return percentiles(samples)
 
 
+def where():
+    """Where Capsule's calls go: the package's functions (this process), or a daemon's client;
+    and the client for sessions (None: this process)."""
+    import capsule
+
+    socket = os.environ.get("CAPSULE_BENCH_DAEMON")
+    client = capsule.connect(socket) if socket else None
+    return client or capsule, client
+
+
 def main():
     mode, file, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "capsule":
-        import capsule
+        api, _ = where()
 
         def call():
-            assert capsule.run(file, args=["Ada"]).success
+            assert api.run(file, args=["Ada"]).success
 
         print(json.dumps(timed(call, n)))
     elif mode == "async":
-        import capsule
+        api, _ = where()
 
         async def many():
-            return await asyncio.gather(*(capsule.run_async(file, args=[f"n{i}"]) for i in range(n)))
+            return await asyncio.gather(*(api.run_async(file, args=[f"n{i}"]) for i in range(n)))
 
         asyncio.run(many())  # warm: the connections, the build check
         started = time.perf_counter()
@@ -90,19 +104,19 @@ def main():
 
             print(json.dumps(timed(call, n)))
     elif mode == "python":
-        import capsule
-
-        print(json.dumps(timed(lambda: capsule.run_python("1 + 1").unwrap(), n)))
+        api, _ = where()
+        print(json.dumps(timed(lambda: api.run_python("1 + 1").unwrap(), n)))
     elif mode == "session":
         import capsule
 
-        with capsule.Session() as session:
+        with capsule.Session(client=where()[1]) as session:
             session.run("x = 0").unwrap()
             print(json.dumps(timed(lambda: session.run("x += 1").unwrap(), n)))
     elif mode == "save":
         import capsule
 
-        with capsule.Session(ram="256MiB") as session:
+        client = where()[1]
+        with capsule.Session(ram="256MiB", client=client) as session:
             session.run(SESSION_STATE).unwrap()
             saves, restores, saved = [], [], None
             for _ in range(n):
@@ -110,7 +124,7 @@ def main():
                 saved = session.save()
                 saves.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                with capsule.Session.restore(saved) as restored:
+                with capsule.Session.restore(saved, client=client) as restored:
                     assert restored.run("len(data)").result == 10 << 20
                     restores.append(time.perf_counter() - started)
             size = (session_store() / f"{saved}.session").stat().st_size

@@ -1,7 +1,8 @@
-//! `cargo xtask dist`: what users install. A Python wheel per platform (maturin, bin
-//! bindings: the `capsule` and `capsule-exec` commands, the runtimes (base and data) under
-//! `share/capsule/` with their sha256, and the `capsule` Python package), and a `tar.gz` of the same for
-//! servers. Both reproducible: timestamps from `SOURCE_DATE_EPOCH`, files in a fixed order.
+//! `cargo xtask dist`: what users install. A Python wheel per platform (maturin, PyO3
+//! bindings: the `capsule` Python package with its native module `capsule._native`, the engine
+//! and builder in process; the `capsule` and `capsule-exec` commands as the wheel's scripts;
+//! the runtimes (base and data) under `share/capsule/` with their sha256), and a `tar.gz` of
+//! the commands and runtimes for servers. Both reproducible: timestamps from `SOURCE_DATE_EPOCH`, files in a fixed order.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use crate::venv::{Missing, Venv};
 
 /// The wheel builder, pinned.
 const MATURIN: &str = "maturin==1.16.0";
+/// The commands the wheel and the tarball carry.
+const COMMANDS: [&str; 2] = ["capsule", "capsule-exec"];
 /// What every timestamp in the archives says: 1980-01-01, the earliest a zip can hold. Every
 /// cargo build of the workspace sees it too (`.cargo/config.toml`).
 const SOURCE_DATE_EPOCH: &str = "315532800";
@@ -62,10 +65,26 @@ pub fn dist(profile: Profile) -> Result<Dist> {
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
 
-    // The runtimes, staged where pyproject.toml's `data` says: installed as `share/capsule/`.
-    let share = target_dir().join("dist/wheel-data/data/share/capsule");
-    let _ = fs::remove_dir_all(target_dir().join("dist/wheel-data"));
+    // Staged where pyproject.toml's `data` says: the runtimes installed as `share/capsule/`,
+    // the commands as scripts (on PATH in the environment).
+    let staged = target_dir().join("dist/wheel-data");
+    let share = staged.join("data/share/capsule");
+    let _ = fs::remove_dir_all(&staged);
     let runtime_files = install_runtimes(&share)?;
+    let mut cargo = crate::util::cargo();
+    cargo.current_dir(workspace_root()).args(["build", "--locked", "-p", "capsule-cli", "--bins"]);
+    match profile {
+        Profile::Release => cargo.arg("--release"),
+        Profile::Dev => &mut cargo,
+    };
+    run(&mut cargo)?;
+    fs::create_dir_all(staged.join("scripts"))?;
+    for binary in COMMANDS {
+        let built = target_dir().join(profile.dir()).join(binary);
+        let copy = staged.join("scripts").join(binary);
+        fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
+        run(Command::new("strip").arg(&copy))?;
+    }
 
     let tools = Venv::ensure("dist-tools", &[MATURIN], Missing::Fail)?;
     let mut maturin = Command::new(tools.bin("maturin"));
@@ -81,7 +100,7 @@ pub fn dist(profile: Profile) -> Result<Dist> {
     run(&mut maturin)?;
     let wheel = only_file(&out, ".whl")?;
 
-    let tarball = tarball(profile, &out, &share, &runtime_files)?;
+    let tarball = tarball(&out, &staged, &runtime_files)?;
     for file in [&wheel, &tarball] {
         let size = fs::metadata(file)?.len();
         eprintln!("xtask: {} ({:.1} MB, sha256 {})", file.display(), size as f64 / 1e6, sha256_file(file)?);
@@ -100,21 +119,19 @@ fn only_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
     }
 }
 
-/// `capsule-<version>-linux-<arch>.tar.gz`: `bin/`, `share/capsule/`, the README and the API.
-fn tarball(profile: Profile, out: &Path, share: &Path, runtime_files: &[String]) -> Result<PathBuf> {
+/// `capsule-<version>-linux-<arch>.tar.gz`: the staged commands in `bin/`, the runtimes in
+/// `share/capsule/`, the README and the book's pages.
+fn tarball(out: &Path, staged: &Path, runtime_files: &[String]) -> Result<PathBuf> {
     let name = format!("capsule-{}-linux-{}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
     let root = out.join(&name);
     fs::create_dir_all(root.join("bin"))?;
     fs::create_dir_all(root.join("share/capsule"))?;
     fs::create_dir_all(root.join("docs"))?;
-    for binary in ["capsule", "capsule-exec"] {
-        let built = target_dir().join(profile.dir()).join(binary);
-        let copy = root.join("bin").join(binary);
-        fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
-        run(Command::new("strip").arg(&copy))?;
+    for binary in COMMANDS {
+        fs::copy(staged.join("scripts").join(binary), root.join("bin").join(binary))?;
     }
     for file in runtime_files {
-        fs::copy(share.join(file), root.join("share/capsule").join(file))?;
+        fs::copy(staged.join("data/share/capsule").join(file), root.join("share/capsule").join(file))?;
     }
     for file in ["README.md", "SECURITY.md", "CHANGELOG.md"] {
         fs::copy(workspace_root().join(file), root.join(file))?;

@@ -179,16 +179,22 @@ fn soak(invocations: u64, profile: &str) -> Result<()> {
     run(Command::new(util::target_dir().join(profile).join("capsule-soak")).arg(invocations.to_string()))
 }
 
-/// Builds every binary of the workspace for `profile`. The debug ones are built the way
-/// `cargo test --workspace` builds them (a no-op after the tests ran): another selection of
-/// packages would resolve other features and compile wasmtime once more.
+/// Builds every binary of the workspace, and the SDK's native module, for `profile`. The debug
+/// binaries are built the way `cargo test --workspace` builds them (a no-op after the tests
+/// ran): another selection of packages would resolve other features and compile wasmtime once
+/// more.
 fn build_bins(profile: &str) -> Result<()> {
     let mut build = cargo();
     match profile {
-        "release" => build.args(["build", "--release", "-p", "capsule-cli", "-p", "tests", "--bins"]),
+        "release" => build.args(["build", "--release", "-p", "capsule-cli", "-p", "tests", "-p", "capsule-python"]),
         _ => build.args(["test", "--workspace", "--no-run"]),
     };
-    run(&mut build)
+    run(&mut build)?;
+    if profile != "release" {
+        // The SDK's native module, which the tests do not build (the bench's SDK rows load it).
+        run(cargo().args(["build", "-p", "capsule-python"]))?;
+    }
+    Ok(())
 }
 
 /// Markers around the measured table in BENCHMARKS.md; the prose outside them is kept.

@@ -47,7 +47,7 @@ pub struct Limits {
 }
 
 pub struct Runs {
-    engine: Engine,
+    engine: Arc<Engine>,
     engine_runtime: Handle,
     registry: Registry,
     limits: Limits,
@@ -88,7 +88,7 @@ fn is_interpreter_image(manifest: &Path) -> bool {
 
 impl Runs {
     pub fn new(
-        engine: Engine,
+        engine: Arc<Engine>,
         engine_runtime: Handle,
         registry: Registry,
         limits: Limits,

@@ -7,8 +7,9 @@ interpreter (for example in your unit tests) a task is an ordinary function call
 From your own Python code, `capsule.run("tasks.py", "main", args=[...])` runs a task in its
 sandbox and returns a `Result` (`await capsule.run_async(...)` for asyncio); `capsule.build`
 builds a file. `capsule.run_python(code)` runs a string of Python in a fresh sandbox, and
-`capsule.Session()` keeps one sandbox's state from call to call. These talk to the Capsule
-daemon (started for you when none is running).
+`capsule.Session()` keeps one sandbox's state from call to call. These run in this process
+(Capsule's engine is a native module of the package); `capsule.connect()` gives a `Client`
+with the same methods that goes through a Capsule daemon instead.
 """
 
 from capsule._context import attempt
@@ -20,14 +21,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from capsule import http
     from capsule._host import (
-        AsyncSession, BuildError, CapsuleError, DaemonError, ErrorInfo, Execution, Manifest, Output, Result,
-        Session, TaskFailed, UsageError, build, run, run_async, run_python, run_python_async,
+        AsyncSession, BuildError, CapsuleError, Client, DaemonError, ErrorInfo, Execution, Manifest, Output,
+        Result, Session, TaskFailed, UsageError, build, connect, run, run_async, run_python, run_python_async,
     )
 
 # The host API is imported on first use: a task inside the sandbox never needs it.
 _HOST_API = (
-    "AsyncSession", "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
-    "Result", "Session", "TaskFailed", "UsageError", "build", "run", "run_async", "run_python", "run_python_async",
+    "AsyncSession", "BuildError", "CapsuleError", "Client", "DaemonError", "ErrorInfo", "Execution", "Manifest",
+    "Output", "Result", "Session", "TaskFailed", "UsageError", "build", "connect", "run", "run_async", "run_python",
+    "run_python_async",
 )
 
 __all__ = [

@@ -1,10 +1,10 @@
-"""Running tasks from your own Python process: `capsule.run`, `capsule.run_async`, `capsule.build`.
+"""Running tasks from your own Python process: `capsule.run`, `run_python`, `Session` and friends.
 
-A run goes to the Capsule daemon over its Unix socket (`CAPSULE_SOCKET`, else
-`$XDG_RUNTIME_DIR/capsule/daemon.sock`, else `~/.capsule/daemon.sock`). When none answers, a
-private daemon is started for this process; it stops when the process exits (or dies). The
-file is built first if it changed, by the `capsule` command installed with this package; an
-unchanged build is recognised from its `fingerprint.json` without starting any process.
+Capsule runs inside this process by default: the native module `capsule._native` holds the
+engine, which runs each task in its sandbox on threads of its own with the GIL released, and
+answers the same requests as the daemon's API (without a socket). `capsule.connect()` gives a
+`Client` of a daemon instead, with the same methods and results, for runs that must outlive
+this process or be shared. Either way a Python file is built here first when it changed.
 """
 
 from __future__ import annotations
@@ -14,20 +14,16 @@ import atexit
 import json
 import os
 import pathlib
-import shutil
-import socket
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
-    "AsyncSession", "BuildError", "CapsuleError", "DaemonError", "ErrorInfo", "Execution", "Manifest", "Output",
-    "Result", "Session", "TaskFailed", "UsageError", "build", "run", "run_async", "run_python", "run_python_async",
+    "AsyncSession", "BuildError", "CapsuleError", "Client", "DaemonError", "ErrorInfo", "Execution", "Manifest",
+    "Output", "Result", "Session", "TaskFailed", "UsageError", "build", "connect", "run", "run_async", "run_python",
+    "run_python_async",
 ]
 
 
@@ -52,7 +48,8 @@ class UsageError(CapsuleError, ValueError):
 
 
 class DaemonError(CapsuleError):
-    """The daemon could not be started or reached, or broke off."""
+    """Capsule could not serve the call: a daemon unreachable or busy, a token refused, or a
+    failure of Capsule itself (not of the task)."""
 
 
 @dataclass(frozen=True)
@@ -171,135 +168,71 @@ class Manifest:
         )
 
 
-# --- Finding things -------------------------------------------------------------------------
+# --- Where requests go ----------------------------------------------------------------------
+#
+# A transport answers the daemon's API requests with `(status, body)`: `_native.Engine` in this
+# process, `_native.Daemon` through a daemon. `request` blocks (with the GIL released);
+# `request_later` calls `done(status, body)` from another thread when the answer is there.
 
 
-def _capsule_command() -> str:
-    """The `capsule` command: `$CAPSULE_BIN`, the one installed with this package, or on PATH."""
-    explicit = os.environ.get("CAPSULE_BIN")
-    if explicit:
-        return explicit
-    beside = pathlib.Path(sysconfig.get_path("scripts")) / "capsule"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("capsule")
-    if found:
-        return found
-    raise DaemonError(
-        "cannot find the `capsule` command",
-        "install Capsule's wheel (`pip install capsule-...whl`), or set CAPSULE_BIN",
-    )
+def _installed_runtime() -> str | None:
+    """The runtime installed with this package (`share/capsule/` of the environment), if any."""
+    path = pathlib.Path(sysconfig.get_path("data")) / "share" / "capsule" / "capsule-python.wasm"
+    return str(path) if path.is_file() else None
 
 
-def _default_socket() -> pathlib.Path:
-    if os.environ.get("CAPSULE_SOCKET"):
-        return pathlib.Path(os.environ["CAPSULE_SOCKET"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return pathlib.Path(os.environ["XDG_RUNTIME_DIR"]) / "capsule" / "daemon.sock"
-    return pathlib.Path.home() / ".capsule" / "daemon.sock"
+def _settle(future: asyncio.Future[tuple[int, bytes]], status: int, body: bytes) -> None:
+    if not future.done():
+        future.set_result((status, body))
 
 
-def _stamp(path: str) -> list[int] | None:
+def _exception(kind: str | None, message: str, hint: str | None) -> CapsuleError:
+    """The SDK's exception for a failure of `kind`: the category every failure has, in the
+    daemon's API, the native module and the `capsule` command alike."""
+    if kind in ("build", "load"):
+        return BuildError(message, hint)
+    if kind in ("usage", "bad_request", "not_found", "conflict", "too_large"):
+        return UsageError(message, hint)
+    return DaemonError(message, hint)
+
+
+def _reply(status: int, body: bytes) -> Any:
+    """The JSON of a successful answer (None for an empty one), else the failure it reports."""
+    if status < 300:
+        return json.loads(body) if body else None
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        error = json.loads(body).get("error", {})
+    except ValueError:
+        error = {}
+    raise _exception(error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint"))
 
 
-_fingerprints: dict[str, tuple[list[int] | None, Any]] = {}
-# The format of `fingerprint.json` this reads (`VERSION` in `fingerprint.rs`).
-_FINGERPRINT_VERSION = 3
-# Where an installation keeps the runtime, from its `capsule` command (`INSTALLED_RUNTIME` in
-# `python-runtime`'s lib.rs).
-_INSTALLED_RUNTIME = os.path.join("..", "share", "capsule", "capsule-python.wasm")
-_runtimes: dict[tuple[str | None, str | None], str | None] = {}
-
-
-def _runtime() -> str | None:
-    """The runtime a `capsule build` started from here would use, found as it finds it
-    (`python_runtime::runtime_path`): `$CAPSULE_RUNTIME`, else the one installed beside the
-    command. None when neither is there: a `capsule` built in a checkout knows its own."""
-    key = (os.environ.get("CAPSULE_RUNTIME"), os.environ.get("CAPSULE_BIN"))
-    if key not in _runtimes:
-        try:
-            installed = os.path.join(os.path.dirname(os.path.realpath(_capsule_command())), _INSTALLED_RUNTIME)
-        except DaemonError:
-            installed = None
-        _runtimes[key] = key[0] or (installed if installed and os.path.isfile(installed) else None)
-    return _runtimes[key]
-
-
-def _same_file(a: str, b: str) -> bool:
+def _encode(request: Mapping[str, Any]) -> bytes:
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+        return json.dumps(request, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
 
 
-def _up_to_date(out_dir: pathlib.Path) -> pathlib.Path | None:
-    """The manifest in `out_dir` if its build's `fingerprint.json` still holds (see
-    `capsule-build`'s `fingerprint.rs`: the same runtime, every file with the same size and
-    times, every absent file still absent). The file is read again only when it changed."""
-    path = os.path.join(out_dir, "fingerprint.json")
-    stamp = _stamp(path)
-    known = _fingerprints.get(path)
-    if known is None or known[0] != stamp:
-        try:
-            with open(path, "rb") as file:
-                known = _fingerprints[path] = (stamp, json.load(file))
-        except (OSError, ValueError):
-            return None
-    fingerprint = known[1]
-    if fingerprint.get("version") != _FINGERPRINT_VERSION:
-        return None
-    runtime = _runtime()
-    if runtime is not None and not _same_file(fingerprint["runtime"], runtime):
-        return None
-    for file, file_stamp in fingerprint["files"]:
-        if _stamp(file) != file_stamp:
-            return None
-    if any(os.path.exists(file) for file in fingerprint["absent"]):
-        return None
-    manifest = os.path.join(out_dir, "manifest.toml")
-    return pathlib.Path(manifest) if os.path.exists(manifest) else None
+def _refuse_inside_a_task() -> None:
+    if "_capsule" in sys.builtin_module_names:
+        raise RuntimeError(
+            "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
+        )
 
 
-def _failure(stderr: str) -> CapsuleError:
-    """The failure a `capsule` command printed with `--message-format json`, as an exception."""
-    for line in reversed(stderr.splitlines()):
-        try:
-            error = json.loads(line)["error"]
-            return _exception(error["kind"], error["message"], error.get("hint"))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return DaemonError(stderr.strip() or "the command failed")
+# --- Builds ---------------------------------------------------------------------------------
 
 
-_building: dict[pathlib.Path, threading.Lock] = {}
-_building_lock = threading.Lock()
+def _built(answer: tuple[int, bytes]) -> pathlib.Path:
+    return pathlib.Path(_reply(*answer)["manifest"])
 
 
 def _build(entry: pathlib.Path, force: bool = False) -> pathlib.Path:
-    """Builds `entry` with the `capsule` command; its manifest. Threads of this process that
-    want the same build wait for one of them (and `capsule build` itself takes turns)."""
-    out_dir = entry.parent / ".capsule" / "build" / entry.stem
-    if not force:
-        manifest = _up_to_date(out_dir)
-        if manifest is not None:
-            return manifest
-    with _building_lock:
-        turn = _building.setdefault(out_dir, threading.Lock())
-    with turn:
-        if not force:
-            manifest = _up_to_date(out_dir)
-            if manifest is not None:
-                return manifest
-        command = [_capsule_command(), "--message-format", "json", "build", str(entry), "-o", str(out_dir)]
-        done = subprocess.run(command + (["--force"] if force else []), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise _failure(done.stderr)
-    return out_dir / "manifest.toml"
+    """Builds `entry` here (an unchanged build is found, not redone); its manifest."""
+    from capsule import _native
+
+    return _built(_native.build(str(entry), None, force, _installed_runtime()))
 
 
 def _source(file_or_manifest: str | os.PathLike[str], project: str | os.PathLike[str] | None) -> pathlib.Path:
@@ -309,145 +242,41 @@ def _source(file_or_manifest: str | os.PathLike[str], project: str | os.PathLike
     return pathlib.Path(os.path.abspath(path))
 
 
+def _manifest_of(source: pathlib.Path, force: bool = False) -> pathlib.Path:
+    return source if source.suffix == ".toml" else _build(source, force)
+
+
+_image: tuple[int, str] | None = None
+
+
+def _interpreter_image() -> str:
+    """The built-in interpreter image's manifest (`run_python`, sessions): built once per
+    runtime, then known for the life of the process."""
+    global _image
+    if _image is None or _image[0] != os.getpid():
+        from capsule import _native
+
+        _image = (os.getpid(), str(_built(_native.interpreter_image(_installed_runtime()))))
+    return _image[1]
+
+
 def build(file: str | os.PathLike[str], *, project: str | os.PathLike[str] | None = None, force: bool = False) -> Manifest:
     """Build `file` (cached, like `capsule build`) and return its manifest."""
     return Manifest.load(_build(_source(file, project), force))
 
 
-# --- The daemon -----------------------------------------------------------------------------
+# --- Requests -------------------------------------------------------------------------------
 
 
-class _PrivateDaemon:
-    """A daemon started for this process when none answers; it ends with the process."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="capsule-")
-        self.socket = pathlib.Path(self.dir) / "daemon.sock"
-        self.process = subprocess.Popen(
-            [_capsule_command(), "--message-format", "json", "daemon", "--socket", str(self.socket),
-             "--state-dir", os.path.join(self.dir, "state"),
-             "--no-resume", "--exit-with", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 30
-        while not _answers(self.socket):
-            if self.process.poll() is not None:
-                failure = _failure(self.process.stderr.read().decode(errors="replace"))
-                raise DaemonError(f"the daemon did not start: {failure.message}", failure.hint)
-            if time.monotonic() > deadline:
-                self.stop()
-                raise DaemonError("the daemon did not start within 30 s")
-            time.sleep(0.01)
-        atexit.register(self.stop)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _answers(path: pathlib.Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-            return True
-        except OSError:
-            return False
-
-
-_lock = threading.Lock()
-_private: _PrivateDaemon | None = None
-_chosen: tuple[int, pathlib.Path] | None = None
-
-
-def _daemon_socket(fresh: bool = False) -> pathlib.Path:
-    """The socket of the daemon to use: the user's if it answers, else this process's own
-    (started now). Chosen once per process; `fresh` chooses again (the last one failed)."""
-    global _private, _chosen
-    with _lock:
-        # After a fork, the child chooses (and if need be starts) a daemon of its own.
-        if _chosen is not None and _chosen[0] == os.getpid() and not fresh:
-            return _chosen[1]
-        shared = _default_socket()
-        if _answers(shared):
-            path = shared
-        else:
-            if _private is None or _private.process.poll() is not None or _chosen is None or _chosen[0] != os.getpid():
-                _private = _PrivateDaemon()
-            path = _private.socket
-        _chosen = (os.getpid(), path)
-        return path
-
-
-class _Connection:
-    """One keep-alive HTTP/1.1 connection to the daemon, with the few requests the SDK makes."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
-
-    def request(self, method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
-        self.sock.settimeout(timeout)
-        head = f"{method} {route} HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body or b'')}\r\n\r\n"
-        self.sock.sendall(head.encode() + (body or b""))
-        status = int(self.file.readline().split()[1])
-        length = 0
-        while True:
-            line = self.file.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, self.file.read(length)
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-_local = threading.local()
-
-
-def _exchange(method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
-    """A request on this thread's connection to the daemon, reconnecting once if it was closed."""
-    path = _daemon_socket()
-    for attempt in (1, 2):
-        connection = getattr(_local, "connection", None)
-        try:
-            if connection is None or connection.path != path:
-                connection = _local.connection = _Connection(path)
-            return connection.request(method, route, body, timeout)
-        except (OSError, ValueError, IndexError) as error:
-            if connection is not None:
-                connection.close()
-            _local.connection = None
-            if isinstance(error, TimeoutError) or attempt == 2:
-                raise DaemonError(f"the daemon on `{path}` did not answer: {error}") from error
-            path = _daemon_socket(fresh=True)
-    raise AssertionError("unreachable")
-
-
-# --- Runs -----------------------------------------------------------------------------------
-
-
-def _request(
-    file_or_manifest: str | os.PathLike[str],
+def _run_request(
+    source: pathlib.Path,
     task: str | None,
     args: Sequence[Any],
     kwargs: Mapping[str, Any] | None,
     timeout: float | None,
     project: str | os.PathLike[str] | None,
     json_args: str | None,
-) -> tuple[pathlib.Path, dict[str, Any]]:
-    source = _source(file_or_manifest, project)
+) -> dict[str, Any]:
     if json_args is not None:
         if args:
             raise UsageError("give the arguments as `args` or as `json_args`, not both")
@@ -469,213 +298,8 @@ def _request(
     if task is not None:
         request["task"] = task
     if timeout is not None:
-        request["default_timeout"] = f"{max(1, round(timeout * 1000))}ms"
-    return source, request
-
-
-def _encode(request: Mapping[str, Any]) -> bytes:
-    try:
-        return json.dumps(request, allow_nan=False).encode()
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
-
-
-def _exception(kind: str | None, message: str, hint: str | None) -> CapsuleError:
-    """The SDK's exception for a failure of `kind`: the category the daemon's API and the
-    `capsule` command (`--message-format json`) both give every failure."""
-    if kind in ("build", "load"):
-        return BuildError(message, hint)
-    if kind in ("usage", "bad_request", "not_found", "conflict", "too_large"):
-        return UsageError(message, hint)
-    return DaemonError(message, hint)
-
-
-def _raise_error(body: bytes) -> None:
-    """Raises the SDK's exception for the daemon's error answer."""
-    try:
-        error = json.loads(body).get("error", {})
-    except ValueError:
-        error = {}
-    raise _exception(error.get("kind"), error.get("message", body.decode(errors="replace")), error.get("hint"))
-
-
-def _answer(status: int, body: bytes) -> Result:
-    if status != 200:
-        _raise_error(body)
-    answer = json.loads(body)
-    return Result._from(answer["outcome"], answer["run"]["id"])
-
-
-def _reply(status: int, body: bytes) -> Any:
-    """The JSON of a successful answer (None for an empty one)."""
-    if status >= 300:
-        _raise_error(body)
-    return json.loads(body) if body else None
-
-
-def _manifest_of(source: pathlib.Path) -> pathlib.Path:
-    if source.suffix == ".toml":
-        return source
-    return _build(source)
-
-
-def run(
-    file_or_manifest: str | os.PathLike[str],
-    task: str | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    *,
-    timeout: float | None = None,
-    project: str | os.PathLike[str] | None = None,
-    json_args: str | None = None,
-) -> Result:
-    """Run `task` (default: `main`, else the only task) of a Python file or a built
-    `manifest.toml`, in its sandbox, and return its `Result`.
-
-    The file is built first when it changed. `timeout` (seconds) is the deadline of each
-    attempt for tasks that set none. A failing task gives a `Result` with `error`
-    (`.unwrap()` raises `TaskFailed`); a failing build raises `BuildError`, an unknown task or
-    arguments that are not JSON `UsageError`, an unreachable daemon `DaemonError`.
-    """
-    _refuse_inside_a_task()
-    source, request = _request(file_or_manifest, task, tuple(args), kwargs, timeout, project, json_args)
-    request["manifest"] = str(_manifest_of(source))
-    wait = None if timeout is None else timeout * 2 + 60
-    status, body = _exchange("POST", "/v1/runs", _encode(request), wait)
-    try:
-        return _answer(status, body)
-    except BuildError:
-        if source.suffix == ".toml":
-            raise
-        # A build by another Capsule version (or a missing artifact): build afresh, once.
-        request["manifest"] = str(_build(source, force=True))
-        return _answer(*_exchange("POST", "/v1/runs", _encode(request), wait))
-
-
-async def run_async(
-    file_or_manifest: str | os.PathLike[str],
-    task: str | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    *,
-    timeout: float | None = None,
-    project: str | os.PathLike[str] | None = None,
-    json_args: str | None = None,
-) -> Result:
-    """`run`, for asyncio: many runs may be awaited at once."""
-    _refuse_inside_a_task()
-    source, request = _request(file_or_manifest, task, tuple(args), kwargs, timeout, project, json_args)
-    loop = asyncio.get_running_loop()
-    if source.suffix == ".toml":
-        request["manifest"] = str(source)
-    else:
-        out_dir = source.parent / ".capsule" / "build" / source.stem
-        manifest = _up_to_date(out_dir)
-        # Building is rare and slow: it runs in a thread so the loop is not blocked.
-        request["manifest"] = str(manifest or await loop.run_in_executor(None, _build, source))
-    wait = None if timeout is None else timeout * 2 + 60
-    return _answer(*await _async_exchange("POST", "/v1/runs", _encode(request), wait))
-
-
-class _AsyncPool:
-    """Keep-alive connections to the daemon for one event loop, at most `size` at once."""
-
-    def __init__(self, path: pathlib.Path, size: int = 32):
-        self.path = path
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.slots = asyncio.Semaphore(size)
-
-    async def exchange(self, method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
-        async with self.slots:
-            for attempt in (1, 2):
-                connection = self.idle.pop() if self.idle else None
-                try:
-                    if connection is None:
-                        connection = await asyncio.open_unix_connection(str(self.path))
-                    answer = await asyncio.wait_for(self._send(*connection, method, route, body), timeout)
-                    self.idle.append(connection)
-                    return answer
-                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
-                    if connection is not None:
-                        connection[1].close()
-                    if attempt == 2:
-                        raise DaemonError(f"the daemon on `{self.path}` did not answer: {error}") from error
-                except asyncio.TimeoutError as error:
-                    if connection is not None:
-                        connection[1].close()
-                    raise DaemonError(f"the daemon on `{self.path}` did not answer in time") from error
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    async def _send(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, route: str, body: bytes | None
-    ) -> tuple[int, bytes]:
-        body = body or b""
-        head = f"{method} {route} HTTP/1.1\r\nHost: capsule\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        writer.write(head.encode() + body)
-        await writer.drain()
-        status = int((await reader.readline()).split()[1])
-        length = 0
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, await reader.readexactly(length)
-
-
-_pools: dict[tuple[int, pathlib.Path], _AsyncPool] = {}
-
-
-def _pool(path: pathlib.Path) -> _AsyncPool:
-    key = (id(asyncio.get_running_loop()), path)
-    pool = _pools.get(key)
-    if pool is None:
-        pool = _pools[key] = _AsyncPool(path)
-    return pool
-
-
-async def _async_exchange(method: str, route: str, body: bytes | None, timeout: float | None) -> tuple[int, bytes]:
-    """`_exchange` for asyncio, on the loop's pool of connections."""
-    # Choosing may start a daemon (once): not on the loop's thread.
-    if _chosen is not None and _chosen[0] == os.getpid():
-        path = _chosen[1]
-    else:
-        path = await asyncio.get_running_loop().run_in_executor(None, _daemon_socket)
-    return await _pool(path).exchange(method, route, body, timeout)
-
-
-def _refuse_inside_a_task() -> None:
-    if "_capsule" in sys.builtin_module_names:
-        raise RuntimeError(
-            "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
-        )
-
-
-# --- Code strings and sessions --------------------------------------------------------------
-
-_image: tuple[int, str] | None = None
-
-
-def _interpreter_image() -> str:
-    """The built-in interpreter image's manifest: built (once per runtime) by the `capsule`
-    command, then known for the life of the process."""
-    global _image
-    if _image is not None and _image[0] == os.getpid():
-        return _image[1]
-    done = subprocess.run([_capsule_command(), "--message-format", "json", "python", "--image"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise _failure(done.stderr)
-    _image = (os.getpid(), done.stdout.strip())
-    return _image[1]
-
-
-async def _interpreter_image_async() -> str:
-    if _image is not None and _image[0] == os.getpid():
-        return _image[1]
-    return await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
+        request["default_timeout"] = _duration(timeout)
+    return request
 
 
 def _duration(timeout: float | str) -> str:
@@ -691,7 +315,7 @@ def _options(
     allowed_files: Iterable[str | Mapping[str, str]] = (),
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The sandbox options the caller set, in the manifest's form: the daemon checks each and
+    """The sandbox options the caller set, in the manifest's form: the engine checks each and
     takes the rest from its defaults for code strings."""
     options: dict[str, Any] = {}
     if compute is not None:
@@ -715,41 +339,6 @@ def _python_request(code: str, project: str | os.PathLike[str] | None = None, **
         raise UsageError("`code` must be a string of Python")
     root = str(pathlib.Path(project or os.getcwd()).resolve())
     return _encode({"code": code, "options": _options(**options), "project": root})
-
-
-def run_python(
-    code: str,
-    *,
-    compute: str | int | None = None,
-    ram: str | int | None = None,
-    timeout: float | str | None = None,
-    allowed_hosts: Iterable[str] = (),
-    allowed_files: Iterable[str | Mapping[str, str]] = (),
-    env: Mapping[str, str] | None = None,
-    project: str | os.PathLike[str] | None = None,
-) -> Result:
-    """Run `code` in a fresh sandbox, like a notebook cell: the value of a final expression
-    is the result (itself when it is JSON, else its repr); `output` has what it printed.
-
-    `compute` (LOW, MEDIUM, HIGH or fuel units), `ram` ("256MiB") and `timeout` (seconds)
-    limit it; `allowed_hosts`, `allowed_files` (folders of `project`, by default the current
-    folder; `{"path": "out", "mode": "read-write"}` to write) and `env` are what it may reach.
-    """
-    _refuse_inside_a_task()
-    _interpreter_image()  # the daemon runs it, and never builds
-    request = _python_request(
-        code, project, compute=compute, ram=ram, timeout=timeout,
-        allowed_hosts=allowed_hosts, allowed_files=allowed_files, env=env,
-    )
-    return _answer(*_exchange("POST", "/v1/python", request, None))
-
-
-async def run_python_async(code: str, **options: Any) -> Result:
-    """`run_python`, for asyncio (the same keyword arguments)."""
-    _refuse_inside_a_task()
-    await _interpreter_image_async()  # the daemon runs it, and never builds
-    request = _python_request(code, **options)
-    return _answer(*await _async_exchange("POST", "/v1/python", request, None))
 
 
 def _open_request(
@@ -782,6 +371,222 @@ def _call_request(code: str, compute: str | int | None, timeout: float | str | N
     return _encode(call)
 
 
+def _result(answer: Mapping[str, Any]) -> Result:
+    return Result._from(answer["outcome"], answer["run"]["id"])
+
+
+# --- Clients --------------------------------------------------------------------------------
+
+
+class Client:
+    """Where runs, code strings and sessions go: Capsule's engine in this process (what
+    `capsule.run` and the other functions of the package use), or a daemon (`connect`).
+    The methods are the package's functions, with the same arguments and results."""
+
+    def __init__(self, transport: Any, where: str):
+        self._transport = transport
+        self.where = where
+
+    def __repr__(self) -> str:
+        return f"<capsule.Client {self.where}>"
+
+    def _call(self, method: str, route: str, body: bytes | None = None) -> Any:
+        return _reply(*self._transport.request(method, route, body))
+
+    async def _call_async(self, method: str, route: str, body: bytes | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+
+        def done(status: int, answer: bytes) -> None:  # on one of Capsule's threads
+            loop.call_soon_threadsafe(_settle, answered, status, answer)
+
+        self._transport.request_later(method, route, body, done)
+        return _reply(*await answered)
+
+    def run(
+        self,
+        file_or_manifest: str | os.PathLike[str],
+        task: str | None = None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        project: str | os.PathLike[str] | None = None,
+        json_args: str | None = None,
+    ) -> Result:
+        """Run `task` (default: `main`, else the only task) of a Python file or a built
+        `manifest.toml`, in its sandbox, and return its `Result`.
+
+        The file is built first when it changed. `timeout` (seconds) is the deadline of each
+        attempt for tasks that set none. A failing task gives a `Result` with `error`
+        (`.unwrap()` raises `TaskFailed`); a failing build raises `BuildError`, an unknown task
+        or arguments that are not JSON `UsageError`, a failure of Capsule itself `DaemonError`.
+        """
+        _refuse_inside_a_task()
+        source = _source(file_or_manifest, project)
+        request = _run_request(source, task, tuple(args), kwargs, timeout, project, json_args)
+        request["manifest"] = str(_manifest_of(source))
+        try:
+            return _result(self._call("POST", "/v1/runs", _encode(request)))
+        except BuildError:
+            if source.suffix == ".toml":
+                raise
+            # A build by another Capsule version (or a missing artifact): build afresh, once.
+            request["manifest"] = str(_manifest_of(source, force=True))
+            return _result(self._call("POST", "/v1/runs", _encode(request)))
+
+    async def run_async(
+        self,
+        file_or_manifest: str | os.PathLike[str],
+        task: str | None = None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        project: str | os.PathLike[str] | None = None,
+        json_args: str | None = None,
+    ) -> Result:
+        """`run`, for asyncio: many runs may be awaited at once."""
+        _refuse_inside_a_task()
+        source = _source(file_or_manifest, project)
+        request = _run_request(source, task, tuple(args), kwargs, timeout, project, json_args)
+        # An unchanged build is found at once; a build (rare, slow) is not on the loop's thread.
+        loop = asyncio.get_running_loop()
+        request["manifest"] = str(await loop.run_in_executor(None, _manifest_of, source))
+        return _result(await self._call_async("POST", "/v1/runs", _encode(request)))
+
+    def run_python(
+        self,
+        code: str,
+        *,
+        compute: str | int | None = None,
+        ram: str | int | None = None,
+        timeout: float | str | None = None,
+        allowed_hosts: Iterable[str] = (),
+        allowed_files: Iterable[str | Mapping[str, str]] = (),
+        env: Mapping[str, str] | None = None,
+        project: str | os.PathLike[str] | None = None,
+    ) -> Result:
+        """Run `code` in a fresh sandbox, like a notebook cell: the value of a final expression
+        is the result (itself when it is JSON, else its repr); `output` has what it printed.
+
+        `compute` (LOW, MEDIUM, HIGH or fuel units), `ram` ("256MiB") and `timeout` (seconds)
+        limit it; `allowed_hosts`, `allowed_files` (folders of `project`, by default the current
+        folder; `{"path": "out", "mode": "read-write"}` to write) and `env` are what it may reach.
+        """
+        _refuse_inside_a_task()
+        _interpreter_image()  # the engine runs it, and never builds
+        request = _python_request(
+            code, project, compute=compute, ram=ram, timeout=timeout,
+            allowed_hosts=allowed_hosts, allowed_files=allowed_files, env=env,
+        )
+        return _result(self._call("POST", "/v1/python", request))
+
+    async def run_python_async(self, code: str, **options: Any) -> Result:
+        """`run_python`, for asyncio (the same keyword arguments)."""
+        _refuse_inside_a_task()
+        if _image is None or _image[0] != os.getpid():
+            await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
+        return _result(await self._call_async("POST", "/v1/python", _python_request(code, **options)))
+
+    def session(self, **options: Any) -> Session:
+        """A `Session` here (the keyword arguments are `Session`'s)."""
+        return Session(client=self, **options)
+
+    async def session_async(self, **options: Any) -> AsyncSession:
+        """An `AsyncSession` here (the keyword arguments are `Session`'s)."""
+        return await AsyncSession.open(client=self, **options)
+
+
+_engine_lock = threading.Lock()
+_local: tuple[int, Client] | None = None
+
+
+def _close_engine(pid: int, engine: Any) -> None:
+    # A forked child inherits this exit handler, not the engine's threads: only its maker closes it.
+    if os.getpid() == pid:
+        engine.close()
+
+
+def _here() -> Client:
+    """The client of this process's engine, started at the first call (again in a forked
+    child: threads do not survive a fork)."""
+    global _local
+    with _engine_lock:
+        if _local is None or _local[0] != os.getpid():
+            from capsule import _native
+
+            engine = _native.Engine()
+            atexit.register(_close_engine, os.getpid(), engine)
+            _local = (os.getpid(), Client(engine, "in this process"))
+        return _local[1]
+
+
+def _default_socket() -> pathlib.Path:
+    if os.environ.get("CAPSULE_SOCKET"):
+        return pathlib.Path(os.environ["CAPSULE_SOCKET"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return pathlib.Path(os.environ["XDG_RUNTIME_DIR"]) / "capsule" / "daemon.sock"
+    return pathlib.Path.home() / ".capsule" / "daemon.sock"
+
+
+def connect(target: str | os.PathLike[str] | None = None, *, token: str | None = None) -> Client:
+    """A `Client` of a running daemon (`capsule daemon`): its socket (by default
+    `CAPSULE_SOCKET`, else the user's), or `host:port` with the daemon's `token`. Runs there
+    outlive this process and are seen by `capsule list`. Nothing is sent until the first call."""
+    from capsule import _native
+
+    if target is None:
+        target = _default_socket()
+    where = str(target) if token is not None else str(pathlib.Path(target).absolute())
+    return Client(_native.Daemon(where, token), f"through the daemon at {where}")
+
+
+def run(
+    file_or_manifest: str | os.PathLike[str],
+    task: str | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    project: str | os.PathLike[str] | None = None,
+    json_args: str | None = None,
+) -> Result:
+    """Run `task` of a Python file or manifest in this process's engine: see `Client.run`."""
+    return _here().run(
+        file_or_manifest, task, args, kwargs, timeout=timeout, project=project, json_args=json_args
+    )
+
+
+async def run_async(
+    file_or_manifest: str | os.PathLike[str],
+    task: str | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    project: str | os.PathLike[str] | None = None,
+    json_args: str | None = None,
+) -> Result:
+    """`run`, for asyncio: many runs may be awaited at once."""
+    return await _here().run_async(
+        file_or_manifest, task, args, kwargs, timeout=timeout, project=project, json_args=json_args
+    )
+
+
+def run_python(code: str, **options: Any) -> Result:
+    """Run `code` in a fresh sandbox of this process's engine: see `Client.run_python`."""
+    return _here().run_python(code, **options)
+
+
+async def run_python_async(code: str, **options: Any) -> Result:
+    """`run_python`, for asyncio (the same keyword arguments)."""
+    return await _here().run_python_async(code, **options)
+
+
+# --- Sessions -------------------------------------------------------------------------------
+
+
 class _SessionFiles:
     """The workspace, a session's `/`: where `upload` puts files and `download` finds them."""
 
@@ -812,7 +617,8 @@ class Session(_SessionFiles):
     limit (`ram`). A call that raises keeps what it did before raising; a call stopped by its
     deadline, fuel or memory limit leaves the session as it was before that call. `save()`
     returns an id that `Session(restore=id)` continues, in this process or another; `fork()`
-    branches it. The session closes after `idle_timeout` seconds without a call.
+    branches it. The session closes after `idle_timeout` seconds without a call. It lives in
+    this process's engine unless `client` (from `capsule.connect`) says otherwise.
     """
 
     def __init__(
@@ -825,10 +631,12 @@ class Session(_SessionFiles):
         env: Mapping[str, str] | None = None,
         idle_timeout: float = 600,
         restore: str | None = None,
+        client: Client | None = None,
     ):
         _refuse_inside_a_task()
+        self._client = client or _here()
         request = _open_request(restore, idle_timeout, compute, ram, timeout, allowed_hosts, env)
-        self._adopt(_reply(*_exchange("POST", "/v1/sessions", request, None)))
+        self._adopt(self._client._call("POST", "/v1/sessions", request))
 
     def _adopt(self, view: Mapping[str, Any]) -> None:
         self.id: str = view["id"]
@@ -842,24 +650,26 @@ class Session(_SessionFiles):
 
     def run(self, code: str, *, compute: str | int | None = None, timeout: float | str | None = None) -> Result:
         """Runs `code` in the session; see `run_python` for what the `Result` holds."""
-        envelope = _reply(*_exchange("POST", f"/v1/sessions/{self.id}/run", _call_request(code, compute, timeout), None))
+        envelope = self._client._call("POST", f"/v1/sessions/{self.id}/run", _call_request(code, compute, timeout))
         return Result._from(envelope, None)
 
     def save(self) -> str:
         """Saves the session's state (its memory where it differs from a fresh interpreter); its id."""
-        return _reply(*_exchange("POST", f"/v1/sessions/{self.id}/save", None, None))["id"]
+        return self._client._call("POST", f"/v1/sessions/{self.id}/save")["id"]
 
     def fork(self) -> Session:
         """A second, independent session starting from this one's state and a copy of its workspace."""
         fork = object.__new__(Session)
-        fork._adopt(_reply(*_exchange("POST", f"/v1/sessions/{self.id}/fork", None, None)))
+        fork._client = self._client
+        fork._adopt(self._client._call("POST", f"/v1/sessions/{self.id}/fork"))
         return fork
 
     def close(self) -> None:
         """Ends the session and removes its workspace (a closed session closes quietly)."""
-        status, body = _exchange("DELETE", f"/v1/sessions/{self.id}", None, None)
-        if status != 404:
-            _reply(status, body)
+        try:
+            self._client._call("DELETE", f"/v1/sessions/{self.id}")
+        except UsageError:
+            pass  # closed already, or closed when idle
 
     def __enter__(self) -> Session:
         return self
@@ -872,32 +682,38 @@ class AsyncSession(_SessionFiles):
     """`Session`, for asyncio: `async with await AsyncSession.open(...) as session:`, then
     `await session.run(code)`."""
 
-    def __init__(self, view: Mapping[str, Any]):
+    def __init__(self, view: Mapping[str, Any], client: Client):
         self.id: str = view["id"]
         self.workspace = pathlib.Path(view["workspace"])
+        self._client = client
 
     @classmethod
-    async def open(cls, *, idle_timeout: float = 600, restore: str | None = None, **options: Any) -> AsyncSession:
+    async def open(
+        cls, *, idle_timeout: float = 600, restore: str | None = None, client: Client | None = None, **options: Any
+    ) -> AsyncSession:
         """Opens a session; the keyword arguments are `Session`'s."""
         _refuse_inside_a_task()
-        await _interpreter_image_async()
+        client = client or _here()
+        if _image is None or _image[0] != os.getpid():
+            await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
         request = _open_request(restore, idle_timeout, **options)
-        return cls(_reply(*await _async_exchange("POST", "/v1/sessions", request, None)))
+        return cls(await client._call_async("POST", "/v1/sessions", request), client)
 
     async def run(self, code: str, *, compute: str | int | None = None, timeout: float | str | None = None) -> Result:
         request = _call_request(code, compute, timeout)
-        return Result._from(_reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/run", request, None)), None)
+        return Result._from(await self._client._call_async("POST", f"/v1/sessions/{self.id}/run", request), None)
 
     async def save(self) -> str:
-        return _reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/save", None, None))["id"]
+        return (await self._client._call_async("POST", f"/v1/sessions/{self.id}/save"))["id"]
 
     async def fork(self) -> AsyncSession:
-        return AsyncSession(_reply(*await _async_exchange("POST", f"/v1/sessions/{self.id}/fork", None, None)))
+        return AsyncSession(await self._client._call_async("POST", f"/v1/sessions/{self.id}/fork"), self._client)
 
     async def close(self) -> None:
-        status, body = await _async_exchange("DELETE", f"/v1/sessions/{self.id}", None, None)
-        if status != 404:
-            _reply(status, body)
+        try:
+            await self._client._call_async("DELETE", f"/v1/sessions/{self.id}")
+        except UsageError:
+            pass
 
     async def __aenter__(self) -> AsyncSession:
         return self

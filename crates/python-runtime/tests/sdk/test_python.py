@@ -9,54 +9,54 @@ import pytest
 import capsule
 
 
-def test_run_python_gives_the_last_value_and_the_output():
-    result = capsule.run_python("total = sum(range(10))\nprint('sum:', total)\ntotal * 2")
+def test_run_python_gives_the_last_value_and_the_output(client):
+    result = client.run_python("total = sum(range(10))\nprint('sum:', total)\ntotal * 2")
     assert (result.success, result.result, result.output.stdout) == (True, 90, "sum: 45\n")
-    assert capsule.run_python("{'a': [1, 2]}").result == {"a": [1, 2]}
-    assert capsule.run_python("object").result == "<class 'object'>"
+    assert client.run_python("{'a': [1, 2]}").result == {"a": [1, 2]}
+    assert client.run_python("object").result == "<class 'object'>"
 
 
-def test_run_python_failures_are_results_and_bad_calls_raise():
-    failed = capsule.run_python("1 / 0")
+def test_run_python_failures_are_results_and_bad_calls_raise(client):
+    failed = client.run_python("1 / 0")
     assert (failed.error.type, failed.error.exc_type) == ("exception", "ZeroDivisionError")
     assert 'File "<cell 1>", line 1' in failed.error.traceback
-    syntax = capsule.run_python("x = (1,")
+    syntax = client.run_python("x = (1,")
     assert syntax.error.exc_type == "SyntaxError" and "was never closed" in syntax.error.message
-    assert capsule.run_python("while True: pass", compute="LOW").error.type == "fuel"
-    assert capsule.run_python("import time\nwhile True: time.sleep(0.01)", timeout=0.5).error.type == "timeout"
-    assert capsule.run_python("b = bytearray(300 << 20)", ram="64MiB").error.type == "memory"
-    flood = capsule.run_python("for i in range(200_000):\n    print('x' * 100)\n'done'", compute="HIGH")
+    assert client.run_python("while True: pass", compute="LOW").error.type == "fuel"
+    assert client.run_python("import time\nwhile True: time.sleep(0.01)", timeout=0.5).error.type == "timeout"
+    assert client.run_python("b = bytearray(300 << 20)", ram="64MiB").error.type == "memory"
+    flood = client.run_python("for i in range(200_000):\n    print('x' * 100)\n'done'", compute="HIGH")
     assert flood.result == "done" and flood.output.stdout_truncated and len(flood.output.stdout) < 20 << 20
     with pytest.raises(capsule.UsageError, match="`code` must be a string"):
-        capsule.run_python(42)
+        client.run_python(42)
     with pytest.raises(capsule.UsageError, match="ram"):
-        capsule.run_python("1", ram="lots")
+        client.run_python("1", ram="lots")
 
 
-def test_run_python_reaches_only_what_it_is_given(tmp_path):
+def test_run_python_reaches_only_what_it_is_given(tmp_path, client):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "in.txt").write_text("granted")
     (tmp_path / "secret.txt").write_text("not granted")
     read = "open('data/in.txt').read()"
-    assert capsule.run_python(read, project=tmp_path).error.exc_type == "PermissionError"
-    assert capsule.run_python(read, project=tmp_path, allowed_files=["data"]).result == "granted"
-    escape = capsule.run_python("open('data/../secret.txt').read()", project=tmp_path, allowed_files=["data"])
+    assert client.run_python(read, project=tmp_path).error.exc_type == "PermissionError"
+    assert client.run_python(read, project=tmp_path, allowed_files=["data"]).result == "granted"
+    escape = client.run_python("open('data/../secret.txt').read()", project=tmp_path, allowed_files=["data"])
     assert not escape.success
     # The project folder itself holds `.capsule/` (builds, journal): no call may be given it.
     with pytest.raises(capsule.UsageError, match=r"project folder itself, which holds `\.capsule/`"):
-        capsule.run_python("1", project=tmp_path, allowed_files=[{"path": ".", "mode": "read-write"}])
-    write = capsule.run_python("open('data/out.txt', 'w').write('x')", project=tmp_path, allowed_files=["data"])
+        client.run_python("1", project=tmp_path, allowed_files=[{"path": ".", "mode": "read-write"}])
+    write = client.run_python("open('data/out.txt', 'w').write('x')", project=tmp_path, allowed_files=["data"])
     assert write.error.exc_type in ("PermissionError", "OSError")
-    wrote = capsule.run_python(
+    wrote = client.run_python(
         "open('data/out.txt', 'w').write('x')", project=tmp_path, allowed_files=[{"path": "data", "mode": "read-write"}]
     )
     assert wrote.result == 1 and (tmp_path / "data" / "out.txt").read_text() == "x"
-    assert capsule.run_python("import os\nos.environ.get('GREETING')", env={"GREETING": "hi"}).result == "hi"
-    assert capsule.run_python("import os\nos.environ.get('HOME')").result is None
+    assert client.run_python("import os\nos.environ.get('GREETING')", env={"GREETING": "hi"}).result == "hi"
+    assert client.run_python("import os\nos.environ.get('HOME')").result is None
 
 
-def test_a_session_keeps_its_state_and_a_stopped_call_leaves_no_trace():
-    with capsule.Session(ram="128MiB") as session:
+def test_a_session_keeps_its_state_and_a_stopped_call_leaves_no_trace(client):
+    with client.session(ram="128MiB") as session:
         assert session.run("import math\nseen = []").success
         assert session.run("seen.append(math.pi); len(seen)").result == 1
         assert session.run("seen.append(2)\nwhile True: pass", timeout=0.3).error.type == "timeout"
@@ -68,8 +68,8 @@ def test_a_session_keeps_its_state_and_a_stopped_call_leaves_no_trace():
         assert session.run("len(seen)").result == 2, "a call that raises keeps what it did before"
 
 
-def test_files_go_in_and_out_of_a_sessions_workspace():
-    with capsule.Session() as session:
+def test_files_go_in_and_out_of_a_sessions_workspace(client):
+    with client.session() as session:
         session.upload("in/data.csv", "a,b\n1,2\n")
         assert session.run("open('/in/data.csv').read().splitlines()").result == ["a,b", "1,2"]
         session.run("open('/report.txt', 'w').write('done')")
@@ -79,8 +79,8 @@ def test_files_go_in_and_out_of_a_sessions_workspace():
     assert not session.workspace.exists()
 
 
-def test_saved_sessions_restore_and_forks_are_apart():
-    session = capsule.Session()
+def test_saved_sessions_restore_and_forks_are_apart(client):
+    session = client.session()
     session.run("model = {'weights': list(range(1000))}")
     saved = session.save()
     fork = session.fork()
@@ -89,19 +89,19 @@ def test_saved_sessions_restore_and_forks_are_apart():
     assert fork.run("len(model['weights'])").result == 0
     session.close()
     fork.close()
-    restored = capsule.Session(restore=saved)
+    restored = client.session(restore=saved)
     assert restored.run("sum(model['weights'])").result == sum(range(1000))
     restored.close()
     with pytest.raises(capsule.UsageError, match="no saved session"):
-        capsule.Session(restore="0" * 64)
+        client.session(restore="0" * 64)
     with pytest.raises(capsule.UsageError, match="no session"):
         restored.run("1")
 
 
-def test_async_code_strings_and_sessions():
+def test_async_code_strings_and_sessions(client):
     async def work():
-        results = await asyncio.gather(*(capsule.run_python_async(f"{i} * 2") for i in range(50)))
-        async with await capsule.AsyncSession.open() as session:
+        results = await asyncio.gather(*(client.run_python_async(f"{i} * 2") for i in range(50)))
+        async with await client.session_async() as session:
             await session.run("n = 5")
             n = (await session.run("n + 1")).result
         return [r.result for r in results], n
@@ -115,7 +115,7 @@ import os, capsule
 session = capsule.Session()
 session.run("import re, datetime\\nnotes = ['kept across processes']")
 print(session.save(), flush=True)
-os._exit(9)  # no clean-up: the process, and the daemon it started, are gone
+os._exit(9)  # no clean-up: the process and its engine are gone
 """
 
 
