@@ -38,7 +38,8 @@ impl Embedded {
         let runtime = crate::engine_runtime()?;
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let limits = Limits { workers, queue: QUEUE, journal: None, own_places: vec![state_dir.clone()] };
-        let served = crate::assemble(engine, &state_dir, limits, None, runtime.handle())?;
+        let workers = crate::Workers { runtime: runtime.handle().clone(), inline: true };
+        let served = crate::assemble(engine, &state_dir, limits, None, workers)?;
         let runs = served.runs.clone();
         runtime.spawn(crate::close_idle_sessions(served.sessions.clone()));
         let router = router(served, None);

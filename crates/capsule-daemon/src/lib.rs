@@ -118,24 +118,45 @@ fn engine_runtime() -> Result<tokio::runtime::Runtime, DaemonError> {
         .map_err(DaemonError::Runtime)
 }
 
+/// Where a service's sandboxes run, and so what waits for them.
+#[derive(Clone)]
+pub(crate) struct Workers {
+    /// The engine's runtime: its threads, timers and output drivers.
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Run on the thread awaiting the work (within the engine's runtime), not on one of its
+    /// workers: an embedded service, whose callers each wait on a thread of their own, saves
+    /// two hops between threads per call. A daemon hops, so that its API thread stays free.
+    pub(crate) inline: bool,
+}
+
+impl Workers {
+    /// `work`'s output, where this service runs its sandboxes.
+    pub(crate) async fn run<F>(&self, work: F) -> Result<F::Output, tokio::task::JoinError>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if self.inline { Ok(work.await) } else { self.runtime.spawn(work).await }
+    }
+}
+
 /// The runs and sessions of a service keeping its records in `state_dir` (made private
-/// here), its sandboxes on `engine_runtime`: a daemon's, or one embedded in a process.
+/// here), its sandboxes where `workers` says: a daemon's, or one embedded in a process.
 fn assemble(
     engine: Engine,
     state_dir: &Path,
     limits: runs::Limits,
     cluster: Option<capsule_cluster::Cluster>,
-    engine_runtime: &tokio::runtime::Handle,
+    workers: Workers,
 ) -> Result<server::Served, DaemonError> {
     capsule_exec::paths::private_dir(state_dir)
         .map_err(|why| DaemonError::Io { path: state_dir.to_path_buf(), source: std::io::Error::other(why) })?;
     let registry_path = state_dir.join("daemon.db");
     let registry = registry::Registry::open(&registry_path)?;
     let engine = Arc::new(engine.reserving(registry_path, "the daemon's record of runs"));
-    let runs = Arc::new(runs::Runs::new(engine.clone(), engine_runtime.clone(), registry, limits, cluster));
+    let runs = Arc::new(runs::Runs::new(engine.clone(), workers.clone(), registry, limits, cluster));
     let saved_sessions = capsule_exec::paths::saved_sessions_dir().unwrap_or_else(|| state_dir.join("saved-sessions"));
-    let sessions =
-        Arc::new(sessions::Sessions::new(engine, engine_runtime.clone(), saved_sessions, state_dir.join("sessions")));
+    let sessions = Arc::new(sessions::Sessions::new(engine, workers, saved_sessions, state_dir.join("sessions")));
     Ok(server::Served { runs, sessions })
 }
 
@@ -178,7 +199,8 @@ pub fn serve(config: DaemonConfig, engine: Engine, ready: impl FnOnce(&DaemonCon
         None => None,
     };
     let engine = engine.reserving(config.socket.clone(), "the daemon's socket");
-    let served = assemble(engine, &config.state_dir, limits, cluster, engine_runtime.handle())?;
+    let workers = Workers { runtime: engine_runtime.handle().clone(), inline: false };
+    let served = assemble(engine, &config.state_dir, limits, cluster, workers)?;
     let (runs, sessions) = (served.runs.clone(), served.sessions.clone());
     api_runtime.block_on(async {
         let unix = socket.listener().map_err(|source| DaemonError::Io { path: config.socket.clone(), source })?;

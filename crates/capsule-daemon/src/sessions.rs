@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use capsule_exec::{CallLimits, Cancel, Engine, NoEvents, Outcome, RunSettings, Session, SessionState};
 use manifest_schema::{Category, FileGrant, FileMode, TaskOptions};
-use tokio::runtime::Handle;
 use tokio::sync::Mutex;
 
+use crate::Workers;
 use crate::api::{ApiError, OpenSession, Saved, SessionCall, SessionView};
 
 /// Sessions one daemon holds at once (each holds a sandbox).
@@ -30,8 +30,7 @@ struct Held {
 
 pub struct Sessions {
     engine: Arc<Engine>,
-    /// Where sandboxes live, and their output is driven.
-    engine_runtime: Handle,
+    workers: Workers,
     /// Saved sessions (`<sha256>.session`).
     saved: PathBuf,
     /// Each held session's workspace (`<id>/`).
@@ -50,8 +49,8 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 }
 
 impl Sessions {
-    pub fn new(engine: Arc<Engine>, engine_runtime: Handle, saved: PathBuf, workspaces: PathBuf) -> Self {
-        Self { engine, engine_runtime, saved, workspaces, held: SyncMutex::default() }
+    pub(crate) fn new(engine: Arc<Engine>, workers: Workers, saved: PathBuf, workspaces: PathBuf) -> Self {
+        Self { engine, workers, saved, workspaces, held: SyncMutex::default() }
     }
 
     fn get(&self, id: &str) -> Result<Arc<Held>, ApiError> {
@@ -114,8 +113,8 @@ impl Sessions {
             RunSettings { options: Some(options), project_root: Some(workspace.clone()), ..RunSettings::default() };
         let (engine, task, workspace_for_task) = (self.engine.clone(), request.task.clone(), workspace.clone());
         let session = self
-            .engine_runtime
-            .spawn(async move {
+            .workers
+            .run(async move {
                 // The daemon's own interpreter image needs no signature; a client's manifest does
                 // when the daemon requires them.
                 let loaded = if own { engine.load_own(&manifest) } else { engine.load(&manifest) }
@@ -168,8 +167,8 @@ impl Sessions {
         };
         let limits = CallLimits { fuel: call.compute.map(|c| c.fuel()), timeout };
         let outcome = self
-            .engine_runtime
-            .spawn({
+            .workers
+            .run({
                 let held = held.clone();
                 async move { held.session.lock().await.call(call.args, limits, &Cancel::default()).await }
             })
@@ -183,8 +182,8 @@ impl Sessions {
     pub async fn save(&self, id: &str) -> Result<Saved, ApiError> {
         let held = self.get(id)?;
         let state = self
-            .engine_runtime
-            .spawn(async move { held.session.lock().await.save().await })
+            .workers
+            .run(async move { held.session.lock().await.save().await })
             .await
             .map_err(internal)?
             .map_err(|e| ApiError::of(&e))?;

@@ -95,13 +95,20 @@ impl std::fmt::Debug for Remote {
 /// The deadline of an attempt for a task that sets no `timeout`, unless the run says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The cores this process may use, read once: the standard library reads the cgroup's files
+/// at every call, and every run's settings start from it.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
 impl Default for RunSettings {
     fn default() -> Self {
         Self {
             options: None,
             default_timeout: DEFAULT_TIMEOUT,
             project_root: None,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            workers: cores(),
             remote: None,
             environment: Environment::default(),
         }

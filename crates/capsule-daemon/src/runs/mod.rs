@@ -13,7 +13,6 @@ use capsule_cluster::Cluster;
 use capsule_exec::{Cancel, Engine, Journal, Outcome, RemoteCall, RunRequest, RunState, Start};
 use manifest_schema::{Category, ProjectFile};
 use python_runtime::ErrorKind as GuestKind;
-use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +24,7 @@ use cluster::on_cluster;
 use entry::Deferred;
 pub use entry::RunEntry;
 
+use crate::Workers;
 use crate::admission;
 use crate::api::{ApiError, RunView, SubmitRun};
 use crate::registry::{Registered, Registry};
@@ -48,7 +48,7 @@ pub struct Limits {
 
 pub struct Runs {
     engine: Arc<Engine>,
-    engine_runtime: Handle,
+    workers: Workers,
     registry: Registry,
     limits: Limits,
     /// A permit per run running (`--workers`).
@@ -87,9 +87,9 @@ fn is_interpreter_image(manifest: &Path) -> bool {
 }
 
 impl Runs {
-    pub fn new(
+    pub(crate) fn new(
         engine: Arc<Engine>,
-        engine_runtime: Handle,
+        workers: Workers,
         registry: Registry,
         limits: Limits,
         cluster: Option<Cluster>,
@@ -97,7 +97,7 @@ impl Runs {
         Self {
             cluster,
             engine,
-            engine_runtime,
+            workers,
             registry,
             slots: Arc::new(Semaphore::new(limits.workers.max(1))),
             capacity: Arc::new(Semaphore::new(limits.workers.max(1) + limits.queue)),
@@ -114,9 +114,6 @@ impl Runs {
     }
 
     /// Where sandboxes run (and live, for sessions).
-    pub fn engine_runtime(&self) -> &Handle {
-        &self.engine_runtime
-    }
 
     pub fn counts(&self) -> (usize, usize) {
         let running = self.limits.workers.max(1) - self.slots.available_permits();
@@ -176,7 +173,12 @@ impl Runs {
     pub async fn submit_and_wait(self: &Arc<Self>, request: SubmitRun) -> Result<(RunView, Outcome), ApiError> {
         let admitted = self.admit()?;
         let (ready, finished) = tokio::sync::oneshot::channel();
-        self.launch(request, None, None, Some(admitted), Answer::Finished(ready));
+        if self.workers.inline {
+            let _admitted = admitted;
+            self.tasks.track_future(self.prepare_and_execute(request, None, None, Answer::Finished(ready))).await;
+        } else {
+            self.launch(request, None, None, Some(admitted), Answer::Finished(ready));
+        }
         finished.await.unwrap_or_else(|_| Err(ApiError::new(Category::Internal, "the run's task failed")))
     }
 
@@ -195,7 +197,8 @@ impl Runs {
         })
     }
 
-    /// Prepares and runs a run on the engine's runtime (one hop from the API's thread).
+    /// Prepares and runs a run on the engine's runtime (one hop from the API's thread), on
+    /// its own: what submits it may go.
     fn launch(
         self: &Arc<Self>,
         request: SubmitRun,
@@ -210,7 +213,7 @@ impl Runs {
                 let _admitted = admitted;
                 this.prepare_and_execute(request, restarted_from, resume_id, answer).await;
             },
-            &self.engine_runtime,
+            &self.workers.runtime,
         );
     }
 
