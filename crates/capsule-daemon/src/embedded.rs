@@ -36,8 +36,8 @@ impl Embedded {
     /// removed by [`Embedded::close`]).
     pub fn start(engine: Engine, state_dir: PathBuf) -> Result<Self, DaemonError> {
         let runtime = crate::engine_runtime()?;
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let limits = Limits { workers, queue: QUEUE, journal: None, own_places: vec![state_dir.clone()] };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let limits = Limits { workers: cores, queue: QUEUE, journal: None, own_places: vec![state_dir.clone()] };
         let workers = crate::Workers { runtime: runtime.handle().clone(), inline: true };
         let served = crate::assemble(engine, &state_dir, limits, None, workers)?;
         let runs = served.runs.clone();
@@ -82,5 +82,32 @@ impl Embedded {
         self.runtime.block_on(runs.shutdown(grace));
         self.runtime.shutdown_timeout(Duration::from_secs(1));
         let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(service: &Embedded, method: &str, route: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, body) = service.handle().block_on(service.request(method, route, body.as_bytes().to_vec()));
+        (status, serde_json::from_slice(&body).expect("the answer is JSON"))
+    }
+
+    #[test]
+    fn the_daemons_routes_answer_in_process_with_the_daemons_errors() {
+        let records = tempfile::tempdir().unwrap();
+        let service = Embedded::start(Engine::new().unwrap(), records.path().join("state")).unwrap();
+        let (status, health) = answer(&service, "GET", "/v1/health", "");
+        assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+        let (status, error) = answer(&service, "POST", "/v1/runs", "{\"manifest\": 3}");
+        assert_eq!((status, error["error"]["kind"].as_str()), (400, Some("usage")));
+        assert!(error["error"]["message"].as_str().unwrap().contains("`manifest`"), "{error}");
+        let (status, error) = answer(&service, "GET", "/nowhere", "");
+        assert_eq!((status, error["error"]["kind"].as_str()), (404, Some("not_found")));
+        let (status, error) = answer(&service, "NOT A METHOD", "/v1/health", "");
+        assert_eq!((status, error["error"]["kind"].as_str()), (400, Some("usage")));
+        service.close(Duration::from_secs(1));
+        assert!(!records.path().join("state").exists(), "closing removes the records");
     }
 }

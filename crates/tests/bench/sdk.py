@@ -9,6 +9,7 @@
     python sdk.py save      -    N   # save and restore a session holding 10 MB, N times each
     python sdk.py monty-python  - N  # pydantic-monty: check out a worker and run "1 + 1"
     python sdk.py monty-session - N  # pydantic-monty: feed_run("x += 1") in one checked-out session
+    python sdk.py rss       -    N   # this process's RSS after 1,000 run_python calls, then after N more
 
 Capsule's modes run in this process's engine, or through the daemon on the socket
 `CAPSULE_BENCH_DAEMON` names (`capsule.connect`).
@@ -131,6 +132,19 @@ def main():
         print(json.dumps({
             "save_ms": percentiles(saves)["p50_ms"], "restore_ms": percentiles(restores)["p50_ms"], "bytes": size,
         }))
+    elif mode == "rss":
+        api, _ = where()
+
+        def rss():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+        for _ in range(1_000):
+            api.run_python("1 + 1").unwrap()
+        start = rss()
+        for _ in range(n):
+            api.run_python("1 + 1").unwrap()
+        print(json.dumps({"start": start, "end": rss(), "calls": n}))
     elif mode == "monty-python":
         import pydantic_monty
 

@@ -10,7 +10,7 @@ use capsule_daemon::{Client, Target};
 
 use crate::peers::Peers;
 use crate::service::{Place, p50_of, python_timing, sdk_command, sdk_script};
-use crate::{Row, Settings, ms, percentile, row};
+use crate::{Row, Settings, mib, ms, percentile, row};
 
 /// The interpreter image's manifest, built if need be.
 fn image(capsule: &Path) -> PathBuf {
@@ -83,6 +83,18 @@ pub fn measure(settings: &Settings, rows: &mut Vec<Row>, capsule: &Path, socket:
             let what = format!("`Session.run(\"x += 1\")` from Python {}, p50", place.says());
             rows.push(row(&what, ms(p50_of(&timing)), baseline, ratio, target));
         }
+    }
+    // The memory of a Python process that runs many code strings in itself.
+    let many = if settings.quick { 200 } else { 100_000 };
+    if let Some(rss) = python_timing(sdk_command(Place::Here, "rss", Path::new("-"), &many.to_string())) {
+        let (start, end) = (rss["start"].as_u64().unwrap_or(0), rss["end"].as_u64().unwrap_or(0));
+        rows.push(row(
+            &format!("Python process RSS after {many} more `run_python` calls in process"),
+            mib(end),
+            format!("{} after 1,000", mib(start)),
+            Some(end as f64 / start.max(1) as f64),
+            "flat",
+        ));
     }
     if let Some(saved) =
         python_timing(sdk_command(Place::Here, "save", Path::new("-"), &settings.count(10).to_string()))
