@@ -26,6 +26,8 @@ pub struct RunEntry {
     pub(crate) entry: String,
     pub(crate) request: SubmitRun,
     pub(crate) restarted_from: Option<String>,
+    /// Recorded in a journal, which says how it ended (not a code string, nor a cluster's run).
+    pub(crate) journaled: bool,
     submitted_at_ms: i64,
     pub(crate) cancel: Cancel,
     pub(crate) state: Mutex<RunProgress>,
@@ -82,6 +84,7 @@ impl RunEntry {
             entry,
             request,
             restarted_from,
+            journaled: false,
             submitted_at_ms: now_ms(),
             cancel,
             state: Mutex::new(RunProgress {

@@ -278,12 +278,20 @@ impl Runs {
         if self.cluster.is_some() {
             return self.prepare_for_cluster(request, restarted_from, resume_id, namespace, &loaded, entry);
         }
-        let journal_path = self.journal_path(&request);
-        if self.limits.journal.is_none() {
-            // A journal the client chose (the daemon's own `--journal` is the operator's).
-            admission::check_journal(&journal_path, &self.limits.own_places)?;
-        }
-        let journal = self.journal(&journal_path)?;
+        // A code string (a run of the interpreter image) has nothing to resume: it is not
+        // journaled nor recorded beyond this daemon's life, and makes no `.capsule/` in the
+        // caller's folder.
+        let journal = if image {
+            None
+        } else {
+            let journal_path = self.journal_path(&request);
+            if self.limits.journal.is_none() {
+                // A journal the client chose (the daemon's own `--journal` is the operator's).
+                admission::check_journal(&journal_path, &self.limits.own_places)?;
+            }
+            Some(self.journal(&journal_path)?)
+        };
+        let journaled = journal.is_some();
         let mut order = request.order();
         if let Some(run_id) = resume_id {
             order.start = Start::Resume { run_id };
@@ -294,20 +302,19 @@ impl Runs {
         // The recorder needs the entry, and the entry its id, which the journal gives: the
         // events go to a slot filled once the entry is complete.
         let slot: Arc<OnceLock<Arc<RunEntry>>> = Arc::default();
-        let run_request = RunRequest {
-            journal: Some(journal),
-            events: Arc::new(Deferred(slot.clone())),
-            cancel,
-            ..RunRequest::new(order)
-        };
+        let run_request =
+            RunRequest { journal, events: Arc::new(Deferred(slot.clone())), cancel, ..RunRequest::new(order) };
         let prepared = self.engine.prepare(&loaded, run_request).map_err(|e| ApiError::of(&e))?;
-        let id = prepared.run_id().expect("daemon runs are journaled").to_string();
+        let id = prepared.run_id().map_or_else(capsule_exec::new_run_id, str::to_string);
         let mut shell = Arc::into_inner(shell).expect("not shared yet");
         shell.id = id;
         shell.task = prepared.task().to_string();
+        shell.journaled = journaled;
         let entry = Arc::new(shell);
         let _ = slot.set(entry.clone());
-        self.register(&entry)?;
+        if journaled {
+            self.register(&entry)?;
+        }
         Ok((entry, Body::Here(Box::new(prepared))))
     }
 
@@ -396,7 +403,7 @@ impl Runs {
             Some(GuestKind::Cancelled) => RunState::Cancelled,
             Some(_) => RunState::Failed,
         };
-        if interrupted && self.cluster.is_none() {
+        if interrupted && entry.journaled {
             // Stopped by the daemon's shutdown, not by a user: the next daemon resumes it.
             if let Some(journal) = self.journal_of(entry) {
                 let _ = journal.finish_run(&entry.id, RunState::Interrupted);

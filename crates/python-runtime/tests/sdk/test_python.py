@@ -55,6 +55,12 @@ def test_run_python_reaches_only_what_it_is_given(tmp_path, client):
     assert client.run_python("import os\nos.environ.get('HOME')").result is None
 
 
+def test_a_code_string_leaves_nothing_in_the_project_folder(tmp_path, client):
+    result = client.run_python("21 * 2", project=tmp_path)
+    assert result.result == 42 and result.run_id
+    assert list(tmp_path.iterdir()) == [], "no journal: a code string has nothing to resume"
+
+
 def test_a_session_keeps_its_state_and_a_stopped_call_leaves_no_trace(client):
     with client.session(ram="128MiB") as session:
         assert session.run("import math\nseen = []").success
