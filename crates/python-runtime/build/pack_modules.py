@@ -71,11 +71,15 @@ def main():
     # A site-packages folder whose Python files are packed (the data flavour's numpy; its
     # extension modules are linked into the runtime instead).
     parser.add_argument("--site", action="append", default=[])
+    # Files of the package only the host uses (the SDK), relative to `--package`.
+    parser.add_argument("--leave-out", action="append", default=[])
     args = parser.parse_args()
 
     modules = {}
     for root, origin_root in ((args.stdlib, STDLIB_ORIGIN), (args.package, PACKAGE_ORIGIN)):
         for rel in python_files(root):
+            if root == args.package and rel in args.leave_out:
+                continue
             name, is_package = module_name(rel)
             if not all(part.isidentifier() for part in name.split(".")):
                 continue

@@ -98,6 +98,21 @@ fn rebuilding_from_clean_is_byte_identical() {
     assert_eq!(fs::read_to_string(&first.manifest_path).unwrap(), fs::read_to_string(&second.manifest_path).unwrap());
 }
 
+#[test]
+fn the_host_api_is_not_in_the_sandbox_and_says_what_to_do_instead() {
+    let project = tempfile::tempdir().unwrap();
+    let entry = project.path().join("main.py");
+    let source = "import importlib\nimport capsule\nfrom capsule import task\n\n@task(max_retries=0)\n\
+                  def main():\n    try:\n        importlib.import_module('capsule._host')\n    \
+                  except ImportError:\n        return capsule.run('main.py')\n    \
+                  return 'the SDK is in the runtime'\n";
+    fs::write(&entry, source).unwrap();
+    let built = load(build_into(&entry, &project.path().join(".capsule/build"), true));
+    let error = built.run("main", vec![]).error.expect("capsule.run refuses inside a task");
+    assert_eq!(error.exc_type, "RuntimeError", "{}", error.message);
+    assert!(error.message.starts_with("capsule.run is for the host; inside a task, call another task"));
+}
+
 /// Writes `entry` with one task, `main`, that returns `value`.
 fn write_main_returning(entry: &Path, value: u32) {
     fs::write(entry, format!("from capsule import task\n\n@task\ndef main():\n    return {value}\n")).unwrap();

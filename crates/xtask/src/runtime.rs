@@ -20,7 +20,8 @@
 //! packages, the `tzdata` wheel from PyPI, the `minicov` crate (LLVM's profile runtime) from crates.io.
 //!
 //! The final key hashes this file, the toolchain pins, the source pin and every file of
-//! `crates/python-runtime/{c,python,build}`: when it matches, nothing is done.
+//! `crates/python-runtime/{c,python,build}` but the host's SDK (`HOST_ONLY`): when it
+//! matches, nothing is done.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -251,6 +252,10 @@ fn cpython_key() -> Result<String> {
 
 /// Key of the final module: the `libpython` layer plus everything in the runtime crate, and
 /// for the data flavour the packages' layers.
+/// Files of `crates/python-runtime/python` that only the host's Python uses (the SDK): not
+/// packed into the runtime, nor part of its key, so that changing the SDK rebuilds nothing.
+const HOST_ONLY: &[&str] = &["capsule/_host.py", "capsule/_native.pyi"];
+
 fn runtime_key(flavour: Flavour) -> Result<String> {
     let cpython_key = cpython_key()?;
     let mut parts: Vec<Vec<u8>> = vec![
@@ -263,6 +268,9 @@ fn runtime_key(flavour: Flavour) -> Result<String> {
     }
     for sub in ["c", "python", "build"] {
         for (rel, contents) in tree_contents(&runtime_crate().join(sub))? {
+            if sub == "python" && HOST_ONLY.contains(&rel.as_str()) {
+                continue;
+            }
             parts.push(format!("{sub}/{rel}").into_bytes());
             parts.push(contents);
         }
@@ -491,6 +499,9 @@ fn build_reactor(base: &Path, sources: &Sources, build_python: &Path, key: &str)
         .arg("--out")
         .arg(&blob)
         .env("PYTHONHASHSEED", "0");
+    for file in HOST_ONLY {
+        pack.arg("--leave-out").arg(file);
+    }
     for package in &packages {
         pack.arg("--site").arg(&package.site);
     }

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         Result, Session, TaskFailed, UsageError, build, connect, run, run_async, run_python, run_python_async,
     )
 
-# The host API is imported on first use: a task inside the sandbox never needs it.
+# The host API is imported on first use, on the host only (the runtime does not carry it).
 _HOST_API = (
     "AsyncSession", "BuildError", "CapsuleError", "Client", "DaemonError", "ErrorInfo", "Execution", "Manifest",
     "Output", "Result", "Session", "TaskFailed", "UsageError", "build", "connect", "run", "run_async", "run_python",
@@ -40,6 +40,13 @@ __all__ = [
 
 def __getattr__(name):
     if name in _HOST_API:
+        import sys
+
+        # The host API is not in the runtime: a task has no Capsule of its own to call.
+        if "_capsule" in sys.builtin_module_names:
+            raise RuntimeError(
+                "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
+            )
         from capsule import _host
 
         return getattr(_host, name)

@@ -14,7 +14,6 @@ import atexit
 import json
 import os
 import pathlib
-import sys
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -212,13 +211,6 @@ def _encode(request: Mapping[str, Any]) -> bytes:
         return json.dumps(request, allow_nan=False).encode()
     except (TypeError, ValueError) as error:
         raise UsageError(f"the arguments are not JSON: {error}", "pass str, int, float, bool, None, lists and dicts") from None
-
-
-def _refuse_inside_a_task() -> None:
-    if "_capsule" in sys.builtin_module_names:
-        raise RuntimeError(
-            "capsule.run is for the host; inside a task, call another task directly (or `.spawn` it)"
-        )
 
 
 # --- Builds ---------------------------------------------------------------------------------
@@ -422,7 +414,6 @@ class Client:
         (`.unwrap()` raises `TaskFailed`); a failing build raises `BuildError`, an unknown task
         or arguments that are not JSON `UsageError`, a failure of Capsule itself `DaemonError`.
         """
-        _refuse_inside_a_task()
         source = _source(file_or_manifest, project)
         request = _run_request(source, task, tuple(args), kwargs, timeout, project, json_args)
         request["manifest"] = str(_manifest_of(source))
@@ -447,7 +438,6 @@ class Client:
         json_args: str | None = None,
     ) -> Result:
         """`run`, for asyncio: many runs may be awaited at once."""
-        _refuse_inside_a_task()
         source = _source(file_or_manifest, project)
         request = _run_request(source, task, tuple(args), kwargs, timeout, project, json_args)
         # An unchanged build is found at once; a build (rare, slow) is not on the loop's thread.
@@ -474,7 +464,6 @@ class Client:
         limit it; `allowed_hosts`, `allowed_files` (folders of `project`, by default the current
         folder; `{"path": "out", "mode": "read-write"}` to write) and `env` are what it may reach.
         """
-        _refuse_inside_a_task()
         _interpreter_image()  # the engine runs it, and never builds
         request = _python_request(
             code, project, compute=compute, ram=ram, timeout=timeout,
@@ -484,7 +473,6 @@ class Client:
 
     async def run_python_async(self, code: str, **options: Any) -> Result:
         """`run_python`, for asyncio (the same keyword arguments)."""
-        _refuse_inside_a_task()
         if _image is None or _image[0] != os.getpid():
             await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
         return _result(await self._call_async("POST", "/v1/python", _python_request(code, **options)))
@@ -633,7 +621,6 @@ class Session(_SessionFiles):
         restore: str | None = None,
         client: Client | None = None,
     ):
-        _refuse_inside_a_task()
         self._client = client or _here()
         request = _open_request(restore, idle_timeout, compute, ram, timeout, allowed_hosts, env)
         self._adopt(self._client._call("POST", "/v1/sessions", request))
@@ -692,7 +679,6 @@ class AsyncSession(_SessionFiles):
         cls, *, idle_timeout: float = 600, restore: str | None = None, client: Client | None = None, **options: Any
     ) -> AsyncSession:
         """Opens a session; the keyword arguments are `Session`'s."""
-        _refuse_inside_a_task()
         client = client or _here()
         if _image is None or _image[0] != os.getpid():
             await asyncio.get_running_loop().run_in_executor(None, _interpreter_image)
