@@ -109,12 +109,6 @@ impl Runs {
         }
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Where sandboxes run (and live, for sessions).
-
     pub fn counts(&self) -> (usize, usize) {
         let running = self.limits.workers.max(1) - self.slots.available_permits();
         let active = self.limits.workers.max(1) + self.limits.queue - self.capacity.available_permits();
