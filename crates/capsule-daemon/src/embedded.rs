@@ -26,9 +26,16 @@ const QUEUE: usize = 100_000;
 /// The service, its engine threads, and the private folder of its records.
 pub struct Embedded {
     runtime: tokio::runtime::Runtime,
-    router: axum::Router,
+    api: Api,
     runs: Arc<Runs>,
     state_dir: PathBuf,
+}
+
+/// The service's routes, to call: cheap to clone, and holding none of its threads, so that a
+/// request in flight never keeps the runtime it runs on.
+#[derive(Clone)]
+pub struct Api {
+    router: axum::Router,
 }
 
 impl Embedded {
@@ -42,8 +49,8 @@ impl Embedded {
         let served = crate::assemble(engine, &state_dir, limits, None, workers)?;
         let runs = served.runs.clone();
         runtime.spawn(crate::close_idle_sessions(served.sessions.clone()));
-        let router = router(served, None);
-        Ok(Self { runtime, router, runs, state_dir })
+        let api = Api { router: router(served, None) };
+        Ok(Self { runtime, api, runs, state_dir })
     }
 
     /// The threads sandboxes run on; a caller's futures may be spawned there.
@@ -51,6 +58,21 @@ impl Embedded {
         self.runtime.handle()
     }
 
+    /// Its routes, to call (within its runtime: [`Embedded::handle`]).
+    pub fn api(&self) -> Api {
+        self.api.clone()
+    }
+
+    /// Stops taking runs, gives running ones `grace` to finish, and removes the records.
+    pub fn close(self, grace: Duration) {
+        let runs = self.runs.clone();
+        self.runtime.block_on(runs.shutdown(grace));
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+impl Api {
     /// Answers one request of the API (`method` and `route` as over HTTP, e.g. `POST` and
     /// `/v1/runs`): its HTTP status and body.
     pub async fn request(&self, method: &str, route: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
@@ -75,14 +97,6 @@ impl Embedded {
             }
         }
     }
-
-    /// Stops taking runs, gives running ones `grace` to finish, and removes the records.
-    pub fn close(self, grace: Duration) {
-        let runs = self.runs.clone();
-        self.runtime.block_on(runs.shutdown(grace));
-        self.runtime.shutdown_timeout(Duration::from_secs(1));
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
 }
 
 #[cfg(test)]
@@ -90,7 +104,7 @@ mod tests {
     use super::*;
 
     fn answer(service: &Embedded, method: &str, route: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, body) = service.handle().block_on(service.request(method, route, body.as_bytes().to_vec()));
+        let (status, body) = service.handle().block_on(service.api().request(method, route, body.as_bytes().to_vec()));
         (status, serde_json::from_slice(&body).expect("the answer is JSON"))
     }
 

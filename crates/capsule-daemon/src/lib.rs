@@ -27,7 +27,7 @@ use std::time::Duration;
 use capsule_exec::Engine;
 
 pub use client::{Client, ClientError, Target};
-pub use embedded::Embedded;
+pub use embedded::{Api, Embedded};
 pub use socket::{SOCKET_ENV, default_socket, default_state_dir};
 pub use tls::{Listen, Tls};
 

@@ -7,11 +7,11 @@
 //! threads, with no Python thread per call.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use capsule_daemon::api::{ApiError, ErrorBody};
-use capsule_daemon::{Client, Embedded, Target};
+use capsule_daemon::{Api, Client, Embedded, Target};
 use manifest_schema::{Category, Explain};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -45,6 +45,14 @@ fn deliver(done: Py<PyAny>, answer: Answer) {
     });
 }
 
+/// A failure's message and hint, as one text for a Python exception.
+fn explained_text(error: &dyn Explain) -> String {
+    match error.hint() {
+        Some(hint) => format!("{error}\n  hint: {hint}"),
+        None => error.to_string(),
+    }
+}
+
 fn os_error(error: impl std::fmt::Display) -> PyErr {
     pyo3::exceptions::PyOSError::new_err(error.to_string())
 }
@@ -52,15 +60,17 @@ fn os_error(error: impl std::fmt::Display) -> PyErr {
 /// Capsule's engine in this process, serving the daemon's API without a socket.
 #[pyclass(frozen, module = "capsule._native")]
 struct Engine {
-    service: Mutex<Option<Arc<Embedded>>>,
+    service: Mutex<Option<Embedded>>,
     /// The folder of the service's records (runs, session workspaces), removed with it.
     records: tempfile::TempDir,
 }
 
 impl Engine {
-    fn service(&self) -> Result<Arc<Embedded>, ApiError> {
+    /// The service's routes and its runtime, while it is open.
+    fn service(&self) -> Result<(Api, tokio::runtime::Handle), ApiError> {
         let service = self.service.lock().unwrap_or_else(|e| e.into_inner());
-        service.clone().ok_or_else(|| ApiError::new(Category::Busy, "this engine was closed"))
+        let service = service.as_ref().ok_or_else(|| ApiError::new(Category::Busy, "this engine was closed"))?;
+        Ok((service.api(), service.handle().clone()))
     }
 }
 
@@ -71,7 +81,7 @@ impl Engine {
         let records = tempfile::Builder::new().prefix("capsule-").tempdir().map_err(os_error)?;
         let engine = capsule_exec::Engine::new().map_err(os_error)?;
         let service = Embedded::start(engine, records.path().join("state")).map_err(os_error)?;
-        Ok(Self { service: Mutex::new(Some(Arc::new(service))), records })
+        Ok(Self { service: Mutex::new(Some(service)), records })
     }
 
     /// One request of the daemon's API (`"POST"`, `"/v1/runs"`, a JSON body), answered
@@ -79,7 +89,7 @@ impl Engine {
     #[pyo3(signature = (method, route, body=None))]
     fn request(&self, py: Python<'_>, method: &str, route: &str, body: Option<Vec<u8>>) -> (u16, Py<PyBytes>) {
         let answer = py.detach(|| match self.service() {
-            Ok(service) => service.handle().block_on(service.request(method, route, body.unwrap_or_default())),
+            Ok((api, runtime)) => runtime.block_on(api.request(method, route, body.unwrap_or_default())),
             Err(error) => failure(error),
         });
         to_python(py, answer)
@@ -88,10 +98,9 @@ impl Engine {
     /// `request`, answered later by a call of `done(status, body)` from another thread.
     fn request_later(&self, method: String, route: String, body: Option<Vec<u8>>, done: Py<PyAny>) {
         match self.service() {
-            Ok(service) => {
-                let handle = service.handle().clone();
-                handle.spawn(async move {
-                    let answer = service.request(&method, &route, body.unwrap_or_default()).await;
+            Ok((api, runtime)) => {
+                runtime.spawn(async move {
+                    let answer = api.request(&method, &route, body.unwrap_or_default()).await;
                     // Waiting for the GIL is not for the engine's threads.
                     tokio::task::spawn_blocking(move || deliver(done, answer));
                 });
@@ -104,10 +113,21 @@ impl Engine {
     /// later requests are refused.
     fn close(&self, py: Python<'_>) {
         let service = self.service.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(service) = service.and_then(Arc::into_inner) {
+        if let Some(service) = service {
             py.detach(|| service.close(CLOSING_GRACE));
         }
         let _ = std::fs::remove_dir_all(self.records.path());
+    }
+}
+
+impl Drop for Engine {
+    /// An engine dropped without `close` (the SDK closes its own at exit) shuts its threads
+    /// down on a thread of its own: not while holding the GIL, which they may be waiting for.
+    fn drop(&mut self) {
+        let service = self.service.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(service) = service {
+            std::thread::spawn(move || drop(service));
+        }
     }
 }
 
@@ -115,9 +135,23 @@ impl Engine {
 #[pyclass(frozen, module = "capsule._native")]
 struct Daemon {
     target: Target,
-    runtime: tokio::runtime::Runtime,
     /// Connections kept alive between requests: one per request in flight at most.
     idle: Mutex<Vec<Client>>,
+}
+
+/// The thread that drives every daemon client's connections, for the life of the process: a
+/// runtime dropped while Python holds the GIL would wait for a thread that waits for the GIL
+/// (one handing an answer back to asyncio).
+fn client_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("capsule-client")
+            .enable_all()
+            .build()
+            .expect("a thread for Capsule's daemon clients")
+    })
 }
 
 impl Daemon {
@@ -150,34 +184,41 @@ impl Daemon {
 
 #[pymethods]
 impl Daemon {
-    /// A client of the daemon at `target`: a socket's path, or `host:port` with `token`.
+    /// A client of the daemon at `target`: a socket's path, or `host:port` with `token`;
+    /// without one, the user's daemon (`CAPSULE_SOCKET`, else the default socket).
     #[new]
-    #[pyo3(signature = (target, token=None))]
-    fn new(target: String, token: Option<String>) -> PyResult<Self> {
-        let target = match token {
-            Some(token) => Target::Tcp { address: target, token },
-            None => Target::Unix(PathBuf::from(target)),
+    #[pyo3(signature = (target=None, token=None))]
+    fn new(target: Option<String>, token: Option<String>) -> PyResult<Self> {
+        let target = match (target, token) {
+            (Some(address), Some(token)) => Target::Tcp { address, token },
+            (Some(socket), None) => Target::Unix(PathBuf::from(socket)),
+            (None, None) => Target::Unix(
+                capsule_daemon::default_socket()
+                    .map_err(|e| pyo3::exceptions::PyValueError::new_err(explained_text(&e)))?,
+            ),
+            (None, Some(_)) => {
+                return Err(pyo3::exceptions::PyValueError::new_err("a token goes with a daemon's `host:port`"));
+            }
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("capsule-client")
-            .enable_all()
-            .build()
-            .map_err(os_error)?;
-        Ok(Self { target, runtime, idle: Mutex::new(Vec::new()) })
+        Ok(Self { target, idle: Mutex::new(Vec::new()) })
+    }
+
+    /// Where the daemon is: its socket, or its `host:port`.
+    #[getter]
+    fn target(&self) -> String {
+        self.target.to_string()
     }
 
     /// As `Engine.request`, through the daemon.
     #[pyo3(signature = (method, route, body=None))]
     fn request(&self, py: Python<'_>, method: &str, route: &str, body: Option<Vec<u8>>) -> (u16, Py<PyBytes>) {
-        let answer = py.detach(|| self.runtime.block_on(self.exchange(method, route, body)));
+        let answer = py.detach(|| client_runtime().block_on(self.exchange(method, route, body)));
         to_python(py, answer)
     }
 
     /// As `Engine.request_later`, through the daemon.
     fn request_later(slf: Py<Self>, method: String, route: String, body: Option<Vec<u8>>, done: Py<PyAny>) {
-        let handle = slf.get().runtime.handle().clone();
-        handle.spawn(async move {
+        client_runtime().spawn(async move {
             let answer = slf.get().exchange(&method, &route, body).await;
             tokio::task::spawn_blocking(move || deliver(done, answer));
         });

@@ -47,7 +47,7 @@ class UsageError(CapsuleError, ValueError):
 
 
 class DaemonError(CapsuleError):
-    """Capsule could not serve the call: a daemon unreachable or busy, a token refused, or a
+    """Capsule could not serve the call: a daemon busy or gone mid-call, a token refused, or a
     failure of Capsule itself (not of the task)."""
 
 
@@ -510,24 +510,20 @@ def _here() -> Client:
         return _local[1]
 
 
-def _default_socket() -> pathlib.Path:
-    if os.environ.get("CAPSULE_SOCKET"):
-        return pathlib.Path(os.environ["CAPSULE_SOCKET"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return pathlib.Path(os.environ["XDG_RUNTIME_DIR"]) / "capsule" / "daemon.sock"
-    return pathlib.Path.home() / ".capsule" / "daemon.sock"
-
-
 def connect(target: str | os.PathLike[str] | None = None, *, token: str | None = None) -> Client:
     """A `Client` of a running daemon (`capsule daemon`): its socket (by default
     `CAPSULE_SOCKET`, else the user's), or `host:port` with the daemon's `token`. Runs there
     outlive this process and are seen by `capsule list`. Nothing is sent until the first call."""
     from capsule import _native
 
-    if target is None:
-        target = _default_socket()
-    where = str(target) if token is not None else str(pathlib.Path(target).absolute())
-    return Client(_native.Daemon(where, token), f"through the daemon at {where}")
+    if target is not None and token is None:
+        target = pathlib.Path(target).absolute()
+    try:
+        daemon = _native.Daemon(None if target is None else str(target), token)
+    except ValueError as error:
+        message, _, hint = str(error).partition("\n  hint: ")
+        raise UsageError(message, hint or None) from None
+    return Client(daemon, f"through the daemon at {daemon.target}")
 
 
 def run(

@@ -126,6 +126,15 @@ def test_a_thousand_concurrent_async_runs_all_complete(project, client):
     assert len({r.run_id for r in results}) == 1000
 
 
+def test_connect_finds_the_users_daemon_as_the_command_does(daemon, monkeypatch):
+    monkeypatch.setenv("CAPSULE_SOCKET", str(daemon.socket))
+    client = capsule.connect()
+    assert client.where == f"through the daemon at {daemon.socket}"
+    assert client.run_python("6 * 7").result == 42
+    with pytest.raises(capsule.UsageError, match="a token goes with a daemon's `host:port`"):
+        capsule.connect(token="secret")
+
+
 def test_a_restarted_daemon_is_reached_again_and_a_missing_one_says_so(project, tmp_path):
     daemon = Daemon(tmp_path / "daemon")
     client = capsule.connect(daemon.socket)
