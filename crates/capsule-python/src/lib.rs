@@ -2,9 +2,10 @@
 //! the daemon's API requests either to an [`Engine`] here, answered by the daemon's own
 //! routes with no socket ([`capsule_daemon::Embedded`]), or to a [`Daemon`]; both answer with
 //! the API's status and JSON body, so the SDK reads every answer and error one way. Builds
-//! ([`build`], [`interpreter_image`]) answer in the same form. Sandboxes run on the engine's
-//! threads with the GIL released; an asyncio call is answered through a callback from those
-//! threads, with no Python thread per call.
+//! ([`build`], [`interpreter_image`]) answer in the same form. Sandboxes run with the GIL
+//! released: a blocking call's on the calling thread (within the engine's runtime, no hop
+//! between threads), an asyncio call's on the engine's threads, answered through a callback
+//! from there, with no Python thread per call.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
