@@ -122,19 +122,21 @@ fn main() -> Result<()> {
 }
 
 fn make_dist(profile: dist::Profile, check_reproducible: bool) -> Result<()> {
-    let first = dist::dist(profile)?;
-    if check_reproducible {
-        let hashes = |d: &dist::Dist| -> Result<(String, String)> {
-            Ok((util::sha256_file(&d.wheel)?, util::sha256_file(&d.tarball)?))
-        };
-        let before = hashes(&first)?;
-        let again = dist::dist(profile)?;
-        if hashes(&again)? != before {
-            bail!("two `dist` runs made different wheels or tarballs");
-        }
-        eprintln!("xtask: dist is reproducible (wheel {}, tarball {})", before.0, before.1);
+    if check_reproducible { reproducible_dist(profile).map(drop) } else { dist::dist(profile).map(drop) }
+}
+
+/// `dist` twice, failing unless both made the same wheel and tarball, byte for byte.
+fn reproducible_dist(profile: dist::Profile) -> Result<dist::Dist> {
+    let hashes = |d: &dist::Dist| -> Result<(String, String)> {
+        Ok((util::sha256_file(&d.wheel)?, util::sha256_file(&d.tarball)?))
+    };
+    let before = hashes(&dist::dist(profile)?)?;
+    let again = dist::dist(profile)?;
+    if hashes(&again)? != before {
+        bail!("two `dist` runs made different wheels or tarballs");
     }
-    Ok(())
+    eprintln!("xtask: dist is reproducible (wheel {}, tarball {})", before.0, before.1);
+    Ok(again)
 }
 
 fn parse_flavour(text: &str) -> Result<Flavour, String> {
@@ -168,8 +170,8 @@ fn ci() -> Result<()> {
     // On the test suite's binaries, before anything rebuilds them another way.
     soak(1_000, "debug")?;
     bench(true, false)?;
-    // What a new user installs, used as a new user would.
-    wheel_test::test_wheel(&dist::dist(dist::Profile::Dev)?.wheel)
+    // What a new user installs, made twice to the same bytes, used as a new user would.
+    wheel_test::test_wheel(&reproducible_dist(dist::Profile::Dev)?.wheel)
 }
 
 /// Runs the soak binary of `profile` (built first) for `invocations`.
