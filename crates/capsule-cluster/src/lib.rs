@@ -201,27 +201,32 @@ impl Cluster {
         }
         let client = connect.connect(options.url.as_str()).await.map_err(|e| connect_error(e.to_string()))?;
         let jetstream = jetstream::new(client.clone());
-        let calls_stream = jetstream
-            .get_or_create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec![format!("{CALLS_SUBJECT}.>")],
-                retention: stream::RetentionPolicy::WorkQueue,
-                max_messages: options.queue_limit,
-                discard: stream::DiscardPolicy::New,
-                duplicate_window: DUPLICATE_WINDOW,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| setup("call stream")(&e))?;
+        let calls = stream::Config {
+            name: STREAM.into(),
+            subjects: vec![format!("{CALLS_SUBJECT}.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: options.queue_limit,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        let calls_stream = stream_of(&jetstream, calls, "call stream").await?;
         let results = key_value(&jetstream, RESULTS_BUCKET).await?;
         let call_states = key_value(&jetstream, CALLS_BUCKET).await?;
         let stopped = key_value(&jetstream, STOPPED_BUCKET).await?;
         let artifacts = match jetstream.get_object_store(ARTIFACTS_BUCKET).await {
             Ok(store) => store,
-            Err(_) => jetstream
-                .create_object_store(object_store::Config { bucket: ARTIFACTS_BUCKET.into(), ..Default::default() })
-                .await
-                .map_err(|e| setup("artifact store")(&e))?,
+            Err(_) => {
+                let config = object_store::Config { bucket: ARTIFACTS_BUCKET.into(), ..Default::default() };
+                match jetstream.create_object_store(config).await {
+                    Ok(store) => store,
+                    // A daemon and a worker starting together: the other one made it first.
+                    Err(error) => jetstream
+                        .get_object_store(ARTIFACTS_BUCKET)
+                        .await
+                        .map_err(|_| setup("artifact store")(&error))?,
+                }
+            }
         };
         Ok(Self {
             client,
@@ -276,23 +281,34 @@ impl Cluster {
 /// as the key-value API lays it out, because the client's own bucket creation first reads
 /// account limits in a shape only newer servers answer (nats-server 2.9 is Debian's).
 async fn key_value(jetstream: &jetstream::Context, bucket: &str) -> Result<kv::Store, ClusterError> {
-    jetstream
-        .get_or_create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: KEEP_RESULTS,
-            max_message_size: message::MAX_RECORD_BYTES as i32,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| setup("key-value store")(&e))?;
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: KEEP_RESULTS,
+        max_message_size: message::MAX_RECORD_BYTES as i32,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    stream_of(jetstream, config, "key-value store").await?;
     jetstream.get_key_value(bucket).await.map_err(|e| setup("key-value store")(&e))
+}
+
+/// The stream `config` names, created if missing. A daemon and a worker starting together may
+/// both find it missing: the one whose creation fails looks again.
+async fn stream_of(
+    jetstream: &jetstream::Context,
+    config: stream::Config,
+    what: &'static str,
+) -> Result<jetstream::stream::Stream, ClusterError> {
+    match jetstream.get_or_create_stream(config.clone()).await {
+        Ok(stream) => Ok(stream),
+        Err(error) => jetstream.get_stream(&config.name).await.map_err(|_| setup(what)(&error)),
+    }
 }
 
 /// The subject token of a namespace: NATS subjects take no spaces, dots or wildcards.
